@@ -1,0 +1,5 @@
+"""fleeced: a userspace NBD daemon serving fleecing exports."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

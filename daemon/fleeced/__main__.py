@@ -1,0 +1,3 @@
+from fleeced.cli import main
+
+raise SystemExit(main())
