@@ -1,0 +1,408 @@
+"""The daemon: wires disks, exports, NBD listeners and the control socket.
+
+Owns the lifecycle (start, readiness, signals, orderly shutdown with a final
+flush) and the control commands.  Nothing here does block I/O directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fleeced import systemd
+from fleeced.control.args import check_keys, get, get_size
+from fleeced.control.server import CommandError, ControlServer
+from fleeced.exports import (
+    ActiveExport,
+    Disk,
+    Export,
+    Runner,
+    Session,
+    SessionOptions,
+)
+
+log = logging.getLogger(__name__)
+
+#: How often session health (broken snapshots) is checked, seconds.
+WATCH_INTERVAL = 0.25
+
+
+@dataclass
+class DiskSpec:
+    """A disk to open at start: image path, export name and options."""
+
+    path: str
+    name: str
+    read_only: bool = False
+    discard: str = "ignore"
+    description: str = ""
+
+
+@dataclass
+class DaemonConfig:
+    """Everything ``fleeced serve`` was asked to do."""
+
+    disks: list[DiskSpec]
+    unix_path: str | None = None
+    tcp_host: str | None = None
+    tcp_port: int | None = None
+    shared: int = 0
+    persistent: bool = False
+    control_path: str | None = None
+    control_required: bool = False
+    fleece: list[tuple[str, SessionOptions]] = field(default_factory=list)
+    pid_file: str | None = None
+    threads: int = 0
+
+
+class Daemon:
+    """One running fleeced: call :meth:`start`, then :meth:`run_until_stopped`."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        from fleeced.server import NbdServer
+
+        self.config = config
+        workers = config.threads or max(4, min(32, (os.cpu_count() or 2) * 4))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleeced-io")
+        self._run = Runner(self._pool)
+        self.disks: dict[str, Disk] = {}
+        self.actives: dict[str, ActiveExport] = {}
+        self._stop = asyncio.Event()
+        self.server = NbdServer(
+            shared=config.shared, persistent=config.persistent, on_idle=self.stop
+        )
+        self.server.on_count_change = self._status
+        self.control: ControlServer | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # serializes control commands that change state
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self, inherited: list[socket.socket] | None = None) -> None:
+        """Open disks, start configured sessions, bind listeners.
+
+        :raise OSError: when an image, socket or temp dir cannot be used.
+        :raise ValueError: on duplicate export names.
+        """
+        try:
+            for spec in self.config.disks:
+                self._open_disk(spec)
+            for disk_name, options in self.config.fleece:
+                self._start_session(self.disks[disk_name], options)
+            await self._listen(inherited or [])
+        except BaseException:
+            await self._close_everything()
+            raise
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+        if self.config.pid_file:
+            with open(self.config.pid_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        systemd.notify("READY=1\nSTATUS=serving, 0 connections")
+
+    async def _listen(self, inherited: list[socket.socket]) -> None:
+        cfg = self.config
+        for sock in inherited:
+            await self.server.listen_socket(sock)
+        if cfg.unix_path:
+            await self.server.listen_unix(cfg.unix_path)
+        if cfg.tcp_port is not None:
+            await self.server.listen_tcp(cfg.tcp_host, cfg.tcp_port)
+        if cfg.control_path:
+            self.control = ControlServer(self._handlers())
+            try:
+                await self.control.listen(cfg.control_path)
+            except OSError as exc:
+                if cfg.control_required:
+                    raise
+                log.warning("no control socket: %s", exc)
+                self.control = None
+
+    def stop(self) -> None:
+        """Ask the daemon to shut down (idempotent, signal-safe on the loop)."""
+        self._stop.set()
+
+    async def run_until_stopped(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        await self._stop.wait()
+        log.info("shutting down")
+        systemd.notify("STOPPING=1")
+        await self._close_everything()
+
+    async def _close_everything(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            try:
+                await self._watch_task
+            except asyncio.CancelledError:
+                pass
+            self._watch_task = None
+        if self.control is not None:
+            await self.control.close()
+            self.control = None
+        await self.server.close()
+        for disk in self.disks.values():
+            if not disk.read_only:
+                try:
+                    await self._run(disk.file.flush)
+                except OSError as exc:
+                    log.error("final flush of %s failed: %s", disk.path, exc)
+            disk.close()
+        self.disks.clear()
+        self._pool.shutdown(wait=True)
+        if self.config.pid_file:
+            try:
+                os.unlink(self.config.pid_file)
+            except OSError:
+                pass
+
+    def _status(self, count: int) -> None:
+        systemd.notify(f"STATUS=serving, {count} connection{'s' if count != 1 else ''}")
+
+    # -- disks and sessions --------------------------------------------------
+
+    def _open_disk(self, spec: DiskSpec) -> Disk:
+        if spec.name in self.disks or self.server.get_export(spec.name) is not None:
+            raise ValueError(f"export name {spec.name!r} is used twice")
+        disk = Disk.open(
+            spec.name, spec.path, read_only=spec.read_only, discard=spec.discard,
+            description=spec.description,
+        )
+        self.disks[spec.name] = disk
+        active = ActiveExport(disk, self._run)
+        self.actives[spec.name] = active
+        self.server.add_export(active)
+        log.info("disk %s: %s (%d bytes)%s", spec.name, spec.path, disk.size,
+                 " read-only" if spec.read_only else "")
+        return disk
+
+    def _start_session(self, disk: Disk, options: SessionOptions) -> Session:
+        if options.name in disk.sessions:
+            raise CommandError(f"disk '{disk.name}' already has a session '{options.name}'")
+        export_name = options.export or f"{disk.name}@{options.name}"
+        if self.server.get_export(export_name) is not None:
+            raise CommandError(f"export '{export_name}' already exists")
+        if disk.read_only:
+            raise CommandError(f"disk '{disk.name}' is read-only; it needs no fleecing")
+        try:
+            session = Session(disk, options, self._run)
+        except OSError as exc:
+            raise CommandError(f"cannot start session: {exc.strerror or exc}") from None
+        disk.sessions[options.name] = session
+        self.server.add_export(session.export)
+        log.info("session %s on %s started: export %r", options.name, disk.name, export_name)
+        return session
+
+    async def _stop_session(self, disk: Disk, name: str) -> None:
+        session = disk.sessions.get(name)
+        if session is None:
+            raise CommandError(f"disk '{disk.name}' has no session '{name}'")
+        await self.server.remove_export(session.export_name)
+        del disk.sessions[name]
+        # Closing waits for in-flight guest writes (C takes the file lock).
+        await self._run(session.close)
+        log.info("session %s on %s stopped", name, disk.name)
+        self._emit("FLEECE_STOPPED", {"disk": disk.name, "name": name})
+
+    async def _watch(self) -> None:
+        """Report sessions that broke (CBW failed under break-snapshot)."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            for disk in list(self.disks.values()):
+                for session in list(disk.sessions.values()):
+                    if session.broken_reported:
+                        continue
+                    st = session.stats()
+                    if st.broken:
+                        session.broken_reported = True
+                        err = os.strerror(st.broken_errno or errno.EIO)
+                        log.error("session %s on %s broke: %s", session.name, disk.name, err)
+                        self._emit(
+                            "FLEECE_BROKEN",
+                            {"disk": disk.name, "name": session.name, "error": err},
+                        )
+
+    def _emit(self, event: str, data: dict[str, Any]) -> None:
+        if self.control is not None:
+            self.control.emit(event, data)
+
+    # -- control commands ----------------------------------------------------
+
+    def _handlers(self) -> dict[str, Any]:
+        return {
+            "fleece-start": self.cmd_fleece_start,
+            "fleece-stop": self.cmd_fleece_stop,
+            "query-fleece": self.cmd_query_fleece,
+            "query-disks": self.cmd_query_disks,
+            "query-exports": self.cmd_query_exports,
+            "query-stats": self.cmd_query_stats,
+            "quit": self.cmd_quit,
+        }
+
+    def _disk(self, args: dict[str, Any]) -> Disk:
+        name = get(args, "disk", str)
+        disk = self.disks.get(name)
+        if disk is None:
+            raise CommandError(f"disk '{name}' not found", "DeviceNotFound")
+        return disk
+
+    async def cmd_fleece_start(self, args: dict[str, Any]) -> Any:
+        check_keys(args, {
+            "disk", "name", "export", "cluster-size", "bitmap", "on-cbw-error",
+            "cbw-timeout", "max-temp", "cache", "temp-dir", "read-only",
+        })
+        async with self._lock:
+            disk = self._disk(args)
+            options = session_options_from_args(args)
+            session = self._start_session(disk, options)
+            return {"export": session.export_name, "cluster-size": options.cluster_size}
+
+    async def cmd_fleece_stop(self, args: dict[str, Any]) -> Any:
+        check_keys(args, {"disk", "name"})
+        async with self._lock:
+            disk = self._disk(args)
+            await self._stop_session(disk, get(args, "name", str, "fleece"))
+        return {}
+
+    async def cmd_query_fleece(self, args: dict[str, Any]) -> Any:
+        check_keys(args, set())
+        out = []
+        for disk in self.disks.values():
+            for session in disk.sessions.values():
+                st = session.stats()
+                info: dict[str, Any] = {
+                    "disk": disk.name,
+                    "name": session.name,
+                    "export": session.export_name,
+                    "state": "broken" if st.broken else "active",
+                    "cluster-size": session.options.cluster_size,
+                    "on-cbw-error": "break-guest-write"
+                    if session.options.break_guest_write else "break-snapshot",
+                    "clusters": {
+                        "total": st.clusters_total,
+                        "needed": st.clusters_needed,
+                        "copied": st.clusters_copied,
+                        "discarded": st.clusters_discarded,
+                    },
+                    "temp-bytes": st.temp_bytes,
+                    "temp-bytes-written": st.temp_bytes_written,
+                    "cache-bytes": st.cache_bytes,
+                    "cbw-count": st.cbw_count,
+                    "cbw-bytes": st.cbw_bytes,
+                    "discarded-bytes": st.discarded_bytes,
+                    "reads": {
+                        "temp": st.read_temp_bytes,
+                        "cache": st.read_cache_bytes,
+                        "source": st.read_source_bytes,
+                    },
+                    "temp-dir": session.temp_dir,
+                }
+                if st.broken:
+                    info["error"] = os.strerror(st.broken_errno or errno.EIO)
+                out.append(info)
+        return out
+
+    async def cmd_query_disks(self, args: dict[str, Any]) -> Any:
+        check_keys(args, set())
+        return [
+            {
+                "name": d.name,
+                "path": d.path,
+                "size": d.size,
+                "read-only": d.read_only,
+                "sessions": sorted(d.sessions),
+            }
+            for d in self.disks.values()
+        ]
+
+    def _export_kind(self, export: Export) -> str:
+        return "active" if isinstance(export, ActiveExport) else "snapshot"
+
+    async def cmd_query_exports(self, args: dict[str, Any]) -> Any:
+        check_keys(args, set())
+        return [
+            {
+                "name": name,
+                "type": self._export_kind(e),
+                "size": e.info.size,
+                "read-only": e.info.read_only,
+                "connections": e.stats.connections,
+            }
+            for name, e in self.server.exports.items()
+        ]
+
+    async def cmd_query_stats(self, args: dict[str, Any]) -> Any:
+        check_keys(args, set())
+        return {
+            "connections": self.server.connection_count,
+            "exports": [
+                {"name": name, **{k.replace("_", "-"): v for k, v in asdict(e.stats).items()}}
+                for name, e in self.server.exports.items()
+            ],
+        }
+
+    async def cmd_quit(self, args: dict[str, Any]) -> Any:
+        check_keys(args, set())
+        asyncio.get_running_loop().call_soon(self.stop)
+        return {}
+
+
+def session_options_from_args(args: dict[str, Any]) -> SessionOptions:
+    """Build :class:`SessionOptions` from ``fleece-start`` arguments.
+
+    :raise CommandError: on any missing, mistyped or out-of-range argument.
+    """
+    name = get(args, "name", str, "fleece")
+    if not name or "/" in name or "\0" in name:
+        raise CommandError(f"invalid session name {name!r}")
+    export = get(args, "export", str, None) if "export" in args else None
+    if export is not None and (not export or len(export.encode()) > 4096 or "\0" in export):
+        raise CommandError(f"invalid export name {export!r}")
+    cluster = get_size(args, "cluster-size", 65536)
+    if cluster < 4096 or cluster > 16 << 20 or cluster & (cluster - 1):
+        raise CommandError(
+            f"cluster-size {cluster} must be a power of two between 4096 and 16777216"
+        )
+    scope: list[tuple[int, int]] = []
+    if "bitmap" in args:
+        for item in get(args, "bitmap", list):
+            if not isinstance(item, dict) or set(item) - {"offset", "length"}:
+                raise CommandError("bitmap entries must be {\"offset\": N, \"length\": N}")
+            off = get(item, "offset", int)
+            length = get(item, "length", int)
+            if off < 0 or length <= 0:
+                raise CommandError(f"bad bitmap extent offset={off} length={length}")
+            scope.append((off, length))
+        if not scope:
+            raise CommandError("bitmap must list at least one extent")
+    policy = get(args, "on-cbw-error", str, "break-snapshot")
+    if policy not in ("break-snapshot", "break-guest-write"):
+        raise CommandError(
+            f"on-cbw-error must be 'break-snapshot' or 'break-guest-write', not '{policy}'"
+        )
+    timeout = get(args, "cbw-timeout", float, 45.0)
+    if timeout < 0:
+        raise CommandError("cbw-timeout must not be negative")
+    temp_dir = get(args, "temp-dir", str, None) if "temp-dir" in args else None
+    if temp_dir is not None and not os.path.isdir(temp_dir):
+        raise CommandError(f"temp-dir '{temp_dir}' is not a directory")
+    return SessionOptions(
+        name=name,
+        export=export,
+        cluster_size=cluster,
+        scope=tuple(scope),
+        break_guest_write=policy == "break-guest-write",
+        cbw_timeout=timeout,
+        max_temp=get_size(args, "max-temp", 0),
+        cache=get_size(args, "cache", 0),
+        temp_dir=temp_dir,
+        read_only=get(args, "read-only", bool, False),
+    )

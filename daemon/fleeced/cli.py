@@ -1,0 +1,313 @@
+"""The ``fleeced`` command line: ``serve`` runs the daemon, the rest talk to it.
+
+``main(argv) -> int`` is testable without a subprocess (aiosmtpd style).  Each
+command runs one event loop; ``serve`` uses uvloop when it imports.  Errors
+are one line on stderr and a non-zero exit; tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from fleeced import __version__
+
+log = logging.getLogger("fleeced")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A one-line error for the user; exits with :data:`EXIT_FAILURE`."""
+
+
+def default_control_path() -> str:
+    """``$XDG_RUNTIME_DIR/fleeced/control.sock``, ``/run/fleeced/...`` as root."""
+    env = os.environ.get("FLEECED_CONTROL")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/run/fleeced/control.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "fleeced", "control.sock")
+    return f"/tmp/fleeced-{os.geteuid()}/control.sock"
+
+
+def _size(text: str) -> int:
+    from fleeced.control.args import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _session_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster-size", type=_size, metavar="SIZE",
+                   help="CBW cluster size, power of two 4K..16M (default 64K)")
+    p.add_argument("--temp-dir", metavar="DIR", help="directory for the temp store")
+    p.add_argument("--cache", type=_size, metavar="SIZE",
+                   help="in-memory CBW cache budget (default none)")
+    p.add_argument("--max-temp", type=_size, metavar="SIZE",
+                   help="temp-file byte limit (default unlimited)")
+    p.add_argument("--on-cbw-error", choices=("break-snapshot", "break-guest-write"),
+                   help="what a failed copy-before-write breaks (default break-snapshot)")
+    p.add_argument("--cbw-timeout", type=float, metavar="SECONDS",
+                   help="copy-before-write timeout (default 45)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleeced", description="NBD server with fleecing (copy-before-write) snapshots."
+    )
+    parser.add_argument("--version", action="version", version=f"fleeced {__version__}")
+    parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="serve raw images over NBD (the daemon)")
+    s.add_argument("images", nargs="+", metavar="IMAGE")
+    s.add_argument("-k", "--socket", metavar="PATH", help="listen on a Unix socket")
+    s.add_argument("-p", "--port", type=int, metavar="N", help="TCP port (default 10809)")
+    s.add_argument("-b", "--bind", metavar="ADDR", help="TCP address (default 0.0.0.0)")
+    s.add_argument("-x", "--export-name", metavar="NAME", help="export name (one image)")
+    s.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
+    s.add_argument("-e", "--shared", type=int, default=0, metavar="N",
+                   help="at most N concurrent clients (default unlimited)")
+    s.add_argument("-t", "--persistent", action="store_true",
+                   help="keep serving after the last client disconnects")
+    s.add_argument("-D", "--description", metavar="TEXT", default="",
+                   help="export description")
+    s.add_argument("--fork", action="store_true",
+                   help="run in the background once listening")
+    s.add_argument("--pid-file", metavar="FILE", help="write the daemon's pid here")
+    s.add_argument("--discard", choices=("ignore", "unmap"), default="ignore",
+                   help="what TRIM does on the image (default ignore)")
+    s.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    s.add_argument("--log-level", metavar="LEVEL",
+                   choices=("debug", "info", "warning", "error", "critical"))
+    s.add_argument("--control", metavar="PATH",
+                   help="control socket (default $XDG_RUNTIME_DIR/fleeced/control.sock)")
+    s.add_argument("--no-control", action="store_true", help="no control socket")
+    s.add_argument("--fleece", nargs="?", const="fleece", metavar="NAME",
+                   help="start a fleecing session on every image before serving")
+    s.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="I/O worker threads (default 4 per core)")
+    _session_options(s)
+
+    f = sub.add_parser("fleece", help="manage fleecing sessions")
+    _control_option(f)
+    fsub = f.add_subparsers(dest="fleece_command", metavar="ACTION")
+    fs = fsub.add_parser("start", help="start a fleecing session")
+    fs.add_argument("disk")
+    fs.add_argument("--name", default="fleece")
+    fs.add_argument("--export", metavar="NAME", help="snapshot export name")
+    fs.add_argument("--bitmap", metavar="OFF:LEN[,OFF:LEN...]",
+                    help="scope: preserve only these byte ranges")
+    fs.add_argument("--read-only", action="store_true",
+                    help="advertise the snapshot READ_ONLY (no discard)")
+    fs.add_argument("--json", action="store_true")
+    _session_options(fs)
+    fst = fsub.add_parser("stop", help="stop a fleecing session")
+    fst.add_argument("disk")
+    fst.add_argument("name", nargs="?", default="fleece")
+    fl = fsub.add_parser("list", help="list fleecing sessions")
+    fl.add_argument("--json", action="store_true")
+
+    st = sub.add_parser("status", help="disks, exports and connection counts")
+    _control_option(st)
+    st.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("demo", help="a fleecing backup end to end on a sample image")
+    d.add_argument("--dir", metavar="DIR", help="work directory (default: a temp dir)")
+    d.add_argument("--size", type=_size, default=256 << 20, metavar="SIZE")
+    return parser
+
+
+def _control_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--control", metavar="PATH",
+                   help="daemon control socket (default $FLEECED_CONTROL, then the "
+                        "per-user runtime path)")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse and cross-check arguments; usage errors exit 2 via ``parser.error``."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("a command is required (serve, fleece, status, demo)")
+    if args.command == "serve":
+        if args.socket and (args.port is not None or args.bind):
+            parser.error("--socket cannot be combined with --port/--bind")
+        if args.export_name is not None and len(args.images) > 1:
+            parser.error("--export-name needs exactly one IMAGE")
+        if args.port is not None and not 0 <= args.port <= 65535:
+            parser.error(f"--port {args.port} is out of range")
+        if args.shared < 0:
+            parser.error("--shared must not be negative")
+        if args.fleece is not None and args.read_only:
+            parser.error("--fleece needs a writable image (drop --read-only)")
+    if args.command == "fleece" and args.fleece_command is None:
+        parser.error("fleece needs an action: start, stop or list")
+    return args
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING
+    if getattr(args, "verbose", 0) == 1:
+        level = logging.INFO
+    elif getattr(args, "verbose", 0) >= 2:
+        level = logging.DEBUG
+    if getattr(args, "log_level", None):
+        level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="fleeced[%(process)d]: %(levelname)s: %(message)s"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fleeced`` command line.
+
+    :return: the process exit code.
+    """
+    args = parse_args(argv)
+    _setup_logging(args)
+    try:
+        if args.command == "serve":
+            from fleeced.serve import serve
+
+            return serve(args)
+        if args.command == "demo":
+            from fleeced.demo import run_demo
+
+            return run_demo(args.dir, args.size)
+        return _run(_client_command(args))
+    except CliError as exc:
+        print(f"fleeced: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"fleeced: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    return asyncio.run(coro)
+
+
+# -- control client commands ---------------------------------------------------
+
+
+async def _client_command(args: argparse.Namespace) -> int:
+    from fleeced.control.client import ControlClient
+
+    path = args.control or default_control_path()
+    async with ControlClient.connect_to(path) as client:
+        if args.command == "status":
+            return await _status(client, args)
+        if args.fleece_command == "start":
+            result = await client.execute("fleece-start", _fleece_start_args(args))
+            if args.json:
+                print(json.dumps(result, indent=2))
+            else:
+                print(f"session {args.name} on {args.disk}: snapshot export {result['export']}")
+            return EXIT_OK
+        if args.fleece_command == "stop":
+            await client.execute("fleece-stop", {"disk": args.disk, "name": args.name})
+            print(f"session {args.name} on {args.disk} stopped")
+            return EXIT_OK
+        sessions = await client.execute("query-fleece", {})
+        if args.json:
+            print(json.dumps(sessions, indent=2))
+        else:
+            _print_sessions(sessions)
+        return EXIT_OK
+
+
+def _fleece_start_args(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"disk": args.disk, "name": args.name}
+    if args.export:
+        out["export"] = args.export
+    if args.bitmap:
+        extents = []
+        for part in args.bitmap.split(","):
+            try:
+                off_s, len_s = part.split(":")
+                from fleeced.control.args import parse_size
+
+                extents.append({"offset": parse_size(off_s), "length": parse_size(len_s)})
+            except ValueError:
+                raise CliError(f"--bitmap: bad extent {part!r} (want OFFSET:LENGTH)") from None
+        out["bitmap"] = extents
+    if args.read_only:
+        out["read-only"] = True
+    out.update(_session_option_args(args))
+    return out
+
+
+def _session_option_args(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for attr, key in (
+        ("cluster_size", "cluster-size"), ("temp_dir", "temp-dir"), ("cache", "cache"),
+        ("max_temp", "max-temp"), ("on_cbw_error", "on-cbw-error"),
+        ("cbw_timeout", "cbw-timeout"),
+    ):
+        value = getattr(args, attr, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _print_sessions(sessions: list[dict[str, Any]]) -> None:
+    if not sessions:
+        print("no fleecing sessions")
+        return
+    print(f"{'DISK':<12} {'NAME':<10} {'STATE':<7} {'EXPORT':<24} {'COPIED':>8} "
+          f"{'NEEDED':>8} {'TEMP':>10} {'CACHE':>10}")
+    for s in sessions:
+        c = s["clusters"]
+        print(f"{s['disk']:<12} {s['name']:<10} {s['state']:<7} {s['export']:<24} "
+              f"{c['copied']:>8} {c['needed']:>8} {_human(s['temp-bytes']):>10} "
+              f"{_human(s['cache-bytes']):>10}")
+        if s.get("error"):
+            print(f"  error: {s['error']}")
+
+
+async def _status(client: Any, args: argparse.Namespace) -> int:
+    disks = await client.execute("query-disks", {})
+    exports = await client.execute("query-exports", {})
+    stats = await client.execute("query-stats", {})
+    if args.json:
+        print(json.dumps({"disks": disks, "exports": exports, "stats": stats}, indent=2))
+        return EXIT_OK
+    print(f"connections: {stats['connections']}")
+    for d in disks:
+        ro = " (read-only)" if d["read-only"] else ""
+        print(f"disk {d['name']}: {d['path']} {_human(d['size'])}{ro}")
+    for e in exports:
+        print(f"  export {e['name']!r}: {e['type']}, {e['connections']} connection(s)")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Control plane: the QMP-wire-protocol control socket and its argument checks."""

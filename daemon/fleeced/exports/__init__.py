@@ -1,0 +1,333 @@
+"""Exports: the operations behind an NBD export name, over the native data path.
+
+A :class:`Disk` owns one source image.  Its :class:`ActiveExport` is the
+read-write view every guest write goes through (copy-before-write runs in C
+for every fleecing session of the disk).  Each :class:`Session` owns one
+native fleecing session and serves its frozen view as a :class:`SnapshotExport`.
+
+Every blocking call runs in the daemon's thread pool, never on the event loop
+(STYLE.md §2.14.4).  Errors propagate as :class:`OSError`; policy refusals are
+``OSError(EPERM)``.  This module must not import the NBD engine's internals
+beyond :class:`~fleeced.nbd.ExportInfo`, nor asyncio servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field, replace
+from typing import Protocol, TypeVar
+
+from fleeced.datapath import NativeFile, NativeSession, SessionParams, SessionStats
+from fleeced.nbd import ExportInfo
+
+T = TypeVar("T")
+
+#: Message sent with EPERM for snapshot reads outside the preserved set.
+OUTSIDE_SCOPE = "outside the snapshot's scope or already discarded"
+
+
+@dataclass(slots=True)
+class ExportStats:
+    """Counters of one export, reported by ``query-stats``."""
+
+    connections: int = 0
+    connections_total: int = 0
+    requests: int = 0
+    errors: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+class Export(Protocol):
+    """What the NBD server needs from an export."""
+
+    @property
+    def info(self) -> ExportInfo: ...
+
+    @property
+    def stats(self) -> ExportStats: ...
+
+    async def read(self, offset: int, length: int) -> tuple[bytearray, bool]: ...
+
+    async def write(self, offset: int, data: bytes, fua: bool) -> None: ...
+
+    async def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None: ...
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def cache(self, offset: int, length: int) -> None: ...
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]: ...
+
+    def error_message(self, exc: OSError) -> str: ...
+
+
+class Runner:
+    """Runs blocking native calls in a bounded thread pool."""
+
+    def __init__(self, pool: Executor) -> None:
+        self._pool = pool
+
+    async def __call__(self, fn: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, fn, *args)
+
+
+def image_export_name(path: str) -> str:
+    """The default export name of an image: its file name without extension."""
+    base = os.path.basename(os.path.normpath(path))
+    stem, _ext = os.path.splitext(base)
+    return stem or base
+
+
+@dataclass(eq=False)
+class Disk:
+    """A source image the daemon owns, with its fleecing sessions.
+
+    :param name: disk name, also the active export's name.
+    :param path: image path.
+    :param file: the open native file.
+    :param read_only: whether guest writes are refused.
+    :param discard: ``"unmap"`` punches holes on TRIM; ``"ignore"`` drops TRIM.
+    :param description: NBD export description.
+    """
+
+    name: str
+    path: str
+    file: NativeFile
+    read_only: bool = False
+    discard: str = "ignore"
+    description: str = ""
+    sessions: dict[str, Session] = field(default_factory=dict)
+
+    @classmethod
+    def open(
+        cls,
+        name: str,
+        path: str,
+        *,
+        read_only: bool = False,
+        discard: str = "ignore",
+        description: str = "",
+    ) -> Disk:
+        """Open PATH as a disk.
+
+        :raise OSError: when the image cannot be opened (missing, directory, ...).
+        """
+        native = NativeFile.open(path, readonly=read_only)
+        return cls(name, path, native, read_only, discard, description)
+
+    @property
+    def size(self) -> int:
+        return self.file.size
+
+    def close(self) -> None:
+        for session in list(self.sessions.values()):
+            session.close()
+        self.sessions.clear()
+        self.file.close()
+
+
+class ActiveExport:
+    """The read-write view of a disk; writes run copy-before-write in C."""
+
+    def __init__(self, disk: Disk, run: Runner, name: str | None = None) -> None:
+        self.disk = disk
+        self._run = run
+        self._stats = ExportStats()
+        self._info = ExportInfo(
+            name=name if name is not None else disk.name,
+            size=disk.size,
+            description=disk.description,
+            read_only=disk.read_only,
+            can_write=not disk.read_only,
+            can_trim=not disk.read_only,
+            can_write_zeroes=not disk.read_only,
+            can_fast_zero=not disk.read_only,
+            can_fua=not disk.read_only,
+            # A plain file: a FLUSH on any connection fdatasyncs the one
+            # shared descriptor, so it covers writes from every connection.
+            can_multi_conn=True,
+        )
+
+    @property
+    def info(self) -> ExportInfo:
+        return self._info
+
+    @property
+    def stats(self) -> ExportStats:
+        return self._stats
+
+    async def read(self, offset: int, length: int) -> tuple[bytearray, bool]:
+        return await self._run(self.disk.file.read, offset, length)
+
+    async def write(self, offset: int, data: bytes, fua: bool) -> None:
+        await self._run(_file_write, self.disk.file, offset, data, fua)
+
+    async def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        may_trim = may_trim and self.disk.discard == "unmap"
+        await self._run(_file_zero, self.disk.file, offset, length, may_trim, fast, fua)
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        if self.disk.discard != "unmap":
+            return  # --discard=ignore: TRIM is advisory (spec) and dropped
+        await self._run(self.disk.file.trim, offset, length)
+        if fua:
+            await self._run(self.disk.file.flush)
+
+    async def flush(self) -> None:
+        await self._run(self.disk.file.flush)
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self._run(self.disk.file.cache, offset, length)
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return await self._run(self.disk.file.extents, offset, length)
+
+    def error_message(self, exc: OSError) -> str:
+        return exc.strerror or ""
+
+
+def _file_write(f: NativeFile, offset: int, data: bytes, fua: bool) -> None:
+    f.write(offset, data, fua=fua)
+
+
+def _file_zero(
+    f: NativeFile, offset: int, length: int, may_trim: bool, fast: bool, fua: bool
+) -> None:
+    f.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOptions:
+    """The user-facing options of a fleecing session (``fleece-start``)."""
+
+    name: str = "fleece"
+    export: str | None = None
+    cluster_size: int = 65536
+    scope: tuple[tuple[int, int], ...] = ()
+    break_guest_write: bool = False
+    cbw_timeout: float = 45.0
+    max_temp: int = 0
+    cache: int = 0
+    temp_dir: str | None = None
+    read_only: bool = False
+
+
+class Session:
+    """A fleecing session: a native CBW session plus its snapshot export."""
+
+    def __init__(self, disk: Disk, options: SessionOptions, run: Runner) -> None:
+        """Start the session; the snapshot is the disk as of return.
+
+        :raise OSError: when the native session cannot be created
+            (bad cluster size, unusable temp dir, ...).
+        """
+        self.disk = disk
+        self.options = options
+        self.name = options.name
+        self.export_name = options.export or f"{disk.name}@{options.name}"
+        temp_dir = options.temp_dir or default_temp_dir()
+        params = SessionParams(
+            cluster_size=options.cluster_size,
+            temp_dir=temp_dir,
+            cache_bytes=options.cache,
+            max_temp=options.max_temp,
+            cbw_timeout=options.cbw_timeout,
+            break_guest_write=options.break_guest_write,
+            scope=options.scope,
+        )
+        self.native = NativeSession.open(disk.file, params)
+        self.temp_dir = temp_dir
+        self.export = SnapshotExport(self, run)
+        self.broken_reported = False
+
+    def stats(self) -> SessionStats:
+        return self.native.stats()
+
+    def close(self) -> None:
+        self.native.close()
+
+
+def default_temp_dir() -> str:
+    """Where temp stores go by default: ``$TMPDIR``, else /var/tmp (disk, not tmpfs)."""
+    tmp = os.environ.get("TMPDIR")
+    if tmp:
+        return tmp
+    return "/var/tmp" if os.path.isdir("/var/tmp") else "/tmp"
+
+
+class SnapshotExport:
+    """The frozen view of a session.
+
+    Data is read-only (WRITE / WRITE_ZEROES get EPERM) but TRIM means
+    "done with this range" and drops the preserved data, so the export is not
+    flagged READ_ONLY unless the session was started read-only.
+    """
+
+    def __init__(self, session: Session, run: Runner) -> None:
+        self.session = session
+        self._run = run
+        self._stats = ExportStats()
+        ro = session.options.read_only
+        self._info = ExportInfo(
+            name=session.export_name,
+            size=session.disk.size,
+            description=f"snapshot {session.name} of {session.disk.name}",
+            read_only=ro,
+            can_write=False,
+            can_trim=not ro,
+            can_write_zeroes=False,
+            can_fast_zero=False,
+            can_fua=False,
+            can_multi_conn=True,
+        )
+
+    @property
+    def info(self) -> ExportInfo:
+        return self._info
+
+    @property
+    def stats(self) -> ExportStats:
+        return self._stats
+
+    async def read(self, offset: int, length: int) -> tuple[bytearray, bool]:
+        return await self._run(self.session.native.read, offset, length)
+
+    async def write(self, offset: int, data: bytes, fua: bool) -> None:
+        raise OSError(errno.EPERM, "snapshot export is read-only")
+
+    async def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        raise OSError(errno.EPERM, "snapshot export is read-only")
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        await self._run(self.session.native.discard, offset, length)
+
+    async def flush(self) -> None:
+        return None
+
+    async def cache(self, offset: int, length: int) -> None:
+        return None
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return await self._run(self.session.native.extents, offset, length)
+
+    def error_message(self, exc: OSError) -> str:
+        if exc.errno == errno.EPERM:
+            return OUTSIDE_SCOPE
+        if exc.errno == errno.EIO:
+            st = self.session.stats()
+            if st.broken:
+                return f"snapshot is broken: {os.strerror(st.broken_errno or errno.EIO)}"
+        return exc.strerror or ""
+
+
+def with_name(info: ExportInfo, name: str) -> ExportInfo:
+    """A copy of INFO under another export name."""
+    return replace(info, name=name)

@@ -1,0 +1,152 @@
+"""``fleeced serve``: build the daemon configuration and run it.
+
+Handles ``--fork`` (the parent returns only once the child listens and the pid
+file exists) and chooses uvloop when it imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fleeced import systemd
+from fleeced.app import Daemon, DaemonConfig, DiskSpec
+from fleeced.control.server import CommandError
+from fleeced.exports import SessionOptions, image_export_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 10809
+
+
+def build_config(args: argparse.Namespace) -> DaemonConfig:
+    """Turn ``serve`` arguments into a :class:`DaemonConfig`.
+
+    :raise CliError: when images are missing, unusable or names collide.
+    """
+    from fleeced.cli import CliError, default_control_path
+
+    disks = []
+    seen: set[str] = set()
+    for path in args.images:
+        if not os.path.exists(path):
+            raise CliError(f"{path}: no such file or device")
+        if os.path.isdir(path):
+            raise CliError(f"{path}: is a directory, not an image")
+        mode = os.R_OK if args.read_only else os.R_OK | os.W_OK
+        if not os.access(path, mode):
+            raise CliError(f"{path}: permission denied")
+        name = args.export_name if args.export_name is not None else image_export_name(path)
+        if name in seen:
+            raise CliError(f"two images would both be exported as {name!r}")
+        seen.add(name)
+        disks.append(DiskSpec(path=path, name=name, read_only=args.read_only,
+                              discard=args.discard, description=args.description))
+    fleece = []
+    if args.fleece is not None:
+        for d in disks:
+            fleece.append((d.name, _session_options(args, args.fleece)))
+    unix_path = args.socket
+    tcp_port = args.port
+    if not unix_path and tcp_port is None and "LISTEN_FDS" not in os.environ:
+        tcp_port = DEFAULT_PORT
+    if args.no_control:
+        control = None
+    else:
+        control = args.control or default_control_path()
+    return DaemonConfig(
+        disks=disks,
+        unix_path=unix_path,
+        tcp_host=args.bind,
+        tcp_port=tcp_port,
+        shared=args.shared,
+        persistent=args.persistent,
+        control_path=control,
+        control_required=args.control is not None,
+        fleece=fleece,
+        pid_file=args.pid_file,
+        threads=args.threads,
+    )
+
+
+def _session_options(args: argparse.Namespace, name: str) -> SessionOptions:
+    from fleeced.app import session_options_from_args
+    from fleeced.cli import CliError, _session_option_args
+
+    try:
+        return session_options_from_args({"name": name, **_session_option_args(args)})
+    except CommandError as exc:
+        raise CliError(exc.desc) from None
+
+
+def _loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.run
+    return uvloop.run  # type: ignore[no-any-return]
+
+
+async def _amain(config: DaemonConfig, ready_fd: int | None) -> int:
+    from fleeced.cli import CliError
+
+    daemon = Daemon(config)
+    try:
+        await daemon.start(systemd.listen_fds())
+    except (OSError, ValueError, CommandError) as exc:
+        msg = exc.desc if isinstance(exc, CommandError) else _oserror_text(exc)
+        raise CliError(msg) from None
+    if ready_fd is not None:
+        # Like qemu-nbd --fork: detach from the caller's stdio once ready so
+        # a caller waiting for EOF on our output does not hang.
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
+    await daemon.run_until_stopped()
+    return 0
+
+
+def _oserror_text(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror if not exc.args[1:] else str(exc.args[1])
+    return str(exc)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the daemon in the foreground (or fork once listening).
+
+    :return: exit code (0 after an orderly shutdown).
+    :raise CliError: on configuration or startup failures.
+    """
+    config = build_config(args)
+    run = _loop_runner()
+    if not args.fork:
+        return run(_amain(config, None))
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(wfd)
+        ok = os.read(rfd, 1)
+        os.close(rfd)
+        if ok == b"1":
+            return 0
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status) or 1
+    os.close(rfd)
+    os.setsid()
+    try:
+        code = run(_amain(config, wfd))
+    except Exception as exc:
+        print(f"fleeced: {exc}", file=sys.stderr)
+        code = 1
+    os._exit(code)

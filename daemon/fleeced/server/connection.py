@@ -1,0 +1,271 @@
+"""One NBD connection: asyncio glue around the sans-IO engine.
+
+The engine parses and validates; this module runs each accepted command as a
+task against the chosen export and writes replies.  All replies go through
+the engine's outgoing queue and are written with one ``writelines`` call on
+the event-loop thread, so a reply header and its payload are never
+interleaved with another reply (STYLE.md §2.14.7).
+
+Flow control: reading pauses while too many requests are in flight or while
+the transport's write buffer is above its high-water mark (a client that
+never reads its replies), so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from typing import TYPE_CHECKING, Final
+
+from fleeced.nbd import (
+    NEED_DATA,
+    Command,
+    Disconnect,
+    ExportChosen,
+    NbdCmd,
+    NbdCmdFlag,
+    NbdErrno,
+    NbdProtocolError,
+    Rejected,
+    ServerConnection,
+    to_nbd_errno,
+)
+
+if TYPE_CHECKING:
+    from fleeced.exports import Export
+    from fleeced.server import NbdServer
+
+log = logging.getLogger(__name__)
+
+#: Requests in flight per connection before reading pauses.
+MAX_IN_FLIGHT: Final = 64
+
+
+class NbdConnection(asyncio.Protocol):
+    """asyncio protocol for one client connection."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._engine = ServerConnection(server.lookup_info, server.list_infos)
+        self.export: Export | None = None
+        self.peer = "?"
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writing_paused = False
+        self._reading_paused = False
+        self._closing = False
+        self._disconnect_requested = False
+        self.closed = asyncio.get_running_loop().create_future()
+
+    # -- asyncio callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer) if peer else "unix"
+        # 4 MiB of unsent replies before pause_writing: room for one max
+        # read plus headers, bounded per connection.
+        transport.set_write_buffer_limits(high=4 * 1024 * 1024)
+        if not self._server.connection_opened(self):
+            transport.close()
+            return
+        log.info("client %s connected", self.peer)
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        self._engine.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        self._engine.receive_data(b"")
+        self._process()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            log.info("client %s lost: %s", self.peer, exc)
+        else:
+            log.info("client %s disconnected", self.peer)
+        self._closing = True
+        self._server.connection_closed(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+
+    # -- engine pump -------------------------------------------------------
+
+    def _process(self) -> None:
+        engine = self._engine
+        while not self._closing:
+            try:
+                event = engine.next_event()
+            except NbdProtocolError as exc:
+                log.warning("client %s: protocol error, closing: %s", self.peer, exc)
+                self._flush()
+                self._abort()
+                return
+            if event is NEED_DATA:
+                break
+            if isinstance(event, Command):
+                self._start(event)
+            elif isinstance(event, Rejected):
+                if self.export is not None:
+                    self.export.stats.requests += 1
+                    self.export.stats.errors += 1
+                log.debug(
+                    "client %s: rejected cmd %s: %s", self.peer, event.cmd, event.error.name
+                )
+            elif isinstance(event, ExportChosen):
+                export = self._server.get_export(event.export.name)
+                if export is None:  # removed between lookup and GO
+                    self._flush()
+                    self._abort()
+                    return
+                self.export = export
+                export.stats.connections += 1
+                export.stats.connections_total += 1
+                self._server.attach(self, event.export.name)
+                log.info("client %s: export %r", self.peer, event.export.name)
+            elif isinstance(event, Disconnect):
+                self._disconnect_requested = True
+                self._close_when_idle()
+                break
+        self._flush()
+        self._update_reading()
+
+    def _start(self, cmd: Command) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(cmd))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._flush()
+        self._update_reading()
+        if self._disconnect_requested or self._closing:
+            self._close_when_idle()
+
+    async def _run(self, cmd: Command) -> None:
+        export = self.export
+        engine = self._engine
+        assert export is not None
+        stats = export.stats
+        stats.requests += 1
+        try:
+            kind = cmd.cmd
+            if kind == NbdCmd.READ:
+                data, hole = await export.read(cmd.offset, cmd.length)
+                stats.bytes_read += cmd.length
+                engine.reply_read(cmd.cookie, cmd.offset, data, hole)
+            elif kind == NbdCmd.WRITE:
+                assert cmd.data is not None
+                await export.write(cmd.offset, cmd.data, bool(cmd.flags & NbdCmdFlag.FUA))
+                stats.bytes_written += cmd.length
+                engine.reply_ok(cmd.cookie)
+            elif kind == NbdCmd.BLOCK_STATUS:
+                await self._block_status(export, cmd)
+            elif kind == NbdCmd.FLUSH:
+                await export.flush()
+                engine.reply_ok(cmd.cookie)
+            elif kind == NbdCmd.TRIM:
+                await export.trim(cmd.offset, cmd.length, bool(cmd.flags & NbdCmdFlag.FUA))
+                engine.reply_ok(cmd.cookie)
+            elif kind == NbdCmd.WRITE_ZEROES:
+                await export.zero(
+                    cmd.offset,
+                    cmd.length,
+                    may_trim=not cmd.flags & NbdCmdFlag.NO_HOLE,
+                    fast=bool(cmd.flags & NbdCmdFlag.FAST_ZERO),
+                    fua=bool(cmd.flags & NbdCmdFlag.FUA),
+                )
+                engine.reply_ok(cmd.cookie)
+            elif kind == NbdCmd.CACHE:
+                await export.cache(cmd.offset, cmd.length)
+                engine.reply_ok(cmd.cookie)
+            else:  # the engine validated the command; nothing else arrives
+                raise OSError(errno.EINVAL, f"unexpected command {kind!r}")
+        except OSError as exc:
+            nbd_err = to_nbd_errno(exc.errno or errno.EIO, cmd.flags)
+            message = export.error_message(exc)
+            stats.errors += 1
+            # Log the real errno first (nbdkit), then send the mapped one.
+            log.info(
+                "client %s: %s off=%d len=%d failed: %s -> %s",
+                self.peer, cmd.cmd.name, cmd.offset, cmd.length,
+                exc.strerror or exc, nbd_err.name,
+            )
+            engine.reply_error(cmd.cookie, nbd_err, message)
+        except asyncio.CancelledError:
+            engine.reply_error(cmd.cookie, NbdErrno.ESHUTDOWN, "server shutting down")
+            raise
+        except Exception:  # a bug: answer EIO, keep the connection and log loudly
+            log.exception("client %s: internal error on %s", self.peer, cmd)
+            engine.reply_error(cmd.cookie, NbdErrno.EIO, "internal server error")
+
+    async def _block_status(self, export: Export, cmd: Command) -> None:
+        replies = []
+        for ctx_id, ctx_name in self._engine.meta_contexts.items():
+            if ctx_name != "base:allocation":
+                continue
+            extents = await export.extents(cmd.offset, cmd.length)
+            if cmd.flags & NbdCmdFlag.REQ_ONE:
+                extents = extents[:1]
+            replies.append((ctx_id, extents))
+        self._engine.reply_block_status(cmd.cookie, replies)
+
+    # -- output and lifecycle ----------------------------------------------
+
+    def _flush(self) -> None:
+        out = self._engine.data_to_send()
+        if out and self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(out)
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        want_pause = (
+            self._writing_paused
+            or len(self._tasks) >= MAX_IN_FLIGHT
+            or self._disconnect_requested
+        )
+        if want_pause and not self._reading_paused:
+            transport.pause_reading()
+            self._reading_paused = True
+        elif not want_pause and self._reading_paused:
+            transport.resume_reading()
+            self._reading_paused = False
+
+    def _close_when_idle(self) -> None:
+        if self._tasks:
+            return
+        self._flush()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def _abort(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        if self._transport is not None:
+            self._transport.close()
+
+    def shutdown(self) -> None:
+        """Answer new requests ESHUTDOWN and close once in-flight ones finish."""
+        self._engine.shutting_down()
+        self._disconnect_requested = True
+        self._close_when_idle()
+        self._update_reading()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
