@@ -1,0 +1,71 @@
+"""Events produced by :meth:`ServerConnection.next_event` (h11 ``_events.py`` style).
+
+Frozen, slotted dataclasses plus the :data:`NEED_DATA` sentinel.  No I/O imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .constants import NbdCmd, NbdCmdFlag, NbdErrno
+from .export import ExportInfo
+
+__all__ = ["NEED_DATA", "Event", "ExportChosen", "Command", "Rejected", "Disconnect"]
+
+
+class _SentinelType(type):
+    """Metaclass giving sentinel classes a readable repr (h11 ``Sentinel``)."""
+
+    def __repr__(cls) -> str:
+        return cls.__name__
+
+
+class NEED_DATA(metaclass=_SentinelType):  # noqa: N801 - h11 spelling on purpose
+    """Sentinel: the engine needs more bytes before it can produce an event."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> NEED_DATA:
+        raise TypeError("NEED_DATA is a sentinel; use the class itself")
+
+
+@dataclass(frozen=True, slots=True)
+class ExportChosen:
+    """The handshake ended (EXPORT_NAME or GO) and transmission starts on *export*."""
+
+    export: ExportInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A validated request the server must execute and then answer.
+
+    ``offset``/``length`` are already checked against the export size, block size
+    limits and alignment; ``data`` is the full payload for WRITE, else ``None``.
+    """
+
+    cookie: int
+    cmd: NbdCmd
+    flags: NbdCmdFlag
+    offset: int
+    length: int
+    data: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A request the engine refused; its error reply is already queued.
+
+    ``cmd`` is the raw wire value (it may be an unknown command).
+    """
+
+    cookie: int
+    cmd: int
+    error: NbdErrno
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """The client is done: NBD_CMD_DISC, NBD_OPT_ABORT, or EOF between messages."""
+
+
+Event = ExportChosen | Command | Rejected | Disconnect
