@@ -245,6 +245,11 @@ class Daemon:
             "query-exports": self.cmd_query_exports,
             "query-stats": self.cmd_query_stats,
             "quit": self.cmd_quit,
+            **(
+                {"x-inject-cbw-error": self.cmd_inject_error}
+                if os.environ.get("FLEECED_TEST_HOOKS") == "1"
+                else {}
+            ),
         }
 
     def _disk(self, args: dict[str, Any]) -> Disk:
@@ -348,6 +353,21 @@ class Daemon:
                 for name, e in self.server.exports.items()
             ],
         }
+
+    async def cmd_inject_error(self, args: dict[str, Any]) -> Any:
+        """Test hook (only with FLEECED_TEST_HOOKS=1): fail the next temp writes."""
+        check_keys(args, {"disk", "name", "errno", "count"})
+        disk = self._disk(args)
+        name = get(args, "name", str, "fleece")
+        session = disk.sessions.get(name)
+        if session is None:
+            raise CommandError(f"disk '{disk.name}' has no session '{name}'")
+        err = get(args, "errno", int)
+        count = get(args, "count", int, 1)
+        if err <= 0 or count < 0:
+            raise CommandError("errno must be positive and count non-negative")
+        session.native.inject_error(err, count)
+        return {}
 
     async def cmd_quit(self, args: dict[str, Any]) -> Any:
         check_keys(args, set())
