@@ -54,4 +54,4 @@ class ControlClient:
         try:
             return await self._qmp.execute(cmd, args)
         except ExecuteError as exc:
-            raise CliError(exc.error.desc) from None
+            raise CliError(str(exc)) from None
