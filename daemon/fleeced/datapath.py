@@ -1,0 +1,539 @@
+"""Typed, policed access to the native data path (``fleeced._native``).
+
+This is the only module that imports the cffi module (``ffi``/``lib``); everything
+else goes through :class:`NativeFile` and :class:`NativeSession`.  Every input is
+checked here before the C call (types, non-negative, within the image), and C
+return codes (``0`` or ``-errno``) become :class:`OSError` with that errno.  C
+re-checks everything anyway.
+
+All methods are synchronous and may block on disk I/O: callers run them in a
+thread pool (cffi releases the GIL during each C call, and C does its own
+locking).  Buffers are passed zero-copy with ``ffi.from_buffer``; C never keeps a
+pointer after returning and never calls back into Python (no ``ffi.callback``).
+
+Must not import asyncio or any other fleeced module.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+import weakref
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final
+
+from fleeced._native import ffi, lib
+
+__all__ = [
+    "COPIED",
+    "COPYING",
+    "EXT_HOLE",
+    "EXT_ZERO",
+    "NEEDED",
+    "NOT_NEEDED",
+    "NativeFile",
+    "NativeSession",
+    "SessionParams",
+    "SessionStats",
+]
+
+NOT_NEEDED: Final[int] = int(lib.FL_NOT_NEEDED)
+NEEDED: Final[int] = int(lib.FL_NEEDED)
+COPYING: Final[int] = int(lib.FL_COPYING)
+COPIED: Final[int] = int(lib.FL_COPIED)
+EXT_HOLE: Final[int] = int(lib.FL_EXT_HOLE)
+EXT_ZERO: Final[int] = int(lib.FL_EXT_ZERO)
+
+#: Upper bound on one extents() answer, so allocation never follows the caller.
+MAX_EXTENTS: Final[int] = 1 << 20
+_CLUSTER_MIN: Final[int] = 4096
+_CLUSTER_MAX: Final[int] = 16 << 20
+_U64_MAX: Final[int] = (1 << 64) - 1
+
+Buffer = bytes | bytearray | memoryview
+
+
+def _check(rc: int) -> None:
+    """Turn a C return code into an exception.
+
+    :param rc: ``0`` or ``-errno`` from a ``fl_*`` call.
+    :raise OSError: with ``errno == -rc`` when ``rc < 0``.
+    """
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+
+
+def _einval(what: str) -> OSError:
+    return OSError(errno.EINVAL, f"{os.strerror(errno.EINVAL)}: {what}")
+
+
+def _uint(name: str, value: object) -> int:
+    """Police one integer argument: a real int (not bool), ``0 <= value < 2**64``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be int, not {type(value).__name__}")
+    if value < 0 or value > _U64_MAX:
+        raise _einval(f"{name}={value}")
+    return value
+
+
+def _range(off: object, length: object, size: int) -> tuple[int, int]:
+    """Police an (offset, length) pair against an object of SIZE bytes."""
+    o = _uint("off", off)
+    n = _uint("length", length)
+    if o + n > size:
+        raise _einval(f"range {o}+{n} beyond size {size}")
+    return o, n
+
+
+def _closed() -> OSError:
+    return OSError(errno.EBADF, "native object is closed")
+
+
+def _extents(
+    fn: Any, handle: Any, off: int, length: int, max_extents: int
+) -> list[tuple[int, int]]:
+    m = _uint("max_extents", max_extents)
+    if m < 1 or m > MAX_EXTENTS:
+        raise _einval(f"max_extents={m}")
+    lens = ffi.new("uint64_t[]", m)
+    flags = ffi.new("uint32_t[]", m)
+    n = ffi.new("size_t *")
+    _check(fn(handle, off, length, lens, flags, m, n))
+    return [(int(lens[i]), int(flags[i])) for i in range(n[0])]
+
+
+class NativeFile:
+    """A raw image (regular file or block device) behind the C data path.
+
+    Guest writes through this object run copy-before-write for every open
+    :class:`NativeSession` on it before touching the image.
+    """
+
+    __slots__ = ("_h", "_size", "_readonly", "_sessions", "__weakref__")
+
+    def __init__(self, handle: Any, readonly: bool) -> None:
+        """Wrap an ``fl_file *``; use :meth:`open` instead."""
+        self._h: Any = handle
+        self._size: int = int(lib.fl_file_size(handle))
+        self._readonly = readonly
+        self._sessions: weakref.WeakSet[NativeSession] = weakref.WeakSet()
+
+    @classmethod
+    def open(cls, path: str, *, readonly: bool) -> NativeFile:
+        """Open PATH (read-only or read-write).
+
+        :param path: a regular file or a block device.
+        :param readonly: open ``O_RDONLY``; writes then fail with ``EROFS``.
+        :raise TypeError: when PATH is not a str.
+        :raise OSError: ``EISDIR`` for a directory, ``EINVAL`` for anything but
+            a regular file or block device, or the ``open(2)`` error.
+        :return: the open file.
+        """
+        if not isinstance(path, str):
+            raise TypeError(f"path must be str, not {type(path).__name__}")
+        out = ffi.new("fl_file **")
+        _check(lib.fl_file_open(os.fsencode(path), int(bool(readonly)), out))
+        return cls(ffi.gc(out[0], lib.fl_file_close), bool(readonly))
+
+    @property
+    def size(self) -> int:
+        """Size in bytes, fixed at open."""
+        return self._size
+
+    @property
+    def readonly(self) -> bool:
+        """Whether the file was opened read-only."""
+        return self._readonly
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._h is None
+
+    def _handle(self) -> Any:
+        if self._h is None:
+            raise _closed()
+        return self._h
+
+    def read(self, off: int, length: int) -> tuple[bytearray, bool]:
+        """Read LENGTH bytes at OFF.
+
+        :raise OSError: ``EINVAL`` out of range, ``EIO`` on a short read, ``EBADF``
+            when closed, or the ``pread(2)`` error.
+        :return: ``(data, is_hole)``; ``is_hole`` when the whole range is a hole
+            (data is then zeros).
+        """
+        h = self._handle()
+        o, n = _range(off, length, self._size)
+        buf = bytearray(n)
+        hole = ffi.new("int *")
+        _check(
+            lib.fl_file_read(
+                h, ffi.from_buffer("uint8_t[]", buf, require_writable=True), n, o, hole
+            )
+        )
+        return buf, bool(hole[0])
+
+    def write(self, off: int, data: Buffer, *, fua: bool = False) -> None:
+        """Guest write: copy-before-write for every session, then write DATA at OFF.
+
+        :param fua: ``fdatasync`` before returning.
+        :raise TypeError: when DATA is not a bytes-like object.
+        :raise OSError: ``EINVAL`` out of range, ``EROFS`` read-only, ``EBADF``
+            closed, a CBW error under ``break_guest_write`` (``ENOSPC``, ``EIO``,
+            ``ETIMEDOUT``, ...; the image is then untouched), or the I/O error.
+        """
+        h = self._handle()
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"data must be bytes-like, not {type(data).__name__}")
+        mv = memoryview(data)
+        o, n = _range(off, mv.nbytes, self._size)
+        if not mv.c_contiguous:
+            raise _einval("data must be C-contiguous")
+        flags = lib.FL_FUA if fua else 0
+        _check(lib.fl_file_write(h, ffi.from_buffer("uint8_t[]", mv), n, o, flags))
+
+    def zero(self, off: int, length: int, *, may_trim: bool, fast: bool, fua: bool = False) -> None:
+        """Guest write-zeroes of ``[off, off+length)``.
+
+        :param may_trim: the range may become a hole (NBD without ``NO_HOLE``).
+        :param fast: fail with ``ENOTSUP`` rather than write zeros (``FAST_ZERO``).
+        :param fua: ``fdatasync`` before returning.
+        :raise OSError: as :meth:`write`, plus ``ENOTSUP`` with ``fast``.
+        """
+        h = self._handle()
+        o, n = _range(off, length, self._size)
+        flags = (
+            (lib.FL_MAY_TRIM if may_trim else 0)
+            | (lib.FL_FAST if fast else 0)
+            | (lib.FL_FUA if fua else 0)
+        )
+        _check(lib.fl_file_zero(h, o, n, flags))
+
+    def trim(self, off: int, length: int) -> None:
+        """Guest trim (punch a hole; a no-op where unsupported).
+
+        :raise OSError: as :meth:`write`.
+        """
+        h = self._handle()
+        o, n = _range(off, length, self._size)
+        _check(lib.fl_file_trim(h, o, n))
+
+    def flush(self) -> None:
+        """``fdatasync`` the image.
+
+        :raise OSError: ``EBADF`` when closed, or the ``fdatasync(2)`` error.
+        """
+        _check(lib.fl_file_flush(self._handle()))
+
+    def cache(self, off: int, length: int) -> None:
+        """Prefetch hint (``posix_fadvise WILLNEED``).
+
+        :raise OSError: ``EINVAL`` out of range, ``EBADF`` when closed.
+        """
+        h = self._handle()
+        o, n = _range(off, length, self._size)
+        _check(lib.fl_file_cache(h, o, n))
+
+    def extents(self, off: int, length: int, max_extents: int = 1024) -> list[tuple[int, int]]:
+        """Allocation map of ``[off, off+length)``.
+
+        :param max_extents: at most this many extents (``1 .. MAX_EXTENTS``); the
+            answer then may end before ``off+length``.
+        :raise OSError: ``EINVAL`` out of range or bad ``max_extents``, ``EBADF``.
+        :return: contiguous ``(length, flags)`` from OFF, flags of ``EXT_*``.
+        """
+        h = self._handle()
+        o, n = _range(off, length, self._size)
+        return _extents(lib.fl_file_extents, h, o, n, max_extents)
+
+    def close(self) -> None:
+        """Close the file, closing its remaining sessions first.  Idempotent.
+
+        The caller guarantees no call on this file or its sessions is in flight.
+        """
+        if self._h is None:
+            return
+        for s in list(self._sessions):
+            s.close()
+        h, self._h = self._h, None
+        ffi.gc(h, None)
+        lib.fl_file_close(h)
+
+    def __enter__(self) -> NativeFile:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class SessionParams:
+    """Parameters of a fleecing session.
+
+    :ivar cluster_size: CBW granularity, a power of two from 4 KiB to 16 MiB.
+    :ivar temp_dir: directory of the unlinked sparse temp file.
+    :ivar cache_bytes: in-memory CBW cache budget (0: none).
+    :ivar max_temp: temp file byte limit (0: unlimited); over it CBW fails ENOSPC.
+    :ivar cbw_timeout: seconds a guest write may wait on CBW (0: forever).
+    :ivar break_guest_write: on CBW failure fail the guest write instead of
+        breaking the snapshot.
+    :ivar scope: ``(offset, length)`` byte ranges; if any, only clusters they
+        touch are preserved and readable.
+    """
+
+    cluster_size: int = 65536
+    temp_dir: str = tempfile.gettempdir()
+    cache_bytes: int = 0
+    max_temp: int = 0
+    cbw_timeout: float = 45.0
+    break_guest_write: bool = False
+    scope: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStats:
+    """Counters of a session (see ``struct fl_session_stats``).
+
+    ``clusters_needed``/``clusters_copied`` count clusters currently in that
+    state; ``cbw_count`` counts clusters copied; ``temp_bytes`` is what the temp
+    file holds now, ``temp_bytes_written`` all it was ever written.
+    """
+
+    clusters_total: int
+    clusters_needed: int
+    clusters_copied: int
+    clusters_discarded: int
+    temp_bytes: int
+    temp_bytes_written: int
+    cache_bytes: int
+    cbw_count: int
+    cbw_bytes: int
+    read_temp_bytes: int
+    read_cache_bytes: int
+    read_source_bytes: int
+    discarded_bytes: int
+    broken: bool
+    broken_errno: int
+
+
+def _params_struct(file: NativeFile, p: SessionParams) -> tuple[Any, list[Any]]:
+    """Police P and build ``struct fl_session_params`` plus the cdata keeping it alive."""
+    cs = _uint("cluster_size", p.cluster_size)
+    if cs < _CLUSTER_MIN or cs > _CLUSTER_MAX or cs & (cs - 1):
+        raise _einval(f"cluster_size={cs}")
+    if not isinstance(p.temp_dir, str) or not p.temp_dir:
+        raise _einval("temp_dir")
+    cache = _uint("cache_bytes", p.cache_bytes)
+    max_temp = _uint("max_temp", p.max_temp)
+    if isinstance(p.cbw_timeout, bool) or not isinstance(p.cbw_timeout, int | float):
+        raise TypeError("cbw_timeout must be a number of seconds")
+    if not p.cbw_timeout >= 0 or p.cbw_timeout > 1e9:  # also rejects NaN
+        raise _einval(f"cbw_timeout={p.cbw_timeout}")
+    timeout_ms = int(p.cbw_timeout * 1000)
+    if p.cbw_timeout > 0 and timeout_ms == 0:
+        timeout_ms = 1
+    if not isinstance(p.scope, tuple) or len(p.scope) > MAX_EXTENTS:
+        raise _einval("scope")
+    offs: list[int] = []
+    lens: list[int] = []
+    for item in p.scope:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise _einval("scope entries are (offset, length)")
+        o, n = _range(item[0], item[1], file.size)
+        offs.append(o)
+        lens.append(n)
+
+    keep: list[Any] = []
+    st = ffi.new("struct fl_session_params *")
+    st.cluster_size = cs
+    tdir = ffi.new("char[]", os.fsencode(p.temp_dir))
+    keep.append(tdir)
+    st.temp_dir = tdir
+    st.cache_bytes = cache
+    st.max_temp = max_temp
+    st.cbw_timeout_ms = timeout_ms
+    st.policy = lib.FL_BREAK_GUEST_WRITE if p.break_guest_write else lib.FL_BREAK_SNAPSHOT
+    if offs:
+        so = ffi.new("uint64_t[]", offs)
+        sl = ffi.new("uint64_t[]", lens)
+        keep += [so, sl]
+        st.scope_off = so
+        st.scope_len = sl
+        st.n_scope = len(offs)
+    return st, keep
+
+
+class NativeSession:
+    """A fleecing (copy-before-write snapshot) session on a :class:`NativeFile`.
+
+    The snapshot is the file's data as of :meth:`open` returning.
+    """
+
+    __slots__ = ("_h", "_file", "_size", "__weakref__")
+
+    def __init__(self, handle: Any, file: NativeFile) -> None:
+        """Wrap an ``fl_session *``; use :meth:`open` instead."""
+        self._h: Any = handle
+        self._file = file  # the file must outlive the session
+        self._size = file.size
+
+    @classmethod
+    def open(cls, file: NativeFile, params: SessionParams) -> NativeSession:
+        """Start a session on FILE: the snapshot point is now.
+
+        Waits for in-flight guest writes to finish.
+
+        :raise TypeError: on wrongly typed parameters.
+        :raise OSError: ``EINVAL`` bad parameters or scope, ``EBADF`` closed
+            file, ``ENOENT``/``EACCES``/... from the temp directory.
+        :return: the session.
+        """
+        if not isinstance(file, NativeFile):
+            raise TypeError("file must be a NativeFile")
+        if not isinstance(params, SessionParams):
+            raise TypeError("params must be SessionParams")
+        fh = file._handle()
+        st, keep = _params_struct(file, params)
+        out = ffi.new("fl_session **")
+        _check(lib.fl_session_open(fh, st, out))
+        del keep
+        s = cls(ffi.gc(out[0], lib.fl_session_close), file)
+        file._sessions.add(s)
+        return s
+
+    @property
+    def size(self) -> int:
+        """Size of the frozen view (the file's size)."""
+        return self._size
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (or the file was closed)."""
+        return self._h is None
+
+    def _handle(self) -> Any:
+        if self._h is None:
+            raise _closed()
+        return self._h
+
+    def read(self, off: int, length: int) -> tuple[bytearray, bool]:
+        """Read the frozen view.
+
+        :raise OSError: ``EPERM`` when a cluster is out of scope or discarded,
+            ``EIO`` when the snapshot is broken, ``ETIMEDOUT`` waiting on a copy,
+            ``EINVAL`` out of range, ``EBADF`` closed.
+        :return: ``(data, is_hole)`` as :meth:`NativeFile.read`.
+        """
+        h = self._handle()
+        o, n = _range(off, length, self._size)
+        buf = bytearray(n)
+        hole = ffi.new("int *")
+        _check(
+            lib.fl_session_read(
+                h, ffi.from_buffer("uint8_t[]", buf, require_writable=True), n, o, hole
+            )
+        )
+        return buf, bool(hole[0])
+
+    def discard(self, off: int, length: int) -> None:
+        """Done with ``[off, off+length)``: drop its copies, stop CBW there.
+
+        Rounds inward to whole clusters (the tail cluster counts as whole when
+        the range reaches the end).
+
+        :raise OSError: ``EINVAL`` out of range, ``EBADF`` closed.
+        """
+        h = self._handle()
+        o, n = _range(off, length, self._size)
+        _check(lib.fl_session_discard(h, o, n))
+
+    def extents(self, off: int, length: int, max_extents: int = 1024) -> list[tuple[int, int]]:
+        """Block status of the frozen view, as :meth:`NativeFile.extents`.
+
+        :raise OSError: ``EIO`` when broken, ``EINVAL``, ``EBADF``.
+        """
+        h = self._handle()
+        o, n = _range(off, length, self._size)
+        return _extents(lib.fl_session_extents, h, o, n, max_extents)
+
+    def stats(self) -> SessionStats:
+        """Snapshot of the session's counters.
+
+        :raise OSError: ``EBADF`` closed.
+        """
+        h = self._handle()
+        st = ffi.new("struct fl_session_stats *")
+        _check(lib.fl_session_stats(h, st))
+        return SessionStats(
+            clusters_total=int(st.clusters_total),
+            clusters_needed=int(st.clusters_needed),
+            clusters_copied=int(st.clusters_copied),
+            clusters_discarded=int(st.clusters_discarded),
+            temp_bytes=int(st.temp_bytes),
+            temp_bytes_written=int(st.temp_bytes_written),
+            cache_bytes=int(st.cache_bytes),
+            cbw_count=int(st.cbw_count),
+            cbw_bytes=int(st.cbw_bytes),
+            read_temp_bytes=int(st.read_temp_bytes),
+            read_cache_bytes=int(st.read_cache_bytes),
+            read_source_bytes=int(st.read_source_bytes),
+            discarded_bytes=int(st.discarded_bytes),
+            broken=bool(st.broken),
+            broken_errno=int(st.broken_errno),
+        )
+
+    def cluster_state(self, off: int) -> int:
+        """State (``NOT_NEEDED``/``NEEDED``/``COPYING``/``COPIED``) of the cluster at OFF.
+
+        :raise OSError: ``EINVAL`` when OFF is not below the size, ``EBADF``.
+        """
+        h = self._handle()
+        o = _uint("off", off)
+        if o >= self._size:
+            raise _einval(f"off={o} not below size {self._size}")
+        out = ffi.new("int *")
+        _check(lib.fl_session_cluster_state(h, o, out))
+        return int(out[0])
+
+    def inject_error(self, err: int, n: int) -> None:
+        """Test hook: the next N temp-store writes fail with ERR (N = 0 disables).
+
+        :raise OSError: ``EINVAL`` for ``err <= 0`` with ``n > 0`` or huge values.
+        """
+        h = self._handle()
+        e = _uint("err", err)
+        k = _uint("n", n)
+        if k > 0x7FFFFFFF or e > 0x7FFFFFFF or (k > 0 and e == 0):
+            raise _einval(f"err={e} n={k}")
+        _check(lib.fl_session_inject_error(h, e, k))
+
+    def close(self) -> None:
+        """Detach from the file and free everything.  Idempotent.
+
+        The caller guarantees no call on this session is in flight.
+        """
+        if self._h is None:
+            return
+        h, self._h = self._h, None
+        self._file._sessions.discard(self)
+        ffi.gc(h, None)
+        lib.fl_session_close(h)
+
+    def __enter__(self) -> NativeSession:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,136 @@
+/* fleeced native data path: public API.
+ *
+ * Contract for every function below: returns 0 on success or -errno on
+ * failure; results go through out-parameters.  Every offset/length is
+ * re-checked against the object's size with overflow-safe arithmetic.
+ * No function keeps a pointer to a caller buffer after returning, and
+ * nothing here calls back into Python.  All functions are thread-safe
+ * unless stated otherwise: Python calls them from a thread pool with the
+ * GIL released.
+ *
+ * Objects:
+ *   fl_file     a raw image (regular file or block device) opened by path.
+ *   fl_session  a fleecing session (copy-before-write snapshot) attached to
+ *               one fl_file.  Guest writes go through fl_file_* which run
+ *               CBW for every attached session before touching the source.
+ */
+#ifndef FLEECED_H
+#define FLEECED_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct fl_file fl_file;
+typedef struct fl_session fl_session;
+
+/* Flags for fl_file_write / fl_file_zero. */
+#define FL_FUA       1u  /* fdatasync after the write */
+#define FL_MAY_TRIM  2u  /* fl_file_zero: may punch a hole (no NO_HOLE) */
+#define FL_FAST      4u  /* fl_file_zero: fail -ENOTSUP unless cheap */
+
+/* Extent flags (same values as NBD base:allocation). */
+#define FL_EXT_HOLE  1u
+#define FL_EXT_ZERO  2u
+
+/* Cluster states of a session's map. */
+#define FL_NOT_NEEDED 0
+#define FL_NEEDED     1
+#define FL_COPYING    2
+#define FL_COPIED     3
+
+/* Failure policies. */
+#define FL_BREAK_SNAPSHOT    0
+#define FL_BREAK_GUEST_WRITE 1
+
+/* ---- files ---------------------------------------------------------- */
+
+/* Open PATH (O_RDONLY when readonly, else O_RDWR; O_CLOEXEC).  Refuses
+ * directories (-EISDIR) and anything but regular files and block devices
+ * (-EINVAL). */
+int fl_file_open(const char *path, int readonly, fl_file **out);
+/* Detach nothing, just close; sessions must be closed first. */
+void fl_file_close(fl_file *f);
+/* Size in bytes (from fstat or BLKGETSIZE64), fixed at open. */
+uint64_t fl_file_size(const fl_file *f);
+
+/* Read LEN bytes at OFF.  If is_hole is non-NULL and the whole range is a
+ * hole (SEEK_DATA), the buffer is zeroed, *is_hole = 1 and no read is
+ * done; otherwise *is_hole = 0.  Short read (EOF) -> -EIO. */
+int fl_file_read(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
+                 int *is_hole);
+/* Guest write: runs CBW for every attached session, then pwrite. */
+int fl_file_write(fl_file *f, const uint8_t *buf, size_t len, uint64_t off,
+                  unsigned flags);
+/* Guest write-zeroes: CBW, then FALLOC_FL_PUNCH_HOLE (with FL_MAY_TRIM) or
+ * FALLOC_FL_ZERO_RANGE, falling back to writing zeros unless FL_FAST. */
+int fl_file_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags);
+/* Guest trim: CBW, then punch hole.  Unsupported punch is ignored (0). */
+int fl_file_trim(fl_file *f, uint64_t off, uint64_t len);
+/* fdatasync. */
+int fl_file_flush(fl_file *f);
+/* posix_fadvise WILLNEED. */
+int fl_file_cache(fl_file *f, uint64_t off, uint64_t len);
+/* Allocation map of [off, off+len): up to max extents, each lens[i] bytes
+ * with flags[i] (FL_EXT_*); *n gets the count.  Extents are contiguous
+ * from OFF; the last one may end before off+len when max is reached. */
+int fl_file_extents(fl_file *f, uint64_t off, uint64_t len,
+                    uint64_t *lens, uint32_t *flags, size_t max, size_t *n);
+
+/* ---- fleecing sessions ---------------------------------------------- */
+
+struct fl_session_params {
+    uint64_t cluster_size;   /* power of two, 4 KiB .. 16 MiB */
+    const char *temp_dir;    /* where the unlinked temp file lives */
+    uint64_t cache_bytes;    /* in-memory CBW cache budget, 0 = none */
+    uint64_t max_temp;       /* temp-file byte limit, 0 = unlimited */
+    int64_t  cbw_timeout_ms; /* <= 0: no timeout */
+    int      policy;         /* FL_BREAK_SNAPSHOT / FL_BREAK_GUEST_WRITE */
+    /* Scope: if n_scope > 0 only clusters touched by these byte ranges
+     * start NEEDED, all others NOT_NEEDED; else every cluster is NEEDED. */
+    const uint64_t *scope_off;
+    const uint64_t *scope_len;
+    size_t n_scope;
+};
+
+struct fl_session_stats {
+    uint64_t clusters_total, clusters_needed, clusters_copied,
+             clusters_discarded;
+    uint64_t temp_bytes;          /* bytes currently stored in temp file */
+    uint64_t temp_bytes_written;  /* total bytes ever written to temp */
+    uint64_t cache_bytes;         /* bytes currently held in memory */
+    uint64_t cbw_count, cbw_bytes;
+    uint64_t read_temp_bytes, read_cache_bytes, read_source_bytes;
+    uint64_t discarded_bytes;
+    int      broken;              /* 1 once the snapshot is broken */
+    int      broken_errno;        /* positive errno that broke it */
+};
+
+/* Create a session and attach it to F atomically with respect to guest
+ * writes: the snapshot is of the data as of return (in-flight writes
+ * finish first).  Errors: -EINVAL bad params, -ENOENT/-EACCES/... temp dir. */
+int fl_session_open(fl_file *f, const struct fl_session_params *p,
+                    fl_session **out);
+/* Detach from the file (waiting for in-flight guest writes) and free.
+ * The caller guarantees no snapshot call on S is in flight or follows. */
+void fl_session_close(fl_session *s);
+/* Read the frozen view.  NOT_NEEDED cluster -> -EPERM; broken -> -EIO.
+ * is_hole as for fl_file_read (may be NULL). */
+int fl_session_read(fl_session *s, uint8_t *buf, size_t len, uint64_t off,
+                    int *is_hole);
+/* Discard: rounds inward to whole clusters (the disk's tail cluster counts
+ * as whole when the range reaches the end), drops stored data, marks
+ * NOT_NEEDED.  Never fails for an in-range request. */
+int fl_session_discard(fl_session *s, uint64_t off, uint64_t len);
+/* Block status of the frozen view, like fl_file_extents.  COPIED clusters
+ * report data; NEEDED ones the source's allocation; NOT_NEEDED data. */
+int fl_session_extents(fl_session *s, uint64_t off, uint64_t len,
+                       uint64_t *lens, uint32_t *flags, size_t max,
+                       size_t *n);
+int fl_session_stats(fl_session *s, struct fl_session_stats *out);
+/* Cluster state of the cluster containing OFF (FL_* state), for tests. */
+int fl_session_cluster_state(fl_session *s, uint64_t off, int *state);
+/* Test hook: make the next N temp-store writes of S fail with -err
+ * (err > 0), n = 0 disables. */
+int fl_session_inject_error(fl_session *s, int err, int n);
+
+#endif

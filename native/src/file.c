@@ -1,0 +1,311 @@
+/* fleeced native data path: raw images (regular files, block devices).
+ *
+ * Design notes:
+ * - An fl_file is an fd plus a size fixed at open (fstat, or BLKGETSIZE64
+ *   for block devices).  Every entry point re-checks off/len against that
+ *   size with overflow-safe arithmetic before any syscall.
+ * - Guest-visible mutations (write, zero, trim) first take sessions_lock
+ *   shared and run copy-before-write for every attached session
+ *   (cbw.c), then touch the source, then drop the lock.  Holding the
+ *   rwlock across the source I/O is what lets fl_session_open (exclusive)
+ *   take its snapshot with no guest write half done.  It is a rwlock, so
+ *   guest writes still run in parallel with each other.
+ * - Write-zeroes: PUNCH_HOLE|KEEP_SIZE when trimming is allowed, else
+ *   ZERO_RANGE (KEEP_SIZE for block devices), else BLKZEROOUT for block
+ *   devices, else (unless FL_FAST) writing zeros from a bounded buffer.
+ *   FL_FAST refuses any fallback that would write data: -ENOTSUP.
+ * - Trim punches a hole; a filesystem or device that cannot punch makes
+ *   trim a successful no-op (trim is advisory in NBD).
+ * - FUA is fdatasync after the write (the NBD spec allows the stronger
+ *   whole-file sync).
+ * - No globals.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define ZERO_BUF_MAX (1u << 20) /* bytes of zeros written per pwrite */
+
+int fl_file_open(const char *path, int readonly, fl_file **out)
+{
+    struct stat st;
+    pthread_rwlockattr_t attr;
+    fl_file *f;
+    int fd, rc;
+    uint64_t size;
+
+    if (path == NULL || out == NULL)
+        return -EINVAL;
+    *out = NULL;
+    fd = open(path, (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    if (fstat(fd, &st) < 0) {
+        rc = -errno;
+        goto err_fd;
+    }
+    if (S_ISDIR(st.st_mode)) {
+        rc = -EISDIR;
+        goto err_fd;
+    }
+    if (S_ISREG(st.st_mode)) {
+        size = (uint64_t)st.st_size;
+    } else if (S_ISBLK(st.st_mode)) {
+        if (ioctl(fd, BLKGETSIZE64, &size) < 0) {
+            rc = -errno;
+            goto err_fd;
+        }
+    } else {
+        rc = -EINVAL;
+        goto err_fd;
+    }
+    if (size > (uint64_t)INT64_MAX) {
+        rc = -EFBIG;
+        goto err_fd;
+    }
+    f = calloc(1, sizeof(*f));
+    if (f == NULL) {
+        rc = -ENOMEM;
+        goto err_fd;
+    }
+    f->fd = fd;
+    f->readonly = readonly != 0;
+    f->is_blk = S_ISBLK(st.st_mode);
+    f->size = size;
+    rc = -pthread_rwlockattr_init(&attr);
+    if (rc < 0)
+        goto err_free;
+    /* A session open must not starve behind a stream of guest writes. */
+    pthread_rwlockattr_setkind_np(&attr,
+                                  PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    rc = -pthread_rwlock_init(&f->sessions_lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+    if (rc < 0)
+        goto err_free;
+    *out = f;
+    return 0;
+
+err_free:
+    free(f);
+err_fd:
+    close(fd);
+    return rc;
+}
+
+void fl_file_close(fl_file *f)
+{
+    if (f == NULL)
+        return;
+    pthread_rwlock_destroy(&f->sessions_lock);
+    close(f->fd);
+    free(f);
+}
+
+uint64_t fl_file_size(const fl_file *f)
+{
+    return f->size;
+}
+
+int fl_file_read(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
+                 int *is_hole)
+{
+    int rc = fl__range_ok(off, len, f->size);
+
+    if (rc < 0)
+        return rc;
+    if (is_hole != NULL) {
+        *is_hole = 0;
+        if (fl__range_is_hole(f->fd, f->is_blk, off, len)) {
+            memset(buf, 0, len);
+            *is_hole = 1;
+            return 0;
+        }
+    }
+    return fl__full_pread(f->fd, buf, len, off);
+}
+
+/* Take sessions_lock shared and run CBW of every session over the range.
+ * On success the lock stays held; the caller writes, then unlocks. */
+static int begin_guest_write(fl_file *f, uint64_t off, uint64_t len)
+{
+    fl_session *s;
+    int rc;
+
+    rc = -pthread_rwlock_rdlock(&f->sessions_lock);
+    if (rc < 0)
+        return rc;
+    for (s = f->sessions; s != NULL; s = fl__session_next(s)) {
+        rc = fl__session_before_write(s, off, len);
+        if (rc < 0) {
+            pthread_rwlock_unlock(&f->sessions_lock);
+            return rc;
+        }
+    }
+    return 0;
+}
+
+static int check_mutation(fl_file *f, uint64_t off, uint64_t len)
+{
+    int rc = fl__range_ok(off, len, f->size);
+
+    if (rc < 0)
+        return rc;
+    if (f->readonly)
+        return -EROFS;
+    return 0;
+}
+
+static int fua(fl_file *f, unsigned flags, int rc)
+{
+    if (rc == 0 && (flags & FL_FUA) && fdatasync(f->fd) < 0)
+        rc = -errno;
+    return rc;
+}
+
+int fl_file_write(fl_file *f, const uint8_t *buf, size_t len, uint64_t off,
+                  unsigned flags)
+{
+    int rc = check_mutation(f, off, len);
+
+    if (rc < 0)
+        return rc;
+    if (flags & ~(unsigned)FL_FUA)
+        return -EINVAL;
+    if (len == 0)
+        return fua(f, flags, 0);
+    rc = begin_guest_write(f, off, len);
+    if (rc < 0)
+        return rc;
+    rc = fl__full_pwrite(f->fd, buf, len, off);
+    rc = fua(f, flags, rc);
+    pthread_rwlock_unlock(&f->sessions_lock);
+    return rc;
+}
+
+static int write_zeros(fl_file *f, uint64_t off, uint64_t len)
+{
+    size_t bl = len < ZERO_BUF_MAX ? (size_t)len : ZERO_BUF_MAX;
+    uint8_t *z = calloc(1, bl);
+    int rc = 0;
+
+    if (z == NULL)
+        return -ENOMEM;
+    while (len > 0 && rc == 0) {
+        size_t n = len < bl ? (size_t)len : bl;
+        rc = fl__full_pwrite(f->fd, z, n, off);
+        off += n;
+        len -= n;
+    }
+    free(z);
+    return rc;
+}
+
+static int is_unsupported(int err)
+{
+    return err == EOPNOTSUPP || err == ENOTSUP || err == ENOSYS ||
+           err == EINVAL || err == ENOTTY;
+}
+
+static int do_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags)
+{
+    if (flags & FL_MAY_TRIM) {
+        if (fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      (off_t)off, (off_t)len) == 0)
+            return 0;
+        if (!is_unsupported(errno))
+            return -errno;
+    }
+    if (fallocate(f->fd,
+                  FALLOC_FL_ZERO_RANGE | (f->is_blk ? FALLOC_FL_KEEP_SIZE : 0),
+                  (off_t)off, (off_t)len) == 0)
+        return 0;
+    if (!is_unsupported(errno))
+        return -errno;
+    if (flags & FL_FAST)
+        return -ENOTSUP;
+    if (f->is_blk) {
+        uint64_t r[2] = { off, len };
+        if (ioctl(f->fd, BLKZEROOUT, r) == 0)
+            return 0;
+        if (!is_unsupported(errno))
+            return -errno;
+    }
+    return write_zeros(f, off, len);
+}
+
+int fl_file_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags)
+{
+    int rc = check_mutation(f, off, len);
+
+    if (rc < 0)
+        return rc;
+    if (flags & ~(unsigned)(FL_FUA | FL_MAY_TRIM | FL_FAST))
+        return -EINVAL;
+    if (len == 0)
+        return fua(f, flags, 0);
+    rc = begin_guest_write(f, off, len);
+    if (rc < 0)
+        return rc;
+    rc = do_zero(f, off, len, flags);
+    rc = fua(f, flags, rc);
+    pthread_rwlock_unlock(&f->sessions_lock);
+    return rc;
+}
+
+int fl_file_trim(fl_file *f, uint64_t off, uint64_t len)
+{
+    int rc = check_mutation(f, off, len);
+
+    if (rc < 0)
+        return rc;
+    if (len == 0)
+        return 0;
+    rc = begin_guest_write(f, off, len);
+    if (rc < 0)
+        return rc;
+    rc = fl__punch(f->fd, off, len);
+    if (rc < 0 && is_unsupported(-rc))
+        rc = 0;
+    pthread_rwlock_unlock(&f->sessions_lock);
+    return rc;
+}
+
+int fl_file_flush(fl_file *f)
+{
+    if (fdatasync(f->fd) < 0)
+        return -errno;
+    return 0;
+}
+
+int fl_file_cache(fl_file *f, uint64_t off, uint64_t len)
+{
+    int rc = fl__range_ok(off, len, f->size);
+
+    if (rc < 0)
+        return rc;
+    if (len == 0)
+        return 0;
+    return -posix_fadvise(f->fd, (off_t)off, (off_t)len, POSIX_FADV_WILLNEED);
+}
+
+int fl_file_extents(fl_file *f, uint64_t off, uint64_t len,
+                    uint64_t *lens, uint32_t *flags, size_t max, size_t *n)
+{
+    struct fl__ext e = { lens, flags, max, 0 };
+    int rc = fl__range_ok(off, len, f->size);
+
+    if (rc < 0)
+        return rc;
+    if (n == NULL || (len > 0 && (max == 0 || lens == NULL || flags == NULL)))
+        return -EINVAL;
+    fl__fd_extents(f->fd, f->is_blk, off, len, &e);
+    *n = e.n;
+    return 0;
+}

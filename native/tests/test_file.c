@@ -1,0 +1,123 @@
+/* Unit tests of native/src/file.c and io.c: bounds, short reads, zero,
+ * trim, holes and extents on scratch files whose size is not a multiple
+ * of the block size. */
+#include "check.h"
+#include "fleeced.h"
+
+#define SZ ((uint64_t)3 * 65536 + 1234)
+
+static uint8_t pat(uint64_t i) { return (uint8_t)(i * 7 + (i >> 12)); }
+
+static void test_open_errors(void)
+{
+    fl_file *f = (fl_file *)1;
+
+    CHECK_RC(fl_file_open("/nonexistent/fleeced", 1, &f), -ENOENT);
+    CHECK(f == NULL);
+    CHECK_RC(fl_file_open(test_tmpdir(), 1, &f), -EISDIR);
+    CHECK_RC(fl_file_open("/dev/null", 1, &f), -EINVAL);
+}
+
+static void test_read_write_bounds(void)
+{
+    char path[4096];
+    fl_file *f;
+    uint8_t buf[8192], back[8192];
+    int hole = -1;
+
+    make_image(path, SZ, pat);
+    CHECK_RC(fl_file_open(path, 0, &f), 0);
+    CHECK(fl_file_size(f) == SZ);
+    CHECK_RC(fl_file_read(f, buf, sizeof(buf), SZ - sizeof(buf), &hole), 0);
+    CHECK(hole == 0);
+    for (size_t i = 0; i < sizeof(buf); i++)
+        CHECK(buf[i] == pat(SZ - sizeof(buf) + i));
+    CHECK_RC(fl_file_read(f, buf, 2, SZ - 1, NULL), -EINVAL);
+    CHECK_RC(fl_file_read(f, buf, 1, UINT64_MAX, NULL), -EINVAL);
+    CHECK_RC(fl_file_write(f, buf, 1, UINT64_MAX, 0), -EINVAL);
+    CHECK_RC(fl_file_zero(f, 1, UINT64_MAX, 0), -EINVAL);
+    CHECK_RC(fl_file_trim(f, SZ, 1), -EINVAL);
+    CHECK_RC(fl_file_write(f, buf, 0, SZ, 0), 0);
+    CHECK_RC(fl_file_write(f, buf, 1, 0, 0x80), -EINVAL);
+
+    memset(buf, 0xab, sizeof(buf));
+    CHECK_RC(fl_file_write(f, buf, sizeof(buf), 5000, FL_FUA), 0);
+    CHECK_RC(fl_file_read(f, back, sizeof(back), 5000, NULL), 0);
+    CHECK(memcmp(buf, back, sizeof(buf)) == 0);
+    CHECK_RC(fl_file_flush(f), 0);
+    CHECK_RC(fl_file_cache(f, 0, SZ), 0);
+
+    /* The image shrinks under us: a read past the new EOF is -EIO. */
+    CHECK(truncate(path, 4096) == 0);
+    CHECK_RC(fl_file_read(f, back, 100, 8192, NULL), -EIO);
+    fl_file_close(f);
+
+    CHECK_RC(fl_file_open(path, 1, &f), 0);
+    CHECK_RC(fl_file_write(f, buf, 1, 0, 0), -EROFS);
+    CHECK_RC(fl_file_zero(f, 0, 1, 0), -EROFS);
+    CHECK_RC(fl_file_trim(f, 0, 1), -EROFS);
+    fl_file_close(f);
+    unlink(path);
+}
+
+static void check_zeros(fl_file *f, uint64_t off, uint64_t len)
+{
+    uint8_t *b = malloc(len);
+    CHECK(b != NULL);
+    CHECK_RC(fl_file_read(f, b, len, off, NULL), 0);
+    for (uint64_t i = 0; i < len; i++)
+        CHECK(b[i] == 0);
+    free(b);
+}
+
+static void test_zero_trim_extents(void)
+{
+    char path[4096];
+    fl_file *f;
+    uint64_t lens[16];
+    uint32_t flags[16];
+    size_t n;
+    uint8_t buf[4096];
+    int hole = -1;
+
+    make_image(path, SZ, pat);
+    CHECK_RC(fl_file_open(path, 0, &f), 0);
+    CHECK_RC(fl_file_extents(f, 0, SZ, lens, flags, 16, &n), 0);
+    CHECK(n == 1 && lens[0] == SZ && flags[0] == 0);
+
+    CHECK_RC(fl_file_zero(f, 65536, 65536, FL_MAY_TRIM), 0);
+    check_zeros(f, 65536, 65536);
+    CHECK_RC(fl_file_read(f, buf, sizeof(buf), 65536 + 4096, &hole), 0);
+    CHECK(hole == 1);
+    CHECK_RC(fl_file_extents(f, 0, SZ, lens, flags, 16, &n), 0);
+    CHECK(n == 3);
+    CHECK(lens[0] == 65536 && flags[0] == 0);
+    CHECK(lens[1] == 65536 && flags[1] == (FL_EXT_HOLE | FL_EXT_ZERO));
+    CHECK(lens[2] == SZ - 131072 && flags[2] == 0);
+    /* max reached: the answer stops early. */
+    CHECK_RC(fl_file_extents(f, 0, SZ, lens, flags, 2, &n), 0);
+    CHECK(n == 2 && lens[0] + lens[1] == 131072);
+    CHECK_RC(fl_file_extents(f, 0, SZ, lens, flags, 0, &n), -EINVAL);
+
+    CHECK_RC(fl_file_zero(f, 1000, 3000, 0), 0); /* ZERO_RANGE, unaligned */
+    check_zeros(f, 1000, 3000);
+    CHECK_RC(fl_file_read(f, buf, 1, 999, NULL), 0);
+    CHECK(buf[0] == pat(999));
+    CHECK_RC(fl_file_zero(f, 190000, SZ - 190000, FL_FAST | FL_FUA), 0);
+    check_zeros(f, 190000, SZ - 190000);
+    CHECK_RC(fl_file_trim(f, 150000, 10000), 0);
+    check_zeros(f, 150000, 10000);
+    CHECK(fl_file_size(f) == SZ); /* KEEP_SIZE everywhere */
+    fl_file_close(f);
+    unlink(path);
+}
+
+int main(void)
+{
+    fprintf(stderr, "test_file\n");
+    RUN(test_open_errors);
+    RUN(test_read_write_bounds);
+    RUN(test_zero_trim_extents);
+    fprintf(stderr, "test_file: OK\n");
+    return 0;
+}
