@@ -9,7 +9,7 @@ re-checks everything anyway.
 All methods are synchronous and may block on disk I/O: callers run them in a
 thread pool (cffi releases the GIL during each C call, and C does its own
 locking).  Buffers are passed zero-copy with ``ffi.from_buffer``; C never keeps a
-pointer after returning and never calls back into Python (no ``ffi.callback``).
+pointer after returning and never calls back into Python (no cffi callbacks).
 
 Must not import asyncio or any other fleeced module.
 """

@@ -3,6 +3,7 @@
  * threaded stress test where the snapshot must always equal the original.
  * Images are sized so the tail cluster is short. */
 #include <pthread.h>
+#include <time.h>
 
 #include "check.h"
 #include "fleeced.h"
@@ -425,6 +426,77 @@ static void stress(uint64_t cs, uint64_t cache)
     fix_close(&x);
 }
 
+/* Invariant 2: long snapshot reads of NEEDED ranges race paced small
+ * guest writes; a write must never reach the source under a frozen read
+ * (a reader would then see new data). */
+struct frozen_arg {
+    struct fix *x;
+    const uint8_t *orig;
+    uint64_t size;
+    unsigned seed;
+    int *stop;
+};
+
+static void *frozen_writer(void *arg)
+{
+    struct frozen_arg *a = arg;
+    const struct timespec pause = { 0, 50000 };
+    uint8_t v = 0xee;
+
+    while (!__atomic_load_n(a->stop, __ATOMIC_ACQUIRE)) {
+        uint64_t off = ((uint64_t)rnd(&a->seed) << 8 ^ rnd(&a->seed)) % a->size;
+        CHECK_RC(fl_file_write(a->x->f, &v, 1, off, 0), 0);
+        nanosleep(&pause, NULL);
+    }
+    return NULL;
+}
+
+static void *frozen_reader(void *arg)
+{
+    struct frozen_arg *a = arg;
+    uint8_t *b = malloc(a->size);
+
+    CHECK(b != NULL);
+    for (int i = 0; i < 40; i++) {
+        CHECK_RC(fl_session_read(a->x->s, b, a->size, 0, NULL), 0);
+        CHECK(memcmp(b, a->orig, a->size) == 0);
+    }
+    free(b);
+    return NULL;
+}
+
+static void test_frozen_reads(void)
+{
+    struct fl_session_params p;
+    struct fix x;
+    pthread_t w[2], r[2];
+    struct frozen_arg aw[2], ar;
+    int stop = 0;
+    uint64_t size = ((uint64_t)64 << 20) + 777;
+    uint8_t *orig = malloc(size);
+
+    CHECK(orig != NULL);
+    for (uint64_t k = 0; k < size; k++)
+        orig[k] = pat(k);
+    params_init(&p, 4096);
+    p.cbw_timeout_ms = 0;
+    fix_open(&x, size, &p);
+    ar = (struct frozen_arg){ &x, orig, size, 0, &stop };
+    for (int i = 0; i < 2; i++)
+        CHECK(pthread_create(&r[i], NULL, frozen_reader, &ar) == 0);
+    for (int i = 0; i < 2; i++) {
+        aw[i] = (struct frozen_arg){ &x, orig, size, (unsigned)(i * 31 + 5), &stop };
+        CHECK(pthread_create(&w[i], NULL, frozen_writer, &aw[i]) == 0);
+    }
+    for (int i = 0; i < 2; i++)
+        CHECK(pthread_join(r[i], NULL) == 0);
+    __atomic_store_n(&stop, 1, __ATOMIC_RELEASE);
+    for (int i = 0; i < 2; i++)
+        CHECK(pthread_join(w[i], NULL) == 0);
+    fix_close(&x);
+    free(orig);
+}
+
 static void test_stress(void)
 {
     stress(4096, 0);
@@ -443,6 +515,7 @@ int main(void)
     RUN(test_extents);
     RUN(test_two_sessions);
     RUN(test_stress);
+    RUN(test_frozen_reads);
     fprintf(stderr, "test_cbw: OK\n");
     return 0;
 }
