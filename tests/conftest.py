@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -84,8 +85,8 @@ def wait_ready(notify: socket.socket, proc: subprocess.Popen[bytes], notes: list
             msg = notify.recv(4096)
         except TimeoutError:
             proc.kill()
-            out = proc.communicate()[1]
-            raise AssertionError(f"no READY=1 within {timeout}s; stderr: {out!r}") from None
+            proc.wait()
+            raise AssertionError(f"no READY=1 within {timeout}s") from None
         notes.append(msg)
         if b"READY=1" in msg.split(b"\n"):
             return
@@ -95,6 +96,7 @@ def wait_ready(notify: socket.socket, proc: subprocess.Popen[bytes], notes: list
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Factory: start `fleeced serve ARGS -k SOCK --control CTL -t` and wait for READY=1."""
     started: list[Daemon] = []
+    logs: list[BinaryIO] = []
     counter = [0]
 
     def start(*args: str, persistent: bool = True, ready: bool = True,
@@ -112,7 +114,9 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             cmd.append("-t")
         full_env = dict(os.environ, NOTIFY_SOCKET=notify_path)
         full_env.update(env or {})
-        proc = subprocess.Popen(cmd, env=full_env, stderr=subprocess.PIPE)
+        log = open(tmp_path / f"daemon{n}.log", "wb")  # noqa: SIM115 - closed at teardown
+        logs.append(log)
+        proc = subprocess.Popen(cmd, env=full_env, stderr=log)
         d = Daemon(proc, sock, control, tmp_path, notify=notify)
         started.append(d)
         if ready:
@@ -124,10 +128,15 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         if d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait()
-        if d.proc.stderr is not None:
-            d.proc.stderr.close()
         if d.notify is not None:
             d.notify.close()
+    for log in logs:
+        log.close()
+    # Show the daemons' logs in the test report (pytest prints it on failure).
+    for path in sorted(tmp_path.glob("daemon*.log")):
+        text = path.read_text(errors="replace")
+        if text:
+            print(f"--- {path.name} ---\n{text[-20000:]}")
 
 
 def make_image(path: Path, size: int, seed: int = 1) -> bytes:

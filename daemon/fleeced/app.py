@@ -102,8 +102,7 @@ class Daemon:
             raise
         self._watch_task = asyncio.get_running_loop().create_task(self._watch())
         if self.config.pid_file:
-            with open(self.config.pid_file, "w") as f:
-                f.write(f"{os.getpid()}\n")
+            _write_pid_file(self.config.pid_file)
         systemd.notify("READY=1\nSTATUS=serving, 0 connections")
 
     async def _listen(self, inherited: list[socket.socket]) -> None:
@@ -373,6 +372,12 @@ class Daemon:
         check_keys(args, set())
         asyncio.get_running_loop().call_soon(self.stop)
         return {}
+
+
+def _write_pid_file(path: str) -> None:
+    # A few bytes to a local file at start-up, before any client is served.
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()}\n")
 
 
 def session_options_from_args(args: dict[str, Any]) -> SessionOptions:

@@ -104,7 +104,6 @@ def _parser() -> argparse.ArgumentParser:
     _session_options(s)
 
     f = sub.add_parser("fleece", help="manage fleecing sessions")
-    _control_option(f)
     fsub = f.add_subparsers(dest="fleece_command", metavar="ACTION")
     fs = fsub.add_parser("start", help="start a fleecing session")
     fs.add_argument("disk")
@@ -115,12 +114,15 @@ def _parser() -> argparse.ArgumentParser:
     fs.add_argument("--read-only", action="store_true",
                     help="advertise the snapshot READ_ONLY (no discard)")
     fs.add_argument("--json", action="store_true")
+    _control_option(fs)
     _session_options(fs)
     fst = fsub.add_parser("stop", help="stop a fleecing session")
     fst.add_argument("disk")
     fst.add_argument("name", nargs="?", default="fleece")
+    _control_option(fst)
     fl = fsub.add_parser("list", help="list fleecing sessions")
     fl.add_argument("--json", action="store_true")
+    _control_option(fl)
 
     st = sub.add_parser("status", help="disks, exports and connection counts")
     _control_option(st)

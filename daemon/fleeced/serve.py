@@ -89,7 +89,8 @@ def _loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency
         return asyncio.run
-    return uvloop.run  # type: ignore[no-any-return]
+    runner: Callable[[Coroutine[Any, Any, int]], int] = uvloop.run
+    return runner
 
 
 async def _amain(config: DaemonConfig, ready_fd: int | None) -> int:

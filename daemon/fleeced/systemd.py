@@ -34,6 +34,9 @@ def notify(state: str) -> bool:
         path = "\0" + path[1:]  # abstract namespace
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # Never block the event loop on a notify socket nobody reads:
+            # a full receive queue drops the datagram (EAGAIN) instead.
+            sock.setblocking(False)
             sock.connect(path)
             sock.sendall(state.encode())
     except OSError as exc:

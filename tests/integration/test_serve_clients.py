@@ -53,7 +53,7 @@ def test_qemu_io_patterns_fua_discard_zeroes(start_daemon, tmp_path: Path) -> No
     url = d.url("disk")
     cmds = [
         "write -P 0x11 0 64k",
-        "write -F -P 0x22 64k 4k",  # FUA
+        "write -f -P 0x22 64k 4k",  # FUA
         "write -z 1M 256k",  # write zeroes
         "discard 2M 1M",
         "flush",
@@ -150,7 +150,7 @@ def test_fio_verify(start_daemon, tmp_path: Path) -> None:
     run(
         fio, "--name=verify", "--ioengine=nbd", f"--uri={d.url('disk')}",
         "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M",
-        "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--numjobs=1",
+        "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--numjobs=1",
         timeout=300,
     )
 

@@ -43,7 +43,8 @@ def get(args: dict[str, Any], key: str, kind: type[T], default: Any = _MISSING) 
         raise CommandError(
             f"Invalid parameter type for '{key}', expected: {names.get(kind, kind.__name__)}"
         )
-    return value  # type: ignore[return-value]
+    result: T = value
+    return result
 
 
 def get_size(args: dict[str, Any], key: str, default: int) -> int:

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 from fleeced import __version__
+from fleeced.control.framing import JsonSplitter, MessageTooLong
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +76,7 @@ class ControlServer:
 
         :raise OSError: when the socket cannot be created.
         """
-        parent = os.path.dirname(path)
-        if parent:
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-        if os.path.exists(path):
-            if _in_use(path):
-                raise OSError(98, f"{path}: a daemon is already listening there")
-            os.unlink(path)
+        _prepare_socket_path(path)
         old = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(
@@ -124,20 +119,22 @@ class ControlServer:
         self._clients.add(client)
         try:
             client.send({"QMP": {"version": _version(), "capabilities": []}})
+            splitter = JsonSplitter(MAX_LINE)
             while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
                 try:
-                    line = await reader.readuntil(b"\n")
-                except asyncio.IncompleteReadError:
+                    messages = splitter.feed(data)
+                except MessageTooLong:
+                    log.warning("control client sent a message over %d bytes; closing",
+                                MAX_LINE)
                     break
-                except asyncio.LimitOverrunError:
-                    log.warning("control client sent a line over %d bytes; closing", MAX_LINE)
-                    break
-                if not line.strip():
-                    continue
-                reply = await self._dispatch(client, line)
-                if reply is not None:
-                    client.send(reply)
-                await writer.drain()
+                for message in messages:
+                    reply = await self._dispatch(client, message)
+                    if reply is not None:
+                        client.send(reply)
+                    await writer.drain()
         except (ConnectionError, OSError) as exc:
             log.debug("control client gone: %s", exc)
         finally:
@@ -214,6 +211,20 @@ class _Client:
 
 def _error(cls: str, desc: str) -> dict[str, Any]:
     return {"error": {"class": cls, "desc": desc}}
+
+
+def _prepare_socket_path(path: str) -> None:
+    """Create the parent (0700) and remove a stale socket (start-up only).
+
+    :raise OSError: when another daemon is listening at PATH.
+    """
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    if os.path.exists(path):
+        if _in_use(path):
+            raise OSError(98, f"{path}: a daemon is already listening there")
+        os.unlink(path)
 
 
 def _in_use(path: str) -> bool:

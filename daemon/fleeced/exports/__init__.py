@@ -55,7 +55,9 @@ class Export(Protocol):
 
     async def write(self, offset: int, data: bytes, fua: bool) -> None: ...
 
-    async def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None: ...
+    async def zero(
+        self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool
+    ) -> None: ...
 
     async def trim(self, offset: int, length: int, fua: bool) -> None: ...
 
@@ -120,7 +122,16 @@ class Disk:
 
         :raise OSError: when the image cannot be opened (missing, directory, ...).
         """
-        native = NativeFile.open(path, readonly=read_only)
+        try:
+            native = NativeFile.open(path, readonly=read_only)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            text = (
+                "not a regular file or block device"
+                if code == errno.EINVAL
+                else os.strerror(code)
+            )
+            raise OSError(code, text, path) from None
         return cls(name, path, native, read_only, discard, description)
 
     @property

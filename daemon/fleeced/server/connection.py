@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 from fleeced.nbd import (
     NEED_DATA,
@@ -61,15 +61,15 @@ class NbdConnection(asyncio.Protocol):
     # -- asyncio callbacks -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer) if peer else "unix"
         # 4 MiB of unsent replies before pause_writing: room for one max
         # read plus headers, bounded per connection.
-        transport.set_write_buffer_limits(high=4 * 1024 * 1024)
+        self._transport.set_write_buffer_limits(high=4 * 1024 * 1024)
         if not self._server.connection_opened(self):
-            transport.close()
+            self._transport.close()
             return
         log.info("client %s connected", self.peer)
         self._flush()
