@@ -94,7 +94,7 @@ def _demo(work: str, size: int, qemu_io: str, nbdcopy: str) -> int:
     notify.bind(notify_path)
     env = dict(os.environ, NOTIFY_SOCKET=notify_path)
     cmd = [sys.executable, "-m", "fleeced", "serve", image, "-k", sock, "-t",
-           "--control", control, "--fleece", "--cache", "16M", "-v"]
+           "--control", control, "--fleece", "--cache", "16M"]
     _say("starting: fleeced " + " ".join(cmd[3:]))
     daemon = subprocess.Popen(cmd, env=env)
     try:
