@@ -176,6 +176,25 @@ class NativeFile:
         )
         return buf, bool(hole[0])
 
+    def read_nowait(self, off: int, length: int) -> tuple[bytearray, bool] | None:
+        """Read from the page cache only (``RWF_NOWAIT``); safe on the event loop.
+
+        :raise OSError: as :meth:`read`, except that data not in the page cache is
+            no error.
+        :return: ``(data, is_hole)``, or ``None`` when the read would block.
+        """
+        h = self._handle()
+        o, n = _range(off, length, self._size)
+        buf = bytearray(n)
+        hole = ffi.new("int *")
+        rc = lib.fl_file_read_nowait(
+            h, ffi.from_buffer("uint8_t[]", buf, require_writable=True), n, o, hole
+        )
+        if rc == -errno.EAGAIN:
+            return None
+        _check(rc)
+        return buf, bool(hole[0])
+
     def write(self, off: int, data: Buffer, *, fua: bool = False) -> None:
         """Guest write: copy-before-write for every session, then write DATA at OFF.
 

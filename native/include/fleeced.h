@@ -58,6 +58,11 @@ uint64_t fl_file_size(const fl_file *f);
  * done; otherwise *is_hole = 0.  Short read (EOF) -> -EIO. */
 int fl_file_read(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
                  int *is_hole);
+/* Like fl_file_read, but never blocks on I/O: reads only from the page
+ * cache (preadv2 RWF_NOWAIT) and returns -EAGAIN when any part of the range
+ * would need the disk.  Safe to call from an event-loop thread. */
+int fl_file_read_nowait(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
+                        int *is_hole);
 /* Guest write: runs CBW for every attached session, then pwrite. */
 int fl_file_write(fl_file *f, const uint8_t *buf, size_t len, uint64_t off,
                   unsigned flags);

@@ -27,6 +27,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -129,6 +130,37 @@ int fl_file_read(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
         }
     }
     return fl__full_pread(f->fd, buf, len, off);
+}
+
+int fl_file_read_nowait(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
+                        int *is_hole)
+{
+    int rc = fl__range_ok(off, len, f->size);
+    struct iovec iov;
+    ssize_t n;
+
+    if (rc < 0)
+        return rc;
+    if (is_hole != NULL) {
+        *is_hole = 0;
+        /* lseek(SEEK_DATA) reads extent metadata, which stays cached for
+         * an open file in use; only a cold lookup may touch the disk. */
+        if (!f->is_blk && fl__range_is_hole(f->fd, f->is_blk, off, len)) {
+            memset(buf, 0, len);
+            *is_hole = 1;
+            return 0;
+        }
+    }
+    iov.iov_base = buf;
+    iov.iov_len = len;
+    do
+        n = preadv2(f->fd, &iov, 1, (off_t)off, RWF_NOWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return errno == EOPNOTSUPP ? -EAGAIN : -errno;
+    /* A short count means part of the range is not cached (or EOF, which
+     * the range check excludes): let the blocking path do it all. */
+    return (size_t)n == len ? 0 : -EAGAIN;
 }
 
 /* Take sessions_lock shared and run CBW of every session over the range.

@@ -26,6 +26,10 @@ from fleeced.nbd import ExportInfo
 
 T = TypeVar("T")
 
+#: Largest read tried inline on the event loop from the page cache; larger
+#: ones go to the thread pool, where two cores copy in parallel.
+INLINE_READ_MAX = 128 * 1024
+
 #: Message sent with EPERM for snapshot reads outside the preserved set.
 OUTSIDE_SCOPE = "outside the snapshot's scope or already discarded"
 
@@ -52,6 +56,9 @@ class Export(Protocol):
     def stats(self) -> ExportStats: ...
 
     async def read(self, offset: int, length: int) -> tuple[bytearray, bool]: ...
+
+    def read_now(self, offset: int, length: int) -> tuple[bytearray, bool] | None:
+        """Serve a read without blocking (page cache only), or return None."""
 
     async def write(self, offset: int, data: bytes, fua: bool) -> None: ...
 
@@ -177,6 +184,11 @@ class ActiveExport:
 
     async def read(self, offset: int, length: int) -> tuple[bytearray, bool]:
         return await self._run(self.disk.file.read, offset, length)
+
+    def read_now(self, offset: int, length: int) -> tuple[bytearray, bool] | None:
+        if length > INLINE_READ_MAX:
+            return None
+        return self.disk.file.read_nowait(offset, length)
 
     async def write(self, offset: int, data: bytes, fua: bool) -> None:
         await self._run(_file_write, self.disk.file, offset, data, fua)
@@ -310,6 +322,9 @@ class SnapshotExport:
 
     async def read(self, offset: int, length: int) -> tuple[bytearray, bool]:
         return await self._run(self.session.native.read, offset, length)
+
+    def read_now(self, offset: int, length: int) -> tuple[bytearray, bool] | None:
+        return None  # snapshot reads take cluster locks: always off the loop
 
     async def write(self, offset: int, data: bytes, fua: bool) -> None:
         raise OSError(errno.EPERM, "snapshot export is read-only")
