@@ -27,6 +27,7 @@ from fleeced.exports import (
     Session,
     SessionOptions,
 )
+from fleeced.exports.aio import DEFAULT_THREADS, IoQueue
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,11 @@ class Daemon:
         from fleeced.server import NbdServer
 
         self.config = config
-        workers = config.threads or max(4, min(32, (os.cpu_count() or 2) * 4))
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleeced-io")
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fleeced-aux")
         self._run = Runner(self._pool)
+        # C worker threads for block I/O; the Python pool keeps the rare
+        # calls (extents, session open/close, final flush).
+        self._io = IoQueue(config.threads or DEFAULT_THREADS)
         self.disks: dict[str, Disk] = {}
         self.actives: dict[str, ActiveExport] = {}
         self._stop = asyncio.Event()
@@ -91,6 +94,7 @@ class Daemon:
         :raise OSError: when an image, socket or temp dir cannot be used.
         :raise ValueError: on duplicate export names.
         """
+        self._io.start()
         try:
             for spec in self.config.disks:
                 self._open_disk(spec)
@@ -148,6 +152,9 @@ class Daemon:
             await self.control.close()
             self.control = None
         await self.server.close()
+        # Every request has been answered: the queue is idle; close it
+        # before the files its operations point at.
+        self._io.close()
         for disk in self.disks.values():
             if not disk.read_only:
                 try:
@@ -176,7 +183,7 @@ class Daemon:
             description=spec.description,
         )
         self.disks[spec.name] = disk
-        active = ActiveExport(disk, self._run)
+        active = ActiveExport(disk, self._run, self._io)
         self.actives[spec.name] = active
         self.server.add_export(active)
         log.info("disk %s: %s (%d bytes)%s", spec.name, spec.path, disk.size,
@@ -192,7 +199,7 @@ class Daemon:
         if disk.read_only:
             raise CommandError(f"disk '{disk.name}' is read-only; it needs no fleecing")
         try:
-            session = Session(disk, options, self._run)
+            session = Session(disk, options, self._run, self._io)
         except OSError as exc:
             raise CommandError(f"cannot start session: {exc.strerror or exc}") from None
         disk.sessions[options.name] = session

@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--fleece", nargs="?", const="fleece", metavar="NAME",
                    help="start a fleecing session on every image before serving")
     s.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="I/O worker threads (default 4 per core)")
+                   help="native I/O worker threads, 1..64 (default 8)")
     _session_options(s)
 
     f = sub.add_parser("fleece", help="manage fleecing sessions")
@@ -153,6 +153,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error("--export-name needs exactly one IMAGE")
         if args.port is not None and not 0 <= args.port <= 65535:
             parser.error(f"--port {args.port} is out of range")
+        if not 0 <= args.threads <= 64:
+            parser.error("--threads must be between 1 and 64")
         if args.shared < 0:
             parser.error("--shared must not be negative")
         if args.fleece is not None and args.read_only:

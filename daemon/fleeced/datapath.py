@@ -556,3 +556,154 @@ class NativeSession:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+#: Operation kinds of :class:`NativeQueue` (``FL_OP_*``).
+OP_ZERO: int = lib.FL_OP_ZERO
+OP_TRIM: int = lib.FL_OP_TRIM
+OP_FLUSH: int = lib.FL_OP_FLUSH
+OP_CACHE: int = lib.FL_OP_CACHE
+OP_SNAP_DISCARD: int = lib.FL_OP_SNAP_DISCARD
+
+#: Flags for :meth:`NativeQueue.submit` / :meth:`NativeQueue.submit_write`.
+FLAG_FUA: int = lib.FL_FUA
+FLAG_MAY_TRIM: int = lib.FL_MAY_TRIM
+FLAG_FAST: int = lib.FL_FAST
+
+_NO_OBJECT_OPS = frozenset({lib.FL_OP_FLUSH})
+_FILE_OPS = frozenset({lib.FL_OP_ZERO, lib.FL_OP_TRIM, lib.FL_OP_FLUSH, lib.FL_OP_CACHE})
+_SESSION_OPS = frozenset({lib.FL_OP_SNAP_DISCARD})
+
+
+class NativeQueue:
+    """C worker threads with an eventfd completion ring.
+
+    Submitting never blocks; completions are collected with :meth:`reap` when
+    :attr:`fd` is readable (an event loop watches it).  The queue keeps every
+    submitted buffer (and its cffi handle) alive until its id is reaped, which
+    is what lets C hold the pointer across the call boundary.  The caller
+    keeps files and sessions open until their operations are reaped.
+    """
+
+    __slots__ = ("_h", "_keep", "_ids", "_rcs", "_holes", "_n", "_max")
+
+    def __init__(self, threads: int) -> None:
+        """Start THREADS (1..64) worker threads.
+
+        :raise OSError: ``EINVAL`` for a bad thread count, or thread/eventfd
+            creation errors.
+        """
+        n = _uint("threads", threads)
+        out = ffi.new("fl_queue **")
+        _check(lib.fl_queue_open(n, out))
+        self._h: Any = out[0]
+        self._keep: dict[int, Any] = {}
+        self._max = 1024
+        self._ids = ffi.new("uint64_t[]", self._max)
+        self._rcs = ffi.new("int32_t[]", self._max)
+        self._holes = ffi.new("int32_t[]", self._max)
+        self._n = ffi.new("size_t *")
+
+    @property
+    def fd(self) -> int:
+        """The eventfd to watch for readability."""
+        if self._h is None:
+            raise _closed()
+        return int(lib.fl_queue_fd(self._h))
+
+    def submit_read(self, op_id: int, target: NativeFile | NativeSession, off: int,
+                    length: int) -> bytearray:
+        """Queue a read of TARGET (the image, or a session's frozen view).
+
+        :raise OSError: ``EINVAL`` out of range, ``EBADF`` closed target,
+            ``ESHUTDOWN`` when the queue is closing.
+        :return: the buffer the data will land in once OP_ID is reaped.
+        """
+        h = self._handle()
+        th = target._handle()
+        o, n = _range(off, length, target.size)
+        buf = bytearray(n)
+        cbuf = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
+        kind = lib.FL_OP_READ if isinstance(target, NativeFile) else lib.FL_OP_SNAP_READ
+        _check(lib.fl_queue_submit(h, op_id, kind, th, cbuf, n, o, 0))
+        self._keep[op_id] = cbuf
+        return buf
+
+    def submit_write(self, op_id: int, file: NativeFile, off: int, data: Buffer,
+                     flags: int = 0) -> None:
+        """Queue a guest write (copy-before-write runs in the worker).
+
+        :raise OSError: ``EINVAL`` out of range, ``EROFS`` read-only file,
+            ``EBADF`` closed, ``ESHUTDOWN`` closing.
+        """
+        h = self._handle()
+        fh = file._handle()
+        view = memoryview(data)
+        o, n = _range(off, view.nbytes, file.size)
+        if file.readonly:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        if flags & ~int(lib.FL_FUA):
+            raise _einval(f"write flags {flags:#x}")
+        cbuf = ffi.from_buffer("uint8_t[]", view)
+        _check(lib.fl_queue_submit(h, op_id, lib.FL_OP_WRITE, fh, cbuf, n, o, flags))
+        self._keep[op_id] = (cbuf, view)
+
+    def submit(self, op_id: int, kind: int, target: NativeFile | NativeSession, off: int = 0,
+               length: int = 0, flags: int = 0) -> None:
+        """Queue a zero / trim / flush / cache (file) or discard (session).
+
+        :raise OSError: ``EINVAL`` bad kind or range, ``EBADF`` closed,
+            ``ESHUTDOWN`` closing.
+        """
+        h = self._handle()
+        if kind in _FILE_OPS:
+            if not isinstance(target, NativeFile):
+                raise _einval("operation needs a NativeFile")
+        elif kind in _SESSION_OPS:
+            if not isinstance(target, NativeSession):
+                raise _einval("operation needs a NativeSession")
+        else:
+            raise _einval(f"operation kind {kind}")
+        th = target._handle()
+        if kind not in _NO_OBJECT_OPS:
+            off, length = _range(off, length, target.size)
+        fl = _uint("flags", flags)
+        _check(lib.fl_queue_submit(h, op_id, kind, th, ffi.NULL, length, off, fl))
+
+    def reap(self) -> list[tuple[int, int, bool]]:
+        """Collect finished operations; never blocks.
+
+        :return: ``(op_id, rc, is_hole)`` per completion, ``rc`` being ``0`` or
+            ``-errno`` (see :func:`error_from_rc`).
+        """
+        h = self._handle()
+        out: list[tuple[int, int, bool]] = []
+        while True:
+            _check(lib.fl_queue_reap(h, self._ids, self._rcs, self._holes, self._max, self._n))
+            n = int(self._n[0])
+            keep = self._keep
+            ids, rcs, holes = self._ids, self._rcs, self._holes
+            for i in range(n):
+                op_id = int(ids[i])
+                keep.pop(op_id, None)
+                out.append((op_id, int(rcs[i]), bool(holes[i])))
+            if n < self._max:
+                return out
+
+    def _handle(self) -> Any:
+        if self._h is None:
+            raise _closed()
+        return self._h
+
+    def close(self) -> None:
+        """Finish queued operations, stop the workers, free.  Idempotent."""
+        if self._h is None:
+            return
+        h, self._h = self._h, None
+        lib.fl_queue_close(h)
+        self._keep.clear()
+
+
+def error_from_rc(rc: int) -> OSError:
+    """The :class:`OSError` for a negative C return code."""
+    return OSError(-rc, os.strerror(-rc))

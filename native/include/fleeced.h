@@ -138,4 +138,34 @@ int fl_session_cluster_state(fl_session *s, uint64_t off, int *state);
  * (err > 0), n = 0 disables. */
 int fl_session_inject_error(fl_session *s, int err, int n);
 
+/* ---- I/O queue (C worker threads, eventfd completions) --------------- */
+
+typedef struct fl_queue fl_queue;
+
+/* Operation kinds for fl_queue_submit; OBJ is an fl_file for FL_OP_READ ..
+ * FL_OP_CACHE and an fl_session for the FL_OP_SNAP_* kinds. */
+#define FL_OP_READ          1  /* fl_file_read, hole reported */
+#define FL_OP_WRITE         2  /* fl_file_write(flags) */
+#define FL_OP_ZERO          3  /* fl_file_zero(flags) */
+#define FL_OP_TRIM          4  /* fl_file_trim, then flush with FL_FUA */
+#define FL_OP_FLUSH         5  /* fl_file_flush */
+#define FL_OP_CACHE         6  /* fl_file_cache */
+#define FL_OP_SNAP_READ     7  /* fl_session_read, hole reported */
+#define FL_OP_SNAP_DISCARD  8  /* fl_session_discard */
+
+/* Start NTHREADS (1..64) workers and a completion eventfd. */
+int fl_queue_open(unsigned nthreads, fl_queue **out);
+/* The eventfd: readable when completions wait in fl_queue_reap. */
+int fl_queue_fd(const fl_queue *q);
+/* Queue one operation; never blocks on I/O.  BUF (READ/WRITE/SNAP_READ)
+ * must stay valid until ID is reaped.  -ESHUTDOWN once closing. */
+int fl_queue_submit(fl_queue *q, uint64_t id, int kind, void *obj,
+                    uint8_t *buf, uint64_t len, uint64_t off, unsigned flags);
+/* Take up to MAX completions: ids[i], rcs[i] (0 or -errno), holes[i];
+ * *n gets the count.  Never blocks. */
+int fl_queue_reap(fl_queue *q, uint64_t *ids, int32_t *rcs, int32_t *holes,
+                  size_t max, size_t *n);
+/* Finish every queued operation, join the workers, free. */
+void fl_queue_close(fl_queue *q);
+
 #endif

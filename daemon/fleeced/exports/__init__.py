@@ -21,7 +21,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
+from fleeced import datapath
 from fleeced.datapath import NativeFile, NativeSession, SessionParams, SessionStats
+from fleeced.exports.aio import IoQueue
 from fleeced.nbd import ExportInfo
 
 T = TypeVar("T")
@@ -155,9 +157,10 @@ class Disk:
 class ActiveExport:
     """The read-write view of a disk; writes run copy-before-write in C."""
 
-    def __init__(self, disk: Disk, run: Runner, name: str | None = None) -> None:
+    def __init__(self, disk: Disk, run: Runner, io: IoQueue, name: str | None = None) -> None:
         self.disk = disk
         self._run = run
+        self._io = io
         self._stats = ExportStats()
         self._info = ExportInfo(
             name=name if name is not None else disk.name,
@@ -183,7 +186,7 @@ class ActiveExport:
         return self._stats
 
     async def read(self, offset: int, length: int) -> tuple[bytearray, bool]:
-        return await self._run(self.disk.file.read, offset, length)
+        return await self._io.read(self.disk.file, offset, length)
 
     def read_now(self, offset: int, length: int) -> tuple[bytearray, bool] | None:
         if length > INLINE_READ_MAX:
@@ -191,40 +194,33 @@ class ActiveExport:
         return self.disk.file.read_nowait(offset, length)
 
     async def write(self, offset: int, data: bytes, fua: bool) -> None:
-        await self._run(_file_write, self.disk.file, offset, data, fua)
+        await self._io.write(self.disk.file, offset, data, datapath.FLAG_FUA if fua else 0)
 
     async def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
-        may_trim = may_trim and self.disk.discard == "unmap"
-        await self._run(_file_zero, self.disk.file, offset, length, may_trim, fast, fua)
+        flags = (
+            (datapath.FLAG_MAY_TRIM if may_trim and self.disk.discard == "unmap" else 0)
+            | (datapath.FLAG_FAST if fast else 0)
+            | (datapath.FLAG_FUA if fua else 0)
+        )
+        await self._io.op(datapath.OP_ZERO, self.disk.file, offset, length, flags)
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
         if self.disk.discard != "unmap":
             return  # --discard=ignore: TRIM is advisory (spec) and dropped
-        await self._run(self.disk.file.trim, offset, length)
-        if fua:
-            await self._run(self.disk.file.flush)
+        await self._io.op(datapath.OP_TRIM, self.disk.file, offset, length,
+                          datapath.FLAG_FUA if fua else 0)
 
     async def flush(self) -> None:
-        await self._run(self.disk.file.flush)
+        await self._io.op(datapath.OP_FLUSH, self.disk.file)
 
     async def cache(self, offset: int, length: int) -> None:
-        await self._run(self.disk.file.cache, offset, length)
+        await self._io.op(datapath.OP_CACHE, self.disk.file, offset, length)
 
     async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         return await self._run(self.disk.file.extents, offset, length)
 
     def error_message(self, exc: OSError) -> str:
         return exc.strerror or ""
-
-
-def _file_write(f: NativeFile, offset: int, data: bytes, fua: bool) -> None:
-    f.write(offset, data, fua=fua)
-
-
-def _file_zero(
-    f: NativeFile, offset: int, length: int, may_trim: bool, fast: bool, fua: bool
-) -> None:
-    f.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +242,7 @@ class SessionOptions:
 class Session:
     """A fleecing session: a native CBW session plus its snapshot export."""
 
-    def __init__(self, disk: Disk, options: SessionOptions, run: Runner) -> None:
+    def __init__(self, disk: Disk, options: SessionOptions, run: Runner, io: IoQueue) -> None:
         """Start the session; the snapshot is the disk as of return.
 
         :raise OSError: when the native session cannot be created
@@ -268,7 +264,7 @@ class Session:
         )
         self.native = NativeSession.open(disk.file, params)
         self.temp_dir = temp_dir
-        self.export = SnapshotExport(self, run)
+        self.export = SnapshotExport(self, run, io)
         self.broken_reported = False
 
     def stats(self) -> SessionStats:
@@ -294,9 +290,10 @@ class SnapshotExport:
     flagged READ_ONLY unless the session was started read-only.
     """
 
-    def __init__(self, session: Session, run: Runner) -> None:
+    def __init__(self, session: Session, run: Runner, io: IoQueue) -> None:
         self.session = session
         self._run = run
+        self._io = io
         self._stats = ExportStats()
         ro = session.options.read_only
         self._info = ExportInfo(
@@ -321,7 +318,7 @@ class SnapshotExport:
         return self._stats
 
     async def read(self, offset: int, length: int) -> tuple[bytearray, bool]:
-        return await self._run(self.session.native.read, offset, length)
+        return await self._io.read(self.session.native, offset, length)
 
     def read_now(self, offset: int, length: int) -> tuple[bytearray, bool] | None:
         return None  # snapshot reads take cluster locks: always off the loop
@@ -333,7 +330,7 @@ class SnapshotExport:
         raise OSError(errno.EPERM, "snapshot export is read-only")
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
-        await self._run(self.session.native.discard, offset, length)
+        await self._io.op(datapath.OP_SNAP_DISCARD, self.session.native, offset, length)
 
     async def flush(self) -> None:
         return None

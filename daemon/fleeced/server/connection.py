@@ -99,13 +99,25 @@ class NbdConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        if not self._disconnect_requested:
+            self._process()  # parse what was held back while paused
         self._update_reading()
 
     # -- engine pump -------------------------------------------------------
 
+    def _hold(self) -> bool:
+        """Whether to stop parsing for now (bounded memory per connection)."""
+        return self._writing_paused or len(self._tasks) >= MAX_IN_FLIGHT
+
     def _process(self) -> None:
         engine = self._engine
+        inline = 0
         while not self._closing:
+            # Parse no further while the client is not reading its replies
+            # or too much is in flight; what was received stays in the
+            # engine's buffer and reading from the socket pauses.
+            if self._hold():
+                break
             try:
                 event = engine.next_event()
             except NbdProtocolError as exc:
@@ -117,6 +129,9 @@ class NbdConnection(asyncio.Protocol):
                 break
             if isinstance(event, Command):
                 if event.cmd == NbdCmd.READ and self._read_inline(event):
+                    inline += 1
+                    if inline % 16 == 0:
+                        self._flush()  # may pause_writing() -> _hold()
                     continue
                 self._start(event)
             elif isinstance(event, Rejected):
@@ -172,6 +187,8 @@ class NbdConnection(asyncio.Protocol):
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._flush()
+        if len(self._tasks) == MAX_IN_FLIGHT - 1 and not self._disconnect_requested:
+            self._process()  # resume parsing what is buffered
         self._update_reading()
         if self._disconnect_requested or self._closing:
             self._close_when_idle()

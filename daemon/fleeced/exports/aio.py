@@ -1,0 +1,106 @@
+"""asyncio adapter for the native I/O queue.
+
+Each operation gets an id and a future; the queue's eventfd is watched with
+``loop.add_reader`` and every readable event reaps a batch of completions.
+No Python thread is involved on this path: C workers do the I/O and only
+the eventfd wakes the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+from fleeced.datapath import NativeFile, NativeQueue, NativeSession, error_from_rc
+
+DEFAULT_THREADS: Final = 8
+
+
+class IoQueue:
+    """Awaitable block operations over a :class:`NativeQueue`."""
+
+    def __init__(self, threads: int = DEFAULT_THREADS) -> None:
+        """Start the native workers.
+
+        :raise OSError: when the queue cannot be created.
+        """
+        self._native = NativeQueue(threads)
+        self._futures: dict[int, asyncio.Future[bool]] = {}
+        self._next = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        """Watch the completion eventfd on the running loop."""
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._native.fd, self._on_ready)
+
+    def close(self) -> None:
+        """Stop watching and close the queue (queued operations finish first)."""
+        if self._loop is not None:
+            self._loop.remove_reader(self._native.fd)
+            self._loop = None
+        self._native.close()
+        for fut in self._futures.values():
+            if not fut.done():
+                fut.set_exception(OSError(108, "I/O queue closed"))
+        self._futures.clear()
+
+    def _on_ready(self) -> None:
+        futures = self._futures
+        for op_id, rc, hole in self._native.reap():
+            fut = futures.pop(op_id, None)
+            if fut is None or fut.done():  # cancelled waiter
+                continue
+            if rc < 0:
+                fut.set_exception(error_from_rc(rc))
+            else:
+                fut.set_result(hole)
+
+    def _new(self) -> tuple[int, asyncio.Future[bool]]:
+        assert self._loop is not None, "IoQueue.start() was not called"
+        self._next += 1
+        fut: asyncio.Future[bool] = self._loop.create_future()
+        self._futures[self._next] = fut
+        return self._next, fut
+
+    async def read(self, target: NativeFile | NativeSession, off: int,
+                   length: int) -> tuple[bytearray, bool]:
+        """Read from the image or a session's frozen view.
+
+        :raise OSError: the operation's error.
+        """
+        op_id, fut = self._new()
+        try:
+            buf = self._native.submit_read(op_id, target, off, length)
+        except BaseException:
+            del self._futures[op_id]
+            raise
+        hole = await fut
+        return buf, hole
+
+    async def write(self, file: NativeFile, off: int, data: bytes, flags: int) -> None:
+        """Guest write (CBW runs in the worker).
+
+        :raise OSError: the operation's error.
+        """
+        op_id, fut = self._new()
+        try:
+            self._native.submit_write(op_id, file, off, data, flags)
+        except BaseException:
+            del self._futures[op_id]
+            raise
+        await fut
+
+    async def op(self, kind: int, target: NativeFile | NativeSession, off: int = 0,
+                 length: int = 0, flags: int = 0) -> None:
+        """Zero / trim / flush / cache / discard.
+
+        :raise OSError: the operation's error.
+        """
+        op_id, fut = self._new()
+        try:
+            self._native.submit(op_id, kind, target, off, length, flags)
+        except BaseException:
+            del self._futures[op_id]
+            raise
+        await fut

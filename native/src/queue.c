@@ -1,0 +1,264 @@
+/* fleeced native data path: an I/O queue with C worker threads and an
+ * eventfd completion ring.
+ *
+ * Design notes.  The event loop submits an operation (fl_queue_submit: a
+ * short, non-blocking call) and later reaps completions in batches
+ * (fl_queue_reap) when the eventfd becomes readable.  Worker threads are
+ * plain pthreads that run the blocking fl_file_* / fl_session_* calls; they
+ * never touch Python or the GIL, so a request costs no Python thread
+ * hand-off.  This replaces a Python ThreadPoolExecutor on the hot path
+ * (DESIGN.md "Decided": the benchmark chose the eventfd completion queue).
+ *
+ * Buffer lifetime: this is the one place where C keeps a caller's pointer
+ * after returning.  The caller (datapath.py) keeps the buffer and its cffi
+ * handle alive until the operation's id comes back from fl_queue_reap.
+ * The objects (fl_file / fl_session) must likewise stay open until every
+ * operation on them is reaped.
+ *
+ * Locking: q->lock guards the pending list, the done list, `stopping` and
+ * the counters; it is never held across I/O.  Workers wait on q->work.
+ * The eventfd counter is incremented once per completion and reset by
+ * fl_queue_reap, so a readable eventfd always means "something to reap".
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define THREADS_MAX 64u
+
+struct op {
+    uint64_t id;
+    int kind;
+    void *obj;
+    uint8_t *buf;
+    uint64_t len, off;
+    unsigned flags;
+    int rc, hole;
+    struct op *next;
+};
+
+struct fl_queue {
+    int efd;                      /* immutable: completion eventfd */
+    unsigned nthreads;            /* immutable */
+    pthread_t *threads;           /* immutable after open */
+    pthread_mutex_t lock;
+    pthread_cond_t work;          /* signalled on submit and stop */
+    /* guarded by lock: */
+    struct op *head, *tail;       /* pending, FIFO */
+    struct op *done_head, *done_tail;
+    int stopping;
+};
+
+static void run_op(struct op *o)
+{
+    int hole = 0;
+
+    switch (o->kind) {
+    case FL_OP_READ:
+        o->rc = fl_file_read(o->obj, o->buf, (size_t)o->len, o->off, &hole);
+        break;
+    case FL_OP_WRITE:
+        o->rc = fl_file_write(o->obj, o->buf, (size_t)o->len, o->off, o->flags);
+        break;
+    case FL_OP_ZERO:
+        o->rc = fl_file_zero(o->obj, o->off, o->len, o->flags);
+        break;
+    case FL_OP_TRIM:
+        o->rc = fl_file_trim(o->obj, o->off, o->len);
+        if (o->rc == 0 && (o->flags & FL_FUA))
+            o->rc = fl_file_flush(o->obj);
+        break;
+    case FL_OP_FLUSH:
+        o->rc = fl_file_flush(o->obj);
+        break;
+    case FL_OP_CACHE:
+        o->rc = fl_file_cache(o->obj, o->off, o->len);
+        break;
+    case FL_OP_SNAP_READ:
+        o->rc = fl_session_read(o->obj, o->buf, (size_t)o->len, o->off, &hole);
+        break;
+    case FL_OP_SNAP_DISCARD:
+        o->rc = fl_session_discard(o->obj, o->off, o->len);
+        break;
+    default:
+        o->rc = -EINVAL;
+    }
+    o->hole = hole;
+}
+
+static void *worker(void *arg)
+{
+    fl_queue *q = arg;
+    struct op *o;
+    uint64_t one = 1;
+    ssize_t n;
+
+    for (;;) {
+        pthread_mutex_lock(&q->lock);
+        while (q->head == NULL && !q->stopping)
+            pthread_cond_wait(&q->work, &q->lock);
+        if (q->head == NULL) {          /* stopping and drained */
+            pthread_mutex_unlock(&q->lock);
+            return NULL;
+        }
+        o = q->head;
+        q->head = o->next;
+        if (q->head == NULL)
+            q->tail = NULL;
+        pthread_mutex_unlock(&q->lock);
+
+        run_op(o);
+
+        o->next = NULL;
+        pthread_mutex_lock(&q->lock);
+        if (q->done_tail != NULL)
+            q->done_tail->next = o;
+        else
+            q->done_head = o;
+        q->done_tail = o;
+        pthread_mutex_unlock(&q->lock);
+        do
+            n = write(q->efd, &one, sizeof one);
+        while (n < 0 && errno == EINTR);
+    }
+}
+
+int fl_queue_open(unsigned nthreads, fl_queue **out)
+{
+    fl_queue *q;
+    unsigned i;
+    int rc;
+
+    *out = NULL;
+    if (nthreads == 0 || nthreads > THREADS_MAX)
+        return -EINVAL;
+    q = calloc(1, sizeof *q);
+    if (q == NULL)
+        return -ENOMEM;
+    q->threads = calloc(nthreads, sizeof *q->threads);
+    if (q->threads == NULL) {
+        free(q);
+        return -ENOMEM;
+    }
+    q->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (q->efd < 0) {
+        rc = -errno;
+        free(q->threads);
+        free(q);
+        return rc;
+    }
+    pthread_mutex_init(&q->lock, NULL);
+    pthread_cond_init(&q->work, NULL);
+    for (i = 0; i < nthreads; i++) {
+        rc = -pthread_create(&q->threads[i], NULL, worker, q);
+        if (rc < 0) {
+            q->nthreads = i;
+            fl_queue_close(q);
+            return rc;
+        }
+    }
+    q->nthreads = nthreads;
+    *out = q;
+    return 0;
+}
+
+int fl_queue_fd(const fl_queue *q)
+{
+    return q->efd;
+}
+
+int fl_queue_submit(fl_queue *q, uint64_t id, int kind, void *obj,
+                    uint8_t *buf, uint64_t len, uint64_t off, unsigned flags)
+{
+    struct op *o;
+
+    if (obj == NULL || kind < FL_OP_READ || kind > FL_OP_SNAP_DISCARD)
+        return -EINVAL;
+    if ((kind == FL_OP_READ || kind == FL_OP_WRITE || kind == FL_OP_SNAP_READ)
+        && (buf == NULL || len > SIZE_MAX))
+        return -EINVAL;
+    o = malloc(sizeof *o);
+    if (o == NULL)
+        return -ENOMEM;
+    *o = (struct op){ .id = id, .kind = kind, .obj = obj, .buf = buf,
+                      .len = len, .off = off, .flags = flags };
+    pthread_mutex_lock(&q->lock);
+    if (q->stopping) {
+        pthread_mutex_unlock(&q->lock);
+        free(o);
+        return -ESHUTDOWN;
+    }
+    if (q->tail != NULL)
+        q->tail->next = o;
+    else
+        q->head = o;
+    q->tail = o;
+    pthread_cond_signal(&q->work);
+    pthread_mutex_unlock(&q->lock);
+    return 0;
+}
+
+int fl_queue_reap(fl_queue *q, uint64_t *ids, int32_t *rcs, int32_t *holes,
+                  size_t max, size_t *n)
+{
+    struct op *o;
+    uint64_t count;
+    size_t i = 0;
+
+    *n = 0;
+    /* Reset the counter first: a completion landing after this read
+     * bumps it again, so nothing is ever left unsignalled. */
+    if (read(q->efd, &count, sizeof count) < 0 && errno != EAGAIN
+        && errno != EINTR)
+        return -errno;
+    pthread_mutex_lock(&q->lock);
+    while (i < max && (o = q->done_head) != NULL) {
+        q->done_head = o->next;
+        if (q->done_head == NULL)
+            q->done_tail = NULL;
+        ids[i] = o->id;
+        rcs[i] = o->rc;
+        holes[i] = o->hole;
+        free(o);
+        i++;
+    }
+    /* More than MAX done: keep the eventfd readable for the next call. */
+    if (q->done_head != NULL) {
+        uint64_t one = 1;
+        ssize_t w = write(q->efd, &one, sizeof one);
+        (void)w;
+    }
+    pthread_mutex_unlock(&q->lock);
+    *n = i;
+    return 0;
+}
+
+void fl_queue_close(fl_queue *q)
+{
+    struct op *o;
+    unsigned i;
+
+    if (q == NULL)
+        return;
+    pthread_mutex_lock(&q->lock);
+    q->stopping = 1;
+    pthread_cond_broadcast(&q->work);
+    pthread_mutex_unlock(&q->lock);
+    for (i = 0; i < q->nthreads; i++)
+        pthread_join(q->threads[i], NULL);
+    while ((o = q->done_head) != NULL) {
+        q->done_head = o->next;
+        free(o);
+    }
+    close(q->efd);
+    pthread_cond_destroy(&q->work);
+    pthread_mutex_destroy(&q->lock);
+    free(q->threads);
+    free(q);
+}
