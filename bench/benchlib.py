@@ -157,6 +157,31 @@ def allocated_bytes_tree(path: Path) -> int:
     return total
 
 
+def open_files_allocated(pid: int, under: Path) -> int:
+    """Allocated bytes of the files ``pid`` holds open below ``under``, including
+    unlinked and O_TMPFILE ones (stat through ``/proc/PID/fd``)."""
+    prefix = str(under.resolve()) + "/"
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            target = os.readlink(f"{fd_dir}/{fd}")
+            if not target.startswith(prefix):
+                continue
+            st = os.stat(f"{fd_dir}/{fd}")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+
 # -- servers -----------------------------------------------------------------
 
 

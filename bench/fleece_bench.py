@@ -89,25 +89,32 @@ class Setup:
                     p.unlink()
             self.temp_dir.mkdir(exist_ok=True)
 
-    def temp_bytes(self) -> dict[str, Any]:
-        """Temp-store bytes; call while the server still runs."""
+    def temp_bytes(self, pid: int) -> dict[str, Any]:
+        """Temp-store bytes; call while the server (``pid``) still runs."""
         if self.config == "qsd":
             return {"temp_bytes": bl.allocated_bytes(self.tmp), "temp_source": "allocated"}
-        alloc = bl.allocated_bytes_tree(self.temp_dir)
+        # Allocated size of the temp store, whether or not it is linked in the directory.
+        alloc = max(bl.allocated_bytes_tree(self.temp_dir),
+                    bl.open_files_allocated(pid, self.temp_dir))
         out: dict[str, Any] = {"temp_allocated": alloc}
+        if self.temp_note:  # the control query failed before: do not wait for it again
+            return {**out, "temp_bytes": alloc, "temp_source": "allocated"}
         try:
-            proc = bl.run([*self.args.fleeced, "fleece", "list", "--json", "--control",
-                           str(self.ctl)], timeout=30)
+            env = dict(os.environ, FLEECED_CONTROL=str(self.ctl))
+            proc = bl.run([*self.args.fleeced, "fleece", "--control", str(self.ctl), "list",
+                           "--json"], timeout=10, env=env)
             data = json.loads(proc.stdout)
             sessions = data if isinstance(data, list) else data.get("sessions", [data])
             out["temp_bytes"] = sum(int(s["temp-bytes-written"]) for s in sessions)
-            out["cache_bytes"] = sum(int(s.get("cache-bytes", 0)) for s in sessions)
-            out["cbw_bytes"] = sum(int(s.get("cbw-bytes", 0)) for s in sessions)
+            for key in ("temp-bytes", "cache-bytes", "cbw-bytes", "cbw-count"):
+                out[key.replace("-", "_")] = sum(int(s.get(key, 0)) for s in sessions)
             out["temp_source"] = "control"
         except (bl.BenchError, ValueError, KeyError, TypeError, AttributeError) as exc:
             if not self.temp_note:
-                self.temp_note = f"control query failed ({str(exc).splitlines()[0][:120]})"
-                bl.log(f"  {self.config}: {self.temp_note}; using allocated temp-dir size")
+                self.temp_note = ("temp MiB is the allocated size of the temp store, the "
+                                  "control query failed: "
+                                  + str(exc).splitlines()[-1].strip()[:160])
+                bl.log(f"  {self.config}: {self.temp_note}")
             out["temp_bytes"] = alloc
             out["temp_source"] = "allocated"
         return out
@@ -131,7 +138,7 @@ def run_writer(setup: Setup, srv: bl.Server, args: argparse.Namespace, bs: str
                                  runtime=args.runtime, size=args.size)
     srv.check_alive()
     res["cpu_s"] = srv.cpu_seconds() - cpu0
-    res.update(setup.temp_bytes())
+    res.update(setup.temp_bytes(srv.pid))
     return res
 
 
@@ -175,7 +182,7 @@ def run_both(setup: Setup, srv: bl.Server, args: argparse.Namespace) -> dict[str
         "cpu_s": cpu,
         "cpu_s_per_gb": cpu / (backed / bl.GB),
     }
-    res.update(setup.temp_bytes())
+    res.update(setup.temp_bytes(srv.pid))
     return res
 
 
