@@ -6,10 +6,15 @@ checked here before the C call (types, non-negative, within the image), and C
 return codes (``0`` or ``-errno``) become :class:`OSError` with that errno.  C
 re-checks everything anyway.
 
-All methods are synchronous and may block on disk I/O: callers run them in a
-thread pool (cffi releases the GIL during each C call, and C does its own
-locking).  Buffers are passed zero-copy with ``ffi.from_buffer``; C never keeps a
-pointer after returning and never calls back into Python (no cffi callbacks).
+The methods of :class:`NativeFile` and :class:`NativeSession` are synchronous and
+may block on disk I/O: callers run them in a thread pool (cffi releases the GIL
+during each C call, and C does its own locking), except ``read_nowait``, which
+never blocks.  The hot path instead goes through :class:`NativeQueue`: C worker
+threads run the same calls and signal an eventfd, so no Python thread is
+involved.  Buffers are passed zero-copy with ``ffi.from_buffer``.  C never calls
+back into Python (no cffi callbacks) and keeps no pointer after returning, except
+the queue, which holds each buffer until its operation is reaped; the queue keeps
+the Python buffer alive for exactly that long.
 
 Must not import asyncio or any other fleeced module.
 """

@@ -1,0 +1,134 @@
+/* fl_queue: submit from one thread, reap by polling the eventfd; every
+ * operation completes exactly once with the right result, including
+ * errors, and close() finishes what was queued. */
+#include <poll.h>
+
+#include "check.h"
+#include "fleeced.h"
+
+static uint8_t pat(uint64_t i) { return (uint8_t)(i * 13 + 1); }
+
+#define NOPS 512u
+#define BS   4096u
+
+static size_t reap_all(fl_queue *q, int *seen, int32_t *rcs_by_id,
+                       size_t want)
+{
+    uint64_t ids[64];
+    int32_t rcs[64], holes[64];
+    size_t n, got = 0;
+    struct pollfd p = { .fd = fl_queue_fd(q), .events = POLLIN };
+
+    while (got < want) {
+        CHECK(poll(&p, 1, 10000) == 1);
+        CHECK_RC(fl_queue_reap(q, ids, rcs, holes, 64, &n), 0);
+        for (size_t i = 0; i < n; i++) {
+            CHECK(ids[i] < NOPS * 2);
+            CHECK(seen[ids[i]] == 0);   /* exactly once */
+            seen[ids[i]] = 1;
+            rcs_by_id[ids[i]] = rcs[i];
+        }
+        got += n;
+    }
+    return got;
+}
+
+static void test_read_write_errors(void)
+{
+    char path[4096];
+    fl_file *f;
+    fl_queue *q;
+    static uint8_t bufs[NOPS][BS];
+    static int seen[NOPS * 2];
+    static int32_t rcs[NOPS * 2];
+    uint64_t size = (uint64_t)NOPS * BS;
+
+    make_image(path, size, pat);
+    CHECK_RC(fl_file_open(path, 0, &f), 0);
+    CHECK_RC(fl_queue_open(0, &q), -EINVAL);
+    CHECK_RC(fl_queue_open(65, &q), -EINVAL);
+    CHECK_RC(fl_queue_open(4, &q), 0);
+
+    /* reads of every block */
+    for (unsigned i = 0; i < NOPS; i++)
+        CHECK_RC(fl_queue_submit(q, i, FL_OP_READ, f, bufs[i], BS,
+                                 (uint64_t)i * BS, 0), 0);
+    CHECK(reap_all(q, seen, rcs, NOPS) == NOPS);
+    for (unsigned i = 0; i < NOPS; i++) {
+        CHECK(rcs[i] == 0);
+        for (unsigned j = 0; j < BS; j++)
+            CHECK(bufs[i][j] == pat((uint64_t)i * BS + j));
+    }
+    /* writes, plus failing ops: out of range, and a bad kind */
+    memset(seen, 0, sizeof seen);
+    for (unsigned i = 0; i < NOPS; i++) {
+        memset(bufs[i], (int)(i & 0xff), BS);
+        CHECK_RC(fl_queue_submit(q, NOPS + i, FL_OP_WRITE, f, bufs[i], BS,
+                                 (uint64_t)i * BS, i % 7 == 0 ? FL_FUA : 0),
+                 0);
+    }
+    CHECK_RC(fl_queue_submit(q, 0, FL_OP_READ, f, bufs[0], BS, size, 0), 0);
+    CHECK_RC(fl_queue_submit(q, 1, 99, f, NULL, 0, 0, 0), -EINVAL);
+    CHECK_RC(fl_queue_submit(q, 1, FL_OP_FLUSH, f, NULL, 0, 0, 0), 0);
+    CHECK(reap_all(q, seen, rcs, NOPS + 2) == NOPS + 2);
+    CHECK(rcs[0] == -EINVAL);
+    CHECK(rcs[1] == 0);
+    for (unsigned i = 0; i < NOPS; i++) {
+        uint8_t b[BS];
+        CHECK(rcs[NOPS + i] == 0);
+        CHECK_RC(fl_file_read(f, b, BS, (uint64_t)i * BS, NULL), 0);
+        CHECK(b[0] == (uint8_t)(i & 0xff) && b[BS - 1] == (uint8_t)(i & 0xff));
+    }
+    /* close finishes queued work */
+    memset(bufs[31], 0x5a, BS);
+    for (unsigned i = 0; i < 32; i++)
+        CHECK_RC(fl_queue_submit(q, i, FL_OP_READ, f, bufs[i], BS, 0, 0), 0);
+    fl_queue_close(q);
+    CHECK(bufs[31][0] == 0 && bufs[31][BS - 1] == 0); /* block 0 was written 0x00 */
+    fl_file_close(f);
+    unlink(path);
+}
+
+static void test_snapshot_ops(void)
+{
+    char path[4096];
+    fl_file *f;
+    fl_session *s;
+    fl_queue *q;
+    static uint8_t buf[65536];
+    static int seen[NOPS * 2];
+    static int32_t rcs[NOPS * 2];
+    struct fl_session_params p = { .cluster_size = 65536,
+                                   .temp_dir = test_tmpdir(),
+                                   .policy = FL_BREAK_SNAPSHOT };
+
+    make_image(path, 1 << 20, pat);
+    CHECK_RC(fl_file_open(path, 0, &f), 0);
+    CHECK_RC(fl_session_open(f, &p, &s), 0);
+    CHECK_RC(fl_queue_open(2, &q), 0);
+    memset(buf, 0xee, sizeof buf);
+    CHECK_RC(fl_queue_submit(q, 1, FL_OP_WRITE, f, buf, 65536, 0, 0), 0);
+    CHECK(reap_all(q, seen, rcs, 1) == 1 && rcs[1] == 0);
+    CHECK_RC(fl_queue_submit(q, 2, FL_OP_SNAP_READ, s, buf, 65536, 0, 0), 0);
+    CHECK(reap_all(q, seen, rcs, 1) == 1 && rcs[2] == 0);
+    for (unsigned j = 0; j < 65536; j++)
+        CHECK(buf[j] == pat(j));
+    CHECK_RC(fl_queue_submit(q, 3, FL_OP_SNAP_DISCARD, s, NULL, 65536, 0, 0),
+             0);
+    CHECK(reap_all(q, seen, rcs, 1) == 1 && rcs[3] == 0);
+    CHECK_RC(fl_queue_submit(q, 4, FL_OP_SNAP_READ, s, buf, 4096, 0, 0), 0);
+    CHECK(reap_all(q, seen, rcs, 1) == 1 && rcs[4] == -EPERM);
+    fl_queue_close(q);
+    fl_session_close(s);
+    fl_file_close(f);
+    unlink(path);
+}
+
+int main(void)
+{
+    fprintf(stderr, "test_queue\n");
+    RUN(test_read_write_errors);
+    RUN(test_snapshot_ops);
+    fprintf(stderr, "test_queue: OK\n");
+    return 0;
+}
