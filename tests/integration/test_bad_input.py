@@ -625,13 +625,6 @@ def test_many_in_flight_out_of_order_cookies(served) -> None:
     healthy(d, img, expect=bytes(expect))
 
 
-HALF_CLOSE_BUG = (
-    "daemon bug: NbdConnection.eof_received returns None, so the transport closes at EOF and "
-    "the replies of requests still in flight are dropped (one-liner: return True)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=HALF_CLOSE_BUG)
 def test_half_close_after_requests_still_gets_every_reply(served) -> None:
     """EOF at a message boundary ends the session like NBD_CMD_DISC: in-flight requests
     are still answered (the engine turns that EOF into Disconnect)."""

@@ -288,7 +288,8 @@ def test_concurrent_writers_while_backup(start_daemon, tmp_path: Path) -> None:
     writer = subprocess.Popen(
         [fio, "--name=w", "--ioengine=nbd", f"--uri={d.url('disk')}", "--rw=randwrite",
          "--bsrange=4k-1M", "--iodepth=8", "--numjobs=2", "--size=64M",
-         "--offset_increment=64M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
+         "--offset_increment=64M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+         "--verify_state_save=0",
          "--group_reporting"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

@@ -150,7 +150,8 @@ def test_fio_verify(start_daemon, tmp_path: Path) -> None:
     run(
         fio, "--name=verify", "--ioengine=nbd", f"--uri={d.url('disk')}",
         "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M",
-        "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--numjobs=1",
+        "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
+        "--numjobs=1",
         timeout=300,
     )
 

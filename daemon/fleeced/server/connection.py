@@ -81,7 +81,10 @@ class NbdConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         self._engine.receive_data(b"")
         self._process()
-        return None
+        # Keep the transport open (half-closed): requests still in flight
+        # must get their replies; the engine reports Disconnect at the EOF
+        # and we close once idle.
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
