@@ -198,6 +198,12 @@ class Daemon:
             raise CommandError(f"export '{export_name}' already exists")
         if disk.read_only:
             raise CommandError(f"disk '{disk.name}' is read-only; it needs no fleecing")
+        for off, length in options.scope:
+            if off + length > disk.size:
+                raise CommandError(
+                    f"bitmap extent {off}+{length} lies beyond the end of disk "
+                    f"'{disk.name}' ({disk.size} bytes)"
+                )
         try:
             session = Session(disk, options, self._run, self._io)
         except OSError as exc:

@@ -64,6 +64,14 @@ def test_qmp_library_session(daemon: Daemon) -> None:
                 await qmp.execute("fleece-start", {"disk": "vm", "name": "t",
                                                    "temp-dir": "/proc"})
             assert "cannot start session" in str(ei.value)
+            with pytest.raises(ExecuteError) as ei:
+                await qmp.execute("fleece-start", {"disk": "vm", "name": "b",
+                                                   "bitmap": [{"offset": 0, "length": 5 * MiB}]})
+            assert "beyond the end" in str(ei.value)
+            with pytest.raises(ExecuteError) as ei:
+                await qmp.execute("fleece-start", {"disk": "vm", "name": "c",
+                                                   "on-cbw-error": "explode"})
+            assert "on-cbw-error" in str(ei.value)
             # nothing changed by the failed commands
             assert len(await qmp.execute("query-fleece")) == 1
             # events: a broken session, then a stop

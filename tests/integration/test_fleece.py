@@ -304,3 +304,51 @@ def test_concurrent_writers_while_backup(start_daemon, tmp_path: Path) -> None:
     assert s["cbw-count"] > 0
     assert d.stop() == 0
     assert img.read_bytes() != ref.read_bytes()
+
+
+def test_two_sessions_each_keep_their_point_in_time(start_daemon, fleece_image) -> None:
+    img, _ = fleece_image
+    d = start_daemon(str(img))
+    qmp(d, "fleece-start", {"disk": "disk", "name": "t1"})
+    qemu_io(d.url("disk"), "write -P 0x01 0 64k")
+    qmp(d, "fleece-start", {"disk": "disk", "name": "t2", "cluster-size": 4096})
+    qemu_io(d.url("disk"), "write -P 0x02 0 64k", "write -P 0x03 1M 4k")
+    qemu_io(d.url("disk@t1"), "read -P 0x5d 0 64k", "read -P 0xd5 1M 4k", read_only=True)
+    qemu_io(d.url("disk@t2"), "read -P 0x01 0 64k", "read -P 0xd5 1M 4k", read_only=True)
+    qemu_io(d.url("disk"), "read -P 0x02 0 64k", "read -P 0x03 1M 4k", read_only=True)
+    # stopping one leaves the other intact
+    qmp(d, "fleece-stop", {"disk": "disk", "name": "t1"})
+    qemu_io(d.url("disk@t2"), "read -P 0x01 0 64k", read_only=True)
+    assert [s["name"] for s in fleece_list(d)] == ["t2"]
+
+
+def test_fleece_stop_disconnects_snapshot_clients(start_daemon, fleece_image) -> None:
+    py = requires_libnbd_python()
+    img, _ = fleece_image
+    d = start_daemon(str(img), "--fleece")
+    # a client holds the snapshot export open while the session stops
+    script = f"""
+import nbd, sys
+h = nbd.NBD()
+h.set_export_name("disk@fleece")
+h.connect_unix({d.sock!r})
+assert len(h.pread(4096, 0)) == 4096
+sys.stdout.write("connected\\n"); sys.stdout.flush()
+sys.stdin.readline()
+try:
+    h.pread(4096, 0)
+    print("still served")
+except nbd.Error as e:
+    print("disconnected")
+"""
+    proc = subprocess.Popen([py, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline().strip() == "connected"
+    qmp(d, "fleece-stop", {"disk": "disk", "name": "fleece"})
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "disconnected"
+    proc.wait(30)
+    # the active export still works
+    qemu_io(d.url("disk"), "read -P 0x5d 0 64k", read_only=True)
