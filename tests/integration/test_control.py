@@ -104,14 +104,21 @@ def _raw(d: Daemon) -> socket.socket:
     return s
 
 
+_pending: dict[int, bytes] = {}
+
+
 def _recv_line(s: socket.socket) -> dict[str, object]:
-    buf = b""
-    while not buf.endswith(b"\n"):
+    """One JSON message per line; keeps what follows the newline for the next call."""
+    buf = _pending.pop(s.fileno(), b"")
+    while b"\n" not in buf:
         chunk = s.recv(65536)
         if not chunk:
             raise EOFError
         buf += chunk
-    return json.loads(buf)  # type: ignore[no-any-return]
+    line, rest = buf.split(b"\n", 1)
+    if rest:
+        _pending[s.fileno()] = rest
+    return json.loads(line)  # type: ignore[no-any-return]
 
 
 def test_garbage_keeps_socket_usable(daemon: Daemon) -> None:
