@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-pkgs=(make qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio gcc python3-dev python3-venv)
+pkgs=(make systemd qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio gcc python3-dev python3-venv)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
