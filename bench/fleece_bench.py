@@ -101,8 +101,8 @@ class Setup:
             return {**out, "temp_bytes": alloc, "temp_source": "allocated"}
         try:
             env = dict(os.environ, FLEECED_CONTROL=str(self.ctl))
-            proc = bl.run([*self.args.fleeced, "fleece", "--control", str(self.ctl), "list",
-                           "--json"], timeout=10, env=env)
+            # FLEECED_CONTROL, not --control: works wherever the CLI accepts the option.
+            proc = bl.run([*self.args.fleeced, "fleece", "list", "--json"], timeout=10, env=env)
             data = json.loads(proc.stdout)
             sessions = data if isinstance(data, list) else data.get("sessions", [data])
             out["temp_bytes"] = sum(int(s["temp-bytes-written"]) for s in sessions)
