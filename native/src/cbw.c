@@ -282,6 +282,26 @@ static void revert_claims(fl_session *s, uint64_t c0, uint64_t c1)
     pthread_cond_broadcast(&s->cond);
 }
 
+/* Copy [off, off+bytes) of the source to the temp file through a buffer
+ * (when copy_file_range is unavailable).  *wrote is set once the temp file
+ * may have been modified. */
+static int copy_via_buffer(fl_session *s, uint64_t off, uint64_t bytes,
+                           int *wrote)
+{
+    uint8_t *buf = malloc(bytes);
+    int rc;
+
+    if (buf == NULL)
+        return -ENOMEM;
+    rc = fl__full_pread(s->file->fd, buf, bytes, off);
+    if (rc == 0) {
+        *wrote = 1;
+        rc = fl__full_pwrite(s->temp_fd, buf, bytes, off);
+    }
+    free(buf);
+    return rc;
+}
+
 /* Copy clusters [c0, c1), already COPYING and ours, into the cache (one
  * cluster) or the temp file.  Called and returns with s->lock held; drops
  * it around the I/O.  On failure the claims are back to NEEDED and the
@@ -328,19 +348,16 @@ static int copy_run(fl_session *s, uint64_t c0, uint64_t c1, uint64_t bytes,
                 s->cache_used -= bytes;
         }
     } else {
-        uint8_t *buf = malloc(bytes);
         int wrote = 0;
-        if (buf == NULL) {
-            rc = -ENOMEM;
+        if (inj) {
+            rc = -inj; /* test hook: the temp store fails */
         } else {
-            rc = fl__full_pread(s->file->fd, buf, bytes, off);
-            if (rc == 0 && inj)
-                rc = -inj;
-            if (rc == 0) {
-                rc = fl__full_pwrite(s->temp_fd, buf, bytes, off);
-                wrote = 1;
-            }
-            free(buf);
+            /* A partial kernel copy may have written: count it as written
+             * so a break punches it. */
+            rc = fl__copy_range(s->file->fd, s->temp_fd, off, bytes);
+            wrote = rc != -EOPNOTSUPP;
+            if (!wrote)
+                rc = copy_via_buffer(s, off, bytes, &wrote);
         }
         pthread_mutex_lock(&s->lock);
         if (s->broken && wrote) {

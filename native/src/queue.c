@@ -17,8 +17,10 @@
  *
  * Locking: q->lock guards the pending list, the done list, `stopping` and
  * the counters; it is never held across I/O.  Workers wait on q->work.
- * The eventfd counter is incremented once per completion and reset by
- * fl_queue_reap, so a readable eventfd always means "something to reap".
+ * A worker writes the eventfd when the done list goes from empty to
+ * non-empty; fl_queue_reap resets the eventfd before it takes the list, so
+ * a readable eventfd always means "something to reap" and no completion is
+ * left unsignalled.  Submitters wake a worker only when one is idle.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -52,6 +54,9 @@ struct fl_queue {
     /* guarded by lock: */
     struct op *head, *tail;       /* pending, FIFO */
     struct op *done_head, *done_tail;
+    unsigned idle;                /* workers waiting on `work` */
+    unsigned signalled;           /* of those, already signalled */
+    uint64_t pending;             /* ops in head..tail */
     int stopping;
 };
 
@@ -98,16 +103,23 @@ static void *worker(void *arg)
     struct op *o;
     uint64_t one = 1;
     ssize_t n;
+    int was_empty;
 
     for (;;) {
         pthread_mutex_lock(&q->lock);
-        while (q->head == NULL && !q->stopping)
+        while (q->head == NULL && !q->stopping) {
+            q->idle++;
             pthread_cond_wait(&q->work, &q->lock);
+            q->idle--;
+            if (q->signalled > 0)   /* a spurious wake only under-counts */
+                q->signalled--;
+        }
         if (q->head == NULL) {          /* stopping and drained */
             pthread_mutex_unlock(&q->lock);
             return NULL;
         }
         o = q->head;
+        q->pending--;
         q->head = o->next;
         if (q->head == NULL)
             q->tail = NULL;
@@ -117,15 +129,21 @@ static void *worker(void *arg)
 
         o->next = NULL;
         pthread_mutex_lock(&q->lock);
+        was_empty = q->done_head == NULL;
         if (q->done_tail != NULL)
             q->done_tail->next = o;
         else
             q->done_head = o;
         q->done_tail = o;
         pthread_mutex_unlock(&q->lock);
-        do
-            n = write(q->efd, &one, sizeof one);
-        while (n < 0 && errno == EINTR);
+        /* Signal only the empty -> non-empty edge: the reaper takes the
+         * whole list after resetting the eventfd, so a completion queued
+         * behind others is never left without a signal. */
+        if (was_empty) {
+            do
+                n = write(q->efd, &one, sizeof one);
+            while (n < 0 && errno == EINTR);
+        }
     }
 }
 
@@ -199,7 +217,15 @@ int fl_queue_submit(fl_queue *q, uint64_t id, int kind, void *obj,
     else
         q->head = o;
     q->tail = o;
-    pthread_cond_signal(&q->work);
+    q->pending++;
+    /* Busy workers take the next op before sleeping, so wake a sleeper
+     * only when the queue outgrows the workers already running (or about
+     * to): one wake-up per burst instead of one per request. */
+    if (q->idle > q->signalled &&
+        q->pending > (uint64_t)(q->nthreads - q->idle) + q->signalled) {
+        q->signalled++;
+        pthread_cond_signal(&q->work);
+    }
     pthread_mutex_unlock(&q->lock);
     return 0;
 }
