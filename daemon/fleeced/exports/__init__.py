@@ -62,6 +62,12 @@ class Export(Protocol):
     def read_now(self, offset: int, length: int) -> tuple[bytearray, bool] | None:
         """Serve a read without blocking (page cache only), or return None."""
 
+    def start_read(self, offset: int, length: int) -> tuple[bytearray, asyncio.Future[bool]]:
+        """Submit a read to the native queue (no task needed); result: is_hole."""
+
+    def start_write(self, offset: int, data: bytes, fua: bool) -> asyncio.Future[bool] | None:
+        """Submit a write to the native queue, or None to use :meth:`write`."""
+
     async def write(self, offset: int, data: bytes, fua: bool) -> None: ...
 
     async def zero(
@@ -193,6 +199,14 @@ class ActiveExport:
             return None
         return self.disk.file.read_nowait(offset, length)
 
+    def start_read(self, offset: int, length: int) -> tuple[bytearray, asyncio.Future[bool]]:
+        return self._io.start_read(self.disk.file, offset, length)
+
+    def start_write(self, offset: int, data: bytes, fua: bool) -> asyncio.Future[bool] | None:
+        return self._io.start_write(
+            self.disk.file, offset, data, datapath.FLAG_FUA if fua else 0
+        )
+
     async def write(self, offset: int, data: bytes, fua: bool) -> None:
         await self._io.write(self.disk.file, offset, data, datapath.FLAG_FUA if fua else 0)
 
@@ -322,6 +336,12 @@ class SnapshotExport:
 
     def read_now(self, offset: int, length: int) -> tuple[bytearray, bool] | None:
         return None  # snapshot reads take cluster locks: always off the loop
+
+    def start_read(self, offset: int, length: int) -> tuple[bytearray, asyncio.Future[bool]]:
+        return self._io.start_read(self.session.native, offset, length)
+
+    def start_write(self, offset: int, data: bytes, fua: bool) -> asyncio.Future[bool] | None:
+        return None  # refused by write(): EPERM
 
     async def write(self, offset: int, data: bytes, fua: bool) -> None:
         raise OSError(errno.EPERM, "snapshot export is read-only")

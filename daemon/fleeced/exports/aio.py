@@ -63,6 +63,34 @@ class IoQueue:
         self._futures[self._next] = fut
         return self._next, fut
 
+    def start_read(self, target: NativeFile | NativeSession, off: int,
+                   length: int) -> tuple[bytearray, asyncio.Future[bool]]:
+        """Submit a read; the future's result is ``is_hole``.
+
+        :raise OSError: when the submission is refused (range, closed).
+        """
+        op_id, fut = self._new()
+        try:
+            buf = self._native.submit_read(op_id, target, off, length)
+        except BaseException:
+            del self._futures[op_id]
+            raise
+        return buf, fut
+
+    def start_write(self, file: NativeFile, off: int, data: bytes,
+                    flags: int) -> asyncio.Future[bool]:
+        """Submit a guest write.
+
+        :raise OSError: when the submission is refused (range, read-only).
+        """
+        op_id, fut = self._new()
+        try:
+            self._native.submit_write(op_id, file, off, data, flags)
+        except BaseException:
+            del self._futures[op_id]
+            raise
+        return fut
+
     async def read(self, target: NativeFile | NativeSession, off: int,
                    length: int) -> tuple[bytearray, bool]:
         """Read from the image or a session's frozen view.

@@ -52,6 +52,7 @@ class NbdConnection(asyncio.Protocol):
         self.export: Export | None = None
         self.peer = "?"
         self._tasks: set[asyncio.Task[None]] = set()
+        self._inflight = 0  # tasks plus queue futures
         self._writing_paused = False
         self._reading_paused = False
         self._closing = False
@@ -110,7 +111,7 @@ class NbdConnection(asyncio.Protocol):
 
     def _hold(self) -> bool:
         """Whether to stop parsing for now (bounded memory per connection)."""
-        return self._writing_paused or len(self._tasks) >= MAX_IN_FLIGHT
+        return self._writing_paused or self._inflight >= MAX_IN_FLIGHT
 
     def _process(self) -> None:
         engine = self._engine
@@ -131,10 +132,15 @@ class NbdConnection(asyncio.Protocol):
             if event is NEED_DATA:
                 break
             if isinstance(event, Command):
-                if event.cmd == NbdCmd.READ and self._read_inline(event):
-                    inline += 1
-                    if inline % 16 == 0:
-                        self._flush()  # may pause_writing() -> _hold()
+                if event.cmd == NbdCmd.READ:
+                    if self._read_inline(event):
+                        inline += 1
+                        if inline % 16 == 0:
+                            self._flush()  # may pause_writing() -> _hold()
+                        continue
+                    if self._submit_read(event):
+                        continue
+                elif event.cmd == NbdCmd.WRITE and self._submit_write(event):
                     continue
                 self._start(event)
             elif isinstance(event, Rejected):
@@ -182,15 +188,86 @@ class NbdConnection(asyncio.Protocol):
         self._engine.reply_read(cmd.cookie, cmd.offset, got[0], got[1])
         return True
 
+    # The hot path submits READ/WRITE straight to the native queue and
+    # answers from the future's callback: no task, no coroutine frame.
+    # Submission errors fall back to the task path, which reports them.
+
+    def _submit_read(self, cmd: Command) -> bool:
+        export = self.export
+        assert export is not None
+        try:
+            buf, fut = export.start_read(cmd.offset, cmd.length)
+        except OSError:
+            return False
+        self._inflight += 1
+        fut.add_done_callback(lambda f: self._read_done(cmd, buf, f))
+        return True
+
+    def _read_done(self, cmd: Command, buf: bytearray, fut: asyncio.Future[bool]) -> None:
+        export = self.export
+        assert export is not None
+        stats = export.stats
+        stats.requests += 1
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled():
+            self._engine.reply_error(cmd.cookie, NbdErrno.ESHUTDOWN, "server shutting down")
+        elif exc is not None:
+            self._reply_exception(export, cmd, exc)
+        else:
+            stats.bytes_read += cmd.length
+            self._engine.reply_read(cmd.cookie, cmd.offset, buf, fut.result())
+        self._op_done()
+
+    def _submit_write(self, cmd: Command) -> bool:
+        export = self.export
+        assert export is not None and cmd.data is not None
+        try:
+            fut = export.start_write(cmd.offset, cmd.data, bool(cmd.flags & NbdCmdFlag.FUA))
+        except OSError:
+            return False
+        if fut is None:
+            return False
+        self._inflight += 1
+        fut.add_done_callback(lambda f: self._write_done(cmd, f))
+        return True
+
+    def _write_done(self, cmd: Command, fut: asyncio.Future[bool]) -> None:
+        export = self.export
+        assert export is not None
+        stats = export.stats
+        stats.requests += 1
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled():
+            self._engine.reply_error(cmd.cookie, NbdErrno.ESHUTDOWN, "server shutting down")
+        elif exc is not None:
+            self._reply_exception(export, cmd, exc)
+        else:
+            stats.bytes_written += cmd.length
+            self._engine.reply_ok(cmd.cookie)
+        self._op_done()
+
+    def _reply_exception(self, export: Export, cmd: Command, exc: BaseException) -> None:
+        if isinstance(exc, OSError):
+            self._reply_oserror(export, cmd, exc)
+        else:  # a bug: answer EIO, keep the connection and log loudly
+            log.error("client %s: internal error on %s: %r", self.peer, cmd.cmd.name, exc)
+            export.stats.errors += 1
+            self._engine.reply_error(cmd.cookie, NbdErrno.EIO, "internal server error")
+
     def _start(self, cmd: Command) -> None:
         task = asyncio.get_running_loop().create_task(self._run(cmd))
         self._tasks.add(task)
+        self._inflight += 1
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._op_done()
+
+    def _op_done(self) -> None:
+        self._inflight -= 1
         self._flush()
-        if len(self._tasks) == MAX_IN_FLIGHT - 1 and not self._disconnect_requested:
+        if self._inflight == MAX_IN_FLIGHT - 1 and not self._disconnect_requested:
             self._process()  # resume parsing what is buffered
         self._update_reading()
         if self._disconnect_requested or self._closing:
@@ -236,22 +313,23 @@ class NbdConnection(asyncio.Protocol):
             else:  # the engine validated the command; nothing else arrives
                 raise OSError(errno.EINVAL, f"unexpected command {kind!r}")
         except OSError as exc:
-            nbd_err = to_nbd_errno(exc.errno or errno.EIO, cmd.flags)
-            message = export.error_message(exc)
-            stats.errors += 1
-            # Log the real errno first (nbdkit), then send the mapped one.
-            log.info(
-                "client %s: %s off=%d len=%d failed: %s -> %s",
-                self.peer, cmd.cmd.name, cmd.offset, cmd.length,
-                exc.strerror or exc, nbd_err.name,
-            )
-            engine.reply_error(cmd.cookie, nbd_err, message)
+            self._reply_oserror(export, cmd, exc)
         except asyncio.CancelledError:
             engine.reply_error(cmd.cookie, NbdErrno.ESHUTDOWN, "server shutting down")
             raise
         except Exception:  # a bug: answer EIO, keep the connection and log loudly
             log.exception("client %s: internal error on %s", self.peer, cmd)
             engine.reply_error(cmd.cookie, NbdErrno.EIO, "internal server error")
+
+    def _reply_oserror(self, export: Export, cmd: Command, exc: OSError) -> None:
+        nbd_err = to_nbd_errno(exc.errno or errno.EIO, cmd.flags)
+        export.stats.errors += 1
+        # Log the real errno first (nbdkit), then send the mapped one.
+        log.info(
+            "client %s: %s off=%d len=%d failed: %s -> %s",
+            self.peer, cmd.cmd.name, cmd.offset, cmd.length, exc.strerror or exc, nbd_err.name,
+        )
+        self._engine.reply_error(cmd.cookie, nbd_err, export.error_message(exc))
 
     async def _block_status(self, export: Export, cmd: Command) -> None:
         replies = []
@@ -277,7 +355,7 @@ class NbdConnection(asyncio.Protocol):
             return
         want_pause = (
             self._writing_paused
-            or len(self._tasks) >= MAX_IN_FLIGHT
+            or self._inflight >= MAX_IN_FLIGHT
             or self._disconnect_requested
         )
         if want_pause and not self._reading_paused:
@@ -288,7 +366,7 @@ class NbdConnection(asyncio.Protocol):
             self._reading_paused = False
 
     def _close_when_idle(self) -> None:
-        if self._tasks:
+        if self._inflight:
             return
         self._flush()
         if self._transport is not None and not self._transport.is_closing():
@@ -310,4 +388,4 @@ class NbdConnection(asyncio.Protocol):
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        return self._inflight
