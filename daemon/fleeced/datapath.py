@@ -563,6 +563,8 @@ class NativeSession:
         self.close()
 
 
+_alloc_uninit = ffi.new_allocator(should_clear_after_alloc=False)
+
 #: Operation kinds of :class:`NativeQueue` (``FL_OP_*``).
 OP_ZERO: int = lib.FL_OP_ZERO
 OP_TRIM: int = lib.FL_OP_TRIM
@@ -617,7 +619,7 @@ class NativeQueue:
         return int(lib.fl_queue_fd(self._h))
 
     def submit_read(self, op_id: int, target: NativeFile | NativeSession, off: int,
-                    length: int) -> bytearray:
+                    length: int) -> memoryview:
         """Queue a read of TARGET (the image, or a session's frozen view).
 
         :raise OSError: ``EINVAL`` out of range, ``EBADF`` closed target,
@@ -627,8 +629,10 @@ class NativeQueue:
         h = self._handle()
         th = target._handle()
         o, n = _range(off, length, target.size)
-        buf = bytearray(n)
-        cbuf = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
+        # Uninitialized: C overwrites every byte before the buffer is read,
+        # so skip bytearray's memset (large reads are memory-bound).
+        cbuf = _alloc_uninit("uint8_t[]", n)
+        buf = memoryview(ffi.buffer(cbuf))
         kind = lib.FL_OP_READ if isinstance(target, NativeFile) else lib.FL_OP_SNAP_READ
         _check(lib.fl_queue_submit(h, op_id, kind, th, cbuf, n, o, 0))
         self._keep[op_id] = cbuf

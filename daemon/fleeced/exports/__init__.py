@@ -57,12 +57,12 @@ class Export(Protocol):
     @property
     def stats(self) -> ExportStats: ...
 
-    async def read(self, offset: int, length: int) -> tuple[bytearray, bool]: ...
+    async def read(self, offset: int, length: int) -> tuple[bytearray | memoryview, bool]: ...
 
     def read_now(self, offset: int, length: int) -> tuple[bytearray, bool] | None:
         """Serve a read without blocking (page cache only), or return None."""
 
-    def start_read(self, offset: int, length: int) -> tuple[bytearray, asyncio.Future[bool]]:
+    def start_read(self, offset: int, length: int) -> tuple[memoryview, asyncio.Future[bool]]:
         """Submit a read to the native queue (no task needed); result: is_hole."""
 
     def start_write(self, offset: int, data: bytes, fua: bool) -> asyncio.Future[bool] | None:
@@ -191,7 +191,7 @@ class ActiveExport:
     def stats(self) -> ExportStats:
         return self._stats
 
-    async def read(self, offset: int, length: int) -> tuple[bytearray, bool]:
+    async def read(self, offset: int, length: int) -> tuple[bytearray | memoryview, bool]:
         return await self._io.read(self.disk.file, offset, length)
 
     def read_now(self, offset: int, length: int) -> tuple[bytearray, bool] | None:
@@ -199,7 +199,7 @@ class ActiveExport:
             return None
         return self.disk.file.read_nowait(offset, length)
 
-    def start_read(self, offset: int, length: int) -> tuple[bytearray, asyncio.Future[bool]]:
+    def start_read(self, offset: int, length: int) -> tuple[memoryview, asyncio.Future[bool]]:
         return self._io.start_read(self.disk.file, offset, length)
 
     def start_write(self, offset: int, data: bytes, fua: bool) -> asyncio.Future[bool] | None:
@@ -331,13 +331,13 @@ class SnapshotExport:
     def stats(self) -> ExportStats:
         return self._stats
 
-    async def read(self, offset: int, length: int) -> tuple[bytearray, bool]:
+    async def read(self, offset: int, length: int) -> tuple[bytearray | memoryview, bool]:
         return await self._io.read(self.session.native, offset, length)
 
     def read_now(self, offset: int, length: int) -> tuple[bytearray, bool] | None:
         return None  # snapshot reads take cluster locks: always off the loop
 
-    def start_read(self, offset: int, length: int) -> tuple[bytearray, asyncio.Future[bool]]:
+    def start_read(self, offset: int, length: int) -> tuple[memoryview, asyncio.Future[bool]]:
         return self._io.start_read(self.session.native, offset, length)
 
     def start_write(self, offset: int, data: bytes, fua: bool) -> asyncio.Future[bool] | None:

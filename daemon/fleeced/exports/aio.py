@@ -64,7 +64,7 @@ class IoQueue:
         return self._next, fut
 
     def start_read(self, target: NativeFile | NativeSession, off: int,
-                   length: int) -> tuple[bytearray, asyncio.Future[bool]]:
+                   length: int) -> tuple[memoryview, asyncio.Future[bool]]:
         """Submit a read; the future's result is ``is_hole``.
 
         :raise OSError: when the submission is refused (range, closed).
@@ -92,7 +92,7 @@ class IoQueue:
         return fut
 
     async def read(self, target: NativeFile | NativeSession, off: int,
-                   length: int) -> tuple[bytearray, bool]:
+                   length: int) -> tuple[memoryview, bool]:
         """Read from the image or a session's frozen view.
 
         :raise OSError: the operation's error.

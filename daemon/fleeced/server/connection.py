@@ -203,7 +203,7 @@ class NbdConnection(asyncio.Protocol):
         fut.add_done_callback(lambda f: self._read_done(cmd, buf, f))
         return True
 
-    def _read_done(self, cmd: Command, buf: bytearray, fut: asyncio.Future[bool]) -> None:
+    def _read_done(self, cmd: Command, buf: memoryview, fut: asyncio.Future[bool]) -> None:
         export = self.export
         assert export is not None
         stats = export.stats
