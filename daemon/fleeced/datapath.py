@@ -638,6 +638,35 @@ class NativeQueue:
         self._keep[op_id] = cbuf
         return buf
 
+    def submit_read_send(self, op_id: int, target: NativeFile | NativeSession, off: int,
+                         length: int, sock: NativeSock, header: bytes) -> memoryview:
+        """Queue a read whose reply (HEADER + data) a worker writes to SOCK.
+
+        The worker sends only what the socket takes without waiting.  The
+        completion says what happened: ``rc < 0`` without :data:`DONE_SENT`, a
+        read error; :data:`DONE_HOLE`, a hole, nothing sent; no bits, nothing
+        sent (the data is in the returned buffer); :data:`DONE_SENT` with
+        ``rc == 0``, all sent; :data:`DONE_SENT` with ``rc > 0``, only ``rc``
+        bytes of HEADER + data were sent and SOCK is stalled until
+        :meth:`NativeSock.resume`; :data:`DONE_SENT` with ``rc < 0``, the send
+        failed part way.
+
+        :raise OSError: ``EINVAL`` out of range or bad header, ``EBADF`` closed.
+        :return: the buffer the data lands in.
+        """
+        h = self._handle()
+        th = target._handle()
+        sh = sock._handle()
+        o, n = _range(off, length, target.size)
+        if not isinstance(header, bytes) or not 0 < len(header) <= 32:
+            raise _einval("header must be 1..32 bytes")
+        cbuf = _alloc_uninit("uint8_t[]", n)
+        kind = lib.FL_OP_READ if isinstance(target, NativeFile) else lib.FL_OP_SNAP_READ
+        _check(lib.fl_queue_submit_send(h, op_id, kind, th, cbuf, n, o, sh, header,
+                                        len(header), 0))
+        self._keep[op_id] = cbuf
+        return memoryview(ffi.buffer(cbuf))
+
     def submit_write(self, op_id: int, file: NativeFile, off: int, data: Buffer,
                      flags: int = 0) -> None:
         """Queue a guest write (copy-before-write runs in the worker).
@@ -679,14 +708,15 @@ class NativeQueue:
         fl = _uint("flags", flags)
         _check(lib.fl_queue_submit(h, op_id, kind, th, ffi.NULL, length, off, fl))
 
-    def reap(self) -> list[tuple[int, int, bool]]:
+    def reap(self) -> list[tuple[int, int, int]]:
         """Collect finished operations; never blocks.
 
-        :return: ``(op_id, rc, is_hole)`` per completion, ``rc`` being ``0`` or
-            ``-errno`` (see :func:`error_from_rc`).
+        :return: ``(op_id, rc, done)`` per completion, ``rc`` being ``0`` or
+            ``-errno`` (see :func:`error_from_rc`) and ``done`` the
+            :data:`DONE_HOLE` / :data:`DONE_SENT` bits.
         """
         h = self._handle()
-        out: list[tuple[int, int, bool]] = []
+        out: list[tuple[int, int, int]] = []
         while True:
             _check(lib.fl_queue_reap(h, self._ids, self._rcs, self._holes, self._max, self._n))
             n = int(self._n[0])
@@ -695,7 +725,7 @@ class NativeQueue:
             for i in range(n):
                 op_id = int(ids[i])
                 keep.pop(op_id, None)
-                out.append((op_id, int(rcs[i]), bool(holes[i])))
+                out.append((op_id, int(rcs[i]), int(holes[i])))
             if n < self._max:
                 return out
 
@@ -711,6 +741,49 @@ class NativeQueue:
         h, self._h = self._h, None
         lib.fl_queue_close(h)
         self._keep.clear()
+
+
+#: Completion bits of :meth:`NativeQueue.reap` (the third field, as int).
+DONE_HOLE: int = lib.FL_DONE_HOLE
+DONE_SENT: int = lib.FL_DONE_SENT
+
+
+class NativeSock:
+    """A connection socket that queue workers write READ replies to.
+
+    Holds its own duplicate of the descriptor, so closing the event loop's
+    copy never lets a worker write into a reused descriptor number.  Workers
+    never wait on it (see :meth:`NativeQueue.submit_read_send`).
+    """
+
+    __slots__ = ("_h",)
+
+    def __init__(self, fd: int) -> None:
+        """Duplicate FD.
+
+        :raise OSError: ``EINVAL`` for a negative fd, or the ``dup`` error.
+        """
+        if fd < 0:
+            raise _einval(f"fd={fd}")
+        out = ffi.new("fl_sock **")
+        _check(lib.fl_sock_open(fd, out))
+        self._h: Any = out[0]
+
+    def _handle(self) -> Any:
+        if self._h is None:
+            raise _closed()
+        return self._h
+
+    def resume(self) -> None:
+        """Let workers write again after a partial reply stalled the socket."""
+        lib.fl_sock_resume(self._handle())
+
+    def close(self) -> None:
+        """Close the duplicate; no queued operation may still use it.  Idempotent."""
+        if self._h is None:
+            return
+        h, self._h = self._h, None
+        lib.fl_sock_close(h)
 
 
 def error_from_rc(rc: int) -> OSError:

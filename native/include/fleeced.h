@@ -161,6 +161,34 @@ int fl_queue_fd(const fl_queue *q);
  * must stay valid until ID is reaped.  -ESHUTDOWN once closing. */
 int fl_queue_submit(fl_queue *q, uint64_t id, int kind, void *obj,
                     uint8_t *buf, uint64_t len, uint64_t off, unsigned flags);
+/* A connection socket that workers may write READ replies to (a dup of
+ * FD).  Workers never wait on it: a reply that does not fit in the socket
+ * buffer is left to the caller (see fl_queue_submit_send). */
+typedef struct fl_sock fl_sock;
+int fl_sock_open(int fd, fl_sock **out);
+/* Let workers write again after a partial reply stalled the socket (call
+ * once the caller has written the rest and its own buffer is empty). */
+void fl_sock_resume(fl_sock *s);
+/* Close; no operation on S may be queued or running. */
+void fl_sock_close(fl_sock *s);
+
+/* Completion bits reported in holes[] by fl_queue_reap. */
+#define FL_DONE_HOLE  1  /* the range read as a hole (zeros); not sent */
+#define FL_DONE_SENT  2  /* (part of) the reply went to the socket */
+
+/* Queue a read (FL_OP_READ or FL_OP_SNAP_READ, FLAGS 0) whose reply the
+ * worker writes itself, HDR (up to 32 bytes, copied) then the LEN bytes
+ * read, as one reply on SOCK, if the socket takes it without waiting.
+ * Completion: read error -> rc < 0, nothing sent; hole -> FL_DONE_HOLE,
+ * nothing sent; socket full or stalled -> 0 bits, nothing sent (the data
+ * is in BUF); whole reply sent -> FL_DONE_SENT, rc 0; part sent ->
+ * FL_DONE_SENT with rc = bytes sent (> 0): the socket is stalled and the
+ * caller writes the rest first; send error -> FL_DONE_SENT, rc < 0: the
+ * stream is torn. */
+int fl_queue_submit_send(fl_queue *q, uint64_t id, int kind, void *obj,
+                         uint8_t *buf, uint64_t len, uint64_t off,
+                         fl_sock *sock, const uint8_t *hdr, size_t hdr_len,
+                         unsigned flags);
 /* Take up to MAX completions: ids[i], rcs[i] (0 or -errno), holes[i];
  * *n gets the count.  Never blocks. */
 int fl_queue_reap(fl_queue *q, uint64_t *ids, int32_t *rcs, int32_t *holes,

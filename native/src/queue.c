@@ -23,16 +23,29 @@
  * left unsignalled.  Submitters wake a worker only when one is idle.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "internal.h"
 
 #define THREADS_MAX 64u
+#define HDR_MAX 32u
+
+/* A connection's socket for replies written by workers.  Owns a dup of
+ * the descriptor, so the event loop closing its own copy can never make a
+ * worker write into a reused descriptor number. */
+struct fl_sock {
+    int fd;                   /* immutable: our dup (MSG_DONTWAIT sends) */
+    pthread_mutex_t lock;     /* one reply on the wire at a time; guards: */
+    int stalled;              /* a reply went out in part: hands off */
+};
 
 struct op {
     uint64_t id;
@@ -41,7 +54,10 @@ struct op {
     uint8_t *buf;
     uint64_t len, off;
     unsigned flags;
-    int rc, hole;
+    int rc, hole;             /* hole: FL_DONE_* bits */
+    fl_sock *sock;            /* READ/SNAP_READ: send header + data here */
+    uint8_t hdr[HDR_MAX];
+    size_t hdr_len;
     struct op *next;
 };
 
@@ -59,6 +75,83 @@ struct fl_queue {
     uint64_t pending;             /* ops in head..tail */
     int stopping;
 };
+
+/* Write IOV to S without ever waiting: returns the bytes written (all of
+ * them, or fewer when the socket buffer filled up), or -errno. */
+static ssize_t send_some(fl_sock *s, struct iovec *iov, int iovcnt)
+{
+    struct msghdr m = { .msg_iov = iov, .msg_iovlen = (size_t)iovcnt };
+    ssize_t total = 0;
+
+    while (m.msg_iovlen > 0) {
+        ssize_t n = sendmsg(s->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN)
+                return total;
+            return -errno;
+        }
+        total += n;
+        while (n > 0 && m.msg_iovlen > 0) {
+            if ((size_t)n >= m.msg_iov->iov_len) {
+                n -= (ssize_t)m.msg_iov->iov_len;
+                m.msg_iov++;
+                m.msg_iovlen--;
+            } else {
+                m.msg_iov->iov_base = (uint8_t *)m.msg_iov->iov_base + n;
+                m.msg_iov->iov_len -= (size_t)n;
+                n = 0;
+            }
+        }
+    }
+    return total;
+}
+
+/* After a successful read: put the reply on the wire if that can be done
+ * without waiting.  Outcomes (o->hole bits, o->rc):
+ *   hole, not sent        FL_DONE_HOLE, rc 0 (the caller describes it)
+ *   sent whole            FL_DONE_SENT, rc 0
+ *   not sent at all       0, rc 0 (socket full or stalled: caller sends)
+ *   sent in part          FL_DONE_SENT, rc = bytes sent > 0; the socket is
+ *                         now stalled: no worker writes to it until
+ *                         fl_sock_resume, and the caller must write the
+ *                         rest before anything else
+ *   send error            FL_DONE_SENT, rc < 0 (stream torn) */
+static void send_reply(struct op *o, int hole)
+{
+    struct iovec iov[2];
+    ssize_t n;
+    size_t total = o->hdr_len + (size_t)o->len;
+
+    if (hole) {
+        o->hole = FL_DONE_HOLE;
+        return;
+    }
+    iov[0].iov_base = o->hdr;
+    iov[0].iov_len = o->hdr_len;
+    iov[1].iov_base = o->buf;
+    iov[1].iov_len = (size_t)o->len;
+    pthread_mutex_lock(&o->sock->lock);
+    if (o->sock->stalled) {
+        pthread_mutex_unlock(&o->sock->lock);
+        o->hole = 0;
+        return;
+    }
+    n = send_some(o->sock, iov, 2);
+    if (n > 0 && (size_t)n < total)
+        o->sock->stalled = 1;
+    pthread_mutex_unlock(&o->sock->lock);
+    if (n == 0) {
+        o->hole = 0;
+    } else if (n < 0) {
+        o->hole = FL_DONE_SENT;
+        o->rc = (int)n;
+    } else {
+        o->hole = FL_DONE_SENT;
+        o->rc = (size_t)n < total ? (int)n : 0;
+    }
+}
 
 static void run_op(struct op *o)
 {
@@ -94,7 +187,9 @@ static void run_op(struct op *o)
     default:
         o->rc = -EINVAL;
     }
-    o->hole = hole;
+    o->hole = hole ? FL_DONE_HOLE : 0;
+    if (o->sock != NULL && o->rc == 0)
+        send_reply(o, hole);
 }
 
 static void *worker(void *arg)
@@ -191,21 +286,8 @@ int fl_queue_fd(const fl_queue *q)
     return q->efd;
 }
 
-int fl_queue_submit(fl_queue *q, uint64_t id, int kind, void *obj,
-                    uint8_t *buf, uint64_t len, uint64_t off, unsigned flags)
+static int enqueue(fl_queue *q, struct op *o)
 {
-    struct op *o;
-
-    if (obj == NULL || kind < FL_OP_READ || kind > FL_OP_SNAP_DISCARD)
-        return -EINVAL;
-    if ((kind == FL_OP_READ || kind == FL_OP_WRITE || kind == FL_OP_SNAP_READ)
-        && (buf == NULL || len > SIZE_MAX))
-        return -EINVAL;
-    o = malloc(sizeof *o);
-    if (o == NULL)
-        return -ENOMEM;
-    *o = (struct op){ .id = id, .kind = kind, .obj = obj, .buf = buf,
-                      .len = len, .off = off, .flags = flags };
     pthread_mutex_lock(&q->lock);
     if (q->stopping) {
         pthread_mutex_unlock(&q->lock);
@@ -228,6 +310,82 @@ int fl_queue_submit(fl_queue *q, uint64_t id, int kind, void *obj,
     }
     pthread_mutex_unlock(&q->lock);
     return 0;
+}
+
+int fl_queue_submit(fl_queue *q, uint64_t id, int kind, void *obj,
+                    uint8_t *buf, uint64_t len, uint64_t off, unsigned flags)
+{
+    struct op *o;
+
+    if (obj == NULL || kind < FL_OP_READ || kind > FL_OP_SNAP_DISCARD)
+        return -EINVAL;
+    if ((kind == FL_OP_READ || kind == FL_OP_WRITE || kind == FL_OP_SNAP_READ)
+        && (buf == NULL || len > SIZE_MAX))
+        return -EINVAL;
+    o = malloc(sizeof *o);
+    if (o == NULL)
+        return -ENOMEM;
+    *o = (struct op){ .id = id, .kind = kind, .obj = obj, .buf = buf,
+                      .len = len, .off = off, .flags = flags };
+    return enqueue(q, o);
+}
+
+int fl_queue_submit_send(fl_queue *q, uint64_t id, int kind, void *obj,
+                         uint8_t *buf, uint64_t len, uint64_t off,
+                         fl_sock *sock, const uint8_t *hdr, size_t hdr_len,
+                         unsigned flags)
+{
+    struct op *o;
+
+    if (obj == NULL || sock == NULL || buf == NULL || len == 0 ||
+        len > SIZE_MAX || hdr_len == 0 || hdr_len > HDR_MAX ||
+        (kind != FL_OP_READ && kind != FL_OP_SNAP_READ) || flags != 0)
+        return -EINVAL;
+    o = malloc(sizeof *o);
+    if (o == NULL)
+        return -ENOMEM;
+    *o = (struct op){ .id = id, .kind = kind, .obj = obj, .buf = buf,
+                      .len = len, .off = off, .flags = flags, .sock = sock,
+                      .hdr_len = hdr_len };
+    memcpy(o->hdr, hdr, hdr_len);
+    return enqueue(q, o);
+}
+
+int fl_sock_open(int fd, fl_sock **out)
+{
+    fl_sock *s;
+
+    *out = NULL;
+    if (fd < 0)
+        return -EINVAL;
+    s = calloc(1, sizeof *s);
+    if (s == NULL)
+        return -ENOMEM;
+    s->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (s->fd < 0) {
+        int rc = -errno;
+        free(s);
+        return rc;
+    }
+    pthread_mutex_init(&s->lock, NULL);
+    *out = s;
+    return 0;
+}
+
+void fl_sock_resume(fl_sock *s)
+{
+    pthread_mutex_lock(&s->lock);
+    s->stalled = 0;
+    pthread_mutex_unlock(&s->lock);
+}
+
+void fl_sock_close(fl_sock *s)
+{
+    if (s == NULL)
+        return;
+    close(s->fd);
+    pthread_mutex_destroy(&s->lock);
+    free(s);
 }
 
 int fl_queue_reap(fl_queue *q, uint64_t *ids, int32_t *rcs, int32_t *holes,

@@ -2,6 +2,7 @@
  * operation completes exactly once with the right result, including
  * errors, and close() finishes what was queued. */
 #include <poll.h>
+#include <sys/socket.h>
 
 #include "check.h"
 #include "fleeced.h"
@@ -124,11 +125,111 @@ static void test_snapshot_ops(void)
     unlink(path);
 }
 
+static void reap_one(fl_queue *q, uint64_t want_id, int32_t *rc,
+                     int32_t *bits)
+{
+    uint64_t id;
+    size_t n = 0;
+    struct pollfd p = { .fd = fl_queue_fd(q), .events = POLLIN };
+
+    while (n == 0) {
+        CHECK(poll(&p, 1, 10000) == 1);
+        CHECK_RC(fl_queue_reap(q, &id, rc, bits, 1, &n), 0);
+    }
+    CHECK(id == want_id);
+}
+
+static size_t drain(int fd, uint8_t *to, size_t max)
+{
+    size_t have = 0;
+    ssize_t r;
+
+    while (have < max && (r = recv(fd, to + have, max - have, 0)) > 0)
+        have += (size_t)r;
+    return have;
+}
+
+/* Worker-written replies: a reply that fits goes out whole; one that does
+ * not goes out in part and stalls the socket (later ones are left to the
+ * caller) until fl_sock_resume; a hole or a failed read sends nothing;
+ * a dead peer tears the stream. */
+static void test_send(void)
+{
+    char path[4096];
+    fl_file *f;
+    fl_queue *q;
+    fl_sock *sk;
+    int sv[2], small = 4096;
+    static uint8_t buf[4][65536], got[1 << 20];
+    uint8_t hdr[16];
+    int32_t rc, bits;
+    size_t have;
+
+    make_image(path, 1 << 20, pat);
+    CHECK_RC(fl_file_open(path, 0, &f), 0);
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+    CHECK_RC(fl_sock_open(-1, &sk), -EINVAL);
+    CHECK_RC(fl_sock_open(sv[0], &sk), 0);
+    CHECK_RC(fl_queue_open(2, &q), 0);
+    memset(hdr, 0xab, sizeof hdr);
+
+    /* fits: sent whole */
+    CHECK_RC(fl_queue_submit_send(q, 1, FL_OP_READ, f, buf[0], 8192, 4096,
+                                  sk, hdr, sizeof hdr, 0), 0);
+    reap_one(q, 1, &rc, &bits);
+    CHECK(rc == 0 && bits == FL_DONE_SENT);
+    have = drain(sv[1], got, sizeof got);
+    CHECK(have == 16 + 8192 && memcmp(got, hdr, 16) == 0);
+    for (unsigned j = 0; j < 8192; j++)
+        CHECK(got[16 + j] == pat(4096 + j));
+
+    /* does not fit: partial, stalled; the next one is left unsent */
+    CHECK(setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &small, sizeof small) == 0);
+    CHECK_RC(fl_queue_submit_send(q, 2, FL_OP_READ, f, buf[1], 65536, 0, sk,
+                                  hdr, sizeof hdr, 0), 0);
+    reap_one(q, 2, &rc, &bits);
+    CHECK(bits == FL_DONE_SENT && rc > 0 && rc < 16 + 65536);
+    CHECK_RC(fl_queue_submit_send(q, 3, FL_OP_READ, f, buf[2], 65536, 0, sk,
+                                  hdr, sizeof hdr, 0), 0);
+    reap_one(q, 3, &rc, &bits);
+    CHECK(rc == 0 && bits == 0);          /* read done, nothing sent */
+    CHECK(buf[2][100] == pat(100));
+    have = drain(sv[1], got, sizeof got);
+    CHECK(have > 0 && have <= 16 + 65536); /* only reply 2's part */
+    fl_sock_resume(sk);
+
+    /* read errors send nothing */
+    CHECK_RC(fl_queue_submit_send(q, 4, FL_OP_READ, f, buf[1], 4096,
+                                  1 << 20, sk, hdr, sizeof hdr, 0), 0);
+    reap_one(q, 4, &rc, &bits);
+    CHECK(rc == -EINVAL && bits == 0);
+    CHECK(recv(sv[1], got, 1, 0) < 0 && errno == EAGAIN);
+    /* bad arguments */
+    CHECK_RC(fl_queue_submit_send(q, 5, FL_OP_WRITE, f, buf[1], 1, 0, sk,
+                                  hdr, sizeof hdr, 0), -EINVAL);
+    CHECK_RC(fl_queue_submit_send(q, 5, FL_OP_READ, f, buf[1], 1, 0, sk,
+                                  hdr, 33, 0), -EINVAL);
+    CHECK_RC(fl_queue_submit_send(q, 5, FL_OP_READ, f, buf[1], 1, 0, sk,
+                                  hdr, 16, 1), -EINVAL);
+    /* peer gone: the send fails with the SENT bit (stream torn) */
+    close(sv[1]);
+    CHECK_RC(fl_queue_submit_send(q, 6, FL_OP_READ, f, buf[3], 4096, 0, sk,
+                                  hdr, sizeof hdr, 0), 0);
+    reap_one(q, 6, &rc, &bits);
+    CHECK(rc < 0 && bits == FL_DONE_SENT);
+    fl_queue_close(q);
+    fl_sock_close(sk);
+    close(sv[0]);
+    fl_file_close(f);
+    unlink(path);
+}
+
 int main(void)
 {
     fprintf(stderr, "test_queue\n");
     RUN(test_read_write_errors);
     RUN(test_snapshot_ops);
+    RUN(test_send);
     fprintf(stderr, "test_queue: OK\n");
     return 0;
 }

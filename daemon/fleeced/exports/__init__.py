@@ -22,8 +22,14 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 from fleeced import datapath
-from fleeced.datapath import NativeFile, NativeSession, SessionParams, SessionStats
-from fleeced.exports.aio import IoQueue
+from fleeced.datapath import (
+    NativeFile,
+    NativeSession,
+    NativeSock,
+    SessionParams,
+    SessionStats,
+)
+from fleeced.exports.aio import Done, IoQueue
 from fleeced.nbd import ExportInfo
 
 T = TypeVar("T")
@@ -62,11 +68,15 @@ class Export(Protocol):
     def read_now(self, offset: int, length: int) -> tuple[bytearray, bool] | None:
         """Serve a read without blocking (page cache only), or return None."""
 
-    def start_read(self, offset: int, length: int) -> tuple[memoryview, asyncio.Future[bool]]:
+    def start_read(self, offset: int, length: int) -> tuple[memoryview, asyncio.Future[Done]]:
         """Submit a read to the native queue (no task needed); result: is_hole."""
 
-    def start_write(self, offset: int, data: bytes, fua: bool) -> asyncio.Future[bool] | None:
+    def start_write(self, offset: int, data: bytes, fua: bool) -> asyncio.Future[Done] | None:
         """Submit a write to the native queue, or None to use :meth:`write`."""
+
+    def start_read_send(self, offset: int, length: int, sock: NativeSock,
+                        header: bytes) -> tuple[memoryview, asyncio.Future[Done]]:
+        """Submit a read whose reply a worker writes to SOCK (see IoQueue)."""
 
     async def write(self, offset: int, data: bytes, fua: bool) -> None: ...
 
@@ -199,10 +209,14 @@ class ActiveExport:
             return None
         return self.disk.file.read_nowait(offset, length)
 
-    def start_read(self, offset: int, length: int) -> tuple[memoryview, asyncio.Future[bool]]:
+    def start_read(self, offset: int, length: int) -> tuple[memoryview, asyncio.Future[Done]]:
         return self._io.start_read(self.disk.file, offset, length)
 
-    def start_write(self, offset: int, data: bytes, fua: bool) -> asyncio.Future[bool] | None:
+    def start_read_send(self, offset: int, length: int, sock: NativeSock,
+                        header: bytes) -> tuple[memoryview, asyncio.Future[Done]]:
+        return self._io.start_read_send(self.disk.file, offset, length, sock, header)
+
+    def start_write(self, offset: int, data: bytes, fua: bool) -> asyncio.Future[Done] | None:
         return self._io.start_write(
             self.disk.file, offset, data, datapath.FLAG_FUA if fua else 0
         )
@@ -337,10 +351,14 @@ class SnapshotExport:
     def read_now(self, offset: int, length: int) -> tuple[bytearray, bool] | None:
         return None  # snapshot reads take cluster locks: always off the loop
 
-    def start_read(self, offset: int, length: int) -> tuple[memoryview, asyncio.Future[bool]]:
+    def start_read(self, offset: int, length: int) -> tuple[memoryview, asyncio.Future[Done]]:
         return self._io.start_read(self.session.native, offset, length)
 
-    def start_write(self, offset: int, data: bytes, fua: bool) -> asyncio.Future[bool] | None:
+    def start_read_send(self, offset: int, length: int, sock: NativeSock,
+                        header: bytes) -> tuple[memoryview, asyncio.Future[Done]]:
+        return self._io.start_read_send(self.session.native, offset, length, sock, header)
+
+    def start_write(self, offset: int, data: bytes, fua: bool) -> asyncio.Future[Done] | None:
         return None  # refused by write(): EPERM
 
     async def write(self, offset: int, data: bytes, fua: bool) -> None:

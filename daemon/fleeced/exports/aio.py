@@ -11,9 +11,26 @@ from __future__ import annotations
 import asyncio
 from typing import Final
 
-from fleeced.datapath import NativeFile, NativeQueue, NativeSession, error_from_rc
+from fleeced.datapath import (
+    DONE_HOLE,
+    DONE_SENT,
+    NativeFile,
+    NativeQueue,
+    NativeSession,
+    NativeSock,
+    error_from_rc,
+)
 
 DEFAULT_THREADS: Final = 8
+
+
+#: A completion: (``DONE_*`` bits, bytes sent when a worker-written reply
+#: went out only in part, else 0).
+Done = tuple[int, int]
+
+
+class ReplyTorn(OSError):
+    """A worker-written reply failed part way: the connection's stream is torn."""
 
 
 class IoQueue:
@@ -25,7 +42,7 @@ class IoQueue:
         :raise OSError: when the queue cannot be created.
         """
         self._native = NativeQueue(threads)
-        self._futures: dict[int, asyncio.Future[bool]] = {}
+        self._futures: dict[int, asyncio.Future[Done]] = {}
         self._next = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -47,25 +64,27 @@ class IoQueue:
 
     def _on_ready(self) -> None:
         futures = self._futures
-        for op_id, rc, hole in self._native.reap():
+        for op_id, rc, done in self._native.reap():
             fut = futures.pop(op_id, None)
             if fut is None or fut.done():  # cancelled waiter
                 continue
-            if rc < 0:
+            if rc < 0 and done & DONE_SENT:
+                fut.set_exception(ReplyTorn(-rc, f"reply write failed: {error_from_rc(rc)}"))
+            elif rc < 0:
                 fut.set_exception(error_from_rc(rc))
             else:
-                fut.set_result(hole)
+                fut.set_result((done, rc))
 
-    def _new(self) -> tuple[int, asyncio.Future[bool]]:
+    def _new(self) -> tuple[int, asyncio.Future[Done]]:
         assert self._loop is not None, "IoQueue.start() was not called"
         self._next += 1
-        fut: asyncio.Future[bool] = self._loop.create_future()
+        fut: asyncio.Future[Done] = self._loop.create_future()
         self._futures[self._next] = fut
         return self._next, fut
 
     def start_read(self, target: NativeFile | NativeSession, off: int,
-                   length: int) -> tuple[memoryview, asyncio.Future[bool]]:
-        """Submit a read; the future's result is ``is_hole``.
+                   length: int) -> tuple[memoryview, asyncio.Future[Done]]:
+        """Submit a read; the future's result has :data:`DONE_HOLE` for a hole.
 
         :raise OSError: when the submission is refused (range, closed).
         """
@@ -77,8 +96,28 @@ class IoQueue:
             raise
         return buf, fut
 
+    def start_read_send(
+        self, target: NativeFile | NativeSession, off: int, length: int, sock: NativeSock,
+        header: bytes,
+    ) -> tuple[memoryview, asyncio.Future[Done]]:
+        """Submit a read whose reply a worker writes to SOCK itself.
+
+        See :meth:`NativeQueue.submit_read_send` for the outcomes; the future's
+        result is ``(done bits, bytes sent if only part went out)``.
+
+        :raise OSError: when the submission is refused.
+        :raise ReplyTorn: (from the future) when the write failed part way.
+        """
+        op_id, fut = self._new()
+        try:
+            buf = self._native.submit_read_send(op_id, target, off, length, sock, header)
+        except BaseException:
+            del self._futures[op_id]
+            raise
+        return buf, fut
+
     def start_write(self, file: NativeFile, off: int, data: bytes,
-                    flags: int) -> asyncio.Future[bool]:
+                    flags: int) -> asyncio.Future[Done]:
         """Submit a guest write.
 
         :raise OSError: when the submission is refused (range, read-only).
@@ -103,8 +142,8 @@ class IoQueue:
         except BaseException:
             del self._futures[op_id]
             raise
-        hole = await fut
-        return buf, hole
+        done, _ = await fut
+        return buf, bool(done & DONE_HOLE)
 
     async def write(self, file: NativeFile, off: int, data: bytes, flags: int) -> None:
         """Guest write (CBW runs in the worker).

@@ -685,6 +685,29 @@ class ServerConnection:
         )
         self._out.append(data if isinstance(data, bytes | memoryview) else memoryview(data))
 
+    def read_reply_header(self, cookie: int, offset: int, length: int) -> bytes:
+        """The bytes that precede LENGTH bytes of data in a successful READ reply.
+
+        For a server that writes the payload itself (e.g. from another thread):
+        the header and the data together equal what :meth:`reply_read` queues for
+        non-hole data.  Nothing is queued here.
+
+        :raise LocalProtocolError: before transmission, or if *length* is 0.
+        """
+        self._require_transmission()
+        if length <= 0:
+            raise LocalProtocolError("read_reply_header() with no data")
+        if not self._structured:
+            return _simple_pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+        return CHUNK_OFFSET_DATA.pack(
+            STRUCTURED_REPLY_MAGIC,
+            NbdReplyFlag.DONE,
+            NbdReplyType.OFFSET_DATA,
+            cookie,
+            8 + length,
+            offset,
+        )
+
     def reply_block_status(
         self, cookie: int, contexts: Sequence[tuple[int, Sequence[tuple[int, int]]]]
     ) -> None:

@@ -16,8 +16,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 from typing import TYPE_CHECKING, Final, cast
 
+from fleeced.datapath import DONE_HOLE, DONE_SENT, NativeSock
+from fleeced.exports.aio import Done, ReplyTorn
 from fleeced.nbd import (
     NEED_DATA,
     Command,
@@ -41,6 +44,13 @@ log = logging.getLogger(__name__)
 #: Requests in flight per connection before reading pauses.
 MAX_IN_FLIGHT: Final = 64
 
+#: READs at least this large have their reply written by a native worker
+#: (header + data straight to the socket, never waiting on it), taking the
+#: copy into the socket off the event-loop thread.
+SEND_MIN: Final = 64 * 1024
+#: Requested socket send buffer (the kernel caps it at net.core.wmem_max).
+SOCKET_SNDBUF: Final = 4 * 1024 * 1024
+
 
 class NbdConnection(asyncio.Protocol):
     """asyncio protocol for one client connection."""
@@ -52,7 +62,10 @@ class NbdConnection(asyncio.Protocol):
         self.export: Export | None = None
         self.peer = "?"
         self._tasks: set[asyncio.Task[None]] = set()
-        self._inflight = 0  # tasks plus queue futures
+        self._inflight = 0  # tasks plus queue futures (plus held sends)
+        self._sock: NativeSock | None = None
+        self._sends = 0  # worker-written replies in flight
+        self._stalled = False  # a worker reply went out in part
         self._writing_paused = False
         self._reading_paused = False
         self._closing = False
@@ -69,6 +82,14 @@ class NbdConnection(asyncio.Protocol):
         # 4 MiB of unsent replies before pause_writing: room for one max
         # read plus headers, bounded per connection.
         self._transport.set_write_buffer_limits(high=4 * 1024 * 1024)
+        # A socket buffer that holds whole large replies lets native workers
+        # write them without waiting (capped by net.core.wmem_max).
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SNDBUF)
+            except OSError as exc:
+                log.debug("SO_SNDBUF: %s", exc)
         if not self._server.connection_opened(self):
             self._transport.close()
             return
@@ -93,6 +114,9 @@ class NbdConnection(asyncio.Protocol):
         else:
             log.info("client %s disconnected", self.peer)
         self._closing = True
+        if self._sock is not None and not self._sends:
+            self._sock.close()  # else the last worker reply closes it
+            self._sock = None
         self._server.connection_closed(self)
         if not self.closed.done():
             self.closed.set_result(None)
@@ -195,6 +219,8 @@ class NbdConnection(asyncio.Protocol):
     def _submit_read(self, cmd: Command) -> bool:
         export = self.export
         assert export is not None
+        if cmd.length >= SEND_MIN and self._worker_sends_possible() and self._submit_send(cmd):
+            return True
         try:
             buf, fut = export.start_read(cmd.offset, cmd.length)
         except OSError:
@@ -203,7 +229,86 @@ class NbdConnection(asyncio.Protocol):
         fut.add_done_callback(lambda f: self._read_done(cmd, buf, f))
         return True
 
-    def _read_done(self, cmd: Command, buf: memoryview, fut: asyncio.Future[bool]) -> None:
+    def _worker_sends_possible(self) -> bool:
+        """Whether native workers may write replies now.
+
+        Only while nothing of ours is buffered in the transport (so the two
+        writers never interleave) and the socket is not stalled by a reply
+        that went out in part.
+        """
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return False
+        if self._sends:
+            return not self._stalled
+        self._flush()
+        if transport.get_write_buffer_size():
+            return False
+        if self._sock is None:
+            sock = transport.get_extra_info("socket")
+            if sock is None:
+                return False
+            try:
+                self._sock = NativeSock(sock.fileno())
+            except OSError:
+                return False
+        if self._stalled:  # the rest has been written: workers may go on
+            self._sock.resume()
+            self._stalled = False
+        return True
+
+    def _submit_send(self, cmd: Command) -> bool:
+        export = self.export
+        assert export is not None and self._sock is not None
+        header = self._engine.read_reply_header(cmd.cookie, cmd.offset, cmd.length)
+        try:
+            buf, fut = export.start_read_send(cmd.offset, cmd.length, self._sock, header)
+        except OSError:
+            return False
+        self._sends += 1
+        self._inflight += 1
+        fut.add_done_callback(lambda f: self._send_done(cmd, header, buf, f))
+        return True
+
+    def _send_done(
+        self, cmd: Command, header: bytes, buf: memoryview, fut: asyncio.Future[Done]
+    ) -> None:
+        export = self.export
+        assert export is not None
+        self._sends -= 1
+        stats = export.stats
+        stats.requests += 1
+        exc = None if fut.cancelled() else fut.exception()
+        if isinstance(exc, ReplyTorn):
+            log.info("client %s: reply write failed, closing: %s", self.peer, exc)
+            self._abort()
+        elif fut.cancelled():
+            self._engine.reply_error(cmd.cookie, NbdErrno.ESHUTDOWN, "server shutting down")
+        elif exc is not None:
+            self._reply_exception(export, cmd, exc)
+        else:
+            done, sent = fut.result()
+            stats.bytes_read += cmd.length
+            if done & DONE_HOLE:  # nothing sent: describe the hole ourselves
+                self._engine.reply_read(cmd.cookie, cmd.offset, bytes(cmd.length), True)
+            elif not done & DONE_SENT:  # socket was full: send it ourselves
+                self._engine.reply_read(cmd.cookie, cmd.offset, buf, False)
+            elif sent:
+                # Part went out and the socket is stalled: the rest goes
+                # first, ahead of anything queued in the engine.
+                self._stalled = True
+                if sent < len(header):
+                    rest = [memoryview(header)[sent:], buf]
+                else:
+                    rest = [buf[sent - len(header):]]
+                if self._transport is not None and not self._transport.is_closing():
+                    self._transport.writelines(rest)
+        if self._sends == 0 and self._closing and self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._op_done()
+
+    def _read_done(self, cmd: Command, buf: memoryview, fut: asyncio.Future[Done]) -> None:
         export = self.export
         assert export is not None
         stats = export.stats
@@ -215,7 +320,7 @@ class NbdConnection(asyncio.Protocol):
             self._reply_exception(export, cmd, exc)
         else:
             stats.bytes_read += cmd.length
-            self._engine.reply_read(cmd.cookie, cmd.offset, buf, fut.result())
+            self._engine.reply_read(cmd.cookie, cmd.offset, buf, bool(fut.result()[0] & DONE_HOLE))
         self._op_done()
 
     def _submit_write(self, cmd: Command) -> bool:
@@ -231,7 +336,7 @@ class NbdConnection(asyncio.Protocol):
         fut.add_done_callback(lambda f: self._write_done(cmd, f))
         return True
 
-    def _write_done(self, cmd: Command, fut: asyncio.Future[bool]) -> None:
+    def _write_done(self, cmd: Command, fut: asyncio.Future[Done]) -> None:
         export = self.export
         assert export is not None
         stats = export.stats
@@ -345,6 +450,8 @@ class NbdConnection(asyncio.Protocol):
     # -- output and lifecycle ----------------------------------------------
 
     def _flush(self) -> None:
+        if self._sends:
+            return  # workers own the socket until their replies are out
         out = self._engine.data_to_send()
         if out and self._transport is not None and not self._transport.is_closing():
             self._transport.writelines(out)

@@ -133,3 +133,12 @@ def test_replies_allowed_after_disc_for_inflight_requests() -> None:
     drain_events(conn)
     conn.reply_read(1, 0, b"abcd")  # must not raise: DISC waits for in-flight replies
     assert len(out(conn)) == 20 + 8 + 4
+
+
+def test_read_reply_header_matches_reply_read() -> None:
+    """The header for a payload written elsewhere equals reply_read's bytes."""
+    for structured in (False, True):
+        conn = opened(structured=structured)
+        conn.reply_read(7, 4096, b"\x01" * 512)
+        queued = b"".join(bytes(x) for x in conn.data_to_send())
+        assert conn.read_reply_header(7, 4096, 512) + b"\x01" * 512 == queued
