@@ -15,6 +15,10 @@
  * The objects (fl_file / fl_session) must likewise stay open until every
  * operation on them is reaped.
  *
+ * Priorities: guest ops (on an fl_file) are taken before snapshot ops (on
+ * an fl_session), and snapshot ops never occupy more than lo_max workers,
+ * so a backup pulling at full speed cannot starve guest writes.
+ *
  * Locking: q->lock guards the pending list, the done list, `stopping` and
  * the counters; it is never held across I/O.  Workers wait on q->work.
  * A worker writes the eventfd when the done list goes from empty to
@@ -61,6 +65,10 @@ struct op {
     struct op *next;
 };
 
+struct opq {
+    struct op *head, *tail;       /* FIFO */
+};
+
 struct fl_queue {
     int efd;                      /* immutable: completion eventfd */
     unsigned nthreads;            /* immutable */
@@ -68,7 +76,8 @@ struct fl_queue {
     pthread_mutex_t lock;
     pthread_cond_t work;          /* signalled on submit and stop */
     /* guarded by lock: */
-    struct op *head, *tail;       /* pending, FIFO */
+    struct opq hi, lo;            /* pending: guest (file) ops, snapshot ops */
+    unsigned lo_running, lo_max;  /* snapshot ops running, and their cap */
     struct op *done_head, *done_tail;
     unsigned idle;                /* workers waiting on `work` */
     unsigned signalled;           /* of those, already signalled */
@@ -192,6 +201,49 @@ static void run_op(struct op *o)
         send_reply(o, hole);
 }
 
+static int is_lo(const struct op *o)
+{
+    return o->kind == FL_OP_SNAP_READ || o->kind == FL_OP_SNAP_DISCARD;
+}
+
+static void opq_push(struct opq *l, struct op *o)
+{
+    o->next = NULL;
+    if (l->tail != NULL)
+        l->tail->next = o;
+    else
+        l->head = o;
+    l->tail = o;
+}
+
+static struct op *opq_pop(struct opq *l)
+{
+    struct op *o = l->head;
+
+    if (o != NULL) {
+        l->head = o->next;
+        if (l->head == NULL)
+            l->tail = NULL;
+    }
+    return o;
+}
+
+/* Next op for a worker, guest ops first; snapshot ops only while fewer
+ * than lo_max run, so a backup can never occupy every worker and guest
+ * writes always find one free (DESIGN: the guest comes first). */
+static struct op *take(fl_queue *q)
+{
+    struct op *o = opq_pop(&q->hi);
+
+    if (o == NULL && q->lo.head != NULL && q->lo_running < q->lo_max) {
+        o = opq_pop(&q->lo);
+        q->lo_running++;
+    }
+    if (o != NULL)
+        q->pending--;
+    return o;
+}
+
 static void *worker(void *arg)
 {
     fl_queue *q = arg;
@@ -202,28 +254,31 @@ static void *worker(void *arg)
 
     for (;;) {
         pthread_mutex_lock(&q->lock);
-        while (q->head == NULL && !q->stopping) {
+        while ((o = take(q)) == NULL) {
+            if (q->stopping && q->hi.head == NULL && q->lo.head == NULL) {
+                pthread_mutex_unlock(&q->lock);
+                return NULL;            /* stopping and drained */
+            }
             q->idle++;
             pthread_cond_wait(&q->work, &q->lock);
             q->idle--;
             if (q->signalled > 0)   /* a spurious wake only under-counts */
                 q->signalled--;
         }
-        if (q->head == NULL) {          /* stopping and drained */
-            pthread_mutex_unlock(&q->lock);
-            return NULL;
-        }
-        o = q->head;
-        q->pending--;
-        q->head = o->next;
-        if (q->head == NULL)
-            q->tail = NULL;
         pthread_mutex_unlock(&q->lock);
 
         run_op(o);
 
         o->next = NULL;
         pthread_mutex_lock(&q->lock);
+        if (is_lo(o)) {
+            q->lo_running--;
+            /* a snapshot op held back by the cap may run now */
+            if (q->lo.head != NULL && q->idle > q->signalled) {
+                q->signalled++;
+                pthread_cond_signal(&q->work);
+            }
+        }
         was_empty = q->done_head == NULL;
         if (q->done_tail != NULL)
             q->done_tail->next = o;
@@ -268,6 +323,8 @@ int fl_queue_open(unsigned nthreads, fl_queue **out)
     }
     pthread_mutex_init(&q->lock, NULL);
     pthread_cond_init(&q->work, NULL);
+    /* Keep a quarter of the workers (at least one) for guest I/O. */
+    q->lo_max = nthreads > 1 ? nthreads - (nthreads / 4 > 0 ? nthreads / 4 : 1) : 1;
     for (i = 0; i < nthreads; i++) {
         rc = -pthread_create(&q->threads[i], NULL, worker, q);
         if (rc < 0) {
@@ -294,17 +351,16 @@ static int enqueue(fl_queue *q, struct op *o)
         free(o);
         return -ESHUTDOWN;
     }
-    if (q->tail != NULL)
-        q->tail->next = o;
-    else
-        q->head = o;
-    q->tail = o;
+    opq_push(is_lo(o) ? &q->lo : &q->hi, o);
     q->pending++;
     /* Busy workers take the next op before sleeping, so wake a sleeper
      * only when the queue outgrows the workers already running (or about
-     * to): one wake-up per burst instead of one per request. */
+     * to): one wake-up per burst instead of one per request.  A guest op
+     * always gets a sleeper if there is one: the running workers may all
+     * be busy with snapshot reads. */
     if (q->idle > q->signalled &&
-        q->pending > (uint64_t)(q->nthreads - q->idle) + q->signalled) {
+        (!is_lo(o) ||
+         q->pending > (uint64_t)(q->nthreads - q->idle) + q->signalled)) {
         q->signalled++;
         pthread_cond_signal(&q->work);
     }
