@@ -71,14 +71,16 @@ class Export(Protocol):
     def start_read(self, offset: int, length: int) -> tuple[memoryview, asyncio.Future[Done]]:
         """Submit a read to the native queue (no task needed); result: is_hole."""
 
-    def start_write(self, offset: int, data: bytes, fua: bool) -> asyncio.Future[Done] | None:
+    def start_write(
+        self, offset: int, data: bytes | memoryview, fua: bool
+    ) -> asyncio.Future[Done] | None:
         """Submit a write to the native queue, or None to use :meth:`write`."""
 
     def start_read_send(self, offset: int, length: int, sock: NativeSock,
                         header: bytes) -> tuple[memoryview, asyncio.Future[Done]]:
         """Submit a read whose reply a worker writes to SOCK (see IoQueue)."""
 
-    async def write(self, offset: int, data: bytes, fua: bool) -> None: ...
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None: ...
 
     async def zero(
         self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool
@@ -216,12 +218,14 @@ class ActiveExport:
                         header: bytes) -> tuple[memoryview, asyncio.Future[Done]]:
         return self._io.start_read_send(self.disk.file, offset, length, sock, header)
 
-    def start_write(self, offset: int, data: bytes, fua: bool) -> asyncio.Future[Done] | None:
+    def start_write(
+        self, offset: int, data: bytes | memoryview, fua: bool
+    ) -> asyncio.Future[Done] | None:
         return self._io.start_write(
             self.disk.file, offset, data, datapath.FLAG_FUA if fua else 0
         )
 
-    async def write(self, offset: int, data: bytes, fua: bool) -> None:
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         await self._io.write(self.disk.file, offset, data, datapath.FLAG_FUA if fua else 0)
 
     async def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
@@ -358,10 +362,12 @@ class SnapshotExport:
                         header: bytes) -> tuple[memoryview, asyncio.Future[Done]]:
         return self._io.start_read_send(self.session.native, offset, length, sock, header)
 
-    def start_write(self, offset: int, data: bytes, fua: bool) -> asyncio.Future[Done] | None:
+    def start_write(
+        self, offset: int, data: bytes | memoryview, fua: bool
+    ) -> asyncio.Future[Done] | None:
         return None  # refused by write(): EPERM
 
-    async def write(self, offset: int, data: bytes, fua: bool) -> None:
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         raise OSError(errno.EPERM, "snapshot export is read-only")
 
     async def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:

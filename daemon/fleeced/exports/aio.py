@@ -116,7 +116,7 @@ class IoQueue:
             raise
         return buf, fut
 
-    def start_write(self, file: NativeFile, off: int, data: bytes,
+    def start_write(self, file: NativeFile, off: int, data: bytes | memoryview,
                     flags: int) -> asyncio.Future[Done]:
         """Submit a guest write.
 
@@ -145,7 +145,8 @@ class IoQueue:
         done, _ = await fut
         return buf, bool(done & DONE_HOLE)
 
-    async def write(self, file: NativeFile, off: int, data: bytes, flags: int) -> None:
+    async def write(self, file: NativeFile, off: int, data: bytes | memoryview,
+                    flags: int) -> None:
         """Guest write (CBW runs in the worker).
 
         :raise OSError: the operation's error.

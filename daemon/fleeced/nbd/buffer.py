@@ -18,8 +18,10 @@ class ReceiveBuffer:
     __slots__ = ("data", "pos")
 
     def __init__(self) -> None:
-        #: The underlying storage; valid bytes are ``data[pos:]``.
-        self.data = bytearray()
+        #: The underlying storage; valid bytes are ``data[pos:]``.  While the
+        #: buffer holds exactly one received ``bytes`` chunk it *is* that chunk
+        #: (no copy); it becomes a bytearray when more must be appended.
+        self.data: bytes | bytearray = bytearray()
         #: Read offset into :attr:`data`.
         self.pos = 0
 
@@ -32,12 +34,18 @@ class ReceiveBuffer:
         The compaction copies only the unconsumed tail, which is shorter than one
         message, so each byte is moved at most a bounded number of times.
         """
-        if self.pos:
-            if self.pos == len(self.data):
-                self.data.clear()
-            else:
-                del self.data[: self.pos]
+        if self.pos == len(self.data):
+            # Nothing unconsumed: adopt an immutable chunk as it is, so WRITE
+            # payloads inside it can be handed out without copying.
             self.pos = 0
+            self.data = chunk if isinstance(chunk, bytes) else bytearray(chunk)
+            return
+        if isinstance(self.data, bytes):
+            with memoryview(self.data) as view:
+                self.data = bytearray(view[self.pos :])  # copies only the tail
+        elif self.pos:
+            del self.data[: self.pos]
+        self.pos = 0
         self.data += chunk
 
     def skip(self, n: int) -> None:
@@ -51,6 +59,17 @@ class ReceiveBuffer:
             out = bytes(view[start : start + n])
         self.pos = start + n
         return out
+
+    def take_view(self, n: int) -> bytes | memoryview:
+        """Consume *n* bytes; zero-copy (a view) when the storage is immutable.
+
+        Caller checked ``len(self) >= n``.
+        """
+        if isinstance(self.data, bytes):
+            start = self.pos
+            self.pos = start + n
+            return memoryview(self.data)[start : start + n]
+        return self.take(n)
 
     def peek(self) -> bytes:
         """Return a copy of all unconsumed bytes without consuming them."""

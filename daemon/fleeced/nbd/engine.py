@@ -558,7 +558,7 @@ class ServerConnection:
                 return self._need()
             buf.skip(_REQ_SIZE)
             return Command(
-                cookie, _CMDS[cmd], _FLAG_VALUES[flags], offset, length, buf.take(length)
+                cookie, _CMDS[cmd], _FLAG_VALUES[flags], offset, length, buf.take_view(length)
             )
         buf.skip(_REQ_SIZE)
         if error is not None:

@@ -48,7 +48,7 @@ class Command:
     flags: NbdCmdFlag
     offset: int
     length: int
-    data: bytes | None = None
+    data: bytes | memoryview | None = None
 
 
 @dataclass(frozen=True, slots=True)
