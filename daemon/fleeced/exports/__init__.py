@@ -18,7 +18,7 @@ import errno
 import os
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from fleeced import datapath
@@ -172,7 +172,22 @@ class Disk:
         self.file.close()
 
 
-class ActiveExport:
+class _ExportBase:
+    """What every export has: its NBD description and its counters."""
+
+    _info: ExportInfo
+    _stats: ExportStats
+
+    @property
+    def info(self) -> ExportInfo:
+        return self._info
+
+    @property
+    def stats(self) -> ExportStats:
+        return self._stats
+
+
+class ActiveExport(_ExportBase):
     """The read-write view of a disk; writes run copy-before-write in C."""
 
     def __init__(self, disk: Disk, run: Runner, io: IoQueue, name: str | None = None) -> None:
@@ -194,14 +209,6 @@ class ActiveExport:
             # shared descriptor, so it covers writes from every connection.
             can_multi_conn=True,
         )
-
-    @property
-    def info(self) -> ExportInfo:
-        return self._info
-
-    @property
-    def stats(self) -> ExportStats:
-        return self._stats
 
     async def read(self, offset: int, length: int) -> tuple[bytearray | memoryview, bool]:
         return await self._io.read(self.disk.file, offset, length)
@@ -314,7 +321,7 @@ def default_temp_dir() -> str:
     return "/var/tmp" if os.path.isdir("/var/tmp") else "/tmp"
 
 
-class SnapshotExport:
+class SnapshotExport(_ExportBase):
     """The frozen view of a session.
 
     Data is read-only (WRITE / WRITE_ZEROES get EPERM) but TRIM means
@@ -340,14 +347,6 @@ class SnapshotExport:
             can_fua=False,
             can_multi_conn=True,
         )
-
-    @property
-    def info(self) -> ExportInfo:
-        return self._info
-
-    @property
-    def stats(self) -> ExportStats:
-        return self._stats
 
     async def read(self, offset: int, length: int) -> tuple[bytearray | memoryview, bool]:
         return await self._io.read(self.session.native, offset, length)
@@ -393,8 +392,3 @@ class SnapshotExport:
             if st.broken:
                 return f"snapshot is broken: {os.strerror(st.broken_errno or errno.EIO)}"
         return exc.strerror or ""
-
-
-def with_name(info: ExportInfo, name: str) -> ExportInfo:
-    """A copy of INFO under another export name."""
-    return replace(info, name=name)

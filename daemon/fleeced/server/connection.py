@@ -273,22 +273,14 @@ class NbdConnection(asyncio.Protocol):
     def _send_done(
         self, cmd: Command, header: bytes, buf: memoryview, fut: asyncio.Future[Done]
     ) -> None:
-        export = self.export
-        assert export is not None
         self._sends -= 1
-        stats = export.stats
-        stats.requests += 1
-        exc = None if fut.cancelled() else fut.exception()
-        if isinstance(exc, ReplyTorn):
-            log.info("client %s: reply write failed, closing: %s", self.peer, exc)
+        torn = not fut.cancelled() and isinstance(fut.exception(), ReplyTorn)
+        if torn:
+            log.info("client %s: reply write failed, closing: %s", self.peer, fut.exception())
             self._abort()
-        elif fut.cancelled():
-            self._engine.reply_error(cmd.cookie, NbdErrno.ESHUTDOWN, "server shutting down")
-        elif exc is not None:
-            self._reply_exception(export, cmd, exc)
-        else:
+        elif (export := self._complete(cmd, fut)) is not None:
             done, sent = fut.result()
-            stats.bytes_read += cmd.length
+            export.stats.bytes_read += cmd.length
             if done & DONE_HOLE:  # nothing sent: describe the hole ourselves
                 self._engine.reply_read(cmd.cookie, cmd.offset, bytes(cmd.length), True)
             elif not done & DONE_SENT:  # socket was full: send it ourselves
@@ -308,18 +300,27 @@ class NbdConnection(asyncio.Protocol):
             self._sock = None
         self._op_done()
 
-    def _read_done(self, cmd: Command, buf: memoryview, fut: asyncio.Future[Done]) -> None:
+    def _complete(self, cmd: Command, fut: asyncio.Future[Done]) -> Export | None:
+        """Account a finished queue operation and answer its failure.
+
+        :return: the export when the operation succeeded (the caller replies).
+        """
         export = self.export
         assert export is not None
-        stats = export.stats
-        stats.requests += 1
-        exc = None if fut.cancelled() else fut.exception()
+        export.stats.requests += 1
         if fut.cancelled():
             self._engine.reply_error(cmd.cookie, NbdErrno.ESHUTDOWN, "server shutting down")
-        elif exc is not None:
+            return None
+        exc = fut.exception()
+        if exc is not None:
             self._reply_exception(export, cmd, exc)
-        else:
-            stats.bytes_read += cmd.length
+            return None
+        return export
+
+    def _read_done(self, cmd: Command, buf: memoryview, fut: asyncio.Future[Done]) -> None:
+        export = self._complete(cmd, fut)
+        if export is not None:
+            export.stats.bytes_read += cmd.length
             self._engine.reply_read(cmd.cookie, cmd.offset, buf, bool(fut.result()[0] & DONE_HOLE))
         self._op_done()
 
@@ -337,17 +338,9 @@ class NbdConnection(asyncio.Protocol):
         return True
 
     def _write_done(self, cmd: Command, fut: asyncio.Future[Done]) -> None:
-        export = self.export
-        assert export is not None
-        stats = export.stats
-        stats.requests += 1
-        exc = None if fut.cancelled() else fut.exception()
-        if fut.cancelled():
-            self._engine.reply_error(cmd.cookie, NbdErrno.ESHUTDOWN, "server shutting down")
-        elif exc is not None:
-            self._reply_exception(export, cmd, exc)
-        else:
-            stats.bytes_written += cmd.length
+        export = self._complete(cmd, fut)
+        if export is not None:
+            export.stats.bytes_written += cmd.length
             self._engine.reply_ok(cmd.cookie)
         self._op_done()
 
