@@ -539,6 +539,14 @@ class NativeSession:
             raise _einval(f"err={e} n={k}")
         _check(lib.fl_session_inject_error(h, e, k))
 
+    def inject_delay(self, ms: int) -> None:
+        """Test hook: every CBW copy of this session first sleeps MS milliseconds.
+
+        :raise OSError: ``EINVAL`` outside 0..60000, ``EBADF`` closed.
+        """
+        h = self._handle()
+        _check(lib.fl_session_inject_delay(h, _uint("ms", ms)))
+
     def close(self) -> None:
         """Detach from the file and free everything.  Idempotent.
 

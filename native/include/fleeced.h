@@ -134,6 +134,9 @@ int fl_session_extents(fl_session *s, uint64_t off, uint64_t len,
 int fl_session_stats(fl_session *s, struct fl_session_stats *out);
 /* Cluster state of the cluster containing OFF (FL_* state), for tests. */
 int fl_session_cluster_state(fl_session *s, uint64_t off, int *state);
+/* Test hook: every copy-before-write copy of S sleeps MS (0..60000) first,
+ * outside the lock, so timeouts can be provoked. */
+int fl_session_inject_delay(fl_session *s, int ms);
 /* Test hook: make the next N temp-store writes of S fail with -err
  * (err > 0), n = 0 disables. */
 int fl_session_inject_error(fl_session *s, int err, int n);

@@ -108,6 +108,7 @@ struct fl_session {
     uint64_t discarded_clusters, discarded_bytes;
     int broken, broken_errno;
     int inject_err, inject_n;  /* test fault hook */
+    int inject_delay_ms;       /* test hook: slow copies down */
 };
 
 /* ---- helpers (call with s->lock held unless noted) ------------------ */
@@ -311,7 +312,7 @@ static int copy_run(fl_session *s, uint64_t c0, uint64_t c1, uint64_t bytes,
                     int to_cache)
 {
     uint64_t off = c0 << s->shift;
-    int inj = 0, rc = 0;
+    int inj = 0, rc = 0, delay_ms = s->inject_delay_ms;
 
     if (s->inject_n > 0) {
         s->inject_n--;
@@ -328,6 +329,12 @@ static int copy_run(fl_session *s, uint64_t c0, uint64_t c1, uint64_t bytes,
     if (to_cache)
         s->cache_used += bytes; /* reservation */
     pthread_mutex_unlock(&s->lock);
+    if (delay_ms > 0) {
+        struct timespec ts = { .tv_sec = delay_ms / 1000,
+                               .tv_nsec = (long)(delay_ms % 1000) * 1000000L };
+        while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+            ;
+    }
 
     if (to_cache) {
         struct cent *e = malloc(sizeof(*e) + bytes);
@@ -862,6 +869,16 @@ int fl_session_cluster_state(fl_session *s, uint64_t off, int *state)
         return -EINVAL;
     pthread_mutex_lock(&s->lock);
     *state = s->state[off >> s->shift];
+    pthread_mutex_unlock(&s->lock);
+    return 0;
+}
+
+int fl_session_inject_delay(fl_session *s, int ms)
+{
+    if (ms < 0 || ms > 60000)
+        return -EINVAL;
+    pthread_mutex_lock(&s->lock);
+    s->inject_delay_ms = ms;
     pthread_mutex_unlock(&s->lock);
     return 0;
 }

@@ -89,3 +89,54 @@ def test_read_nowait(tmp_path: Path) -> None:
     with NativeFile.open(str(sparse), readonly=True) as f:
         got = f.read_nowait(0, 4096)
         assert got is not None and got[1] and bytes(got[0]) == bytes(4096)
+
+
+def _timeout_setup(tmp_path: Path, break_guest_write: bool):  # type: ignore[no-untyped-def]
+    import threading
+    import time
+
+    path, data = _image(tmp_path)
+    f = NativeFile.open(str(path), readonly=False)
+    s = NativeSession.open(f, SessionParams(temp_dir=str(tmp_path), cbw_timeout=0.2,
+                                            break_guest_write=break_guest_write))
+    s.inject_delay(1500)  # every copy takes 1.5 s
+    first = threading.Thread(target=f.write, args=(0, b"A" * 4096))
+    first.start()
+    deadline = time.monotonic() + 10
+    while s.cluster_state(0) != datapath.COPYING:  # the first write owns the copy
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    return f, s, data, first
+
+
+@pytest.mark.parametrize("break_guest_write", [False, True])
+def test_cbw_timeout_applies_the_policy(tmp_path: Path, break_guest_write: bool) -> None:
+    """A write waiting on another write's copy gives up after cbw_timeout."""
+    import time
+
+    f, s, data, first = _timeout_setup(tmp_path, break_guest_write)
+    t0 = time.monotonic()
+    if break_guest_write:
+        with pytest.raises(OSError) as ei:
+            f.write(100, b"B" * 10)
+        assert ei.value.errno == errno.ETIMEDOUT
+    else:
+        f.write(100, b"B" * 10)  # succeeds: the snapshot breaks instead
+    waited = time.monotonic() - t0
+    assert 0.15 < waited < 1.2, waited
+    first.join(10)
+    st = s.stats()
+    if break_guest_write:
+        assert not st.broken
+        assert bytes(s.read(0, 4096)[0]) == data[:4096]  # snapshot intact
+        assert bytes(f.read(0, 4096)[0]) == b"A" * 4096  # B never landed
+    else:
+        assert st.broken and st.broken_errno == errno.ETIMEDOUT
+        with pytest.raises(OSError) as ei:
+            s.read(0, 4096)
+        assert ei.value.errno == errno.EIO
+        got = bytes(f.read(0, 4096)[0])
+        assert got[100:110] in (b"B" * 10, b"A" * 10)  # both writes landed, in some order
+        assert got[:100] == b"A" * 100
+    s.close()
+    f.close()
