@@ -118,8 +118,7 @@ class NbdConnection(asyncio.Protocol):
             self._sock.close()  # else the last worker reply closes it
             self._sock = None
         self._server.connection_closed(self)
-        if not self.closed.done():
-            self.closed.set_result(None)
+        self._maybe_closed()
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -362,8 +361,16 @@ class NbdConnection(asyncio.Protocol):
         self._tasks.discard(task)
         self._op_done()
 
+    def _maybe_closed(self) -> None:
+        # `closed` means: the peer is gone AND no operation of ours still
+        # runs in a native worker, so the export's file or session may be
+        # closed safely (fleece-stop, shutdown).
+        if self._closing and self._inflight == 0 and not self.closed.done():
+            self.closed.set_result(None)
+
     def _op_done(self) -> None:
         self._inflight -= 1
+        self._maybe_closed()
         self._flush()
         if self._inflight == MAX_IN_FLIGHT - 1 and not self._disconnect_requested:
             self._process()  # resume parsing what is buffered
@@ -473,9 +480,10 @@ class NbdConnection(asyncio.Protocol):
             self._transport.close()
 
     def _abort(self) -> None:
+        # In-flight requests are not cancelled: their native operations run
+        # to completion anyway, and `closed` must wait for them (a session
+        # or file may be closed right after).  Their replies are dropped.
         self._closing = True
-        for task in self._tasks:
-            task.cancel()
         if self._transport is not None:
             self._transport.close()
 
