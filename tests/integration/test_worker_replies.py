@@ -131,3 +131,31 @@ def test_mixed_traffic_replies_never_interleave(start_daemon, tmp_path: Path) ->
                 assert c.recv_exact(length) == want
         assert not expect
     healthy(d, img, expect=bytes(data))
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_big_read_of_a_hole(start_daemon, tmp_path: Path, structured: bool) -> None:
+    """A large READ of a hole: OFFSET_HOLE when structured, zeros when simple."""
+    import struct
+
+    img = tmp_path / "sparse.img"
+    with open(img, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(MiB)
+        f.write(b"\x07" * 4096)
+    d = start_daemon(str(img))
+    with Raw(d.sock) as c:
+        c.open("sparse", structured=structured)
+        c.send(request(CMD_READ, 77, 4 * MiB, 2 * MiB))
+        if structured:
+            magic, flags, typ, cookie, length = struct.unpack(">IHHQI", c.recv_exact(20))
+            assert (magic, flags & 1, typ, cookie, length) == (0x668E33EF, 1, 2, 77, 12)
+            off, n = struct.unpack(">QI", c.recv_exact(12))
+            assert (off, n) == (4 * MiB, 2 * MiB)
+        else:
+            magic, error, cookie = struct.unpack(">IIQ", c.recv_exact(16))
+            assert (magic, error, cookie) == (0x67446698, 0, 77)
+            assert c.recv_exact(2 * MiB) == bytes(2 * MiB)
+        # data next to it still arrives as data
+        _, error, got = c.cmd(CMD_READ, MiB, 128 * 1024, cookie=78)
+        assert error == 0 and got[:4096] == b"\x07" * 4096 and got[4096:] == bytes(124 * 1024)

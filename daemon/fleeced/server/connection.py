@@ -62,7 +62,7 @@ class NbdConnection(asyncio.Protocol):
         self.export: Export | None = None
         self.peer = "?"
         self._tasks: set[asyncio.Task[None]] = set()
-        self._inflight = 0  # tasks plus queue futures (plus held sends)
+        self._inflight = 0  # tasks plus native queue operations
         self._sock: NativeSock | None = None
         self._sends = 0  # worker-written replies in flight
         self._stalled = False  # a worker reply went out in part
@@ -281,7 +281,8 @@ class NbdConnection(asyncio.Protocol):
             done, sent = fut.result()
             export.stats.bytes_read += cmd.length
             if done & DONE_HOLE:  # nothing sent: describe the hole ourselves
-                self._engine.reply_read(cmd.cookie, cmd.offset, bytes(cmd.length), True)
+                # (C zero-filled buf, which a simple reply sends as data)
+                self._engine.reply_read(cmd.cookie, cmd.offset, buf, True)
             elif not done & DONE_SENT:  # socket was full: send it ourselves
                 self._engine.reply_read(cmd.cookie, cmd.offset, buf, False)
             elif sent:
