@@ -92,6 +92,21 @@ def _range(off: object, length: object, size: int) -> tuple[int, int]:
     return o, n
 
 
+def _read(
+    fn: Any, handle: Any, off: object, length: object, size: int
+) -> tuple[int, bytearray, bool]:
+    """Police the range, then FN(handle, buf, n, off, &hole) into a new buffer.
+
+    :raise OSError: ``EINVAL`` for a bad range (before any C call).
+    :return: ``(rc, data, is_hole)``; the caller checks ``rc``.
+    """
+    o, n = _range(off, length, size)
+    buf = bytearray(n)
+    hole = ffi.new("int *")
+    rc = int(fn(handle, ffi.from_buffer("uint8_t[]", buf, require_writable=True), n, o, hole))
+    return rc, buf, bool(hole[0])
+
+
 def _closed() -> OSError:
     return OSError(errno.EBADF, "native object is closed")
 
@@ -170,16 +185,9 @@ class NativeFile:
         :return: ``(data, is_hole)``; ``is_hole`` when the whole range is a hole
             (data is then zeros).
         """
-        h = self._handle()
-        o, n = _range(off, length, self._size)
-        buf = bytearray(n)
-        hole = ffi.new("int *")
-        _check(
-            lib.fl_file_read(
-                h, ffi.from_buffer("uint8_t[]", buf, require_writable=True), n, o, hole
-            )
-        )
-        return buf, bool(hole[0])
+        rc, buf, hole = _read(lib.fl_file_read, self._handle(), off, length, self._size)
+        _check(rc)
+        return buf, hole
 
     def read_nowait(self, off: int, length: int) -> tuple[bytearray, bool] | None:
         """Read from the page cache only (``RWF_NOWAIT``); safe on the event loop.
@@ -188,17 +196,11 @@ class NativeFile:
             no error.
         :return: ``(data, is_hole)``, or ``None`` when the read would block.
         """
-        h = self._handle()
-        o, n = _range(off, length, self._size)
-        buf = bytearray(n)
-        hole = ffi.new("int *")
-        rc = lib.fl_file_read_nowait(
-            h, ffi.from_buffer("uint8_t[]", buf, require_writable=True), n, o, hole
-        )
+        rc, buf, hole = _read(lib.fl_file_read_nowait, self._handle(), off, length, self._size)
         if rc == -errno.EAGAIN:
             return None
         _check(rc)
-        return buf, bool(hole[0])
+        return buf, hole
 
     def write(self, off: int, data: Buffer, *, fua: bool = False) -> None:
         """Guest write: copy-before-write for every session, then write DATA at OFF.
@@ -456,16 +458,9 @@ class NativeSession:
             ``EINVAL`` out of range, ``EBADF`` closed.
         :return: ``(data, is_hole)`` as :meth:`NativeFile.read`.
         """
-        h = self._handle()
-        o, n = _range(off, length, self._size)
-        buf = bytearray(n)
-        hole = ffi.new("int *")
-        _check(
-            lib.fl_session_read(
-                h, ffi.from_buffer("uint8_t[]", buf, require_writable=True), n, o, hole
-            )
-        )
-        return buf, bool(hole[0])
+        rc, buf, hole = _read(lib.fl_session_read, self._handle(), off, length, self._size)
+        _check(rc)
+        return buf, hole
 
     def discard(self, off: int, length: int) -> None:
         """Done with ``[off, off+length)``: drop its copies, stop CBW there.

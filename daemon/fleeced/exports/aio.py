@@ -9,7 +9,8 @@ the eventfd wakes the loop.
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from collections.abc import Callable
+from typing import Final, TypeVar
 
 from fleeced.datapath import (
     DONE_HOLE,
@@ -22,6 +23,8 @@ from fleeced.datapath import (
 )
 
 DEFAULT_THREADS: Final = 8
+
+T = TypeVar("T")
 
 
 #: A completion: (``DONE_*`` bits, bytes sent when a worker-written reply
@@ -75,12 +78,21 @@ class IoQueue:
             else:
                 fut.set_result((done, rc))
 
-    def _new(self) -> tuple[int, asyncio.Future[Done]]:
+    def _submit(self, submit: Callable[..., T], *args: object) -> tuple[T, asyncio.Future[Done]]:
+        """Give the op an id and a future, then SUBMIT(op_id, *ARGS).
+
+        :raise OSError: when the submission is refused (nothing stays pending).
+        """
         assert self._loop is not None, "IoQueue.start() was not called"
         self._next += 1
+        op_id = self._next
         fut: asyncio.Future[Done] = self._loop.create_future()
-        self._futures[self._next] = fut
-        return self._next, fut
+        self._futures[op_id] = fut
+        try:
+            return submit(op_id, *args), fut
+        except BaseException:
+            del self._futures[op_id]
+            raise
 
     def start_read(self, target: NativeFile | NativeSession, off: int,
                    length: int) -> tuple[memoryview, asyncio.Future[Done]]:
@@ -88,13 +100,7 @@ class IoQueue:
 
         :raise OSError: when the submission is refused (range, closed).
         """
-        op_id, fut = self._new()
-        try:
-            buf = self._native.submit_read(op_id, target, off, length)
-        except BaseException:
-            del self._futures[op_id]
-            raise
-        return buf, fut
+        return self._submit(self._native.submit_read, target, off, length)
 
     def start_read_send(
         self, target: NativeFile | NativeSession, off: int, length: int, sock: NativeSock,
@@ -108,13 +114,7 @@ class IoQueue:
         :raise OSError: when the submission is refused.
         :raise ReplyTorn: (from the future) when the write failed part way.
         """
-        op_id, fut = self._new()
-        try:
-            buf = self._native.submit_read_send(op_id, target, off, length, sock, header)
-        except BaseException:
-            del self._futures[op_id]
-            raise
-        return buf, fut
+        return self._submit(self._native.submit_read_send, target, off, length, sock, header)
 
     def start_write(self, file: NativeFile, off: int, data: bytes | memoryview,
                     flags: int) -> asyncio.Future[Done]:
@@ -122,13 +122,7 @@ class IoQueue:
 
         :raise OSError: when the submission is refused (range, read-only).
         """
-        op_id, fut = self._new()
-        try:
-            self._native.submit_write(op_id, file, off, data, flags)
-        except BaseException:
-            del self._futures[op_id]
-            raise
-        return fut
+        return self._submit(self._native.submit_write, file, off, data, flags)[1]
 
     async def read(self, target: NativeFile | NativeSession, off: int,
                    length: int) -> tuple[memoryview, bool]:
@@ -136,12 +130,7 @@ class IoQueue:
 
         :raise OSError: the operation's error.
         """
-        op_id, fut = self._new()
-        try:
-            buf = self._native.submit_read(op_id, target, off, length)
-        except BaseException:
-            del self._futures[op_id]
-            raise
+        buf, fut = self.start_read(target, off, length)
         done, _ = await fut
         return buf, bool(done & DONE_HOLE)
 
@@ -151,13 +140,7 @@ class IoQueue:
 
         :raise OSError: the operation's error.
         """
-        op_id, fut = self._new()
-        try:
-            self._native.submit_write(op_id, file, off, data, flags)
-        except BaseException:
-            del self._futures[op_id]
-            raise
-        await fut
+        await self.start_write(file, off, data, flags)
 
     async def op(self, kind: int, target: NativeFile | NativeSession, off: int = 0,
                  length: int = 0, flags: int = 0) -> None:
@@ -165,10 +148,4 @@ class IoQueue:
 
         :raise OSError: the operation's error.
         """
-        op_id, fut = self._new()
-        try:
-            self._native.submit(op_id, kind, target, off, length, flags)
-        except BaseException:
-            del self._futures[op_id]
-            raise
-        await fut
+        await self._submit(self._native.submit, kind, target, off, length, flags)[1]
