@@ -7,15 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 pkgs=(make systemd qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio gcc python3-dev python3-venv)
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+.ci/ensure-debs "${pkgs[@]}"
 
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
