@@ -94,6 +94,11 @@ class Daemon:
         :raise OSError: when an image, socket or temp dir cannot be used.
         :raise ValueError: on duplicate export names.
         """
+        # Signal handlers before READY=1: a SIGTERM right after readiness
+        # must shut down in order, not kill the process.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
         self._io.start()
         try:
             for spec in self.config.disks:
@@ -132,9 +137,6 @@ class Daemon:
         self._stop.set()
 
     async def run_until_stopped(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
         await self._stop.wait()
         log.info("shutting down")
         systemd.notify("STOPPING=1")

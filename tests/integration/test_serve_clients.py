@@ -299,3 +299,13 @@ def test_tcp_listener(start_daemon, tmp_path: Path) -> None:
         proc.terminate()
         assert proc.wait(30) == 0
         notify.close()
+
+
+def test_sigterm_right_after_ready_is_orderly(start_daemon, tmp_path: Path) -> None:
+    """READY=1 is sent only once SIGTERM is handled: stopping at once exits 0."""
+    img = tmp_path / "disk.img"
+    make_image(img, MiB)
+    for _ in range(5):
+        d = start_daemon(str(img))
+        assert d.stop() == 0
+        assert b"STOPPING=1" in b"\n".join(d.notifications())
