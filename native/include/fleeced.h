@@ -5,14 +5,23 @@
  * re-checked against the object's size with overflow-safe arithmetic.
  * No function keeps a pointer to a caller buffer after returning, and
  * nothing here calls back into Python.  All functions are thread-safe
- * unless stated otherwise: Python calls them from a thread pool with the
- * GIL released.
+ * unless stated otherwise.  The daemon runs every call that may block
+ * through the I/O queue (fl_queue_*: C worker threads, eventfd
+ * completions); the direct calls serve tests and tools.
  *
  * Objects:
  *   fl_file     a raw image (regular file or block device) opened by path.
  *   fl_session  a fleecing session (copy-before-write snapshot) attached to
  *               one fl_file.  Guest writes go through fl_file_* which run
  *               CBW for every attached session before touching the source.
+ *   fl_sock     a connection socket queue workers may write replies to.
+ *
+ * Lifetimes: every object is reference counted.  Open gives the caller
+ * one reference, close gives it up; a queued or running queue operation
+ * holds one on its object, and a session holds one on its file.  So an
+ * object may be closed while operations on it are queued or running:
+ * they keep it alive and fail -ESHUTDOWN when they start after the close.
+ * The caller must not use its handle after close.
  */
 #ifndef FLEECED_H
 #define FLEECED_H
@@ -48,7 +57,8 @@ typedef struct fl_session fl_session;
  * directories (-EISDIR) and anything but regular files and block devices
  * (-EINVAL). */
 int fl_file_open(const char *path, int readonly, fl_file **out);
-/* Detach nothing, just close; sessions must be closed first. */
+/* Give up the caller's reference (see Lifetimes): the descriptor closes
+ * once no session and no queued operation uses the file any more. */
 void fl_file_close(fl_file *f);
 /* Size in bytes (from fstat or BLKGETSIZE64), fixed at open. */
 uint64_t fl_file_size(const fl_file *f);
@@ -115,8 +125,9 @@ struct fl_session_stats {
  * finish first).  Errors: -EINVAL bad params, -ENOENT/-EACCES/... temp dir. */
 int fl_session_open(fl_file *f, const struct fl_session_params *p,
                     fl_session **out);
-/* Detach from the file (waiting for in-flight guest writes) and free.
- * The caller guarantees no snapshot call on S is in flight or follows. */
+/* Detach from the file (waiting for in-flight guest writes: blocks) and
+ * give up the caller's reference.  Queued snapshot operations keep S alive
+ * and fail -ESHUTDOWN.  fl_queue_submit_close does the same in a worker. */
 void fl_session_close(fl_session *s);
 /* Read the frozen view.  NOT_NEEDED cluster -> -EPERM; broken -> -EIO.
  * is_hole as for fl_file_read (may be NULL). */
@@ -155,15 +166,38 @@ typedef struct fl_queue fl_queue;
 #define FL_OP_CACHE         6  /* fl_file_cache */
 #define FL_OP_SNAP_READ     7  /* fl_session_read, hole reported */
 #define FL_OP_SNAP_DISCARD  8  /* fl_session_discard */
+#define FL_OP_EXTENTS       9  /* fl_file_extents (fl_queue_submit_extents) */
+#define FL_OP_SNAP_EXTENTS 10  /* fl_session_extents (same) */
+#define FL_OP_SESSION_OPEN 11  /* fl_session_open (fl_queue_submit_open) */
+#define FL_OP_SESSION_CLOSE 12 /* fl_session_close (fl_queue_submit_close) */
 
 /* Start NTHREADS (1..64) workers and a completion eventfd. */
 int fl_queue_open(unsigned nthreads, fl_queue **out);
 /* The eventfd: readable when completions wait in fl_queue_reap. */
 int fl_queue_fd(const fl_queue *q);
-/* Queue one operation; never blocks on I/O.  BUF (READ/WRITE/SNAP_READ)
- * must stay valid until ID is reaped.  -ESHUTDOWN once closing. */
+/* Queue one operation (FL_OP_READ .. FL_OP_SNAP_DISCARD); never blocks on
+ * I/O.  Takes a reference on OBJ until the operation has run.  BUF
+ * (READ/WRITE/SNAP_READ) must stay valid until ID is reaped.  -ESHUTDOWN
+ * once the queue is closing. */
 int fl_queue_submit(fl_queue *q, uint64_t id, int kind, void *obj,
                     uint8_t *buf, uint64_t len, uint64_t off, unsigned flags);
+/* Queue block status (FL_OP_EXTENTS on an fl_file, FL_OP_SNAP_EXTENTS on
+ * an fl_session); LENS, FLAGS (MAX each) and N must stay valid until ID
+ * is reaped. */
+int fl_queue_submit_extents(fl_queue *q, uint64_t id, int kind, void *obj,
+                            uint64_t off, uint64_t len, uint64_t *lens,
+                            uint32_t *flags, size_t max, size_t *n);
+/* Queue fl_session_open(F, P, OUT) (it waits for guest writes in flight);
+ * P (and what it points at) and OUT must stay valid until ID is reaped;
+ * *OUT is the session once it completed with rc 0. */
+int fl_queue_submit_open(fl_queue *q, uint64_t id, fl_file *f,
+                         const struct fl_session_params *p, fl_session **out);
+/* Queue fl_session_close(S); the caller's reference passes to the
+ * operation, so the caller must not use S after this call returns 0. */
+int fl_queue_submit_close(fl_queue *q, uint64_t id, fl_session *s);
+/* Test hook: every operation of KIND first sleeps MS (0..60000) in its
+ * worker, so slow disks can be imitated. */
+int fl_queue_inject_delay(fl_queue *q, int kind, int ms);
 /* A connection socket that workers may write READ replies to (a dup of
  * FD).  Workers never wait on it: a reply that does not fit in the socket
  * buffer is left to the caller (see fl_queue_submit_send). */
@@ -172,7 +206,8 @@ int fl_sock_open(int fd, fl_sock **out);
 /* Let workers write again after a partial reply stalled the socket (call
  * once the caller has written the rest and its own buffer is empty). */
 void fl_sock_resume(fl_sock *s);
-/* Close; no operation on S may be queued or running. */
+/* Give up the caller's reference; the dup closes once no queued
+ * operation uses S any more. */
 void fl_sock_close(fl_sock *s);
 
 /* Completion bits reported in holes[] by fl_queue_reap. */

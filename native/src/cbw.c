@@ -52,6 +52,14 @@
  * drop what they stored (punch their own range, free their entry); all
  * byte counters stay 0 from the break on.
  *
+ * Lifetime: reference counted (internal.h "Lifetimes").  fl_session_close
+ * marks the session closed, detaches it from the file (so no guest write
+ * runs CBW for it any more) and gives up the owner's reference; queued
+ * snapshot operations keep the memory, the map and the temp descriptor
+ * until they are gone, and fail -ESHUTDOWN when they run after the close.
+ * The last reference frees everything and drops the session's reference
+ * on its file.
+ *
  * Known race, by design: a snapshot read concurrent with a discard of the
  * same range may return zeros for it (the client asked for both at once).
  */
@@ -83,6 +91,8 @@ struct cent {                  /* one cached cluster */
 };
 
 struct fl_session {
+    unsigned refs;             /* atomic; see "Lifetime" */
+    int closed;                /* atomic; set once by fl_session_close */
     /* Immutable after open. */
     fl_file *file;
     uint64_t size, cs, n_clusters;
@@ -529,6 +539,7 @@ int fl_session_open(fl_file *f, const struct fl_session_params *p,
     s = calloc(1, sizeof(*s));
     if (s == NULL)
         return -ENOMEM;
+    s->refs = 1;
     s->file = f;
     s->size = f->size;
     s->cs = p->cluster_size;
@@ -601,6 +612,7 @@ int fl_session_open(fl_file *f, const struct fl_session_params *p,
     }
 
     /* Attach with no guest write in flight: the snapshot point. */
+    fl__file_ref(f);
     pthread_rwlock_wrlock(&f->sessions_lock);
     s->next = f->sessions;
     f->sessions = s;
@@ -617,6 +629,32 @@ err:
     return rc;
 }
 
+void fl__session_ref(fl_session *s)
+{
+    __atomic_add_fetch(&s->refs, 1, __ATOMIC_RELAXED);
+}
+
+void fl__session_unref(fl_session *s)
+{
+    fl_file *f = s->file;
+
+    if (__atomic_sub_fetch(&s->refs, 1, __ATOMIC_ACQ_REL) != 0)
+        return;
+    cache_free_all(s);
+    free(s->buckets);
+    free(s->state);
+    close(s->temp_fd);
+    pthread_cond_destroy(&s->cond);
+    pthread_mutex_destroy(&s->lock);
+    free(s);
+    fl__file_unref(f);
+}
+
+int fl__session_closed(const fl_session *s)
+{
+    return __atomic_load_n(&s->closed, __ATOMIC_ACQUIRE);
+}
+
 void fl_session_close(fl_session *s)
 {
     fl_file *f;
@@ -625,6 +663,9 @@ void fl_session_close(fl_session *s)
     if (s == NULL)
         return;
     f = s->file;
+    __atomic_store_n(&s->closed, 1, __ATOMIC_RELEASE);
+    /* Detach: waits for guest writes in flight (they hold the lock
+     * shared), so none runs CBW for this session afterwards. */
     pthread_rwlock_wrlock(&f->sessions_lock);
     for (pp = &f->sessions; *pp != NULL; pp = &(*pp)->next) {
         if (*pp == s) {
@@ -633,14 +674,7 @@ void fl_session_close(fl_session *s)
         }
     }
     pthread_rwlock_unlock(&f->sessions_lock);
-
-    cache_free_all(s);
-    free(s->buckets);
-    free(s->state);
-    close(s->temp_fd);
-    pthread_cond_destroy(&s->cond);
-    pthread_mutex_destroy(&s->lock);
-    free(s);
+    fl__session_unref(s);
 }
 
 int fl_session_read(fl_session *s, uint8_t *buf, size_t len, uint64_t off,

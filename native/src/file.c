@@ -18,6 +18,9 @@
  *   trim a successful no-op (trim is advisory in NBD).
  * - FUA is fdatasync after the write (the NBD spec allows the stronger
  *   whole-file sync).
+ * - Lifetime: reference counted (internal.h "Lifetimes").  fl_file_close
+ *   gives up the owner's reference; sessions and queued operations keep
+ *   the descriptor open until they are gone.
  * - No globals.
  */
 #include <errno.h>
@@ -76,6 +79,7 @@ int fl_file_open(const char *path, int readonly, fl_file **out)
         rc = -ENOMEM;
         goto err_fd;
     }
+    f->refs = 1;
     f->fd = fd;
     f->readonly = readonly != 0;
     f->is_blk = S_ISBLK(st.st_mode);
@@ -100,13 +104,31 @@ err_fd:
     return rc;
 }
 
-void fl_file_close(fl_file *f)
+void fl__file_ref(fl_file *f)
 {
-    if (f == NULL)
+    __atomic_add_fetch(&f->refs, 1, __ATOMIC_RELAXED);
+}
+
+void fl__file_unref(fl_file *f)
+{
+    if (__atomic_sub_fetch(&f->refs, 1, __ATOMIC_ACQ_REL) != 0)
         return;
     pthread_rwlock_destroy(&f->sessions_lock);
     close(f->fd);
     free(f);
+}
+
+int fl__file_closed(const fl_file *f)
+{
+    return __atomic_load_n(&f->closed, __ATOMIC_ACQUIRE);
+}
+
+void fl_file_close(fl_file *f)
+{
+    if (f == NULL)
+        return;
+    __atomic_store_n(&f->closed, 1, __ATOMIC_RELEASE);
+    fl__file_unref(f);
 }
 
 uint64_t fl_file_size(const fl_file *f)

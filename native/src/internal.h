@@ -6,6 +6,16 @@
  * fl_session.lock (mutex).  No mutex is ever held across I/O; the file
  * rwlock is held (shared) across a guest write's CBW and source write so
  * that fl_session_open (exclusive) sees no guest write in flight.
+ *
+ * Lifetimes (reference counts, never bookkeeping in Python): every fl_file
+ * and fl_session starts with one reference, its owner's, which
+ * fl_file_close / fl_session_close give up.  A queued or running queue
+ * operation holds one on the object it points at (taken in submit,
+ * dropped after the worker ran it), and a session holds one on its file.
+ * The memory, the descriptors and the locks go away with the last
+ * reference, so nothing is freed while an operation that points at it is
+ * queued or running.  `closed` is set once by the owner's close; an
+ * operation that runs after it fails -ESHUTDOWN instead of touching I/O.
  */
 #ifndef FLEECED_INTERNAL_H
 #define FLEECED_INTERNAL_H
@@ -17,6 +27,8 @@
 #include "fleeced.h"
 
 struct fl_file {
+    unsigned refs;          /* atomic; see "Lifetimes" */
+    int closed;             /* atomic; set once by fl_file_close */
     int fd;                 /* immutable after open */
     int readonly;           /* immutable */
     int is_blk;             /* immutable: block device */
@@ -27,6 +39,15 @@ struct fl_file {
     pthread_rwlock_t sessions_lock;
     fl_session *sessions;   /* singly linked through fl_session.next */
 };
+
+/* References (atomic).  The last unref frees the object. */
+void fl__file_ref(fl_file *f);
+void fl__file_unref(fl_file *f);
+void fl__session_ref(fl_session *s);
+void fl__session_unref(fl_session *s);
+/* 1 once the owner closed the object (fl_file_close / fl_session_close). */
+int fl__file_closed(const fl_file *f);
+int fl__session_closed(const fl_session *s);
 
 /* ---- io.c ----------------------------------------------------------- */
 

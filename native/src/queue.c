@@ -1,30 +1,40 @@
 /* fleeced native data path: an I/O queue with C worker threads and an
  * eventfd completion ring.
  *
- * Design notes.  The event loop submits an operation (fl_queue_submit: a
+ * Design notes.  The event loop submits an operation (fl_queue_submit*: a
  * short, non-blocking call) and later reaps completions in batches
  * (fl_queue_reap) when the eventfd becomes readable.  Worker threads are
  * plain pthreads that run the blocking fl_file_* / fl_session_* calls; they
  * never touch Python or the GIL, so a request costs no Python thread
- * hand-off.  This replaces a Python ThreadPoolExecutor on the hot path
- * (DESIGN.md "Decided": the benchmark chose the eventfd completion queue).
+ * hand-off.  Everything that may block on I/O or on a lock held across I/O
+ * goes through here, session open and close and block status included,
+ * so the event loop never waits for any of it.
  *
- * Buffer lifetime: this is the one place where C keeps a caller's pointer
- * after returning.  The caller (datapath.py) keeps the buffer and its cffi
- * handle alive until the operation's id comes back from fl_queue_reap.
- * The objects (fl_file / fl_session) must likewise stay open until every
- * operation on them is reaped.
+ * Lifetimes: an operation holds a reference on the object it points at
+ * (fl_file, fl_session, fl_sock), taken in submit and dropped after the
+ * worker ran it, so the owner may close the object at any time and
+ * nothing is freed while an operation that points at it is queued or
+ * running.  An operation that runs after its object was closed fails
+ * -ESHUTDOWN.  Caller buffers are the one exception: the caller
+ * (datapath.py) keeps each buffer alive until its id is reaped.
  *
  * Priorities: guest ops (on an fl_file) are taken before snapshot ops (on
  * an fl_session), and snapshot ops never occupy more than lo_max workers,
  * so a backup pulling at full speed cannot starve guest writes.
  *
- * Locking: q->lock guards the pending list, the done list, `stopping` and
- * the counters; it is never held across I/O.  Workers wait on q->work.
- * A worker writes the eventfd when the done list goes from empty to
- * non-empty; fl_queue_reap resets the eventfd before it takes the list, so
- * a readable eventfd always means "something to reap" and no completion is
- * left unsignalled.  Submitters wake a worker only when one is idle.
+ * Wake-ups, one rule: after every change to the pending lists, to
+ * lo_running or to `stopping`, wake_locked() makes sure that every op a
+ * worker may take now has an idle worker woken for it (or that every idle
+ * worker is already woken), and when stopping, that every idle worker
+ * wakes to see it.  A worker never relies on a busy worker to pick an op
+ * up later: that busy worker may sit in a slow op for seconds.
+ *
+ * Locking: q->lock guards the pending lists, the done list, `stopping`,
+ * the counters and the test hook; it is never held across I/O.  Workers
+ * wait on q->work.  A worker writes the eventfd when the done list goes
+ * from empty to non-empty; fl_queue_reap resets the eventfd before it
+ * takes the list, so a readable eventfd always means "something to reap"
+ * and no completion is left unsignalled.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -35,6 +45,7 @@
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -44,8 +55,11 @@
 
 /* A connection's socket for replies written by workers.  Owns a dup of
  * the descriptor, so the event loop closing its own copy can never make a
- * worker write into a reused descriptor number. */
+ * worker write into a reused descriptor number.  Reference counted like
+ * files and sessions: fl_sock_close gives up the owner's reference, and
+ * the descriptor closes with the last one. */
 struct fl_sock {
+    unsigned refs;            /* atomic */
     int fd;                   /* immutable: our dup (MSG_DONTWAIT sends) */
     pthread_mutex_t lock;     /* one reply on the wire at a time; guards: */
     int stalled;              /* a reply went out in part: hands off */
@@ -54,7 +68,7 @@ struct fl_sock {
 struct op {
     uint64_t id;
     int kind;
-    void *obj;
+    void *obj;                /* referenced while the op lives */
     uint8_t *buf;
     uint64_t len, off;
     unsigned flags;
@@ -62,28 +76,90 @@ struct op {
     fl_sock *sock;            /* READ/SNAP_READ: send header + data here */
     uint8_t hdr[HDR_MAX];
     size_t hdr_len;
+    /* EXTENTS / SNAP_EXTENTS outputs, SESSION_OPEN params and result */
+    uint64_t *ext_lens;
+    uint32_t *ext_flags;
+    size_t ext_max, *ext_n;
+    const struct fl_session_params *params;
+    fl_session **session_out;
     struct op *next;
 };
 
 struct opq {
     struct op *head, *tail;       /* FIFO */
+    uint64_t n;
 };
 
 struct fl_queue {
     int efd;                      /* immutable: completion eventfd */
     unsigned nthreads;            /* immutable */
     pthread_t *threads;           /* immutable after open */
+    unsigned lo_max;              /* immutable: snapshot ops running at most */
     pthread_mutex_t lock;
-    pthread_cond_t work;          /* signalled on submit and stop */
+    pthread_cond_t work;          /* an op may be taken, or stopping */
     /* guarded by lock: */
     struct opq hi, lo;            /* pending: guest (file) ops, snapshot ops */
-    unsigned lo_running, lo_max;  /* snapshot ops running, and their cap */
+    unsigned lo_running;          /* snapshot ops running */
     struct op *done_head, *done_tail;
     unsigned idle;                /* workers waiting on `work` */
-    unsigned signalled;           /* of those, already signalled */
-    uint64_t pending;             /* ops in head..tail */
+    unsigned woken;               /* of those, signalled and not yet up */
     int stopping;
+    int delay_kind, delay_ms;     /* test hook: slow ops of one kind */
 };
+
+/* ---- objects and references ------------------------------------------ */
+
+static int is_lo_kind(int kind)
+{
+    return kind == FL_OP_SNAP_READ || kind == FL_OP_SNAP_DISCARD ||
+           kind == FL_OP_SNAP_EXTENTS;
+}
+
+static int is_session_kind(int kind)
+{
+    return is_lo_kind(kind) || kind == FL_OP_SESSION_CLOSE;
+}
+
+static void obj_ref(const struct op *o)
+{
+    if (is_session_kind(o->kind))
+        fl__session_ref(o->obj);
+    else
+        fl__file_ref(o->obj);
+    if (o->sock != NULL)
+        __atomic_add_fetch(&o->sock->refs, 1, __ATOMIC_RELAXED);
+}
+
+static void sock_unref(fl_sock *s)
+{
+    if (__atomic_sub_fetch(&s->refs, 1, __ATOMIC_ACQ_REL) != 0)
+        return;
+    close(s->fd);
+    pthread_mutex_destroy(&s->lock);
+    free(s);
+}
+
+static void obj_unref(const struct op *o)
+{
+    if (is_session_kind(o->kind))
+        fl__session_unref(o->obj);
+    else
+        fl__file_unref(o->obj);
+    if (o->sock != NULL)
+        sock_unref(o->sock);
+}
+
+static int obj_closed(const struct op *o)
+{
+    /* SESSION_CLOSE is the owner's close itself. */
+    if (o->kind == FL_OP_SESSION_CLOSE)
+        return 0;
+    if (is_session_kind(o->kind))
+        return fl__session_closed(o->obj);
+    return fl__file_closed(o->obj);
+}
+
+/* ---- worker-written replies ------------------------------------------- */
 
 /* Write IOV to S without ever waiting: returns the bytes written (all of
  * them, or fewer when the socket buffer filled up), or -errno. */
@@ -162,10 +238,27 @@ static void send_reply(struct op *o, int hole)
     }
 }
 
-static void run_op(struct op *o)
+/* ---- running one op ----------------------------------------------------- */
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = { .tv_sec = ms / 1000,
+                           .tv_nsec = (long)(ms % 1000) * 1000000L };
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
+}
+
+static void run_op(struct op *o, int delay_ms)
 {
     int hole = 0;
 
+    if (delay_ms > 0)
+        sleep_ms(delay_ms);
+    if (obj_closed(o)) {
+        o->rc = -ESHUTDOWN;
+        o->hole = 0;
+        return;
+    }
     switch (o->kind) {
     case FL_OP_READ:
         o->rc = fl_file_read(o->obj, o->buf, (size_t)o->len, o->off, &hole);
@@ -193,6 +286,22 @@ static void run_op(struct op *o)
     case FL_OP_SNAP_DISCARD:
         o->rc = fl_session_discard(o->obj, o->off, o->len);
         break;
+    case FL_OP_EXTENTS:
+        o->rc = fl_file_extents(o->obj, o->off, o->len, o->ext_lens,
+                                o->ext_flags, o->ext_max, o->ext_n);
+        break;
+    case FL_OP_SNAP_EXTENTS:
+        o->rc = fl_session_extents(o->obj, o->off, o->len, o->ext_lens,
+                                   o->ext_flags, o->ext_max, o->ext_n);
+        break;
+    case FL_OP_SESSION_OPEN:
+        o->rc = fl_session_open(o->obj, o->params, o->session_out);
+        break;
+    case FL_OP_SESSION_CLOSE:
+        /* The submitter handed its (owner's) reference over to us. */
+        fl_session_close(o->obj);
+        o->rc = 0;
+        break;
     default:
         o->rc = -EINVAL;
     }
@@ -201,10 +310,7 @@ static void run_op(struct op *o)
         send_reply(o, hole);
 }
 
-static int is_lo(const struct op *o)
-{
-    return o->kind == FL_OP_SNAP_READ || o->kind == FL_OP_SNAP_DISCARD;
-}
+/* ---- pending lists and the wake-up rule --------------------------------- */
 
 static void opq_push(struct opq *l, struct op *o)
 {
@@ -214,6 +320,7 @@ static void opq_push(struct opq *l, struct op *o)
     else
         l->head = o;
     l->tail = o;
+    l->n++;
 }
 
 static struct op *opq_pop(struct opq *l)
@@ -224,14 +331,40 @@ static struct op *opq_pop(struct opq *l)
         l->head = o->next;
         if (l->head == NULL)
             l->tail = NULL;
+        l->n--;
     }
     return o;
+}
+
+/* Ops a worker may take right now: every guest op, and snapshot ops up to
+ * the free snapshot slots. */
+static uint64_t takeable_locked(const fl_queue *q)
+{
+    uint64_t lo_free = q->lo_max - q->lo_running;
+
+    return q->hi.n + (q->lo.n < lo_free ? q->lo.n : lo_free);
+}
+
+/* The one wake-up rule (see the design notes): every takeable op has an
+ * idle worker woken for it, or every idle worker is woken already; when
+ * stopping, every idle worker wakes.  Called with q->lock held after every
+ * change to the lists, lo_running or stopping. */
+static void wake_locked(fl_queue *q)
+{
+    uint64_t want = q->stopping ? q->idle : takeable_locked(q);
+
+    if (want > q->idle)
+        want = q->idle;
+    while (q->woken < want) {
+        q->woken++;
+        pthread_cond_signal(&q->work);
+    }
 }
 
 /* Next op for a worker, guest ops first; snapshot ops only while fewer
  * than lo_max run, so a backup can never occupy every worker and guest
  * writes always find one free (DESIGN: the guest comes first). */
-static struct op *take(fl_queue *q)
+static struct op *take_locked(fl_queue *q)
 {
     struct op *o = opq_pop(&q->hi);
 
@@ -239,8 +372,6 @@ static struct op *take(fl_queue *q)
         o = opq_pop(&q->lo);
         q->lo_running++;
     }
-    if (o != NULL)
-        q->pending--;
     return o;
 }
 
@@ -250,11 +381,11 @@ static void *worker(void *arg)
     struct op *o;
     uint64_t one = 1;
     ssize_t n;
-    int was_empty;
+    int was_empty, delay;
 
     for (;;) {
         pthread_mutex_lock(&q->lock);
-        while ((o = take(q)) == NULL) {
+        while ((o = take_locked(q)) == NULL) {
             if (q->stopping && q->hi.head == NULL && q->lo.head == NULL) {
                 pthread_mutex_unlock(&q->lock);
                 return NULL;            /* stopping and drained */
@@ -262,22 +393,21 @@ static void *worker(void *arg)
             q->idle++;
             pthread_cond_wait(&q->work, &q->lock);
             q->idle--;
-            if (q->signalled > 0)   /* a spurious wake only under-counts */
-                q->signalled--;
+            if (q->woken > 0)   /* a spurious wake only over-signals later */
+                q->woken--;
         }
+        wake_locked(q);         /* more takeable ops: more workers */
+        delay = o->kind == q->delay_kind ? q->delay_ms : 0;
         pthread_mutex_unlock(&q->lock);
 
-        run_op(o);
+        run_op(o, delay);
+        obj_unref(o);           /* may free the object: last use of it */
 
         o->next = NULL;
         pthread_mutex_lock(&q->lock);
-        if (is_lo(o)) {
+        if (is_lo_kind(o->kind)) {
             q->lo_running--;
-            /* a snapshot op held back by the cap may run now */
-            if (q->lo.head != NULL && q->idle > q->signalled) {
-                q->signalled++;
-                pthread_cond_signal(&q->work);
-            }
+            wake_locked(q);     /* a snapshot op held back by the cap */
         }
         was_empty = q->done_head == NULL;
         if (q->done_tail != NULL)
@@ -343,6 +473,7 @@ int fl_queue_fd(const fl_queue *q)
     return q->efd;
 }
 
+/* Take O's references and queue it; frees O on refusal. */
 static int enqueue(fl_queue *q, struct op *o)
 {
     pthread_mutex_lock(&q->lock);
@@ -351,21 +482,23 @@ static int enqueue(fl_queue *q, struct op *o)
         free(o);
         return -ESHUTDOWN;
     }
-    opq_push(is_lo(o) ? &q->lo : &q->hi, o);
-    q->pending++;
-    /* Busy workers take the next op before sleeping, so wake a sleeper
-     * only when the queue outgrows the workers already running (or about
-     * to): one wake-up per burst instead of one per request.  A guest op
-     * always gets a sleeper if there is one: the running workers may all
-     * be busy with snapshot reads. */
-    if (q->idle > q->signalled &&
-        (!is_lo(o) ||
-         q->pending > (uint64_t)(q->nthreads - q->idle) + q->signalled)) {
-        q->signalled++;
-        pthread_cond_signal(&q->work);
-    }
+    obj_ref(o);
+    opq_push(is_lo_kind(o->kind) ? &q->lo : &q->hi, o);
+    wake_locked(q);
     pthread_mutex_unlock(&q->lock);
     return 0;
+}
+
+static struct op *new_op(uint64_t id, int kind, void *obj)
+{
+    struct op *o = calloc(1, sizeof *o);
+
+    if (o != NULL) {
+        o->id = id;
+        o->kind = kind;
+        o->obj = obj;
+    }
+    return o;
 }
 
 int fl_queue_submit(fl_queue *q, uint64_t id, int kind, void *obj,
@@ -378,11 +511,13 @@ int fl_queue_submit(fl_queue *q, uint64_t id, int kind, void *obj,
     if ((kind == FL_OP_READ || kind == FL_OP_WRITE || kind == FL_OP_SNAP_READ)
         && (buf == NULL || len > SIZE_MAX))
         return -EINVAL;
-    o = malloc(sizeof *o);
+    o = new_op(id, kind, obj);
     if (o == NULL)
         return -ENOMEM;
-    *o = (struct op){ .id = id, .kind = kind, .obj = obj, .buf = buf,
-                      .len = len, .off = off, .flags = flags };
+    o->buf = buf;
+    o->len = len;
+    o->off = off;
+    o->flags = flags;
     return enqueue(q, o);
 }
 
@@ -397,14 +532,76 @@ int fl_queue_submit_send(fl_queue *q, uint64_t id, int kind, void *obj,
         len > SIZE_MAX || hdr_len == 0 || hdr_len > HDR_MAX ||
         (kind != FL_OP_READ && kind != FL_OP_SNAP_READ) || flags != 0)
         return -EINVAL;
-    o = malloc(sizeof *o);
+    o = new_op(id, kind, obj);
     if (o == NULL)
         return -ENOMEM;
-    *o = (struct op){ .id = id, .kind = kind, .obj = obj, .buf = buf,
-                      .len = len, .off = off, .flags = flags, .sock = sock,
-                      .hdr_len = hdr_len };
+    o->buf = buf;
+    o->len = len;
+    o->off = off;
+    o->sock = sock;
+    o->hdr_len = hdr_len;
     memcpy(o->hdr, hdr, hdr_len);
     return enqueue(q, o);
+}
+
+int fl_queue_submit_extents(fl_queue *q, uint64_t id, int kind, void *obj,
+                            uint64_t off, uint64_t len, uint64_t *lens,
+                            uint32_t *flags, size_t max, size_t *n)
+{
+    struct op *o;
+
+    if (obj == NULL || lens == NULL || flags == NULL || n == NULL ||
+        max == 0 || (kind != FL_OP_EXTENTS && kind != FL_OP_SNAP_EXTENTS))
+        return -EINVAL;
+    o = new_op(id, kind, obj);
+    if (o == NULL)
+        return -ENOMEM;
+    o->off = off;
+    o->len = len;
+    o->ext_lens = lens;
+    o->ext_flags = flags;
+    o->ext_max = max;
+    o->ext_n = n;
+    return enqueue(q, o);
+}
+
+int fl_queue_submit_open(fl_queue *q, uint64_t id, fl_file *f,
+                         const struct fl_session_params *p, fl_session **out)
+{
+    struct op *o;
+
+    if (f == NULL || p == NULL || out == NULL)
+        return -EINVAL;
+    *out = NULL;
+    o = new_op(id, FL_OP_SESSION_OPEN, f);
+    if (o == NULL)
+        return -ENOMEM;
+    o->params = p;
+    o->session_out = out;
+    return enqueue(q, o);
+}
+
+int fl_queue_submit_close(fl_queue *q, uint64_t id, fl_session *s)
+{
+    struct op *o;
+
+    if (s == NULL)
+        return -EINVAL;
+    o = new_op(id, FL_OP_SESSION_CLOSE, s);
+    if (o == NULL)
+        return -ENOMEM;
+    return enqueue(q, o);
+}
+
+int fl_queue_inject_delay(fl_queue *q, int kind, int ms)
+{
+    if (ms < 0 || ms > 60000)
+        return -EINVAL;
+    pthread_mutex_lock(&q->lock);
+    q->delay_kind = kind;
+    q->delay_ms = ms;
+    pthread_mutex_unlock(&q->lock);
+    return 0;
 }
 
 int fl_sock_open(int fd, fl_sock **out)
@@ -423,6 +620,7 @@ int fl_sock_open(int fd, fl_sock **out)
         free(s);
         return rc;
     }
+    s->refs = 1;
     pthread_mutex_init(&s->lock, NULL);
     *out = s;
     return 0;
@@ -437,11 +635,8 @@ void fl_sock_resume(fl_sock *s)
 
 void fl_sock_close(fl_sock *s)
 {
-    if (s == NULL)
-        return;
-    close(s->fd);
-    pthread_mutex_destroy(&s->lock);
-    free(s);
+    if (s != NULL)
+        sock_unref(s);
 }
 
 int fl_queue_reap(fl_queue *q, uint64_t *ids, int32_t *rcs, int32_t *holes,
@@ -488,7 +683,7 @@ void fl_queue_close(fl_queue *q)
         return;
     pthread_mutex_lock(&q->lock);
     q->stopping = 1;
-    pthread_cond_broadcast(&q->work);
+    wake_locked(q);
     pthread_mutex_unlock(&q->lock);
     for (i = 0; i < q->nthreads; i++)
         pthread_join(q->threads[i], NULL);
