@@ -45,7 +45,8 @@ SIMPLE_REPLY_MAGIC: Final = 0x67446698
 STRUCTURED_REPLY_MAGIC: Final = 0x668E33EF
 
 # proto.md "Block size constraints": a client MAY send a payload of up to 2^25 bytes
-# (32 MiB) whatever the advertised maximum; above that the server may hang up.
+# (32 MiB) whatever the advertised maximum; above that the server may hang up.  We do
+# for a WRITE payload; a READ over it only has a length and gets an error reply.
 MAX_PAYLOAD: Final = 32 * 1024 * 1024
 # proto.md "Option haggling": strings (export names, queries) are at most 4096 bytes.
 MAX_STRING: Final = 4096

@@ -100,6 +100,7 @@ _CMD_FLUSH: Final = int(NbdCmd.FLUSH)
 _CMDS: Final = tuple(NbdCmd)  # indexable by wire value 0..7
 _FLAG_VALUES: Final = tuple(NbdCmdFlag(i) for i in range(32))  # every combination of known bits
 _EINVAL: Final = NbdErrno.EINVAL
+_EOVERFLOW: Final = NbdErrno.EOVERFLOW
 
 _FUA: Final = int(NbdCmdFlag.FUA)
 _NO_HOLE: Final = int(NbdCmdFlag.NO_HOLE)
@@ -149,6 +150,8 @@ def _build_rules(export: ExportInfo, structured: bool, has_contexts: bool) -> tu
     # nonzero number of metadata contexts; servers SHOULD reply EINVAL.
     bs_err = None if structured and has_contexts else einval
     # proto.md "Error values": write past the end SHOULD be ENOSPC, other commands EINVAL.
+    # A READ over max_block gets an error reply however long it is, even past 2^25:
+    # it has no payload to refuse (see _next_request).
     rules: dict[NbdCmd, _Rule] = {
         NbdCmd.READ: (read_flags, None, einval, export.max_block),
         NbdCmd.WRITE: (common, None if export.writable else eperm, enospc, export.max_block),
@@ -517,9 +520,11 @@ class ServerConnection:
             buf.skip(_REQ_SIZE)
             self._state = _State.CLOSED
             return Disconnect()
-        if length > MAX_PAYLOAD and (cmd == _CMD_WRITE or cmd == _CMD_READ):
-            # STYLE.md §2.3: the spec's DoS allowance; we neither drain nor allocate.
-            raise NbdProtocolError(f"payload of {length} bytes exceeds {MAX_PAYLOAD}")
+        if length > MAX_PAYLOAD and cmd == _CMD_WRITE:
+            # STYLE.md §2.3: the spec's DoS allowance for a WRITE payload; we neither
+            # drain nor allocate it.  A READ has a length but no payload: an
+            # oversized one is refused with an error reply below.
+            raise NbdProtocolError(f"WRITE payload of {length} bytes exceeds {MAX_PAYLOAD}")
 
         error: NbdErrno | None
         message = ""
@@ -542,7 +547,23 @@ class ServerConnection:
             elif offset + length > self._size:  # Python ints: no overflow
                 error, message = range_error, "request beyond the end of the export"
             elif length > max_length:
+                # proto.md "Block size constraints": "The server SHOULD report an
+                # `NBD_EINVAL` error if the client's request [...] is larger than the
+                # advertised maximum block size."  For a READ above 2^25 we prefer
+                # this to the hard disconnect the same section allows: a READ request
+                # carries no payload, so the stream stays in sync.
                 error, message = _EINVAL, "request larger than the maximum block size"
+                if flags & _DF and length > MAX_PAYLOAD:
+                    # Only a READ passes the flag check with DF.  proto.md
+                    # "NBD_CMD_READ": "A server MAY reject a client's request with the
+                    # error `NBD_EOVERFLOW` if the length is too large to send without
+                    # fragmentation"; "Error values": the server SHOULD NOT return it
+                    # "except as documented in response to `NBD_CMD_READ` when
+                    # `NBD_CMD_FLAG_DF` is supported" -- so never without DF.
+                    error = _EOVERFLOW
+                    message = "READ length too large to send unfragmented (DF)"
+                elif cmd == _CMD_READ:
+                    message = "READ length larger than the maximum block size"
             elif self._min_block > 1 and (offset | length) % self._min_block:
                 # min_block is a power of two, so OR-ing is an exact test of both.
                 error, message = _EINVAL, "request not aligned to the minimum block size"

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from fleeced.nbd import (
+    MAX_PAYLOAD,
     NEED_DATA,
     Command,
     Disconnect,
@@ -137,9 +138,109 @@ def test_bad_request_magic_is_fatal() -> None:
     assert_fatal(STRUCT, request(R, 1, 0, 512, magic=0x25609514), match="magic")
 
 
-@pytest.mark.parametrize("cmd", [R, W])
-def test_payload_over_32mib_is_fatal_from_the_header(cmd: NbdCmd) -> None:
-    assert_fatal(STRUCT, request(cmd, 1, 0, 32 * 1024 * 1024 + 1), match="exceeds")
+@pytest.mark.parametrize("make", [STRUCT, SIMPLE, RO], ids=["structured", "simple", "ro"])
+@pytest.mark.parametrize("length", [MAX_PAYLOAD + 1, 0xFFFFFFFF])
+def test_write_payload_over_32mib_is_fatal_from_the_header(make: MakeEngine, length: int) -> None:
+    # STYLE.md §2.3: the payload is neither drained nor waited for, even when the
+    # WRITE would be refused anyway (read-only export).
+    assert_fatal(make, request(W, 1, 0, length), match="WRITE payload of .* exceeds")
+
+
+# ------------------------------------------------------------------ oversized READ
+#
+# A READ has a length but no payload: one over 2^25 (32 MiB) gets an error reply
+# and the connection goes on (proto.md "Block size constraints").
+
+BIG = ExportInfo(name="big", size=1 << 33)  # 8 GiB: a 4 GiB read is still in range
+BIG_STRUCT = lambda: opened(BIG)  # noqa: E731
+BIG_SIMPLE = lambda: opened(BIG, structured=False)  # noqa: E731
+READ_VECTOR_EVENT = Command(0x0102030405060708, R, NbdCmdFlag(0), 4096, 512)
+
+OVERSIZED_READ = bytes.fromhex(
+    "25609513"  # magic
+    "0000"  # flags
+    "0000"  # type: READ
+    "00000000000000a1"  # cookie
+    "0000000000000000"  # offset 0
+    "02000001"  # length 2^25 + 1
+)
+OVERSIZED_READ_DF = bytes.fromhex(
+    "25609513"  # magic
+    "0004"  # flags: DF
+    "0000"  # type: READ
+    "00000000000000a1"  # cookie
+    "0000000000000000"  # offset 0
+    "02000001"  # length 2^25 + 1
+)
+
+
+@pytest.mark.parametrize(
+    ("make", "data", "errno"),
+    [
+        (BIG_SIMPLE, OVERSIZED_READ, NbdErrno.EINVAL),
+        (BIG_STRUCT, OVERSIZED_READ, NbdErrno.EINVAL),
+        (BIG_STRUCT, OVERSIZED_READ_DF, NbdErrno.EOVERFLOW),
+        (BIG_SIMPLE, request(R, 0xA1, 0, 0xFFFFFFFF), NbdErrno.EINVAL),
+        (BIG_STRUCT, request(R, 0xA1, 0, 0xFFFFFFFF), NbdErrno.EINVAL),
+        (BIG_STRUCT, request(R, 0xA1, 0, 0xFFFFFFFF, DF), NbdErrno.EOVERFLOW),
+        # Out of range comes first, DF or not.
+        (STRUCT, OVERSIZED_READ_DF, NbdErrno.EINVAL),
+        (SIMPLE, OVERSIZED_READ, NbdErrno.EINVAL),
+        # DF is only valid with structured replies: a bad flag is EINVAL first.
+        (BIG_SIMPLE, OVERSIZED_READ_DF, NbdErrno.EINVAL),
+    ],
+    ids=[
+        "simple", "structured", "structured-DF", "u32-max-simple", "u32-max-structured",
+        "u32-max-structured-DF", "past-end-DF", "past-end-simple", "DF-without-structured",
+    ],
+)
+def test_oversized_read_is_rejected_not_fatal(
+    make: MakeEngine, data: bytes, errno: NbdErrno
+) -> None:
+    assert_rejects(make, data, errno)
+
+
+def test_oversized_read_simple_reply_vector_then_next_request_parses() -> None:
+    out = assert_parses(
+        BIG_SIMPLE,
+        OVERSIZED_READ + READ_VECTOR,
+        [Rejected(0xA1, R, NbdErrno.EINVAL), READ_VECTOR_EVENT],
+    )
+    assert out == bytes.fromhex(
+        "67446698"  # simple reply magic
+        "00000016"  # error: EINVAL (22)
+        "00000000000000a1"  # cookie
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "errno"),
+    [(OVERSIZED_READ, NbdErrno.EINVAL), (OVERSIZED_READ_DF, NbdErrno.EOVERFLOW)],
+    ids=["no-DF", "DF"],
+)
+def test_oversized_read_structured_error_chunk_then_next_request_parses(
+    data: bytes, errno: NbdErrno
+) -> None:
+    out = assert_parses(
+        BIG_STRUCT,
+        data + READ_VECTOR,
+        [Rejected(0xA1, R, errno), READ_VECTOR_EVENT],
+    )
+    chunk = Reader(out).chunk()
+    assert out[:16] == bytes.fromhex(
+        "668e33ef"  # structured reply magic
+        "0001"  # flags: DONE
+        "8001"  # type: NBD_REPLY_TYPE_ERROR
+        "00000000000000a1"  # cookie
+    )
+    assert chunk.payload[:4] == errno.to_bytes(4, "big")
+    message = chunk.payload[6:].decode()
+    assert "READ" in message and "payload" not in message
+
+
+def test_read_of_exactly_32mib_is_accepted() -> None:
+    ev = Command(2, R, NbdCmdFlag.DF, 0, MAX_PAYLOAD)
+    assert_parses(BIG_STRUCT, request(R, 2, 0, MAX_PAYLOAD, DF), [ev])
 
 
 @pytest.mark.parametrize(
@@ -295,6 +396,7 @@ SHUT: MakeEngine = shut  # type: ignore[assignment]
         request(F, 5),
         request(8, 5),  # even unknown commands
         request(W, 5, SIZE, 3, 0, b"abc"),  # even otherwise-invalid ones
+        request(R, 5, 0, MAX_PAYLOAD + 1),  # and oversized READs (no payload to skip)
     ],
 )
 def test_shutting_down_answers_eshutdown(data: bytes) -> None:
