@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import socket
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,7 +22,6 @@ from fleeced.exports import (
     ActiveExport,
     Disk,
     Export,
-    Runner,
     Session,
     SessionOptions,
 )
@@ -61,6 +59,11 @@ class DaemonConfig:
     fleece: list[tuple[str, SessionOptions]] = field(default_factory=list)
     pid_file: str | None = None
     threads: int = 0
+    #: Seconds connections get to finish in-flight requests at shutdown and at
+    #: fleece-stop before they are aborted (``--shutdown-timeout``).
+    shutdown_timeout: float = 5.0
+    #: Seconds a client has to finish the handshake (``--handshake-limit``).
+    handshake_limit: float = 10.0
 
 
 class Daemon:
@@ -70,21 +73,22 @@ class Daemon:
         from fleeced.server import NbdServer
 
         self.config = config
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fleeced-aux")
-        self._run = Runner(self._pool)
-        # C worker threads for block I/O; the Python pool keeps the rare
-        # calls (extents, session open/close, final flush).
+        # C worker threads run everything that may block: block I/O, block
+        # status, session open/close, the final flush.
         self._io = IoQueue(config.threads or DEFAULT_THREADS)
         self.disks: dict[str, Disk] = {}
         self.actives: dict[str, ActiveExport] = {}
         self._stop = asyncio.Event()
         self.server = NbdServer(
-            shared=config.shared, persistent=config.persistent, on_idle=self.stop
+            shared=config.shared, persistent=config.persistent, on_idle=self.stop,
+            shutdown_timeout=config.shutdown_timeout, handshake_limit=config.handshake_limit,
         )
         self.server.on_count_change = self._status
         self.control: ControlServer | None = None
         self._watch_task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()  # serializes control commands that change state
+        # One lock per disk serializes the commands that change that disk's
+        # sessions; commands on different disks never wait for each other.
+        self._disk_locks: dict[str, asyncio.Lock] = {}
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -104,7 +108,7 @@ class Daemon:
             for spec in self.config.disks:
                 self._open_disk(spec)
             for disk_name, options in self.config.fleece:
-                self._start_session(self.disks[disk_name], options)
+                await self._start_session(self.disks[disk_name], options)
             await self._listen(inherited or [])
         except BaseException:
             await self._close_everything()
@@ -143,6 +147,8 @@ class Daemon:
         await self._close_everything()
 
     async def _close_everything(self) -> None:
+        """Orderly shutdown; every wait in it is bounded except the C workers'
+        own I/O (the final join waits for operations already running)."""
         if self._watch_task is not None:
             self._watch_task.cancel()
             try:
@@ -153,19 +159,22 @@ class Daemon:
         if self.control is not None:
             await self.control.close()
             self.control = None
+        # Connections get --shutdown-timeout to finish; stragglers are aborted.
         await self.server.close()
-        # Every request has been answered: the queue is idle; close it
-        # before the files its operations point at.
-        self._io.close()
         for disk in self.disks.values():
+            for session in list(disk.sessions.values()):
+                await self._io.close_session(session.native)
+            disk.sessions.clear()
             if not disk.read_only:
                 try:
-                    await self._run(disk.file.flush)
+                    await self._io.flush(disk.file)
                 except OSError as exc:
-                    log.error("final flush of %s failed: %s", disk.path, exc)
+                    log.error("final flush of %s failed: %s", disk.path, exc.strerror or exc)
+        # Joins the workers: operations of aborted clients finish first.
+        self._io.close()
+        for disk in self.disks.values():
             disk.close()
         self.disks.clear()
-        self._pool.shutdown(wait=True)
         if self.config.pid_file:
             try:
                 os.unlink(self.config.pid_file)
@@ -185,14 +194,16 @@ class Daemon:
             description=spec.description,
         )
         self.disks[spec.name] = disk
-        active = ActiveExport(disk, self._run, self._io)
+        active = ActiveExport(disk, self._io)
+        self._disk_locks[spec.name] = asyncio.Lock()
         self.actives[spec.name] = active
         self.server.add_export(active)
         log.info("disk %s: %s (%d bytes)%s", spec.name, spec.path, disk.size,
                  " read-only" if spec.read_only else "")
         return disk
 
-    def _start_session(self, disk: Disk, options: SessionOptions) -> Session:
+    def _check_new_session(self, disk: Disk, options: SessionOptions) -> str:
+        """The export name of a new session, or a CommandError why it cannot start."""
         if options.name in disk.sessions:
             raise CommandError(f"disk '{disk.name}' already has a session '{options.name}'")
         export_name = options.export or f"{disk.name}@{options.name}"
@@ -206,10 +217,23 @@ class Daemon:
                     f"bitmap extent {off}+{length} lies beyond the end of disk "
                     f"'{disk.name}' ({disk.size} bytes)"
                 )
+        return export_name
+
+    async def _start_session(self, disk: Disk, options: SessionOptions) -> Session:
+        """Start a session (the native open runs in a queue worker).
+
+        :raise CommandError: when the session cannot start.
+        """
+        export_name = self._check_new_session(disk, options)
         try:
-            session = Session(disk, options, self._run, self._io)
+            session = await Session.start(disk, options, self._io)
         except OSError as exc:
             raise CommandError(f"cannot start session: {exc.strerror or exc}") from None
+        try:  # another disk may have taken the export name meanwhile
+            self._check_new_session(disk, options)
+        except CommandError:
+            await self._io.close_session(session.native)
+            raise
         disk.sessions[options.name] = session
         self.server.add_export(session.export)
         log.info("session %s on %s started: export %r", options.name, disk.name, export_name)
@@ -219,10 +243,12 @@ class Daemon:
         session = disk.sessions.get(name)
         if session is None:
             raise CommandError(f"disk '{disk.name}' has no session '{name}'")
+        # Clients of the snapshot get --shutdown-timeout, then are aborted;
+        # their queued operations keep the native session alive and fail.
         await self.server.remove_export(session.export_name)
         del disk.sessions[name]
-        # Closing waits for in-flight guest writes (C takes the file lock).
-        await self._run(session.close)
+        # The detach waits for guest writes in flight, in a worker.
+        await self._io.close_session(session.native)
         log.info("session %s on %s stopped", name, disk.name)
         self._emit("FLEECE_STOPPED", {"disk": disk.name, "name": name})
 
@@ -278,16 +304,16 @@ class Daemon:
             "disk", "name", "export", "cluster-size", "bitmap", "on-cbw-error",
             "cbw-timeout", "max-temp", "cache", "temp-dir", "read-only",
         })
-        async with self._lock:
-            disk = self._disk(args)
-            options = session_options_from_args(args)
-            session = self._start_session(disk, options)
-            return {"export": session.export_name, "cluster-size": options.cluster_size}
+        disk = self._disk(args)
+        options = session_options_from_args(args)
+        async with self._disk_locks[disk.name]:
+            session = await self._start_session(disk, options)
+        return {"export": session.export_name, "cluster-size": options.cluster_size}
 
     async def cmd_fleece_stop(self, args: dict[str, Any]) -> Any:
         check_keys(args, {"disk", "name"})
-        async with self._lock:
-            disk = self._disk(args)
+        disk = self._disk(args)
+        async with self._disk_locks[disk.name]:
             await self._stop_session(disk, get(args, "name", str, "fleece"))
         return {}
 

@@ -87,8 +87,10 @@ def test_read_nowait(tmp_path: Path) -> None:
         with pytest.raises(OSError):
             f.read_nowait(SIZE, 1)
     with NativeFile.open(str(sparse), readonly=True) as f:
+        # No SEEK_DATA on the loop (it takes the inode lock, issue 6.6): a
+        # hole is either uncached (None: the queue answers it) or zeros.
         got = f.read_nowait(0, 4096)
-        assert got is not None and got[1] and bytes(got[0]) == bytes(4096)
+        assert got is None or (bytes(got[0]) == bytes(4096) and not got[1])
 
 
 def _timeout_setup(tmp_path: Path, break_guest_write: bool):  # type: ignore[no-untyped-def]

@@ -5,8 +5,9 @@ read-write view every guest write goes through (copy-before-write runs in C
 for every fleecing session of the disk).  Each :class:`Session` owns one
 native fleecing session and serves its frozen view as a :class:`SnapshotExport`.
 
-Every blocking call runs in the daemon's thread pool, never on the event loop
-(STYLE.md §2.14.4).  Errors propagate as :class:`OSError`; policy refusals are
+Every call that may block runs in the native I/O queue's workers, never on the
+event loop (STYLE.md §2.14.4): reads, writes, block status, session open and
+close.  Errors propagate as :class:`OSError`; policy refusals are
 ``OSError(EPERM)``.  This module must not import the NBD engine's internals
 beyond :class:`~fleeced.nbd.ExportInfo`, nor asyncio servers.
 """
@@ -16,10 +17,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from fleeced import datapath
 from fleeced.datapath import (
@@ -31,8 +30,6 @@ from fleeced.datapath import (
 )
 from fleeced.exports.aio import Done, IoQueue
 from fleeced.nbd import ExportInfo
-
-T = TypeVar("T")
 
 #: Largest read tried inline on the event loop from the page cache; larger
 #: ones go to the thread pool, where two cores copy in parallel.
@@ -97,17 +94,6 @@ class Export(Protocol):
     def error_message(self, exc: OSError) -> str: ...
 
 
-class Runner:
-    """Runs blocking native calls in a bounded thread pool."""
-
-    def __init__(self, pool: Executor) -> None:
-        self._pool = pool
-
-    async def __call__(self, fn: Callable[..., T], *args: object) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, fn, *args)
-
-
 def image_export_name(path: str) -> str:
     """The default export name of an image: its file name without extension."""
     base = os.path.basename(os.path.normpath(path))
@@ -166,8 +152,11 @@ class Disk:
         return self.file.size
 
     def close(self) -> None:
-        for session in list(self.sessions.values()):
-            session.close()
+        """Give up the file (C keeps it open while queued operations use it).
+
+        Sessions should be closed first through the I/O queue; any left are
+        closed here synchronously.
+        """
         self.sessions.clear()
         self.file.close()
 
@@ -190,9 +179,8 @@ class _ExportBase:
 class ActiveExport(_ExportBase):
     """The read-write view of a disk; writes run copy-before-write in C."""
 
-    def __init__(self, disk: Disk, run: Runner, io: IoQueue, name: str | None = None) -> None:
+    def __init__(self, disk: Disk, io: IoQueue, name: str | None = None) -> None:
         self.disk = disk
-        self._run = run
         self._io = io
         self._stats = ExportStats()
         self._info = ExportInfo(
@@ -256,7 +244,7 @@ class ActiveExport(_ExportBase):
         await self._io.op(datapath.OP_CACHE, self.disk.file, offset, length)
 
     async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        return await self._run(self.disk.file.extents, offset, length)
+        return await self._io.extents(self.disk.file, offset, length)
 
     def error_message(self, exc: OSError) -> str:
         return exc.strerror or ""
@@ -281,16 +269,29 @@ class SessionOptions:
 class Session:
     """A fleecing session: a native CBW session plus its snapshot export."""
 
-    def __init__(self, disk: Disk, options: SessionOptions, run: Runner, io: IoQueue) -> None:
-        """Start the session; the snapshot is the disk as of return.
-
-        :raise OSError: when the native session cannot be created
-            (bad cluster size, unusable temp dir, ...).
-        """
+    def __init__(self, disk: Disk, options: SessionOptions, native: NativeSession,
+                 temp_dir: str, io: IoQueue) -> None:
+        """Wrap a started native session; use :meth:`start`."""
         self.disk = disk
         self.options = options
         self.name = options.name
         self.export_name = options.export or f"{disk.name}@{options.name}"
+        self.native = native
+        self.temp_dir = temp_dir
+        self.export = SnapshotExport(self, io)
+        self.broken_reported = False
+
+    @classmethod
+    async def start(cls, disk: Disk, options: SessionOptions, io: IoQueue) -> Session:
+        """Start a session in a queue worker; the snapshot is the disk as of then.
+
+        The native open waits for guest writes in flight (the snapshot point),
+        so it never runs on the event loop.
+
+        :raise TypeError: on wrongly typed options.
+        :raise OSError: when the native session cannot be created
+            (bad cluster size, unusable temp dir, ...).
+        """
         temp_dir = options.temp_dir or default_temp_dir()
         params = SessionParams(
             cluster_size=options.cluster_size,
@@ -301,16 +302,11 @@ class Session:
             break_guest_write=options.break_guest_write,
             scope=options.scope,
         )
-        self.native = NativeSession.open(disk.file, params)
-        self.temp_dir = temp_dir
-        self.export = SnapshotExport(self, run, io)
-        self.broken_reported = False
+        native = await io.open_session(disk.file, params)
+        return cls(disk, options, native, temp_dir, io)
 
     def stats(self) -> SessionStats:
         return self.native.stats()
-
-    def close(self) -> None:
-        self.native.close()
 
 
 def default_temp_dir() -> str:
@@ -329,9 +325,8 @@ class SnapshotExport(_ExportBase):
     flagged READ_ONLY unless the session was started read-only.
     """
 
-    def __init__(self, session: Session, run: Runner, io: IoQueue) -> None:
+    def __init__(self, session: Session, io: IoQueue) -> None:
         self.session = session
-        self._run = run
         self._io = io
         self._stats = ExportStats()
         ro = session.options.read_only
@@ -382,7 +377,7 @@ class SnapshotExport(_ExportBase):
         return None
 
     async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        return await self._run(self.session.native.extents, offset, length)
+        return await self._io.extents(self.session.native, offset, length)
 
     def error_message(self, exc: OSError) -> str:
         if exc.errno == errno.EPERM:

@@ -9,16 +9,19 @@ the eventfd wakes the loop.
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Callable
 from typing import Final, TypeVar
 
 from fleeced.datapath import (
     DONE_HOLE,
     DONE_SENT,
+    OP_FLUSH,
     NativeFile,
     NativeQueue,
     NativeSession,
     NativeSock,
+    SessionParams,
     error_from_rc,
 )
 
@@ -62,7 +65,7 @@ class IoQueue:
         self._native.close()
         for fut in self._futures.values():
             if not fut.done():
-                fut.set_exception(OSError(108, "I/O queue closed"))
+                fut.set_exception(OSError(errno.ESHUTDOWN, "I/O queue closed"))
         self._futures.clear()
 
     def _on_ready(self) -> None:
@@ -141,6 +144,47 @@ class IoQueue:
         :raise OSError: the operation's error.
         """
         await self.start_write(file, off, data, flags)
+
+    async def extents(self, target: NativeFile | NativeSession, off: int,
+                      length: int) -> list[tuple[int, int]]:
+        """Block status of the image or a session's frozen view.
+
+        :raise OSError: the operation's error.
+        """
+        result, fut = self._submit(self._native.submit_extents, target, off, length)
+        await fut
+        return result()
+
+    async def open_session(self, file: NativeFile, params: SessionParams) -> NativeSession:
+        """Start a session on FILE in a worker (it waits for guest writes in flight).
+
+        :raise OSError: the native open's error.
+        """
+        result, fut = self._submit(self._native.submit_open, file, params)
+        await fut
+        return result()
+
+    async def close_session(self, session: NativeSession) -> None:
+        """Close SESSION in a worker: detach (waits for guest writes in flight), release.
+
+        Queued snapshot operations keep it alive in C and fail ``ESHUTDOWN``.
+        """
+        try:
+            _, fut = self._submit(self._native.submit_close, session)
+        except OSError:  # the queue is closing: closed synchronously already
+            return
+        await fut
+
+    async def flush(self, file: NativeFile) -> None:
+        """``fdatasync`` FILE in a worker.
+
+        :raise OSError: the flush error.
+        """
+        await self.op(OP_FLUSH, file)
+
+    def inject_delay(self, kind: int, ms: int) -> None:
+        """Test hook: every operation of KIND sleeps MS milliseconds first."""
+        self._native.inject_delay(kind, ms)
 
     async def op(self, kind: int, target: NativeFile | NativeSession, off: int = 0,
                  length: int = 0, flags: int = 0) -> None:

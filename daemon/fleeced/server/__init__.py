@@ -3,16 +3,28 @@
 The server knows exports by name and connections by export; it never parses
 bytes (that is :mod:`fleeced.nbd`) and never does block I/O (that is
 :mod:`fleeced.exports`).
+
+One registry: a connection is counted from accept until its ``closed`` future
+resolves, i.e. until the peer is gone *and* its last operation has completed.
+Only negotiated connections count against ``-e``; a silent one is dropped
+after ``handshake_limit``.  Memory for READ replies is budgeted per connection
+(see :mod:`fleeced.server.connection`) and daemon-wide here: while the
+connections together hold more than ``reply_budget`` bytes, none parses new
+requests; a connection that keeps its bytes pinned by not reading its replies
+for ``stall_timeout`` while others wait for the budget is aborted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
 import stat
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final
 
 from fleeced.exports import Export
 from fleeced.nbd import ExportInfo
@@ -22,6 +34,13 @@ log = logging.getLogger(__name__)
 
 __all__ = ["NbdServer", "NbdConnection"]
 
+#: Daemon-wide bytes of READ replies held (admitted, or buffered while a
+#: client does not read) before every connection stops parsing new requests.
+REPLY_BUDGET: Final = 256 * 1024 * 1024
+#: Seconds a connection may keep reply bytes pinned without reading while
+#: other connections wait for the reply budget.
+STALL_TIMEOUT: Final = 30.0
+
 
 class NbdServer:
     """Serves a set of named exports on any number of listeners.
@@ -29,6 +48,10 @@ class NbdServer:
     :param shared: maximum concurrent clients, 0 for no limit (qemu-nbd ``-e``).
     :param persistent: keep running after the last client leaves (``-t``).
     :param on_idle: called when the last client leaves and not persistent.
+    :param shutdown_timeout: seconds connections get to finish at shutdown and
+        when their export is removed, before they are aborted.
+    :param handshake_limit: seconds a client has to finish the handshake.
+    :param reply_budget: daemon-wide bytes of READ replies held at once.
     """
 
     def __init__(
@@ -37,11 +60,23 @@ class NbdServer:
         shared: int = 0,
         persistent: bool = True,
         on_idle: Callable[[], None] | None = None,
+        shutdown_timeout: float = 5.0,
+        handshake_limit: float = 10.0,
+        reply_budget: int = REPLY_BUDGET,
+        stall_timeout: float = STALL_TIMEOUT,
     ) -> None:
         self._exports: dict[str, Export] = {}
         self._default: str | None = None
         self._connections: set[NbdConnection] = set()
+        self._negotiated: set[NbdConnection] = set()
         self._by_export: dict[str, set[NbdConnection]] = {}
+        self.shutdown_timeout = shutdown_timeout
+        self.handshake_limit = handshake_limit
+        self.reply_budget = reply_budget
+        self.stall_timeout = stall_timeout
+        self._charged = 0
+        self._budget_waiters: set[NbdConnection] = set()
+        self._stall_timer: asyncio.TimerHandle | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_paths: list[str] = []
         self.shared = shared
@@ -65,15 +100,27 @@ class NbdServer:
             self._default = name
 
     async def remove_export(self, name: str) -> None:
-        """Unregister NAME; its clients are closed after in-flight requests finish."""
+        """Unregister NAME; its clients get ``shutdown_timeout`` to finish, then
+        are aborted (their queued operations still complete in C)."""
         self._exports.pop(name, None)
         if self._default == name:
             self._default = next(iter(self._exports), None)
-        conns = list(self._by_export.pop(name, ()))
+        await self._drain(list(self._by_export.pop(name, ())))
+
+    async def _drain(self, conns: Iterable[NbdConnection]) -> None:
+        """Shut CONNS down: bounded wait, then abort the stragglers."""
+        conns = list(conns)
         for conn in conns:
             conn.shutdown()
-        if conns:
-            await asyncio.gather(*(c.closed for c in conns))
+        pending = [c.closed for c in conns if not c.closed.done()]
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=self.shutdown_timeout)
+        stragglers = [c for c in conns if c.closed in late]
+        for conn in stragglers:
+            log.warning("client %s did not finish within %gs, aborting",
+                        conn.peer, self.shutdown_timeout)
+            conn.abort()
 
     def get_export(self, name: str) -> Export | None:
         return self._exports.get(name)
@@ -95,22 +142,38 @@ class NbdServer:
     # -- connections ---------------------------------------------------------
 
     def connection_opened(self, conn: NbdConnection) -> bool:
-        if self.shared and len(self._connections) >= self.shared:
-            log.warning("refusing client: %d connections already (-e %d)",
-                        len(self._connections), self.shared)
+        """Register a new connection (it stays until ``conn.closed``).
+
+        :return: False when ``-e`` negotiated clients are connected already.
+        """
+        if self.shared and len(self._negotiated) >= self.shared:
+            log.warning("refusing client: %d clients already (-e %d)",
+                        len(self._negotiated), self.shared)
             return False
         self._connections.add(conn)
         self._ever_connected = True
+        conn.closed.add_done_callback(lambda _: self._forget(conn))
         self._count_changed()
         return True
 
-    def attach(self, conn: NbdConnection, export_name: str) -> None:
-        self._by_export.setdefault(export_name, set()).add(conn)
+    def negotiated(self, conn: NbdConnection, export_name: str) -> bool:
+        """CONN finished its handshake on EXPORT_NAME.
 
-    def connection_closed(self, conn: NbdConnection) -> None:
-        if conn not in self._connections:
-            return
+        :return: False when it would exceed ``-e`` (the caller drops it).
+        """
+        if self.shared and len(self._negotiated) >= self.shared:
+            log.warning("refusing client %s: %d clients already (-e %d)",
+                        conn.peer, len(self._negotiated), self.shared)
+            return False
+        self._negotiated.add(conn)
+        self._by_export.setdefault(export_name, set()).add(conn)
+        return True
+
+    def _forget(self, conn: NbdConnection) -> None:
+        """CONN is gone and its last operation completed."""
         self._connections.discard(conn)
+        self._negotiated.discard(conn)
+        self._budget_waiters.discard(conn)
         if conn.export is not None:
             conn.export.stats.connections -= 1
             peers = self._by_export.get(conn.export.info.name)
@@ -119,6 +182,45 @@ class NbdServer:
         self._count_changed()
         if not self._connections and not self.persistent and self._on_idle is not None:
             self._on_idle()
+
+    # -- reply budget ----------------------------------------------------------
+
+    def charge(self, delta: int) -> None:
+        """Account DELTA bytes of READ replies held (negative: released)."""
+        self._charged += delta
+        if delta < 0 and self._budget_waiters and self._charged < self.reply_budget:
+            waiters = list(self._budget_waiters)
+            self._budget_waiters.clear()
+            loop = asyncio.get_running_loop()
+            for conn in waiters:
+                loop.call_soon(conn.resume_parsing)
+
+    def over_budget(self, conn: NbdConnection) -> bool:
+        """Whether CONN must wait for the daemon-wide reply budget."""
+        if self._charged < self.reply_budget:
+            return False
+        self._budget_waiters.add(conn)
+        if self._stall_timer is None:
+            self._stall_timer = asyncio.get_running_loop().call_later(1.0, self._check_stalls)
+        return True
+
+    @property
+    def reply_bytes(self) -> int:
+        """Bytes of READ replies held daemon-wide."""
+        return self._charged
+
+    def _check_stalls(self) -> None:
+        self._stall_timer = None
+        if not self._budget_waiters or self._charged < self.reply_budget:
+            return
+        now = time.monotonic()
+        for conn in list(self._connections):
+            if conn.paused_since and now - conn.paused_since > self.stall_timeout:
+                log.warning("client %s has not read its replies for %.0fs while others "
+                            "wait for the reply budget; aborting", conn.peer,
+                            now - conn.paused_since)
+                conn.abort()
+        self._stall_timer = asyncio.get_running_loop().call_later(1.0, self._check_stalls)
 
     def _count_changed(self) -> None:
         if self.on_count_change is not None:
@@ -144,9 +246,9 @@ class NbdServer:
             pass
         else:
             if not stat.S_ISSOCK(st.st_mode):
-                raise OSError(17, f"{path} exists and is not a socket")
+                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
             if _unix_in_use(path):
-                raise OSError(98, f"{path}: address already in use")
+                raise OSError(errno.EADDRINUSE, f"{path}: address already in use")
             os.unlink(path)
         loop = asyncio.get_running_loop()
         server = await loop.create_unix_server(self._factory, path, backlog=512)
@@ -178,16 +280,25 @@ class NbdServer:
         log.info("serving inherited socket %s", sock.getsockname())
 
     async def close(self) -> None:
-        """Stop accepting, let in-flight requests finish, close every client."""
+        """Stop accepting, give clients ``shutdown_timeout`` to finish, abort the rest.
+
+        Then waits (bounded again) for the operations of aborted clients, so
+        the final flush usually comes after every write.
+        """
         for server in self._servers:
             server.close()
-        conns = list(self._connections)
-        for conn in conns:
-            conn.shutdown()
-        if conns:
-            await asyncio.gather(*(c.closed for c in conns))
-        for server in self._servers:
-            await server.wait_closed()
+        await self._drain(self._connections)
+        pending = [c.closed for c in self._connections if not c.closed.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=self.shutdown_timeout)
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        if self._servers:
+            await asyncio.wait(
+                [asyncio.ensure_future(s.wait_closed()) for s in self._servers],
+                timeout=self.shutdown_timeout,
+            )
         self._servers.clear()
         for path in self._unix_paths:
             try:

@@ -6,9 +6,18 @@ the engine's outgoing queue and are written with one ``writelines`` call on
 the event-loop thread, so a reply header and its payload are never
 interleaved with another reply (STYLE.md §2.14.7).
 
-Flow control: reading pauses while too many requests are in flight or while
-the transport's write buffer is above its high-water mark (a client that
-never reads its replies), so memory stays bounded.
+Flow control: parsing (and reading from the socket) pauses while too many
+requests are in flight, while the transport's write buffer is above its
+high-water mark (a client that never reads its replies), while this
+connection holds more than :data:`CONN_REPLY_BUDGET` bytes of READ replies, or
+while the daemon as a whole holds more than its reply budget (see
+:class:`~fleeced.server.NbdServer`), so memory stays bounded.
+
+Every wait is bounded: the handshake (``handshake_limit``), the drain at
+shutdown and at fleece-stop (``shutdown_timeout``, then the transport is
+aborted), and a close that cannot flush (aborted after ``shutdown_timeout``).
+A connection stays in the server's registry until its last operation has
+completed (:attr:`NbdConnection.closed`), whatever happened to the socket.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import asyncio
 import errno
 import logging
 import socket
+import time
 from typing import TYPE_CHECKING, Final, cast
 
 from fleeced.datapath import DONE_HOLE, DONE_SENT, NativeSock
@@ -50,6 +60,10 @@ MAX_IN_FLIGHT: Final = 64
 SEND_MIN: Final = 64 * 1024
 #: Requested socket send buffer (the kernel caps it at net.core.wmem_max).
 SOCKET_SNDBUF: Final = 4 * 1024 * 1024
+#: Bytes of READ replies one connection may hold (admitted and not yet handed
+#: to the socket) before it stops parsing requests.  One request is always
+#: admitted, so a connection holds at most this plus one maximum READ.
+CONN_REPLY_BUDGET: Final = 32 * 1024 * 1024
 
 
 class NbdConnection(asyncio.Protocol):
@@ -67,10 +81,18 @@ class NbdConnection(asyncio.Protocol):
         self._sends = 0  # worker-written replies in flight
         self._stalled = False  # a worker reply went out in part
         self._writing_paused = False
+        self.paused_since = 0.0  # monotonic time writing paused (0: not paused)
         self._reading_paused = False
         self._closing = False
         self._disconnect_requested = False
-        self.closed = asyncio.get_running_loop().create_future()
+        self._shutdown = False
+        self.negotiated = False
+        self.reply_bytes = 0  # READ bytes admitted, reply not yet handed over
+        self.paused_bytes = 0  # write buffer held while writing is paused
+        loop = asyncio.get_running_loop()
+        self.closed = loop.create_future()
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -91,10 +113,21 @@ class NbdConnection(asyncio.Protocol):
             except OSError as exc:
                 log.debug("SO_SNDBUF: %s", exc)
         if not self._server.connection_opened(self):
-            self._transport.close()
+            self._closing = True
+            self._transport.abort()
             return
         log.info("client %s connected", self.peer)
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            self._server.handshake_limit, self._handshake_expired
+        )
         self._flush()
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if not self.negotiated and not self._closing:
+            log.warning("client %s: no handshake within %gs, closing",
+                        self.peer, self._server.handshake_limit)
+            self.abort()
 
     def data_received(self, data: bytes) -> None:
         self._engine.receive_data(data)
@@ -114,27 +147,68 @@ class NbdConnection(asyncio.Protocol):
         else:
             log.info("client %s disconnected", self.peer)
         self._closing = True
-        if self._sock is not None and not self._sends:
-            self._sock.close()  # else the last worker reply closes it
+        self._cancel_timers()
+        if self._sock is not None:
+            # C keeps the dup open while queued worker replies use it.
+            self._sock.close()
             self._sock = None
-        self._server.connection_closed(self)
+        self._set_paused_bytes(0)
         self._maybe_closed()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._handshake_timer, self._abort_timer):
+            if timer is not None:
+                timer.cancel()
+        self._handshake_timer = self._abort_timer = None
 
     def pause_writing(self) -> None:
         self._writing_paused = True
+        self.paused_since = time.monotonic()
+        if self._transport is not None:
+            self._set_paused_bytes(self._transport.get_write_buffer_size())
         self._update_reading()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        if not self._disconnect_requested:
-            self._process()  # parse what was held back while paused
+        self.paused_since = 0.0
+        self._set_paused_bytes(0)
+        self.resume_parsing()
+
+    def resume_parsing(self) -> None:
+        """Parse what was held back (write buffer drained, budget freed)."""
+        if not self._disconnect_requested or self._shutdown:
+            self._process()
         self._update_reading()
+
+    def _set_paused_bytes(self, n: int) -> None:
+        self._server.charge(n - self.paused_bytes)
+        self.paused_bytes = n
+
+    def _admit(self, cmd: Command) -> None:
+        """Charge a READ's reply bytes until the reply is handed over."""
+        self.reply_bytes += cmd.length
+        self._server.charge(cmd.length)
+
+    def _release(self, cmd: Command) -> None:
+        self.reply_bytes -= cmd.length
+        self._server.charge(-cmd.length)
 
     # -- engine pump -------------------------------------------------------
 
     def _hold(self) -> bool:
-        """Whether to stop parsing for now (bounded memory per connection)."""
-        return self._writing_paused or self._inflight >= MAX_IN_FLIGHT
+        """Whether to stop parsing for now (bounded memory per connection).
+
+        At shutdown everything already received is parsed (and answered
+        ESHUTDOWN by the engine): small replies, bounded by what was read.
+        """
+        if self._shutdown:
+            return False
+        return (
+            self._writing_paused
+            or self._inflight >= MAX_IN_FLIGHT
+            or self.reply_bytes >= CONN_REPLY_BUDGET
+            or self._server.over_budget(self)
+        )
 
     def _process(self) -> None:
         engine = self._engine
@@ -156,6 +230,7 @@ class NbdConnection(asyncio.Protocol):
                 break
             if isinstance(event, Command):
                 if event.cmd == NbdCmd.READ:
+                    self._admit(event)
                     if self._read_inline(event):
                         inline += 1
                         if inline % 16 == 0:
@@ -175,14 +250,18 @@ class NbdConnection(asyncio.Protocol):
                 )
             elif isinstance(event, ExportChosen):
                 export = self._server.get_export(event.export.name)
-                if export is None:  # removed between lookup and GO
+                if export is None or not self._server.negotiated(self, event.export.name):
+                    # removed between lookup and GO, or over -e
                     self._flush()
                     self._abort()
                     return
+                self.negotiated = True
+                if self._handshake_timer is not None:
+                    self._handshake_timer.cancel()
+                    self._handshake_timer = None
                 self.export = export
                 export.stats.connections += 1
                 export.stats.connections_total += 1
-                self._server.attach(self, event.export.name)
                 log.info("client %s: export %r", self.peer, event.export.name)
             elif isinstance(event, Disconnect):
                 self._disconnect_requested = True
@@ -209,6 +288,7 @@ class NbdConnection(asyncio.Protocol):
         stats.requests += 1
         stats.bytes_read += cmd.length
         self._engine.reply_read(cmd.cookie, cmd.offset, got[0], got[1])
+        self._release(cmd)
         return True
 
     # The hot path submits READ/WRITE straight to the native queue and
@@ -295,9 +375,7 @@ class NbdConnection(asyncio.Protocol):
                     rest = [buf[sent - len(header):]]
                 if self._transport is not None and not self._transport.is_closing():
                     self._transport.writelines(rest)
-        if self._sends == 0 and self._closing and self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        self._release(cmd)
         self._op_done()
 
     def _complete(self, cmd: Command, fut: asyncio.Future[Done]) -> Export | None:
@@ -322,6 +400,7 @@ class NbdConnection(asyncio.Protocol):
         if export is not None:
             export.stats.bytes_read += cmd.length
             self._engine.reply_read(cmd.cookie, cmd.offset, buf, bool(fut.result()[0] & DONE_HOLE))
+        self._release(cmd)
         self._op_done()
 
     def _submit_write(self, cmd: Command) -> bool:
@@ -362,11 +441,15 @@ class NbdConnection(asyncio.Protocol):
         self._tasks.discard(task)
         self._op_done()
 
+    def _run_done(self, cmd: Command) -> None:
+        if cmd.cmd == NbdCmd.READ:
+            self._release(cmd)
+
     def _maybe_closed(self) -> None:
-        # `closed` means: the peer is gone AND no operation of ours still
-        # runs in a native worker, so the export's file or session may be
-        # closed safely (fleece-stop, shutdown).
+        # `closed` means: the peer is gone AND no operation of ours is still
+        # queued or running; only then does the server forget us.
         if self._closing and self._inflight == 0 and not self.closed.done():
+            self._cancel_timers()
             self.closed.set_result(None)
 
     def _op_done(self) -> None:
@@ -426,6 +509,8 @@ class NbdConnection(asyncio.Protocol):
         except Exception:  # a bug: answer EIO, keep the connection and log loudly
             log.exception("client %s: internal error on %s", self.peer, cmd)
             engine.reply_error(cmd.cookie, NbdErrno.EIO, "internal server error")
+        finally:
+            self._run_done(cmd)
 
     def _reply_oserror(self, export: Export, cmd: Command, exc: OSError) -> None:
         nbd_err = to_nbd_errno(exc.errno or errno.EIO, cmd.flags)
@@ -461,11 +546,7 @@ class NbdConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        want_pause = (
-            self._writing_paused
-            or self._inflight >= MAX_IN_FLIGHT
-            or self._disconnect_requested
-        )
+        want_pause = self._disconnect_requested or self._hold()
         if want_pause and not self._reading_paused:
             transport.pause_reading()
             self._reading_paused = True
@@ -477,21 +558,47 @@ class NbdConnection(asyncio.Protocol):
         if self._inflight:
             return
         self._flush()
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        """Close after the buffered replies went out, or abort if they cannot
+        within ``shutdown_timeout`` (a client that stopped reading)."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        if transport.get_write_buffer_size() and self._abort_timer is None:
+            self._abort_timer = asyncio.get_running_loop().call_later(
+                self._server.shutdown_timeout, self.abort
+            )
 
     def _abort(self) -> None:
         # In-flight requests are not cancelled: their native operations run
-        # to completion anyway, and `closed` must wait for them (a session
-        # or file may be closed right after).  Their replies are dropped.
+        # to completion anyway (they hold references in C), and `closed`
+        # waits for them.  Their replies are dropped.
+        self._closing = True
+        self._close_transport()
+
+    def abort(self) -> None:
+        """Drop the connection now: the socket closes without flushing.
+
+        Operations in flight still complete (``closed`` waits for them).
+        """
         self._closing = True
         if self._transport is not None:
-            self._transport.close()
+            self._transport.abort()
 
     def shutdown(self) -> None:
-        """Answer new requests ESHUTDOWN and close once in-flight ones finish."""
+        """Answer new requests ESHUTDOWN and close once in-flight ones finish.
+
+        Requests already received (buffered, not yet parsed) are parsed and
+        answered ESHUTDOWN by the engine, so none is silently dropped.
+        """
         self._engine.shutting_down()
         self._disconnect_requested = True
+        self._shutdown = True
+        if not self._closing:
+            self._process()
         self._close_when_idle()
         self._update_reading()
 
