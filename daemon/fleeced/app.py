@@ -15,7 +15,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fleeced import systemd
+from fleeced import datapath, systemd
 from fleeced.control.args import check_keys, get, get_size
 from fleeced.control.server import CommandError, ControlServer
 from fleeced.exports import (
@@ -286,7 +286,11 @@ class Daemon:
             "query-stats": self.cmd_query_stats,
             "quit": self.cmd_quit,
             **(
-                {"x-inject-cbw-error": self.cmd_inject_error}
+                {
+                    "x-inject-cbw-error": self.cmd_inject_error,
+                    "x-inject-cbw-delay": self.cmd_inject_cbw_delay,
+                    "x-inject-queue-delay": self.cmd_inject_queue_delay,
+                }
                 if os.environ.get("FLEECED_TEST_HOOKS") == "1"
                 else {}
             ),
@@ -407,6 +411,31 @@ class Daemon:
         if err <= 0 or count < 0:
             raise CommandError("errno must be positive and count non-negative")
         session.native.inject_error(err, count)
+        return {}
+
+    async def cmd_inject_cbw_delay(self, args: dict[str, Any]) -> Any:
+        """Test hook (only with FLEECED_TEST_HOOKS=1): slow every CBW copy down."""
+        check_keys(args, {"disk", "name", "ms"})
+        disk = self._disk(args)
+        name = get(args, "name", str, "fleece")
+        session = disk.sessions.get(name)
+        if session is None:
+            raise CommandError(f"disk '{disk.name}' has no session '{name}'")
+        session.native.inject_delay(get(args, "ms", int))
+        return {}
+
+    async def cmd_inject_queue_delay(self, args: dict[str, Any]) -> Any:
+        """Test hook (only with FLEECED_TEST_HOOKS=1): slow one kind of queue op down."""
+        check_keys(args, {"op", "ms"})
+        kinds = {"read": datapath.OP_READ, "write": datapath.OP_WRITE,
+                 "snap-read": datapath.OP_SNAP_READ, "flush": datapath.OP_FLUSH}
+        op = get(args, "op", str)
+        if op not in kinds:
+            raise CommandError(f"op must be one of {', '.join(sorted(kinds))}")
+        ms = get(args, "ms", int)
+        if not 0 <= ms <= 60000:
+            raise CommandError("ms must be between 0 and 60000")
+        self._io.inject_delay(kinds[op], ms)
         return {}
 
     async def cmd_quit(self, args: dict[str, Any]) -> Any:

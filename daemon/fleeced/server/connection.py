@@ -207,7 +207,8 @@ class NbdConnection(asyncio.Protocol):
             self._writing_paused
             or self._inflight >= MAX_IN_FLIGHT
             or self.reply_bytes >= CONN_REPLY_BUDGET
-            or self._server.over_budget(self)
+            # the handshake needs no budget: only READ replies are charged
+            or (self.negotiated and self._server.over_budget(self))
         )
 
     def _process(self) -> None:
