@@ -63,6 +63,10 @@ _SIMPLE_MAP: dict[int, NbdErrno] = {
     _errno.EPERM: NbdErrno.EPERM,
     _errno.EROFS: NbdErrno.EPERM,
     _errno.EIO: NbdErrno.EIO,
+    # A CBW copy that outlived cbw-timeout under break-guest-write: the write
+    # failed on the server's side, not because the request was invalid
+    # (DESIGN "Decided": ETIMEDOUT reaches the wire as NBD_EIO).
+    _errno.ETIMEDOUT: NbdErrno.EIO,
     # proto.md: ENOMEM is allowed but "SHOULD be avoided"; callers rarely see it.
     _errno.ENOMEM: NbdErrno.ENOMEM,
     _errno.ENOSPC: NbdErrno.ENOSPC,

@@ -18,6 +18,8 @@ TABLE = [
     (errno.EPERM, F0, NbdErrno.EPERM),
     (errno.EROFS, F0, NbdErrno.EPERM),
     (errno.EIO, F0, NbdErrno.EIO),
+    (errno.ETIMEDOUT, F0, NbdErrno.EIO),
+    (errno.ETIMEDOUT, NbdCmdFlag.FUA, NbdErrno.EIO),
     (errno.ENOMEM, F0, NbdErrno.ENOMEM),
     (errno.ENOSPC, F0, NbdErrno.ENOSPC),
     (errno.EDQUOT, F0, NbdErrno.ENOSPC),
