@@ -11,7 +11,9 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
+import stat
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -31,15 +33,75 @@ class CliError(Exception):
 
 def default_control_path() -> str:
     """``$XDG_RUNTIME_DIR/fleeced/control.sock``, ``/run/fleeced/...`` as root."""
+    return default_control()[0]
+
+
+def default_control() -> tuple[str, str | None]:
+    """The default control socket and the per-user directory that must hold it.
+
+    ``$FLEECED_CONTROL`` wins and, like ``--control``, is the user's choice:
+    no directory check.  Root uses ``/run/fleeced`` (only root can create
+    it under ``/run``, and a root shell's ``XDG_RUNTIME_DIR`` must not hide
+    the system daemon's socket), also unchecked.  Anyone else gets
+    ``$XDG_RUNTIME_DIR/fleeced``, or ``/tmp/fleeced-$UID`` without it; that
+    directory is returned so callers can insist it is private
+    (:func:`check_private_dir`), because in ``/tmp`` anyone could have made it.
+
+    :return: ``(socket path, directory to check or None)``.
+    """
     env = os.environ.get("FLEECED_CONTROL")
     if env:
-        return env
+        return env, None
     if os.geteuid() == 0:
-        return "/run/fleeced/control.sock"
+        return "/run/fleeced/control.sock", None
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
-        return os.path.join(runtime, "fleeced", "control.sock")
-    return f"/tmp/fleeced-{os.geteuid()}/control.sock"
+        directory = os.path.join(runtime, "fleeced")
+    else:
+        directory = f"/tmp/fleeced-{os.geteuid()}"
+    return os.path.join(directory, "control.sock"), directory
+
+
+def check_private_dir(path: str) -> None:
+    """Refuse PATH unless it is a real directory of ours that only we can write.
+
+    Not a symlink (``lstat``), owned by the effective uid, no group or other
+    write bit.  Others may read it: the socket inside is mode 0600.
+
+    :raise CliError: when PATH is missing or fails any of those checks.
+    """
+    hint = "remove it, or pass --control PATH"
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise CliError(f"control directory {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CliError(f"unsafe control directory {path}: not a directory ({hint})")
+    if st.st_uid != os.geteuid():
+        raise CliError(f"unsafe control directory {path}: owned by uid {st.st_uid}, "
+                       f"not {os.geteuid()} ({hint})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise CliError(f"unsafe control directory {path}: writable by group or others "
+                       f"(mode {stat.S_IMODE(st.st_mode):04o}; chmod 700 it, or {hint})")
+
+
+def ensure_private_dir(path: str) -> None:
+    """Create PATH with mode 0700, or check the one already there.
+
+    A directory ``mkdir`` just made is ours and private by construction; one
+    that already existed may have been planted, so it goes through
+    :func:`check_private_dir`.
+
+    :raise CliError: when PATH cannot be created, or an existing one is unsafe.
+    """
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        check_private_dir(path)
+        return
+    except OSError as exc:
+        raise CliError(f"cannot create control directory {path}: {exc.strerror}") from None
+    os.chmod(path, 0o700)  # the umask may have taken bits away
 
 
 def _size(text: str) -> int:
@@ -49,6 +111,16 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _session_options(p: argparse.ArgumentParser) -> None:
@@ -61,7 +133,7 @@ def _session_options(p: argparse.ArgumentParser) -> None:
                    help="temp-file byte limit (default unlimited)")
     p.add_argument("--on-cbw-error", choices=("break-snapshot", "break-guest-write"),
                    help="what a failed copy-before-write breaks (default break-snapshot)")
-    p.add_argument("--cbw-timeout", type=float, metavar="SECONDS",
+    p.add_argument("--cbw-timeout", type=_seconds, metavar="SECONDS",
                    help="copy-before-write timeout (default 45)")
 
 
@@ -95,12 +167,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", metavar="LEVEL",
                    choices=("debug", "info", "warning", "error", "critical"))
     s.add_argument("--control", metavar="PATH",
-                   help="control socket (default $XDG_RUNTIME_DIR/fleeced/control.sock)")
+                   help="control socket (default $FLEECED_CONTROL, else "
+                        "$XDG_RUNTIME_DIR/fleeced/control.sock in a private 0700 "
+                        "directory); failing to bind it is an error")
     s.add_argument("--no-control", action="store_true", help="no control socket")
     s.add_argument("--fleece", nargs="?", const="fleece", metavar="NAME",
                    help="start a fleecing session on every image before serving")
     s.add_argument("--threads", type=int, default=0, metavar="N",
                    help="native I/O worker threads, 1..64 (default 8)")
+    s.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="time clients get to finish at shutdown and fleece-stop "
+                        "before they are dropped (default 5)")
+    s.add_argument("--handshake-limit", type=float, default=10.0, metavar="SECONDS",
+                   help="time a client has to finish the NBD handshake (default 10)")
     _session_options(s)
 
     f = sub.add_parser("fleece", help="manage fleecing sessions")
@@ -157,6 +236,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error("--threads must be between 1 and 64")
         if args.shared < 0:
             parser.error("--shared must not be negative")
+        for flag, value in (("--shutdown-timeout", args.shutdown_timeout),
+                            ("--handshake-limit", args.handshake_limit)):
+            if not 0 < value <= 3600:  # also refuses NaN
+                parser.error(f"{flag} must be between 0 and 3600 seconds")
         if args.fleece is not None and args.read_only:
             parser.error("--fleece needs a writable image (drop --read-only)")
     if args.command == "fleece" and args.fleece_command is None:
@@ -193,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fleeced.demo import run_demo
 
             return run_demo(args.dir, args.size)
-        return _run(_client_command(args))
+        return _run(_client_command(args, _client_control_path(args)))
     except CliError as exc:
         print(f"fleeced: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -213,10 +296,24 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 # -- control client commands ---------------------------------------------------
 
 
-async def _client_command(args: argparse.Namespace) -> int:
+def _client_control_path(args: argparse.Namespace) -> str:
+    """The socket a client command talks to.
+
+    :raise CliError: when the default per-user directory exists but is unsafe.
+    """
+    if args.control:
+        return str(args.control)
+    path, private = default_control()
+    # Do not talk to whatever socket someone planted in our default
+    # directory.  A missing directory just means no daemon: connect says so.
+    if private is not None and os.path.lexists(private):
+        check_private_dir(private)
+    return path
+
+
+async def _client_command(args: argparse.Namespace, path: str) -> int:
     from fleeced.control.client import ControlClient
 
-    path = args.control or default_control_path()
     async with ControlClient.connect_to(path) as client:
         if args.command == "status":
             return await _status(client, args)

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import stat
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -27,9 +28,16 @@ DEFAULT_PORT = 10809
 def build_config(args: argparse.Namespace) -> DaemonConfig:
     """Turn ``serve`` arguments into a :class:`DaemonConfig`.
 
-    :raise CliError: when images are missing, unusable or names collide.
+    Unless ``--no-control``, the control socket is required: a daemon that
+    cannot bind it (say, a second one on the same path) fails at start-up
+    rather than running unmanageable.  The default per-user control directory
+    is created 0700, or refused when it is not private.
+
+    :raise CliError: when images are missing, unusable or names collide, the
+        default control directory is unsafe, or ``--pid-file`` names anything
+        but a regular file.
     """
-    from fleeced.cli import CliError, default_control_path
+    from fleeced.cli import CliError, default_control, ensure_private_dir
 
     disks = []
     seen: set[str] = set()
@@ -55,10 +63,15 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
     tcp_port = args.port
     if not unix_path and tcp_port is None and "LISTEN_FDS" not in os.environ:
         tcp_port = DEFAULT_PORT
-    if args.no_control:
-        control = None
-    else:
-        control = args.control or default_control_path()
+    control: str | None = None
+    if args.control:
+        control = args.control  # the user's choice, wherever it is
+    elif not args.no_control:
+        control, private = default_control()
+        if private is not None:
+            ensure_private_dir(private)
+    if args.pid_file:
+        _check_pid_file(args.pid_file, args.images)
     return DaemonConfig(
         disks=disks,
         unix_path=unix_path,
@@ -67,11 +80,54 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         shared=args.shared,
         persistent=args.persistent,
         control_path=control,
-        control_required=args.control is not None,
+        control_required=control is not None,
         fleece=fleece,
         pid_file=args.pid_file,
         threads=args.threads,
+        shutdown_timeout=args.shutdown_timeout,
+        handshake_limit=args.handshake_limit,
     )
+
+
+def _check_pid_file(path: str, images: list[str]) -> None:
+    """Refuse a ``--pid-file`` that writing the pid would damage.
+
+    Only a regular file (possibly through a symlink) may be replaced.  A
+    directory, FIFO (the open would block), socket or device is refused, and
+    so is a dangling symlink (the write would create its target) and one of
+    the images being served.
+
+    :raise CliError: when PATH is unusable.
+    """
+    from fleeced.cli import CliError
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise CliError(f"--pid-file {path}: a dangling symlink; refusing to write "
+                           "through it") from None
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
+            raise CliError(f"--pid-file {path}: directory {parent} does not exist") from None
+        return
+    except OSError as exc:
+        raise CliError(f"--pid-file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CliError(f"--pid-file {path}: is a {_file_kind(st.st_mode)}, not a regular "
+                       "file; refusing to replace it")
+    for image in images:
+        if os.path.samestat(st, os.stat(image)):
+            raise CliError(f"--pid-file {path}: is the image {image}")
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def _session_options(args: argparse.Namespace, name: str) -> SessionOptions:

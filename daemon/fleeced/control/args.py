@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import math
+from typing import Any, Final, TypeVar
 
 from fleeced.control.server import CommandError
 
 T = TypeVar("T")
+
+#: Largest accepted byte count: sizes and offsets end up as ``off_t`` in C.
+MAX_SIZE: Final = 2**63 - 1
 
 _MISSING = object()
 
@@ -22,9 +26,10 @@ def check_keys(args: dict[str, Any], allowed: set[str]) -> None:
 
 
 def get(args: dict[str, Any], key: str, kind: type[T], default: Any = _MISSING) -> T:
-    """Return ``args[key]`` checked against KIND (bool is not an int).
+    """Return ``args[key]`` checked against KIND (bool is not an int, a float is finite).
 
-    :raise CommandError: when missing without default, or of the wrong type.
+    :raise CommandError: when missing without default, of the wrong type, or a
+        non-finite number.
     """
     if key not in args:
         if default is _MISSING:
@@ -43,14 +48,16 @@ def get(args: dict[str, Any], key: str, kind: type[T], default: Any = _MISSING) 
         raise CommandError(
             f"Invalid parameter type for '{key}', expected: {names.get(kind, kind.__name__)}"
         )
+    if kind is float and not math.isfinite(value):
+        raise CommandError(f"Parameter '{key}' must be a finite number")
     result: T = value
     return result
 
 
 def get_size(args: dict[str, Any], key: str, default: int) -> int:
-    """A non-negative integer byte count, or a size string like ``"64M"``.
+    """A byte count from 0 to :data:`MAX_SIZE`, or a size string like ``"64M"``.
 
-    :raise CommandError: when malformed or negative.
+    :raise CommandError: when malformed, negative or too large.
     """
     if key not in args:
         return default
@@ -63,6 +70,8 @@ def get_size(args: dict[str, Any], key: str, default: int) -> int:
     n = get(args, key, int)
     if n < 0:
         raise CommandError(f"Parameter '{key}' must not be negative")
+    if n > MAX_SIZE:
+        raise CommandError(f"Parameter '{key}' is too large (at most {MAX_SIZE})")
     return n
 
 
@@ -72,7 +81,8 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 def parse_size(text: str) -> int:
     """Parse ``"65536"``, ``"64K"``, ``"1.5G"``, ``"2MiB"`` into bytes.
 
-    :raise ValueError: when the text is not a size.
+    :raise ValueError: when the text is not a size, is negative, not finite
+        (``"1.E400"`` overflows a float) or over :data:`MAX_SIZE`.
     """
     s = text.strip().upper()
     for suffix in ("IB", "B"):
@@ -89,4 +99,9 @@ def parse_size(text: str) -> int:
         raise ValueError(f"invalid size {text!r}") from None
     if value < 0:
         raise ValueError(f"invalid size {text!r}: negative")
-    return int(value * _UNITS[unit])
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"invalid size {text!r}: not a finite number")
+    scaled = value * _UNITS[unit]
+    if scaled > MAX_SIZE:  # also a float product that overflowed to inf
+        raise ValueError(f"invalid size {text!r}: too large (at most {MAX_SIZE} bytes)")
+    return int(scaled)

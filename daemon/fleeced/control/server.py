@@ -8,21 +8,29 @@ against it unchanged.
 
 A client sending garbage gets a ``GenericError`` and stays connected; a line
 over :data:`MAX_LINE` bytes or a non-object greeting reply disconnects it.
-Nothing a client sends can stop the daemon.
+Garbage includes JSON nested deeper than
+:data:`~fleeced.control.framing.MAX_DEPTH` and numbers JSON cannot carry
+(``NaN``, ``Infinity``, ``1e400``).  Nothing a client sends can stop the daemon.
+
+At start-up only a stale *socket* at the control path is replaced; anything
+else there (an image, a directory, a symlink) is an error, never unlinked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import math
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 from fleeced import __version__
-from fleeced.control.framing import JsonSplitter, MessageTooLong
+from fleeced.control.framing import MAX_DEPTH, JsonSplitter, MessageTooLong, nesting_depth
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,7 @@ class ControlServer:
         self._clients: set[_Client] = set()
         self._server: asyncio.AbstractServer | None = None
         self._path: str | None = None
+        self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket
 
     async def _query_commands(self, args: dict[str, Any]) -> Any:
         return [{"name": n} for n in sorted({*self._handlers, "qmp_capabilities"})]
@@ -74,18 +83,28 @@ class ControlServer:
     async def listen(self, path: str) -> None:
         """Listen on PATH with mode 0600 (parent directory created 0700).
 
-        :raise OSError: when the socket cannot be created.
+        :raise OSError: when the socket cannot be created, PATH holds anything
+            but a stale socket, or another daemon listens there; the message
+            is one line starting ``control socket PATH:``.
         """
-        _prepare_socket_path(path)
-        old = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(
-                self._serve, path, limit=MAX_LINE
-            )
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
+            _prepare_socket_path(path)
+            old = os.umask(0o177)
+            try:
+                self._server = await asyncio.start_unix_server(
+                    self._serve, path, limit=MAX_LINE
+                )
+            finally:
+                os.umask(old)
+            os.chmod(path, 0o600)
+            st = os.lstat(path)
+        except OSError as exc:
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+            raise OSError(exc.errno, f"control socket {path}: {_reason(exc, path)}") from None
         self._path = path
+        self._ident = (st.st_dev, st.st_ino)
         log.info("control socket on %s", path)
 
     def emit(self, event: str, data: Mapping[str, Any]) -> None:
@@ -108,11 +127,15 @@ class ControlServer:
             await self._server.wait_closed()
             self._server = None
         if self._path is not None:
+            # Remove only our own socket: never whatever replaced it since.
             try:
-                os.unlink(self._path)
+                st = os.lstat(self._path)
+                if (st.st_dev, st.st_ino) == self._ident:
+                    os.unlink(self._path)
             except OSError:
                 pass
             self._path = None
+            self._ident = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = _Client(writer)
@@ -142,9 +165,15 @@ class ControlServer:
             writer.close()
 
     async def _dispatch(self, client: _Client, line: bytes) -> dict[str, Any] | None:
+        # Depth first: json.loads recurses per level and would raise
+        # RecursionError (or leave objects too deep to repr) long before the
+        # 1 MiB cap.  QEMU's parser has the same kind of limit.
+        if nesting_depth(line) > MAX_DEPTH:
+            return _error("GenericError",
+                          f"JSON parse error: nesting deeper than {MAX_DEPTH} levels")
         try:
-            msg = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
+            msg = json.loads(line, parse_float=_finite_float, parse_constant=_no_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             return _error("GenericError", f"JSON parse error: {exc}")
         if not isinstance(msg, dict):
             return _error("GenericError", "QMP input must be a JSON object")
@@ -213,18 +242,56 @@ def _error(cls: str, desc: str) -> dict[str, Any]:
     return {"error": {"class": cls, "desc": desc}}
 
 
+def _finite_float(text: str) -> float:
+    """``json.loads`` hook: ``1e400`` would silently become ``inf``.
+
+    :raise ValueError: when TEXT overflows a float.
+    """
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    """``json.loads`` hook: Python accepts ``NaN``/``Infinity``, JSON (and QEMU) do not.
+
+    :raise ValueError: always.
+    """
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _reason(exc: OSError, path: str) -> str:
+    """EXC as text without repeating PATH (naming any other file involved)."""
+    text = exc.strerror or str(exc)
+    if exc.filename and exc.filename != path:
+        text = f"{exc.filename}: {text}"
+    return text
+
+
 def _prepare_socket_path(path: str) -> None:
     """Create the parent (0700) and remove a stale socket (start-up only).
 
-    :raise OSError: when another daemon is listening at PATH.
+    Only a socket nobody listens on is removed.  ``lstat``: a symlink is not
+    followed, and is refused like any other non-socket.
+
+    :raise OSError: when PATH exists and is not a socket, or another daemon
+        is listening there.
     """
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, mode=0o700, exist_ok=True)
-    if os.path.exists(path):
-        if _in_use(path):
-            raise OSError(98, f"{path}: a daemon is already listening there")
-        os.unlink(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, "exists and is not a socket; refusing to replace it")
+    if _in_use(path):
+        raise OSError(errno.EADDRINUSE,
+                      "a daemon is already listening there (stop it, or use another "
+                      "--control PATH or --no-control)")
+    os.unlink(path)
 
 
 def _in_use(path: str) -> bool:
