@@ -8,6 +8,7 @@ from the repository root; paths below are relative to it.  Declarations live in
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cffi import FFI
@@ -28,6 +29,12 @@ CFLAGS = [
     "-pthread",
 ]
 
+# FLEECED_SANITIZE=1 builds the module with AddressSanitizer and UBSan, for
+# running the whole daemon under them (LD_PRELOAD the ASan runtime; see
+# bench/soak.py --asan).  Never for releases.
+SANITIZE = os.environ.get("FLEECED_SANITIZE") == "1"
+SAN_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+
 ffibuilder = FFI()
 ffibuilder.cdef(_HERE.joinpath("fleeced.cdef").read_text())
 ffibuilder.set_source(
@@ -39,7 +46,8 @@ ffibuilder.set_source(
         str(p.relative_to(_ROOT))
         for p in [*_HERE.joinpath("src").glob("*.h"), *_HERE.joinpath("include").glob("*.h")]
     ),
-    extra_compile_args=CFLAGS,
+    extra_compile_args=CFLAGS + (SAN_FLAGS if SANITIZE else []),
+    extra_link_args=SAN_FLAGS if SANITIZE else [],
     libraries=["pthread"],
 )
 

@@ -290,6 +290,7 @@ class Daemon:
                     "x-inject-cbw-error": self.cmd_inject_error,
                     "x-inject-cbw-delay": self.cmd_inject_cbw_delay,
                     "x-inject-queue-delay": self.cmd_inject_queue_delay,
+                    "x-inject-flush-error": self.cmd_inject_flush_error,
                 }
                 if os.environ.get("FLEECED_TEST_HOOKS") == "1"
                 else {}
@@ -339,9 +340,11 @@ class Daemon:
                         "total": st.clusters_total,
                         "needed": st.clusters_needed,
                         "copied": st.clusters_copied,
+                        "zero": st.clusters_zero,
                         "discarded": st.clusters_discarded,
                     },
                     "temp-bytes": st.temp_bytes,
+                    "temp-bytes-allocated": st.temp_bytes_allocated,
                     "temp-bytes-written": st.temp_bytes_written,
                     "cache-bytes": st.cache_bytes,
                     "cbw-count": st.cbw_count,
@@ -361,16 +364,21 @@ class Daemon:
 
     async def cmd_query_disks(self, args: dict[str, Any]) -> Any:
         check_keys(args, set())
-        return [
-            {
+        out = []
+        for d in self.disks.values():
+            info: dict[str, Any] = {
                 "name": d.name,
                 "path": d.path,
                 "size": d.size,
                 "read-only": d.read_only,
                 "sessions": sorted(d.sessions),
             }
-            for d in self.disks.values()
-        ]
+            flush_errno = d.file.flush_error
+            if flush_errno:
+                # Sticky: FLUSH/FUA fail EIO until the disk is reopened.
+                info["flush-error"] = os.strerror(flush_errno)
+            out.append(info)
+        return out
 
     def _export_kind(self, export: Export) -> str:
         return "active" if isinstance(export, ActiveExport) else "snapshot"
@@ -436,6 +444,17 @@ class Daemon:
         if not 0 <= ms <= 60000:
             raise CommandError("ms must be between 0 and 60000")
         self._io.inject_delay(kinds[op], ms)
+        return {}
+
+    async def cmd_inject_flush_error(self, args: dict[str, Any]) -> Any:
+        """Test hook (only with FLEECED_TEST_HOOKS=1): fail the next fdatasyncs."""
+        check_keys(args, {"disk", "errno", "count"})
+        disk = self._disk(args)
+        err = get(args, "errno", int)
+        count = get(args, "count", int, 1)
+        if err <= 0 or count < 0:
+            raise CommandError("errno must be positive and count non-negative")
+        disk.file.inject_flush_error(err, count)
         return {}
 
     async def cmd_quit(self, args: dict[str, Any]) -> Any:

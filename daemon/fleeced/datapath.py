@@ -47,6 +47,7 @@ __all__ = [
     "EXT_ZERO",
     "NEEDED",
     "NOT_NEEDED",
+    "ZERO",
     "NativeFile",
     "NativeSession",
     "SessionParams",
@@ -57,6 +58,7 @@ NOT_NEEDED: Final[int] = int(lib.FL_NOT_NEEDED)
 NEEDED: Final[int] = int(lib.FL_NEEDED)
 COPYING: Final[int] = int(lib.FL_COPYING)
 COPIED: Final[int] = int(lib.FL_COPIED)
+ZERO: Final[int] = int(lib.FL_ZERO)
 EXT_HOLE: Final[int] = int(lib.FL_EXT_HOLE)
 EXT_ZERO: Final[int] = int(lib.FL_EXT_ZERO)
 
@@ -272,6 +274,29 @@ class NativeFile:
         """
         _check(lib.fl_file_flush(self._handle()))
 
+    @property
+    def flush_error(self) -> int:
+        """The sticky flush error: the first failed ``fdatasync``'s errno, or 0.
+
+        Once set, every later flush and FUA of this file fails ``EIO`` until
+        the image is reopened: a writeback error is never forgotten.
+
+        :raise OSError: ``EBADF`` when closed.
+        """
+        return int(lib.fl_file_flush_error(self._handle()))
+
+    def inject_flush_error(self, err: int, n: int) -> None:
+        """Test hook: the next N ``fdatasync`` calls fail with ERR (N = 0 disables).
+
+        :raise OSError: ``EINVAL`` for ``err <= 0`` with ``n > 0`` or huge values.
+        """
+        h = self._handle()
+        e = _uint("err", err)
+        k = _uint("n", n)
+        if k > 0x7FFFFFFF or e > 0x7FFFFFFF or (k > 0 and e == 0):
+            raise _einval(f"err={e} n={k}")
+        _check(lib.fl_file_inject_flush_error(h, e, k))
+
     def cache(self, off: int, length: int) -> None:
         """Prefetch hint (``posix_fadvise WILLNEED``).
 
@@ -349,16 +374,21 @@ class SessionParams:
 class SessionStats:
     """Counters of a session (see ``struct fl_session_stats``).
 
-    ``clusters_needed``/``clusters_copied`` count clusters currently in that
-    state; ``cbw_count`` counts clusters copied; ``temp_bytes`` is what the temp
-    file holds now, ``temp_bytes_written`` all it was ever written.
+    ``clusters_needed``/``clusters_copied``/``clusters_zero`` count clusters
+    currently in that state (ZERO: a hole of the source, nothing stored; all
+    go back to needed when the snapshot breaks); ``cbw_count`` counts clusters
+    copied (holes not); ``temp_bytes`` is what the temp file holds now,
+    ``temp_bytes_allocated`` what it occupies on disk, ``temp_bytes_written``
+    all it was ever written.
     """
 
     clusters_total: int
     clusters_needed: int
     clusters_copied: int
+    clusters_zero: int
     clusters_discarded: int
     temp_bytes: int
+    temp_bytes_allocated: int
     temp_bytes_written: int
     cache_bytes: int
     cbw_count: int
@@ -516,8 +546,10 @@ class NativeSession:
             clusters_total=int(st.clusters_total),
             clusters_needed=int(st.clusters_needed),
             clusters_copied=int(st.clusters_copied),
+            clusters_zero=int(st.clusters_zero),
             clusters_discarded=int(st.clusters_discarded),
             temp_bytes=int(st.temp_bytes),
+            temp_bytes_allocated=int(st.temp_bytes_allocated),
             temp_bytes_written=int(st.temp_bytes_written),
             cache_bytes=int(st.cache_bytes),
             cbw_count=int(st.cbw_count),
@@ -531,7 +563,7 @@ class NativeSession:
         )
 
     def cluster_state(self, off: int) -> int:
-        """State (``NOT_NEEDED``/``NEEDED``/``COPYING``/``COPIED``) of the cluster at OFF.
+        """State (``NOT_NEEDED``/``NEEDED``/``COPYING``/``COPIED``/``ZERO``) of the cluster at OFF.
 
         :raise OSError: ``EINVAL`` when OFF is not below the size, ``EBADF``.
         """

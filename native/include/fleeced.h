@@ -41,11 +41,13 @@ typedef struct fl_session fl_session;
 #define FL_EXT_HOLE  1u
 #define FL_EXT_ZERO  2u
 
-/* Cluster states of a session's map. */
-#define FL_NOT_NEEDED 0
-#define FL_NEEDED     1
-#define FL_COPYING    2
-#define FL_COPIED     3
+/* Cluster states of a session's map (cbw.c has the transitions). */
+#define FL_NOT_NEEDED 0  /* out of scope or discarded: never read */
+#define FL_NEEDED     1  /* the old data is still only in the source */
+#define FL_COPYING    2  /* a copy-before-write of it is in flight */
+#define FL_COPIED     3  /* the old data is in the cache or temp file */
+#define FL_ZERO       4  /* it was a hole of the source: reads as zeros,
+                            stores nothing */
 
 /* Failure policies. */
 #define FL_BREAK_SNAPSHOT    0
@@ -77,12 +79,23 @@ int fl_file_read_nowait(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
 int fl_file_write(fl_file *f, const uint8_t *buf, size_t len, uint64_t off,
                   unsigned flags);
 /* Guest write-zeroes: CBW, then FALLOC_FL_PUNCH_HOLE (with FL_MAY_TRIM) or
- * FALLOC_FL_ZERO_RANGE, falling back to writing zeros unless FL_FAST. */
+ * FALLOC_FL_ZERO_RANGE, falling back to writing zeros unless FL_FAST.
+ * With FL_FAST it fails -ENOTSUP at once, before any CBW and without
+ * touching the source, when an attached, unbroken session would have to
+ * copy a cluster of the range (NEEDED or COPYING). */
 int fl_file_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags);
 /* Guest trim: CBW, then punch hole.  Unsupported punch is ignored (0). */
 int fl_file_trim(fl_file *f, uint64_t off, uint64_t len);
-/* fdatasync. */
+/* fdatasync.  Failures are sticky: after one failed fdatasync of F (a
+ * flush, or the FUA of a write/zero/trim), which returns its own -errno,
+ * every later flush and every FUA on F fails -EIO until F is reopened. */
 int fl_file_flush(fl_file *f);
+/* The sticky flush error: the first failed fdatasync's positive errno, or
+ * 0 while none failed. */
+int fl_file_flush_error(const fl_file *f);
+/* Test hook: the next N fdatasyncs of F (flush or FUA) fail with -err
+ * (err > 0) without syncing, and count as failures; n = 0 disables. */
+int fl_file_inject_flush_error(fl_file *f, int err, int n);
 /* posix_fadvise WILLNEED. */
 int fl_file_cache(fl_file *f, uint64_t off, uint64_t len);
 /* Allocation map of [off, off+len): up to max extents, each lens[i] bytes
@@ -98,7 +111,11 @@ struct fl_session_params {
     const char *temp_dir;    /* where the unlinked temp file lives */
     uint64_t cache_bytes;    /* in-memory CBW cache budget, 0 = none */
     uint64_t max_temp;       /* temp-file byte limit, 0 = unlimited */
-    int64_t  cbw_timeout_ms; /* <= 0: no timeout */
+    /* Bound on a guest write's copy-before-write (its own copies and its
+     * waits for others'); on expiry the policy applies (-ETIMEDOUT).
+     * > 0 runs the copies on the session's copier threads; <= 0: no
+     * timeout, copies run in the writer's thread. */
+    int64_t  cbw_timeout_ms;
     int      policy;         /* FL_BREAK_SNAPSHOT / FL_BREAK_GUEST_WRITE */
     /* Scope: if n_scope > 0 only clusters touched by these byte ranges
      * start NEEDED, all others NOT_NEEDED; else every cluster is NEEDED. */
@@ -108,12 +125,17 @@ struct fl_session_params {
 };
 
 struct fl_session_stats {
+    /* Clusters by current state: clusters_copied counts COPIED only (data
+     * in cache or temp), clusters_zero the ZERO ones (holes, no data).
+     * After a break both are 0: the map goes back to NEEDED. */
     uint64_t clusters_total, clusters_needed, clusters_copied,
              clusters_discarded;
+    uint64_t clusters_zero;
     uint64_t temp_bytes;          /* bytes currently stored in temp file */
+    uint64_t temp_bytes_allocated;/* temp file's allocated bytes (st_blocks) */
     uint64_t temp_bytes_written;  /* total bytes ever written to temp */
     uint64_t cache_bytes;         /* bytes currently held in memory */
-    uint64_t cbw_count, cbw_bytes;
+    uint64_t cbw_count, cbw_bytes; /* clusters/bytes copied (holes not) */
     uint64_t read_temp_bytes, read_cache_bytes, read_source_bytes;
     uint64_t discarded_bytes;
     int      broken;              /* 1 once the snapshot is broken */
@@ -127,10 +149,14 @@ int fl_session_open(fl_file *f, const struct fl_session_params *p,
                     fl_session **out);
 /* Detach from the file (waiting for in-flight guest writes: blocks) and
  * give up the caller's reference.  Queued snapshot operations keep S alive
- * and fail -ESHUTDOWN.  fl_queue_submit_close does the same in a worker. */
+ * and fail -ESHUTDOWN.  With cbw_timeout_ms > 0 the session's copier
+ * threads (detached) also keep it alive until they finish copies that
+ * timed out, then free it.  fl_queue_submit_close does the same in a
+ * worker. */
 void fl_session_close(fl_session *s);
 /* Read the frozen view.  NOT_NEEDED cluster -> -EPERM; broken -> -EIO.
- * is_hole as for fl_file_read (may be NULL). */
+ * is_hole as for fl_file_read (may be NULL); ZERO clusters read as a
+ * hole. */
 int fl_session_read(fl_session *s, uint8_t *buf, size_t len, uint64_t off,
                     int *is_hole);
 /* Discard: rounds inward to whole clusters (the disk's tail cluster counts
@@ -138,18 +164,22 @@ int fl_session_read(fl_session *s, uint8_t *buf, size_t len, uint64_t off,
  * NOT_NEEDED.  Never fails for an in-range request. */
 int fl_session_discard(fl_session *s, uint64_t off, uint64_t len);
 /* Block status of the frozen view, like fl_file_extents.  COPIED clusters
- * report data; NEEDED ones the source's allocation; NOT_NEEDED data. */
+ * report data; ZERO ones FL_EXT_HOLE|FL_EXT_ZERO; NEEDED ones the
+ * source's allocation; NOT_NEEDED data. */
 int fl_session_extents(fl_session *s, uint64_t off, uint64_t len,
                        uint64_t *lens, uint32_t *flags, size_t max,
                        size_t *n);
 int fl_session_stats(fl_session *s, struct fl_session_stats *out);
 /* Cluster state of the cluster containing OFF (FL_* state), for tests. */
 int fl_session_cluster_state(fl_session *s, uint64_t off, int *state);
-/* Test hook: every copy-before-write copy of S sleeps MS (0..60000) first,
- * outside the lock, so timeouts can be provoked. */
+/* Test hook: every copy-before-write copy of S sleeps MS (0..60000)
+ * outside the lock, after reading the source and before storing the data
+ * (so a late copy has data to drop), so timeouts can be provoked. */
 int fl_session_inject_delay(fl_session *s, int ms);
 /* Test hook: make the next N temp-store writes of S fail with -err
- * (err > 0), n = 0 disables. */
+ * (err > 0), n = 0 disables.  A failing temp-file write first writes
+ * the first half of its run (a torn write); hole-only runs store nothing
+ * and do not use the hook. */
 int fl_session_inject_error(fl_session *s, int err, int n);
 
 /* ---- I/O queue (C worker threads, eventfd completions) --------------- */

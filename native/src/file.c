@@ -18,10 +18,28 @@
  *   trim a successful no-op (trim is advisory in NBD).
  * - FUA is fdatasync after the write (the NBD spec allows the stronger
  *   whole-file sync).
+ * - Sticky flush errors: Linux reports a writeback error to one fdatasync
+ *   only (errseq per open file), so a FUA that consumed it would leave a
+ *   later FLUSH succeeding over lost writes.  The first failed fdatasync
+ *   (flush, or the FUA of write/zero/trim) stores its errno in flush_err
+ *   (set once, compare-and-swap); from then on every flush and every FUA
+ *   fails -EIO without syncing, until the image is reopened.  A sync that
+ *   succeeds re-reads flush_err afterwards, so one that ran alongside the
+ *   failing one fails too (left open: the failing caller being preempted
+ *   between its fdatasync and the store).
+ * - FL_FAST write-zeroes refuses (-ENOTSUP) before any CBW when a session
+ *   would have to copy part of the range (fl__session_needs_copy): fast
+ *   zeroing must not turn into a copy of GiBs or break a snapshot.
  * - Lifetime: reference counted (internal.h "Lifetimes").  fl_file_close
  *   gives up the owner's reference; sessions and queued operations keep
  *   the descriptor open until they are gone.
  * - No globals.
+ *
+ * Locks of an fl_file (internal.h has the fields):
+ *   sessions_lock  rwlock: the session list (see internal.h)
+ *   hook_lock      mutex: inject_flush_err, inject_flush_n (test hook);
+ *                  never held across I/O
+ *   flush_err is atomic, not locked.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -94,6 +112,11 @@ int fl_file_open(const char *path, int readonly, fl_file **out)
     pthread_rwlockattr_destroy(&attr);
     if (rc < 0)
         goto err_free;
+    rc = -pthread_mutex_init(&f->hook_lock, NULL);
+    if (rc < 0) {
+        pthread_rwlock_destroy(&f->sessions_lock);
+        goto err_free;
+    }
     *out = f;
     return 0;
 
@@ -113,6 +136,7 @@ void fl__file_unref(fl_file *f)
 {
     if (__atomic_sub_fetch(&f->refs, 1, __ATOMIC_ACQ_REL) != 0)
         return;
+    pthread_mutex_destroy(&f->hook_lock);
     pthread_rwlock_destroy(&f->sessions_lock);
     close(f->fd);
     free(f);
@@ -186,8 +210,11 @@ int fl_file_read_nowait(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
 }
 
 /* Take sessions_lock shared and run CBW of every session over the range.
- * On success the lock stays held; the caller writes, then unlocks. */
-static int begin_guest_write(fl_file *f, uint64_t off, uint64_t len)
+ * With FL_FAST, first refuse (-ENOTSUP) if any session would have to copy
+ * (no CBW done, source untouched).  On success the lock stays held; the
+ * caller writes, then unlocks. */
+static int begin_guest_write(fl_file *f, uint64_t off, uint64_t len,
+                             unsigned flags)
 {
     fl_session *s;
     int rc;
@@ -195,6 +222,16 @@ static int begin_guest_write(fl_file *f, uint64_t off, uint64_t len)
     rc = -pthread_rwlock_rdlock(&f->sessions_lock);
     if (rc < 0)
         return rc;
+    /* Under the same shared hold as the CBW below: no session attaches in
+     * between, and a cluster that needs no copy now never needs one
+     * again while the session stays unbroken. */
+    for (s = f->sessions; (flags & FL_FAST) && s != NULL;
+         s = fl__session_next(s)) {
+        if (fl__session_needs_copy(s, off, len)) {
+            pthread_rwlock_unlock(&f->sessions_lock);
+            return -ENOTSUP;
+        }
+    }
     for (s = f->sessions; s != NULL; s = fl__session_next(s)) {
         rc = fl__session_before_write(s, off, len);
         if (rc < 0) {
@@ -216,10 +253,34 @@ static int check_mutation(fl_file *f, uint64_t off, uint64_t len)
     return 0;
 }
 
+/* fdatasync with the sticky error (design notes).  Returns 0, the first
+ * failure's -errno to the call that failed, and -EIO ever after. */
+static int sync_file(fl_file *f)
+{
+    int err = 0, none = 0;
+
+    if (__atomic_load_n(&f->flush_err, __ATOMIC_ACQUIRE) != 0)
+        return -EIO;
+    pthread_mutex_lock(&f->hook_lock);
+    if (f->inject_flush_n > 0) {
+        f->inject_flush_n--;
+        err = f->inject_flush_err;
+    }
+    pthread_mutex_unlock(&f->hook_lock);
+    if (err == 0 && fdatasync(f->fd) < 0)
+        err = errno != 0 ? errno : EIO;
+    if (err == 0)
+        return __atomic_load_n(&f->flush_err, __ATOMIC_ACQUIRE) != 0 ? -EIO : 0;
+    if (!__atomic_compare_exchange_n(&f->flush_err, &none, err, 0,
+                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return -EIO; /* a concurrent sync failed first */
+    return -err;
+}
+
 static int fua(fl_file *f, unsigned flags, int rc)
 {
-    if (rc == 0 && (flags & FL_FUA) && fdatasync(f->fd) < 0)
-        rc = -errno;
+    if (rc == 0 && (flags & FL_FUA))
+        rc = sync_file(f);
     return rc;
 }
 
@@ -234,7 +295,7 @@ int fl_file_write(fl_file *f, const uint8_t *buf, size_t len, uint64_t off,
         return -EINVAL;
     if (len == 0)
         return fua(f, flags, 0);
-    rc = begin_guest_write(f, off, len);
+    rc = begin_guest_write(f, off, len, 0);
     if (rc < 0)
         return rc;
     rc = fl__full_pwrite(f->fd, buf, len, off);
@@ -304,7 +365,7 @@ int fl_file_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags)
         return -EINVAL;
     if (len == 0)
         return fua(f, flags, 0);
-    rc = begin_guest_write(f, off, len);
+    rc = begin_guest_write(f, off, len, flags);
     if (rc < 0)
         return rc;
     rc = do_zero(f, off, len, flags);
@@ -321,7 +382,7 @@ int fl_file_trim(fl_file *f, uint64_t off, uint64_t len)
         return rc;
     if (len == 0)
         return 0;
-    rc = begin_guest_write(f, off, len);
+    rc = begin_guest_write(f, off, len, 0);
     if (rc < 0)
         return rc;
     rc = fl__punch(f->fd, off, len);
@@ -333,8 +394,22 @@ int fl_file_trim(fl_file *f, uint64_t off, uint64_t len)
 
 int fl_file_flush(fl_file *f)
 {
-    if (fdatasync(f->fd) < 0)
-        return -errno;
+    return sync_file(f);
+}
+
+int fl_file_flush_error(const fl_file *f)
+{
+    return __atomic_load_n(&f->flush_err, __ATOMIC_ACQUIRE);
+}
+
+int fl_file_inject_flush_error(fl_file *f, int err, int n)
+{
+    if (n < 0 || (n > 0 && err <= 0))
+        return -EINVAL;
+    pthread_mutex_lock(&f->hook_lock);
+    f->inject_flush_err = err;
+    f->inject_flush_n = n;
+    pthread_mutex_unlock(&f->hook_lock);
     return 0;
 }
 

@@ -3,7 +3,8 @@
  * Not part of the public API (fleeced.h) and never seen by cffi.
  *
  * Lock order (whole library): fl_file.sessions_lock (rwlock), then one
- * fl_session.lock (mutex).  No mutex is ever held across I/O; the file
+ * fl_session.lock (mutex); fl_file.hook_lock is a leaf taken alone.  No
+ * mutex is ever held across I/O; the file
  * rwlock is held (shared) across a guest write's CBW and source write so
  * that fl_session_open (exclusive) sees no guest write in flight.
  *
@@ -16,6 +17,10 @@
  * reference, so nothing is freed while an operation that points at it is
  * queued or running.  `closed` is set once by the owner's close; an
  * operation that runs after it fails -ESHUTDOWN instead of touching I/O.
+ * A session with cbw_timeout runs copier threads (cbw.c); each holds one
+ * reference on it from its start until it exits, after the close.  They
+ * are detached: nobody joins them, so the last reference may be dropped
+ * by a copier, which then frees the session (and maybe the file).
  */
 #ifndef FLEECED_INTERNAL_H
 #define FLEECED_INTERNAL_H
@@ -38,6 +43,13 @@ struct fl_file {
      * session open/close hold it exclusive.  Writer-preferring. */
     pthread_rwlock_t sessions_lock;
     fl_session *sessions;   /* singly linked through fl_session.next */
+    /* Positive errno of the first failed fdatasync, 0 while none.  Atomic:
+     * set once by compare-and-swap, read without a lock (file.c notes). */
+    int flush_err;
+    /* Guards inject_flush_err and inject_flush_n (the test hook); never
+     * held across I/O. */
+    pthread_mutex_t hook_lock;
+    int inject_flush_err, inject_flush_n;
 };
 
 /* References (atomic).  The last unref frees the object. */
@@ -84,6 +96,11 @@ int fl__fd_extents(int fd, int is_blk, uint64_t off, uint64_t len,
  * when the source may be written, or -errno (only under
  * FL_BREAK_GUEST_WRITE) when the guest write must fail untouched. */
 int fl__session_before_write(fl_session *s, uint64_t off, uint64_t len);
+/* 1 if S (attached, not closed, not broken) would have to copy something
+ * for a guest write to [off, off+len): a NEEDED or COPYING cluster there;
+ * else 0.  Called with the file's sessions_lock held shared; takes
+ * S's mutex (no I/O).  FL_FAST write-zeroes refuses on 1. */
+int fl__session_needs_copy(fl_session *s, uint64_t off, uint64_t len);
 /* Next session in the file's list. */
 fl_session *fl__session_next(const fl_session *s);
 

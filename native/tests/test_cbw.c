@@ -2,6 +2,7 @@
  * pattern table), discard, scope, failure policies, cache, extents and a
  * threaded stress test where the snapshot must always equal the original.
  * Images are sized so the tail cluster is short. */
+#include <dirent.h>
 #include <pthread.h>
 #include <time.h>
 
@@ -314,12 +315,16 @@ static void test_extents(void)
     size_t n;
 
     params_init(&p, CS);
-    make_image(x.path, SZ, NULL); /* all hole */
+    make_image(x.path, SZ, NULL); /* all hole but one byte of cluster 1 */
     CHECK_RC(fl_file_open(x.path, 0, &x.f), 0);
+    guest_write(x.f, CS, 1, 0x5a, 0);
     CHECK_RC(fl_session_open(x.f, &p, &x.s), 0);
-    guest_write(x.f, CS, 10, 1, 0); /* cluster 1 copied (a hole before) */
+    guest_write(x.f, CS, 10, 1, 0);     /* cluster 1 copied (data) */
+    guest_write(x.f, 2 * CS, 10, 1, 0); /* cluster 2 was a hole: ZERO */
     guest_write(x.f, 3 * CS, 10, 1, 0);
     CHECK_RC(fl_session_discard(x.s, 3 * CS, CS), 0);
+    CHECK(state_at(x.s, CS) == FL_COPIED);
+    CHECK(state_at(x.s, 2 * CS) == FL_ZERO);
     CHECK_RC(fl_session_extents(x.s, 0, SZ, lens, flags, 8, &n), 0);
     CHECK(n == 5);
     CHECK(lens[0] == CS && flags[0] == (FL_EXT_HOLE | FL_EXT_ZERO));
@@ -333,7 +338,9 @@ static void test_extents(void)
         CHECK_RC(fl_session_read(x.s, b, 100, 0, &hole), 0);
         CHECK(hole == 1);
         CHECK_RC(fl_session_read(x.s, b, 100, CS, &hole), 0);
-        CHECK(hole == 0 && b[0] == 0 && b[99] == 0);
+        CHECK(hole == 0 && b[0] == 0x5a && b[1] == 0 && b[99] == 0);
+        CHECK_RC(fl_session_read(x.s, b, 100, 2 * CS, &hole), 0);
+        CHECK(hole == 1 && b[0] == 0 && b[99] == 0);
     }
     fix_close(&x);
 }
@@ -355,6 +362,386 @@ static void test_two_sessions(void)
     for (size_t i = 0; i < CS; i++)
         CHECK(b[i] == 0xa1);
     fl_session_close(s2);
+    fix_close(&x);
+}
+
+
+/* ---- cbw_timeout bounds the copy itself (copier threads) ------------- */
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
+    nanosleep(&ts, NULL);
+}
+
+/* Wait (bounded) until no cluster (of size CSZ) of [off, off+len) is
+ * COPYING. */
+static void wait_settled(fl_session *s, uint64_t off, uint64_t len,
+                         uint64_t csz)
+{
+    int64_t t0 = now_ms();
+
+    for (uint64_t o = off; o < off + len; o += csz) {
+        while (state_at(s, o) == FL_COPYING) {
+            CHECK(now_ms() - t0 < 10000);
+            sleep_ms(2);
+        }
+    }
+}
+
+/* 1 while some descriptor of this process is open on PATH (even after
+ * unlink: "PATH (deleted)"). */
+static int path_open(const char *path)
+{
+    size_t n = strlen(path);
+    DIR *d = opendir("/proc/self/fd");
+    struct dirent *de;
+    char lnk[4096 + 32];
+    int found = 0;
+
+    CHECK(d != NULL);
+    while (!found && (de = readdir(d)) != NULL) {
+        ssize_t r = readlinkat(dirfd(d), de->d_name, lnk, sizeof(lnk) - 1);
+        if (r <= 0)
+            continue;
+        lnk[r] = '\0';
+        found = strncmp(lnk, path, n) == 0 && (lnk[n] == '\0' || lnk[n] == ' ');
+    }
+    closedir(d);
+    return found;
+}
+
+/* Wait (bounded) until the image's descriptor is closed: the file's last
+ * reference is gone, so the session's is too (it holds one on the file). */
+static void wait_freed(const char *path)
+{
+    int64_t t0 = now_ms();
+
+    while (path_open(path)) {
+        CHECK(now_ms() - t0 < 10000);
+        sleep_ms(5);
+    }
+}
+
+/* inject_delay 1000 ms, cbw_timeout 100 ms: the write's own copy times
+ * out, the policy applies at once, and the late copy is dropped. */
+static void test_timeout_bounds_copy(void)
+{
+    struct fl_session_params p;
+    struct fl_session_stats st;
+    struct fix x;
+    uint8_t *b = malloc(CS);
+    int64_t t0, took;
+
+    CHECK(b != NULL);
+    memset(b, 0x5a, CS);
+    for (int pol = 0; pol < 2; pol++) {
+        params_init(&p, CS);
+        p.cbw_timeout_ms = 100;
+        p.policy = pol;
+        fix_open(&x, SZ, &p);
+        CHECK_RC(fl_session_inject_delay(x.s, 1000), 0);
+        t0 = now_ms();
+        CHECK_RC(fl_file_write(x.f, b, CS, CS, 0), pol ? -ETIMEDOUT : 0);
+        took = now_ms() - t0;
+        CHECK(took < 900); /* did not wait for the copy */
+        CHECK_RC(fl_session_stats(x.s, &st), 0);
+        if (pol == FL_BREAK_SNAPSHOT) {
+            CHECK(st.broken && st.broken_errno == ETIMEDOUT);
+            check_file(x.f, CS, CS, 0x5a);
+        } else {
+            CHECK(!st.broken);
+            check_file(x.f, CS, CS, -1); /* source untouched */
+            /* The late copy still owns the cluster (it cannot settle
+             * before 1000 ms). */
+            int st1 = state_at(x.s, CS);
+            if (now_ms() - t0 < 950)
+                CHECK(st1 == FL_COPYING);
+        }
+        wait_settled(x.s, CS, CS, CS);
+        CHECK(state_at(x.s, CS) == FL_NEEDED);
+        CHECK_RC(fl_session_stats(x.s, &st), 0);
+        CHECK(st.temp_bytes == 0 && st.temp_bytes_allocated == 0);
+        CHECK(st.clusters_copied == 0 && st.cbw_count == 0);
+        CHECK(st.clusters_needed == st.clusters_total);
+        if (pol == FL_BREAK_GUEST_WRITE) {
+            CHECK(!st.broken);
+            check_snap_orig(x.s, 0, SZ);
+            CHECK_RC(fl_session_inject_delay(x.s, 0), 0);
+            CHECK_RC(fl_file_write(x.f, b, CS, CS, 0), 0);
+            CHECK(state_at(x.s, CS) == FL_COPIED);
+            check_file(x.f, CS, CS, 0x5a);
+            check_snap_orig(x.s, 0, SZ);
+            CHECK_RC(fl_session_stats(x.s, &st), 0);
+            CHECK(st.temp_bytes == CS && st.cbw_count == 1);
+            CHECK(st.temp_bytes_allocated >= CS);
+        }
+        fix_close(&x);
+    }
+    free(b);
+}
+
+struct tw {
+    fl_file *f;
+    uint64_t off;
+    int rc;
+    int64_t took;
+};
+
+static void *timed_write(void *arg)
+{
+    struct tw *t = arg;
+    uint8_t v[4096];
+    int64_t t0 = now_ms();
+
+    memset(v, 0x77, sizeof(v));
+    t->rc = fl_file_write(t->f, v, sizeof(v), t->off, 0);
+    t->took = now_ms() - t0;
+    return NULL;
+}
+
+/* More timed-out writers than copiers (break-guest-write): the jobs still
+ * queued are given back at once, the running ones settle late; the owner
+ * closes everything while the late copies run, and the last copier frees
+ * the session and the file. */
+static void test_timeout_queued_jobs(void)
+{
+    enum { NW = 6 };
+    struct fl_session_params p;
+    struct fix x;
+    pthread_t th[NW];
+    struct tw t[NW];
+    int copying = 0, needed = 0;
+    int64_t t0;
+
+    params_init(&p, CS);
+    p.cbw_timeout_ms = 100;
+    p.policy = FL_BREAK_GUEST_WRITE;
+    fix_open(&x, (NW + 1) * CS, &p);
+    CHECK_RC(fl_session_inject_delay(x.s, 1000), 0);
+    t0 = now_ms();
+    for (int i = 0; i < NW; i++) {
+        t[i] = (struct tw){ x.f, (uint64_t)i * CS, 1, 0 };
+        CHECK(pthread_create(&th[i], NULL, timed_write, &t[i]) == 0);
+    }
+    for (int i = 0; i < NW; i++) {
+        CHECK(pthread_join(th[i], NULL) == 0);
+        CHECK(t[i].rc == -ETIMEDOUT && t[i].took < 900);
+    }
+    for (int i = 0; i < NW; i++) {
+        int st = state_at(x.s, (uint64_t)i * CS);
+        copying += st == FL_COPYING;
+        needed += st == FL_NEEDED;
+    }
+    /* At most 4 copiers run jobs (and cannot settle them before 1000
+     * ms); the others were never started and went back at once. */
+    if (now_ms() - t0 < 950)
+        CHECK(copying <= 4 && needed >= NW - 4 && copying + needed == NW);
+    check_file(x.f, 0, (NW + 1) * CS, -1);
+    CHECK(path_open(x.path));
+    fix_close(&x);
+    wait_freed(x.path); /* the copiers drop the last references */
+}
+
+/* ---- holes are not copied -------------------------------------------- */
+
+static void test_holes_not_copied(void)
+{
+    const uint64_t big = (uint64_t)64 << 20;
+    struct fl_session_params p;
+    struct fl_session_stats st;
+    struct fix x;
+    uint64_t lens[4];
+    uint32_t flags[4];
+    size_t n;
+    uint8_t *b = malloc(4 << 20);
+    int hole;
+
+    CHECK(b != NULL);
+    for (int inl = 0; inl < 2; inl++) {
+        /* 64 MiB of write-zeroes over a sparse disk, max_temp 16 MiB. */
+        params_init(&p, CS);
+        p.max_temp = (uint64_t)16 << 20;
+        p.cache_bytes = inl ? 0 : 4 * CS;
+        p.cbw_timeout_ms = inl ? 0 : 10000;
+        make_image(x.path, big, NULL);
+        CHECK_RC(fl_file_open(x.path, 0, &x.f), 0);
+        CHECK_RC(fl_session_open(x.f, &p, &x.s), 0);
+        CHECK_RC(fl_file_zero(x.f, 0, big, 0), 0);
+        CHECK_RC(fl_session_stats(x.s, &st), 0);
+        CHECK(!st.broken && st.temp_bytes == 0 && st.cache_bytes == 0);
+        CHECK(st.temp_bytes_written == 0 && st.temp_bytes_allocated == 0);
+        CHECK(st.clusters_zero == big / CS && st.clusters_copied == 0);
+        CHECK(st.clusters_needed == 0 && st.cbw_count == 0);
+        CHECK(state_at(x.s, big - 1) == FL_ZERO);
+        for (uint64_t off = 0; off < big; off += (uint64_t)20 << 20) {
+            memset(b, 0xff, 4 << 20);
+            CHECK_RC(fl_session_read(x.s, b, 4 << 20, off, &hole), 0);
+            CHECK(hole == 1 && b[0] == 0 && b[(4 << 20) - 1] == 0);
+        }
+        CHECK_RC(fl_session_extents(x.s, 0, big, lens, flags, 4, &n), 0);
+        CHECK(n == 1 && lens[0] == big &&
+              flags[0] == (FL_EXT_HOLE | FL_EXT_ZERO));
+        /* Discard of ZERO clusters has nothing to release. */
+        CHECK_RC(fl_session_discard(x.s, 0, CS), 0);
+        CHECK_RC(fl_session_stats(x.s, &st), 0);
+        CHECK(st.clusters_zero == big / CS - 1 && st.temp_bytes == 0);
+        CHECK(state_at(x.s, 0) == FL_NOT_NEEDED);
+        fix_close(&x);
+    }
+
+    /* Plain writes of data over holes: only the data cluster is stored,
+     * so a max_temp of one cluster is enough. */
+    params_init(&p, CS);
+    p.max_temp = CS;
+    make_image(x.path, SZ, NULL);
+    CHECK_RC(fl_file_open(x.path, 0, &x.f), 0);
+    guest_write(x.f, 2 * CS + 7, 1, 0x42, 0);
+    CHECK_RC(fl_session_open(x.f, &p, &x.s), 0);
+    guest_write(x.f, 0, SZ, 0x99, 0);
+    CHECK_RC(fl_session_stats(x.s, &st), 0);
+    CHECK(!st.broken && st.temp_bytes == CS && st.cbw_count == 1);
+    CHECK(st.clusters_copied == 1 && st.clusters_zero == 5);
+    CHECK(state_at(x.s, 2 * CS) == FL_COPIED);
+    CHECK(state_at(x.s, SZ - 1) == FL_ZERO); /* short tail cluster */
+    CHECK_RC(fl_session_read(x.s, b, SZ, 0, &hole), 0);
+    CHECK(hole == 0);
+    for (uint64_t i = 0; i < SZ; i++)
+        CHECK(b[i] == (i == 2 * CS + 7 ? 0x42 : 0));
+    CHECK_RC(fl_session_read(x.s, b, 2 * CS, 0, &hole), 0);
+    CHECK(hole == 1);
+    CHECK_RC(fl_session_read(x.s, b, SZ - 3 * CS, 3 * CS, &hole), 0);
+    CHECK(hole == 1);
+    CHECK_RC(fl_session_extents(x.s, 0, SZ, lens, flags, 4, &n), 0);
+    CHECK(n == 3);
+    CHECK(lens[0] == 2 * CS && flags[0] == (FL_EXT_HOLE | FL_EXT_ZERO));
+    CHECK(lens[1] == CS && flags[1] == 0);
+    CHECK(lens[2] == SZ - 3 * CS && flags[2] == (FL_EXT_HOLE | FL_EXT_ZERO));
+    /* Discarding the data cluster releases its bytes. */
+    CHECK_RC(fl_session_discard(x.s, 2 * CS, CS), 0);
+    CHECK_RC(fl_session_stats(x.s, &st), 0);
+    CHECK(st.temp_bytes == 0 && st.temp_bytes_allocated == 0);
+    fix_close(&x);
+    free(b);
+}
+
+/* ---- a failed or broken copy leaves no temp data behind --------------- */
+
+static void test_failed_copy_punched(void)
+{
+    struct fl_session_params p;
+    struct fl_session_stats st;
+    struct fix x;
+
+    for (int pol = 0; pol < 2; pol++) {
+        for (int inl = 0; inl < 2; inl++) {
+            /* A torn temp write (first half lands, then EIO) over a run
+             * of three clusters. */
+            params_init(&p, CS);
+            p.policy = pol;
+            p.cbw_timeout_ms = inl ? 0 : 10000;
+            fix_open(&x, SZ, &p);
+            guest_write(x.f, 4 * CS, 10, 0x11, 0); /* something stored */
+            CHECK_RC(fl_session_inject_error(x.s, EIO, 1), 0);
+            guest_write(x.f, 0, 3 * CS, 0x22, pol ? -EIO : 0);
+            CHECK_RC(fl_session_stats(x.s, &st), 0);
+            CHECK(st.broken == !pol);
+            if (pol) {
+                CHECK(st.temp_bytes == CS);
+                /* No torn leftovers (they would add 96 KiB). */
+                CHECK(st.temp_bytes_allocated >= CS &&
+                      st.temp_bytes_allocated < 2 * CS);
+                CHECK(state_at(x.s, 0) == FL_NEEDED);
+                CHECK(state_at(x.s, 2 * CS) == FL_NEEDED);
+                CHECK(st.clusters_copied == 1);
+                check_file(x.f, 0, 3 * CS, -1);
+                check_snap_orig(x.s, 0, SZ);
+            } else {
+                CHECK(st.temp_bytes == 0 && st.temp_bytes_allocated == 0);
+                /* The map tells the truth: nothing is stored. */
+                CHECK(st.clusters_copied == 0 && st.clusters_zero == 0);
+                CHECK(st.clusters_needed == st.clusters_total);
+                CHECK(state_at(x.s, 4 * CS) == FL_NEEDED);
+            }
+            fix_close(&x);
+        }
+    }
+
+    /* Break through max_temp after copies (and a ZERO cluster). */
+    params_init(&p, CS);
+    p.max_temp = 2 * CS;
+    make_image(x.path, SZ, pat);
+    CHECK_RC(fl_file_open(x.path, 0, &x.f), 0);
+    CHECK_RC(fl_file_trim(x.f, 3 * CS, CS), 0); /* cluster 3: a hole */
+    CHECK_RC(fl_session_open(x.f, &p, &x.s), 0);
+    guest_write(x.f, 0, 2 * CS, 0x33, 0);
+    guest_write(x.f, 3 * CS, 10, 0x33, 0);
+    CHECK_RC(fl_session_stats(x.s, &st), 0);
+    CHECK(st.clusters_copied == 2 && st.clusters_zero == 1);
+    CHECK(st.temp_bytes == 2 * CS && st.temp_bytes_allocated >= 2 * CS);
+    guest_write(x.f, 4 * CS, 10, 0x33, 0); /* over max_temp: breaks */
+    CHECK_RC(fl_session_stats(x.s, &st), 0);
+    CHECK(st.broken && st.broken_errno == ENOSPC);
+    CHECK(st.clusters_copied == 0 && st.clusters_zero == 0);
+    CHECK(st.clusters_needed == st.clusters_total);
+    CHECK(st.temp_bytes == 0 && st.temp_bytes_allocated == 0);
+    CHECK(st.cbw_count == 2); /* a history counter: stays */
+    fix_close(&x);
+}
+
+/* ---- FAST_ZERO refuses before any CBW --------------------------------- */
+
+static void test_fast_zero(void)
+{
+    struct fl_session_params p;
+    struct fl_session_stats st;
+    struct fix x;
+    int rc;
+
+    params_init(&p, CS);
+    fix_open(&x, SZ, &p);
+    CHECK_RC(fl_file_zero(x.f, 0, CS, FL_FAST | FL_MAY_TRIM), -ENOTSUP);
+    CHECK_RC(fl_file_zero(x.f, 10, 1, FL_FAST), -ENOTSUP);
+    CHECK_RC(fl_session_stats(x.s, &st), 0);
+    CHECK(st.cbw_count == 0 && st.temp_bytes_written == 0);
+    CHECK(state_at(x.s, 0) == FL_NEEDED);
+    check_file(x.f, 0, SZ, -1);
+    /* Once copied, fast zeroing goes on (unless the filesystem itself
+     * cannot zero fast). */
+    guest_write(x.f, 0, CS, 0x44, 0);
+    rc = fl_file_zero(x.f, 0, CS, FL_FAST | FL_MAY_TRIM);
+    CHECK(rc == 0 || rc == -ENOTSUP);
+    if (rc == 0)
+        check_file(x.f, 0, CS, 0);
+    /* A range reaching into a NEEDED cluster is refused whole. */
+    CHECK_RC(fl_file_zero(x.f, CS - 10, 20, FL_FAST), -ENOTSUP);
+    check_file(x.f, CS - 10, 10, rc == 0 ? 0 : 0x44);
+    check_file(x.f, CS, 10, -1);
+    /* Discarded clusters need no copy. */
+    CHECK_RC(fl_session_discard(x.s, CS, CS), 0);
+    rc = fl_file_zero(x.f, CS, CS, FL_FAST | FL_MAY_TRIM);
+    CHECK(rc == 0 || rc == -ENOTSUP);
+    CHECK_RC(fl_session_stats(x.s, &st), 0);
+    CHECK(st.cbw_count == 1);
+    check_snap_orig(x.s, 0, CS);
+    fix_close(&x);
+
+    /* A broken session does no CBW, so it does not stop fast zeroing. */
+    params_init(&p, CS);
+    fix_open(&x, SZ, &p);
+    CHECK_RC(fl_session_inject_error(x.s, EIO, 1), 0);
+    guest_write(x.f, 0, 10, 0x55, 0);
+    CHECK_RC(fl_session_stats(x.s, &st), 0);
+    CHECK(st.broken);
+    rc = fl_file_zero(x.f, 2 * CS, CS, FL_FAST | FL_MAY_TRIM);
+    CHECK(rc == 0 || rc == -ENOTSUP);
     fix_close(&x);
 }
 
@@ -400,7 +787,7 @@ static void *stress_thread(void *arg)
     return NULL;
 }
 
-static void stress(uint64_t cs, uint64_t cache)
+static void stress(uint64_t cs, uint64_t cache, int64_t timeout_ms)
 {
     struct fl_session_params p;
     struct fl_session_stats st;
@@ -411,7 +798,7 @@ static void stress(uint64_t cs, uint64_t cache)
 
     params_init(&p, cs);
     p.cache_bytes = cache;
-    p.cbw_timeout_ms = 0;
+    p.cbw_timeout_ms = timeout_ms;
     fix_open(&x, size, &p);
     for (int i = 0; i < 8; i++) {
         t[i] = (struct stress){ &x, (unsigned)(i * 7919 + 1), i % 2, size };
@@ -497,11 +884,103 @@ static void test_frozen_reads(void)
     free(orig);
 }
 
+/* Copies slower than the timeout under break-guest-write: writers and
+ * snapshot readers keep timing out while jobs run, queue, are abandoned
+ * and settle late; the snapshot must never show new data, and a guest
+ * write that failed must not have reached the source. */
+static void *timeout_stress_thread(void *arg)
+{
+    struct stress *t = arg;
+    uint8_t *b = malloc(3 * CS);
+
+    CHECK(b != NULL);
+    for (int i = 0; i < 60; i++) {
+        uint64_t off = rnd(&t->seed) % t->size;
+        uint64_t len = 1 + rnd(&t->seed) % (2 * 4096);
+        int rc;
+        if (off + len > t->size)
+            len = t->size - off;
+        if (t->writer) {
+            /* Copies of 0..5 ms against a 3 ms timeout: some make it. */
+            CHECK_RC(fl_session_inject_delay(t->x->s, (int)(rnd(&t->seed) % 6)),
+                     0);
+            memset(b, 0xee, len);
+            rc = fl_file_write(t->x->f, b, len, off, 0);
+            CHECK(rc == 0 || rc == -ETIMEDOUT);
+            if (getenv("FLEECED_TEST_VERBOSE") && rc)
+                fprintf(stderr, "w");
+        } else {
+            rc = fl_session_read(t->x->s, b, len, off, NULL);
+            CHECK(rc == 0 || rc == -ETIMEDOUT);
+            if (getenv("FLEECED_TEST_VERBOSE") && rc)
+                fprintf(stderr, "r");
+            for (uint64_t k = 0; rc == 0 && k < len; k++)
+                CHECK(b[k] == pat(off + k));
+        }
+    }
+    free(b);
+    return NULL;
+}
+
+static void test_timeout_stress(void)
+{
+    struct fl_session_params p;
+    struct fl_session_stats st;
+    struct fix x;
+    pthread_t th[8];
+    struct stress t[8];
+    uint64_t size = 64 * 4096 + 777;
+    uint8_t *b = malloc(size);
+
+    CHECK(b != NULL);
+    params_init(&p, 4096);
+    p.cbw_timeout_ms = 3;
+    p.policy = FL_BREAK_GUEST_WRITE;
+    p.cache_bytes = 8 * 4096;
+    fix_open(&x, size, &p);
+    for (int i = 0; i < 8; i++) {
+        t[i] = (struct stress){ &x, (unsigned)(i * 7919 + 3), i % 2, size };
+        CHECK(pthread_create(&th[i], NULL, timeout_stress_thread, &t[i]) == 0);
+    }
+    for (int i = 0; i < 8; i++)
+        CHECK(pthread_join(th[i], NULL) == 0);
+    CHECK_RC(fl_session_inject_delay(x.s, 0), 0);
+    wait_settled(x.s, 0, size, 4096);
+    CHECK_RC(fl_session_stats(x.s, &st), 0);
+    CHECK(!st.broken);
+    CHECK(st.clusters_copied + st.clusters_needed == st.clusters_total);
+    CHECK(st.temp_bytes + st.cache_bytes == st.clusters_copied * 4096 ||
+          st.temp_bytes + st.cache_bytes ==
+              (st.clusters_copied - 1) * 4096 + 777); /* short tail */
+    check_snap_orig(x.s, 0, size);
+    /* Every byte of the source is either original or a write that
+     * succeeded (0xee): a failed write never landed. */
+    CHECK_RC(fl_file_read(x.f, b, size, 0, NULL), 0);
+    for (uint64_t k = 0; k < size; k++) {
+        static int st1;
+        if ((k & 4095) == 0)
+            st1 = state_at(x.s, k);
+        CHECK(b[k] == pat(k) || (b[k] == 0xee && st1 == FL_COPIED));
+    }
+    /* Close with copies possibly in flight; the copiers free it all. */
+    CHECK_RC(fl_session_inject_delay(x.s, 50), 0);
+    memset(b, 0xdd, 4096);
+    for (int i = 0; i < 4; i++) {
+        int rc = fl_file_write(x.f, b, 4096, (uint64_t)i * 4096 * 16, 0);
+        CHECK(rc == 0 || rc == -ETIMEDOUT);
+    }
+    fix_close(&x);
+    wait_freed(x.path);
+    free(b);
+}
+
 static void test_stress(void)
 {
-    stress(4096, 0);
-    stress(4096, 8 * 4096);
-    stress(CS, 0);
+    stress(4096, 0, 0);
+    stress(4096, 8 * 4096, 0);
+    stress(CS, 0, 0);
+    stress(4096, 8 * 4096, 30000); /* every copy through the copiers */
+    stress(CS, 0, 30000);
 }
 
 int main(void)
@@ -514,7 +993,13 @@ int main(void)
     RUN(test_cache);
     RUN(test_extents);
     RUN(test_two_sessions);
+    RUN(test_timeout_bounds_copy);
+    RUN(test_timeout_queued_jobs);
+    RUN(test_holes_not_copied);
+    RUN(test_failed_copy_punched);
+    RUN(test_fast_zero);
     RUN(test_stress);
+    RUN(test_timeout_stress);
     RUN(test_frozen_reads);
     fprintf(stderr, "test_cbw: OK\n");
     return 0;

@@ -112,12 +112,70 @@ static void test_zero_trim_extents(void)
     unlink(path);
 }
 
+/* A failed fdatasync is remembered: a FUA that consumed a writeback error
+ * must not let a later FLUSH (or FUA) report success.  Sticky until the
+ * image is reopened. */
+static void test_sticky_flush_error(void)
+{
+    char path[4096];
+    fl_file *f;
+    uint8_t buf[4096];
+
+    make_image(path, SZ, pat);
+    CHECK_RC(fl_file_open(path, 0, &f), 0);
+    CHECK_RC(fl_file_inject_flush_error(f, 0, 1), -EINVAL);
+    CHECK_RC(fl_file_inject_flush_error(f, EIO, -1), -EINVAL);
+    CHECK_RC(fl_file_inject_flush_error(f, EIO, 1), 0);
+    CHECK_RC(fl_file_inject_flush_error(f, EIO, 0), 0); /* disabled */
+    CHECK_RC(fl_file_flush(f), 0);
+    CHECK(fl_file_flush_error(f) == 0);
+
+    /* The FUA of a write consumes the error... */
+    CHECK_RC(fl_file_inject_flush_error(f, ENOSPC, 1), 0);
+    memset(buf, 0x3c, sizeof(buf));
+    CHECK_RC(fl_file_write(f, buf, sizeof(buf), 0, FL_FUA), -ENOSPC);
+    CHECK(fl_file_flush_error(f) == ENOSPC);
+    /* ...and every later flush and FUA still fails (the hook is used up,
+     * so these would succeed without the sticky error). */
+    CHECK_RC(fl_file_flush(f), -EIO);
+    CHECK_RC(fl_file_flush(f), -EIO);
+    CHECK_RC(fl_file_write(f, buf, sizeof(buf), 0, FL_FUA), -EIO);
+    CHECK_RC(fl_file_write(f, buf, 0, 0, FL_FUA), -EIO);
+    CHECK_RC(fl_file_zero(f, 0, 4096, FL_FUA), -EIO);
+    CHECK_RC(fl_file_zero(f, 0, 4096, FL_FUA | FL_MAY_TRIM), -EIO);
+    /* Writes without FUA, trims and reads are not affected. */
+    CHECK_RC(fl_file_write(f, buf, sizeof(buf), 0, 0), 0);
+    CHECK_RC(fl_file_trim(f, 0, 4096), 0);
+    CHECK_RC(fl_file_read(f, buf, sizeof(buf), 8192, NULL), 0);
+    CHECK(fl_file_flush_error(f) == ENOSPC); /* the first errno stays */
+    fl_file_close(f);
+
+    /* Reopened: a fresh start.  A failed FLUSH is sticky the same way,
+     * and so is the FUA of a write-zeroes. */
+    CHECK_RC(fl_file_open(path, 0, &f), 0);
+    CHECK(fl_file_flush_error(f) == 0);
+    CHECK_RC(fl_file_flush(f), 0);
+    CHECK_RC(fl_file_inject_flush_error(f, EIO, 1), 0);
+    CHECK_RC(fl_file_flush(f), -EIO);
+    CHECK(fl_file_flush_error(f) == EIO);
+    CHECK_RC(fl_file_write(f, buf, 1, 0, FL_FUA), -EIO);
+    fl_file_close(f);
+    CHECK_RC(fl_file_open(path, 0, &f), 0);
+    CHECK_RC(fl_file_inject_flush_error(f, EROFS, 1), 0);
+    CHECK_RC(fl_file_zero(f, 0, 4096, FL_FUA), -EROFS);
+    CHECK_RC(fl_file_flush(f), -EIO);
+    CHECK(fl_file_flush_error(f) == EROFS);
+    fl_file_close(f);
+    unlink(path);
+}
+
 int main(void)
 {
     fprintf(stderr, "test_file\n");
     RUN(test_open_errors);
     RUN(test_read_write_bounds);
     RUN(test_zero_trim_extents);
+    RUN(test_sticky_flush_error);
     fprintf(stderr, "test_file: OK\n");
     return 0;
 }

@@ -102,21 +102,30 @@ def _timeout_setup(tmp_path: Path, break_guest_write: bool):  # type: ignore[no-
     s = NativeSession.open(f, SessionParams(temp_dir=str(tmp_path), cbw_timeout=0.2,
                                             break_guest_write=break_guest_write))
     s.inject_delay(1500)  # every copy takes 1.5 s
-    first = threading.Thread(target=f.write, args=(0, b"A" * 4096))
+    errors: list[OSError] = []
+
+    def first_write() -> None:
+        try:
+            f.write(0, b"A" * 4096)
+        except OSError as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=first_write)
     first.start()
     deadline = time.monotonic() + 10
     while s.cluster_state(0) != datapath.COPYING:  # the first write owns the copy
         assert time.monotonic() < deadline
         time.sleep(0.001)
-    return f, s, data, first
+    return f, s, data, first, errors
 
 
 @pytest.mark.parametrize("break_guest_write", [False, True])
 def test_cbw_timeout_applies_the_policy(tmp_path: Path, break_guest_write: bool) -> None:
-    """A write waiting on another write's copy gives up after cbw_timeout."""
+    """cbw_timeout bounds a write's own copy and its wait for another write's
+    copy (issue 6.9: the own copy used to run unbounded)."""
     import time
 
-    f, s, data, first = _timeout_setup(tmp_path, break_guest_write)
+    f, s, data, first, errors = _timeout_setup(tmp_path, break_guest_write)
     t0 = time.monotonic()
     if break_guest_write:
         with pytest.raises(OSError) as ei:
@@ -129,10 +138,20 @@ def test_cbw_timeout_applies_the_policy(tmp_path: Path, break_guest_write: bool)
     first.join(10)
     st = s.stats()
     if break_guest_write:
-        assert not st.broken
+        # The first write's own 1.5 s copy outlived the timeout: it failed,
+        # the source is untouched, and once the late copy is dropped the
+        # cluster is NEEDED again with nothing stored.
+        assert [e.errno for e in errors] == [errno.ETIMEDOUT]
+        deadline = time.monotonic() + 10
+        while s.cluster_state(0) != datapath.NEEDED:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        st = s.stats()
+        assert not st.broken and st.temp_bytes == 0
         assert bytes(s.read(0, 4096)[0]) == data[:4096]  # snapshot intact
-        assert bytes(f.read(0, 4096)[0]) == b"A" * 4096  # B never landed
+        assert bytes(f.read(0, 4096)[0]) == data[:4096]  # neither write landed
     else:
+        assert errors == []
         assert st.broken and st.broken_errno == errno.ETIMEDOUT
         with pytest.raises(OSError) as ei:
             s.read(0, 4096)
