@@ -127,6 +127,7 @@
 #define RUN_MAX     ((uint64_t)4 << 20) /* bytes copied per temp-file run */
 #define RUN_CLUSTERS ((size_t)(RUN_MAX / CLUSTER_MIN))
 #define BUCKETS_MAX ((size_t)1 << 20)
+#define DISCARD_BATCH 4096u     /* clusters discarded per mutex hold */
 #define N_STATES    5
 #define COPIERS     4u                  /* copier threads per session */
 
@@ -291,27 +292,28 @@ static int frozen_overlaps(const fl_session *s, uint64_t off, uint64_t end)
     return 0;
 }
 
-/* Wait on the condvar until the deadline (computed lazily on the first
- * wait; no deadline without cbw_timeout).  Returns 0 or -ETIMEDOUT. */
-static int wait_cond(fl_session *s, struct timespec *dl, int *dl_set)
+/* Wait on the condvar until START + cbw_timeout (no deadline without
+ * cbw_timeout).  START is when the guest write (or snapshot read) began,
+ * the same for every session it visits, so the timeout bounds its whole
+ * copy-before-write, time spent waiting for the mutex included.  Returns 0
+ * or -ETIMEDOUT. */
+static int wait_cond(fl_session *s, const struct timespec *start)
 {
+    struct timespec dl;
     int r;
 
     if (s->timeout_ms <= 0) {
         pthread_cond_wait(&s->cond, &s->lock);
         return 0;
     }
-    if (!*dl_set) {
-        clock_gettime(CLOCK_MONOTONIC, dl);
-        dl->tv_sec += (time_t)(s->timeout_ms / 1000);
-        dl->tv_nsec += (long)(s->timeout_ms % 1000) * 1000000L;
-        if (dl->tv_nsec >= 1000000000L) {
-            dl->tv_sec++;
-            dl->tv_nsec -= 1000000000L;
-        }
-        *dl_set = 1;
+    dl = *start;
+    dl.tv_sec += (time_t)(s->timeout_ms / 1000);
+    dl.tv_nsec += (long)(s->timeout_ms % 1000) * 1000000L;
+    if (dl.tv_nsec >= 1000000000L) {
+        dl.tv_sec++;
+        dl.tv_nsec -= 1000000000L;
     }
-    r = pthread_cond_timedwait(&s->cond, &s->lock, dl);
+    r = pthread_cond_timedwait(&s->cond, &s->lock, &dl);
     return r == ETIMEDOUT ? -ETIMEDOUT : 0;
 }
 
@@ -654,7 +656,7 @@ static void give_up(fl_session *s, struct job *j)
  * or 0 when the session broke meanwhile (nothing to wait for); in the last
  * two cases the job is given up. */
 static int run_job(fl_session *s, uint64_t c0, uint64_t c1,
-                   struct timespec *dl, int *dl_set)
+                   const struct timespec *start)
 {
     struct job *j = calloc(1, sizeof(*j));
     int rc = 0;
@@ -672,7 +674,7 @@ static int run_job(fl_session *s, uint64_t c0, uint64_t c1,
     s->jobs_tail = j;
     pthread_cond_signal(&s->work);
     while (!j->done && !s->broken && rc == 0)
-        rc = wait_cond(s, dl, dl_set);
+        rc = wait_cond(s, start);
     if (j->done) {
         rc = j->rc;
         free(j);
@@ -694,7 +696,9 @@ int fl__session_needs_copy(fl_session *s, uint64_t off, uint64_t len)
     uint64_t c0, n;
     int r = 0;
 
-    if (len == 0 || fl__session_closed(s))
+    /* A closing session still counts: until its detach it runs CBW, and a
+     * snapshot read in flight may still need the old data. */
+    if (len == 0)
         return 0;
     c0 = off >> s->shift;
     n = ((off + len - 1) >> s->shift) - c0 + 1;
@@ -706,10 +710,10 @@ int fl__session_needs_copy(fl_session *s, uint64_t off, uint64_t len)
     return r;
 }
 
-int fl__session_before_write(fl_session *s, uint64_t off, uint64_t len)
+int fl__session_before_write(fl_session *s, uint64_t off, uint64_t len,
+                             const struct timespec *start)
 {
-    struct timespec dl;
-    int dl_set = 0, need_punch = 0, rc = 0;
+    int need_punch = 0, rc = 0;
     uint64_t c, last;
 
     if (len == 0)
@@ -724,7 +728,7 @@ int fl__session_before_write(fl_session *s, uint64_t off, uint64_t len)
         int one;
 
         if (st == FL_COPYING) { /* another write copies it: wait */
-            rc = wait_cond(s, &dl, &dl_set);
+            rc = wait_cond(s, start);
             if (rc < 0) {
                 rc = fail_locked(s, rc, &need_punch);
                 goto out;
@@ -749,7 +753,7 @@ int fl__session_before_write(fl_session *s, uint64_t off, uint64_t len)
             c1++;
         }
         if (s->n_copiers > 0)
-            rc = run_job(s, c, c1, &dl, &dl_set);
+            rc = run_job(s, c, c1, start);
         else
             rc = copy_run(s, c, c1, NULL);
         if (rc < 0) {
@@ -760,7 +764,7 @@ int fl__session_before_write(fl_session *s, uint64_t off, uint64_t len)
     }
     /* Invariant 2: no source write under an in-flight frozen read. */
     while (!s->broken && frozen_overlaps(s, off, off + len)) {
-        rc = wait_cond(s, &dl, &dl_set);
+        rc = wait_cond(s, start);
         if (rc < 0) {
             rc = fail_locked(s, rc, &need_punch);
             goto out;
@@ -1002,8 +1006,8 @@ void fl_session_close(fl_session *s)
 int fl_session_read(fl_session *s, uint8_t *buf, size_t len, uint64_t off,
                     int *is_hole)
 {
-    struct timespec dl;
-    int dl_set = 0, rc, all_hole = 1;
+    struct timespec start;
+    int rc, all_hole = 1;
     uint64_t pos = off, end, last;
 
     rc = fl__range_ok(off, len, s->size);
@@ -1013,6 +1017,8 @@ int fl_session_read(fl_session *s, uint8_t *buf, size_t len, uint64_t off,
         *is_hole = 0;
     end = off + len;
     last = len > 0 ? (end - 1) >> s->shift : 0;
+    if (s->timeout_ms > 0)
+        clock_gettime(CLOCK_MONOTONIC, &start);
 
     pthread_mutex_lock(&s->lock);
     while (pos < end) {
@@ -1031,7 +1037,7 @@ int fl_session_read(fl_session *s, uint8_t *buf, size_t len, uint64_t off,
             break;
         }
         if (st == FL_COPYING) {
-            rc = wait_cond(s, &dl, &dl_set);
+            rc = wait_cond(s, &start);
             if (rc < 0)
                 break;
             continue;
@@ -1123,6 +1129,12 @@ int fl_session_discard(fl_session *s, uint64_t off, uint64_t len)
     for (uint64_t c = c0; c < c1; c++) {
         uint8_t st;
 
+        /* Let guest writes in between: a discard of a whole large disk
+         * must not hold the mutex they wait for (their cbw_timeout runs). */
+        if (c > c0 && (c - c0) % DISCARD_BATCH == 0) {
+            pthread_mutex_unlock(&s->lock);
+            pthread_mutex_lock(&s->lock);
+        }
         while (s->state[c] == FL_COPYING) /* its owner always settles it */
             pthread_cond_wait(&s->cond, &s->lock);
         st = s->state[c];

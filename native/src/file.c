@@ -217,8 +217,12 @@ static int begin_guest_write(fl_file *f, uint64_t off, uint64_t len,
                              unsigned flags)
 {
     fl_session *s;
+    struct timespec start;
     int rc;
 
+    /* One start for every session: cbw_timeout bounds the write's whole
+     * copy-before-write, waits for the session mutexes included. */
+    clock_gettime(CLOCK_MONOTONIC, &start);
     rc = -pthread_rwlock_rdlock(&f->sessions_lock);
     if (rc < 0)
         return rc;
@@ -233,7 +237,7 @@ static int begin_guest_write(fl_file *f, uint64_t off, uint64_t len,
         }
     }
     for (s = f->sessions; s != NULL; s = fl__session_next(s)) {
-        rc = fl__session_before_write(s, off, len);
+        rc = fl__session_before_write(s, off, len, &start);
         if (rc < 0) {
             pthread_rwlock_unlock(&f->sessions_lock);
             return rc;

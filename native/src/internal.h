@@ -28,6 +28,7 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "fleeced.h"
 
@@ -92,10 +93,13 @@ int fl__fd_extents(int fd, int is_blk, uint64_t off, uint64_t len,
 /* ---- cbw.c ---------------------------------------------------------- */
 
 /* Run copy-before-write of S for a guest write to [off, off+len) of its
- * file.  Called with the file's sessions_lock held shared.  Returns 0
+ * file.  Called with the file's sessions_lock held shared.  START is when
+ * the guest write began (CLOCK_MONOTONIC), the same for every session, so
+ * cbw_timeout bounds the write's whole CBW.  Returns 0
  * when the source may be written, or -errno (only under
  * FL_BREAK_GUEST_WRITE) when the guest write must fail untouched. */
-int fl__session_before_write(fl_session *s, uint64_t off, uint64_t len);
+int fl__session_before_write(fl_session *s, uint64_t off, uint64_t len,
+                             const struct timespec *start);
 /* 1 if S (attached, not closed, not broken) would have to copy something
  * for a guest write to [off, off+len): a NEEDED or COPYING cluster there;
  * else 0.  Called with the file's sessions_lock held shared; takes

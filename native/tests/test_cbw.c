@@ -983,6 +983,44 @@ static void test_stress(void)
     stress(CS, 0, 30000);
 }
 
+/* cbw_timeout bounds a guest write's whole copy-before-write, not each
+ * session's part of it: with two sessions whose copies both take 2 s and a
+ * 300 ms timeout, the write returns after about 300 ms, not 600 ms (the
+ * deadline used to start per session). */
+static void test_timeout_spans_sessions(void)
+{
+    char path[4096];
+    fl_file *f;
+    fl_session *a, *b;
+    struct fl_session_params p = { .cluster_size = 65536,
+                                   .temp_dir = test_tmpdir(),
+                                   .cbw_timeout_ms = 300,
+                                   .policy = FL_BREAK_SNAPSHOT };
+    struct fl_session_stats st;
+    static uint8_t buf[4096];
+    int64_t t0, took;
+
+    make_image(path, 1 << 20, pat);
+    CHECK_RC(fl_file_open(path, 0, &f), 0);
+    CHECK_RC(fl_session_open(f, &p, &a), 0);
+    CHECK_RC(fl_session_open(f, &p, &b), 0);
+    CHECK_RC(fl_session_inject_delay(a, 2000), 0);
+    CHECK_RC(fl_session_inject_delay(b, 2000), 0);
+    memset(buf, 0x22, sizeof buf);
+    t0 = now_ms();
+    CHECK_RC(fl_file_write(f, buf, sizeof buf, 0, 0), 0);
+    took = now_ms() - t0;
+    CHECK(took < 550);          /* one timeout, not one per session */
+    CHECK_RC(fl_session_stats(a, &st), 0);
+    CHECK(st.broken && st.broken_errno == ETIMEDOUT);
+    CHECK_RC(fl_session_stats(b, &st), 0);
+    CHECK(st.broken && st.broken_errno == ETIMEDOUT);
+    fl_session_close(a);
+    fl_session_close(b);
+    fl_file_close(f);
+    unlink(path);
+}
+
 int main(void)
 {
     fprintf(stderr, "test_cbw\n");
@@ -995,6 +1033,7 @@ int main(void)
     RUN(test_two_sessions);
     RUN(test_timeout_bounds_copy);
     RUN(test_timeout_queued_jobs);
+    RUN(test_timeout_spans_sessions);
     RUN(test_holes_not_copied);
     RUN(test_failed_copy_punched);
     RUN(test_fast_zero);
