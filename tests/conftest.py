@@ -113,6 +113,11 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         if persistent:
             cmd.append("-t")
         full_env = dict(os.environ, NOTIFY_SOCKET=notify_path)
+        # Run only the daemon under a preloaded sanitizer runtime (see
+        # bench/soak.py --asan); the client tools stay as they are.
+        preload = os.environ.get("FLEECED_DAEMON_PRELOAD")
+        if preload:
+            full_env["LD_PRELOAD"] = preload
         full_env.update(env or {})
         log = open(tmp_path / f"daemon{n}.log", "wb")  # noqa: SIM115 - closed at teardown
         logs.append(log)
