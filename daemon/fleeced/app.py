@@ -110,12 +110,12 @@ class Daemon:
             for disk_name, options in self.config.fleece:
                 await self._start_session(self.disks[disk_name], options)
             await self._listen(inherited or [])
+            if self.config.pid_file:
+                _write_pid_file(self.config.pid_file)
         except BaseException:
             await self._close_everything()
             raise
         self._watch_task = asyncio.get_running_loop().create_task(self._watch())
-        if self.config.pid_file:
-            _write_pid_file(self.config.pid_file)
         systemd.notify("READY=1\nSTATUS=serving, 0 connections")
 
     async def _listen(self, inherited: list[socket.socket]) -> None:
