@@ -25,6 +25,25 @@ echo "== lint"
 "$VENV/bin/ruff" check daemon tests bench
 "$VENV/bin/mypy" --strict daemon/fleeced
 
+echo "== daemon under ASan+UBSan (lifetimes: vanishing clients, fleece-stop, SIGTERM)"
+# A second venv whose C module is built with sanitizers; only the daemon
+# processes run with the ASan runtime preloaded (the client tools do not).
+# The in-tree build/ directory is removed around it so neither build reuses
+# the other's objects.
+ASAN_VENV=${ASAN_VENV:-.venv-asan}
+[ -x "$ASAN_VENV/bin/python" ] || "$PY" -m venv "$ASAN_VENV"
+"$ASAN_VENV/bin/pip" install -q --upgrade pip >/dev/null
+rm -rf build
+FLEECED_SANITIZE=1 "$ASAN_VENV/bin/pip" install -q --no-cache-dir --force-reinstall '.[test]'
+rm -rf build
+"$VENV/bin/pip" install -q --force-reinstall --no-deps .
+rm -rf build
+FLEECED_DAEMON_PRELOAD="$(gcc -print-file-name=libasan.so)" \
+ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+    "$ASAN_VENV/bin/python" -m pytest -q -p no:cacheprovider \
+    tests/integration/test_lifecycle.py tests/integration/test_cbw_hardening.py
+
 echo "== pytest"
 # Run from outside the source tree so the installed package (with its built
 # C module) is what gets imported.  Exit 5 (no tests collected) fails too.
