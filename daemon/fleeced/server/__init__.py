@@ -36,7 +36,7 @@ __all__ = ["NbdServer", "NbdConnection"]
 
 #: Daemon-wide bytes of READ replies held (admitted, or buffered while a
 #: client does not read) before every connection stops parsing new requests.
-REPLY_BUDGET: Final = 256 * 1024 * 1024
+REPLY_BUDGET: Final = 192 * 1024 * 1024
 #: Seconds a connection may keep reply bytes pinned without reading while
 #: other connections wait for the reply budget.
 STALL_TIMEOUT: Final = 30.0
