@@ -272,3 +272,26 @@ def test_sigterm_answers_every_received_request(tmp_path: Path, start_daemon) ->
     for i, error in errors.items():
         if error == 0:
             assert got[i * 4096:(i + 1) * 4096] == bytes([i]) * 4096
+
+
+def test_half_close_with_a_full_pipeline(tmp_path: Path, start_daemon) -> None:
+    """Found by the soak: a client that half-closes with large READs in
+    flight made the transport report EOF a second time when reading resumed
+    after the replies had backed up ("receive_data() after EOF", the
+    connection aborted and its replies lost).  Every reply must arrive."""
+    img = tmp_path / "disk.img"
+    data = make_image(img, 32 * MiB)
+    d = start_daemon(str(img), "--fleece")
+    n = 48
+    with Raw(d.sock, timeout=30) as c:
+        c.open("disk@fleece")
+        c.send(b"".join(request(CMD_READ, i, (i % 4) * 8 * MiB, 8 * MiB) for i in range(n)))
+        c.sock.shutdown(socket.SHUT_WR)
+        got = {}
+        for _ in range(n):
+            cookie, error, payload = c.reply(8 * MiB, 0)
+            got[cookie] = (error, payload == data[(cookie % 4) * 8 * MiB:][:8 * MiB])
+    assert got == {i: (0, True) for i in range(n)}
+    log = (tmp_path / "daemon1.log").read_text()
+    assert "after EOF" not in log and "Traceback" not in log
+    alive(d)

@@ -86,6 +86,7 @@ class NbdConnection(asyncio.Protocol):
         self._closing = False
         self._disconnect_requested = False
         self._shutdown = False
+        self._eof = False  # the client half-closed (or closed) its side
         self.negotiated = False
         self.reply_bytes = 0  # READ bytes admitted, reply not yet handed over
         self.paused_bytes = 0  # write buffer held while writing is paused
@@ -134,8 +135,13 @@ class NbdConnection(asyncio.Protocol):
         self._process()
 
     def eof_received(self) -> bool | None:
-        self._engine.receive_data(b"")
-        self._process()
+        # Once only: the engine refuses data after EOF, and reading never
+        # resumes after it (_update_reading), but a transport may still
+        # report it twice.
+        if not self._eof:
+            self._eof = True
+            self._engine.receive_data(b"")
+            self._process()
         # Keep the transport open (half-closed): requests still in flight
         # must get their replies; the engine reports Disconnect at the EOF
         # and we close once idle.
@@ -551,7 +557,9 @@ class NbdConnection(asyncio.Protocol):
         if want_pause and not self._reading_paused:
             transport.pause_reading()
             self._reading_paused = True
-        elif not want_pause and self._reading_paused:
+        elif not want_pause and self._reading_paused and not self._eof:
+            # After EOF there is nothing left to read: resuming would only
+            # make the transport report EOF again.
             transport.resume_reading()
             self._reading_paused = False
 
