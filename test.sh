@@ -42,7 +42,10 @@ FLEECED_DAEMON_PRELOAD="$(gcc -print-file-name=libasan.so)" \
 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
     "$ASAN_VENV/bin/python" -m pytest -q -p no:cacheprovider \
-    tests/integration/test_lifecycle.py tests/integration/test_cbw_hardening.py
+    tests/integration/test_lifecycle.py tests/integration/test_cbw_hardening.py \
+    "tests/integration/test_soak.py::test_disconnect_mid_pipeline_then_fleece_stop" \
+    "tests/integration/test_soak.py::test_stalled_snapshot_readers_fleece_stop_and_sigterm" \
+    "tests/integration/test_soak.py::test_sigterm_while_guests_write"
 
 echo "== pytest"
 # Run from outside the source tree so the installed package (with its built
