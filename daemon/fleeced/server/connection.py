@@ -87,6 +87,7 @@ class NbdConnection(asyncio.Protocol):
         self._disconnect_requested = False
         self._shutdown = False
         self._eof = False  # the client half-closed (or closed) its side
+        self._held = False  # parsing stopped at _hold(); an op completion retries
         self.negotiated = False
         self.reply_bytes = 0  # READ bytes admitted, reply not yet handed over
         self.paused_bytes = 0  # write buffer held while writing is paused
@@ -183,6 +184,7 @@ class NbdConnection(asyncio.Protocol):
     def resume_parsing(self) -> None:
         """Parse what was held back (write buffer drained, budget freed)."""
         if not self._disconnect_requested or self._shutdown:
+            self._held = False
             self._process()
         self._update_reading()
 
@@ -225,6 +227,7 @@ class NbdConnection(asyncio.Protocol):
             # or too much is in flight; what was received stays in the
             # engine's buffer and reading from the socket pauses.
             if self._hold():
+                self._held = True  # whatever frees the hold parses again
                 break
             try:
                 event = engine.next_event()
@@ -463,8 +466,11 @@ class NbdConnection(asyncio.Protocol):
         self._inflight -= 1
         self._maybe_closed()
         self._flush()
-        if self._inflight == MAX_IN_FLIGHT - 1 and not self._disconnect_requested:
-            self._process()  # resume parsing what is buffered
+        if self._held and not self._disconnect_requested:
+            # An op finished: in-flight count and reply bytes went down, so a
+            # hold on either may be over.  Parse what is buffered.
+            self._held = False
+            self._process()
         self._update_reading()
         if self._disconnect_requested or self._closing:
             self._close_when_idle()
