@@ -304,6 +304,18 @@ class Daemon:
             raise CommandError(f"disk '{name}' not found", "DeviceNotFound")
         return disk
 
+    def _session(self, args: dict[str, Any]) -> Session:
+        """The session named by ``disk`` and ``name`` (default ``fleece``).
+
+        :raise CommandError: when the disk or the session does not exist.
+        """
+        disk = self._disk(args)
+        name = get(args, "name", str, "fleece")
+        session = disk.sessions.get(name)
+        if session is None:
+            raise CommandError(f"disk '{disk.name}' has no session '{name}'")
+        return session
+
     async def cmd_fleece_start(self, args: dict[str, Any]) -> Any:
         check_keys(args, {
             "disk", "name", "export", "cluster-size", "bitmap", "on-cbw-error",
@@ -409,11 +421,7 @@ class Daemon:
     async def cmd_inject_error(self, args: dict[str, Any]) -> Any:
         """Test hook (only with FLEECED_TEST_HOOKS=1): fail the next temp writes."""
         check_keys(args, {"disk", "name", "errno", "count"})
-        disk = self._disk(args)
-        name = get(args, "name", str, "fleece")
-        session = disk.sessions.get(name)
-        if session is None:
-            raise CommandError(f"disk '{disk.name}' has no session '{name}'")
+        session = self._session(args)
         err = get(args, "errno", int)
         count = get(args, "count", int, 1)
         if err <= 0 or count < 0:
@@ -424,11 +432,7 @@ class Daemon:
     async def cmd_inject_cbw_delay(self, args: dict[str, Any]) -> Any:
         """Test hook (only with FLEECED_TEST_HOOKS=1): slow every CBW copy down."""
         check_keys(args, {"disk", "name", "ms"})
-        disk = self._disk(args)
-        name = get(args, "name", str, "fleece")
-        session = disk.sessions.get(name)
-        if session is None:
-            raise CommandError(f"disk '{disk.name}' has no session '{name}'")
+        session = self._session(args)
         session.native.inject_delay(get(args, "ms", int))
         return {}
 

@@ -104,18 +104,28 @@ def _range(off: object, length: object, size: int) -> tuple[int, int]:
 
 
 def _read(
-    fn: Any, handle: Any, off: object, length: object, size: int
+    fn: Any, handle: Any, off: object, length: object, size: int, *, holes: bool = True
 ) -> tuple[int, bytearray, bool]:
     """Police the range, then FN(handle, buf, n, off, &hole) into a new buffer.
 
+    :param holes: ask C for hole detection (else it gets NULL and does none).
     :raise OSError: ``EINVAL`` for a bad range (before any C call).
     :return: ``(rc, data, is_hole)``; the caller checks ``rc``.
     """
     o, n = _range(off, length, size)
     buf = bytearray(n)
-    hole = ffi.new("int *")
+    hole = ffi.new("int *") if holes else ffi.NULL
     rc = int(fn(handle, ffi.from_buffer("uint8_t[]", buf, require_writable=True), n, o, hole))
-    return rc, buf, bool(hole[0])
+    return rc, buf, bool(holes and hole[0])
+
+
+def _fault(err: int, n: int) -> tuple[int, int]:
+    """Police a test hook's (errno, count): ``err > 0`` unless ``n == 0``, both int32."""
+    e = _uint("err", err)
+    k = _uint("n", n)
+    if k > 0x7FFFFFFF or e > 0x7FFFFFFF or (k > 0 and e == 0):
+        raise _einval(f"err={e} n={k}")
+    return e, k
 
 
 def _closed() -> OSError:
@@ -212,11 +222,8 @@ class NativeFile:
         # a concurrent write holds across its I/O (27.6 ms measured on the
         # loop during a 256 MiB write).  Holes have no cached pages anyway,
         # so they come back EAGAIN and the queue answers them.
-        o, n = _range(off, length, self._size)
-        buf = bytearray(n)
-        rc = int(lib.fl_file_read_nowait(
-            self._handle(), ffi.from_buffer("uint8_t[]", buf, require_writable=True), n, o,
-            ffi.NULL))
+        rc, buf, _ = _read(lib.fl_file_read_nowait, self._handle(), off, length, self._size,
+                           holes=False)
         if rc == -errno.EAGAIN:
             return None
         _check(rc)
@@ -290,12 +297,7 @@ class NativeFile:
 
         :raise OSError: ``EINVAL`` for ``err <= 0`` with ``n > 0`` or huge values.
         """
-        h = self._handle()
-        e = _uint("err", err)
-        k = _uint("n", n)
-        if k > 0x7FFFFFFF or e > 0x7FFFFFFF or (k > 0 and e == 0):
-            raise _einval(f"err={e} n={k}")
-        _check(lib.fl_file_inject_flush_error(h, e, k))
+        _check(lib.fl_file_inject_flush_error(self._handle(), *_fault(err, n)))
 
     def cache(self, off: int, length: int) -> None:
         """Prefetch hint (``posix_fadvise WILLNEED``).
@@ -580,12 +582,7 @@ class NativeSession:
 
         :raise OSError: ``EINVAL`` for ``err <= 0`` with ``n > 0`` or huge values.
         """
-        h = self._handle()
-        e = _uint("err", err)
-        k = _uint("n", n)
-        if k > 0x7FFFFFFF or e > 0x7FFFFFFF or (k > 0 and e == 0):
-            raise _einval(f"err={e} n={k}")
-        _check(lib.fl_session_inject_error(h, e, k))
+        _check(lib.fl_session_inject_error(self._handle(), *_fault(err, n)))
 
     def inject_delay(self, ms: int) -> None:
         """Test hook: every CBW copy of this session first sleeps MS milliseconds.
