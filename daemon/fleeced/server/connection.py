@@ -559,7 +559,11 @@ class NbdConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        want_pause = self._disconnect_requested or self._hold()
+        # At shutdown keep reading: whatever the client already sent is
+        # answered (ESHUTDOWN) rather than left unread, which would make the
+        # close reset the connection and lose replies in flight (AF_UNIX and
+        # TCP both reset a socket closed with unread data).
+        want_pause = (self._disconnect_requested and not self._shutdown) or self._hold()
         if want_pause and not self._reading_paused:
             transport.pause_reading()
             self._reading_paused = True
