@@ -26,6 +26,7 @@ from fleeced.exports import (
     SessionOptions,
 )
 from fleeced.exports.aio import DEFAULT_THREADS, IoQueue
+from fleeced.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,24 @@ class DiskSpec:
 
 
 @dataclass
-class DaemonConfig:
-    """Everything ``fleeced serve`` was asked to do."""
+class Listener:
+    """One NBD listener: a Unix socket (with optional mode and group) or TCP."""
 
-    disks: list[DiskSpec]
-    unix_path: str | None = None
+    unix: str | None = None
+    #: Permission bits of the Unix socket file (``None``: the umask decides).
+    mode: int | None = None
+    #: Group name or number of the Unix socket file.
+    group: str | None = None
     tcp_host: str | None = None
     tcp_port: int | None = None
+
+
+@dataclass
+class DaemonConfig:
+    """Everything ``fleeced serve`` (or ``serve --config``) was asked to do."""
+
+    disks: list[DiskSpec]
+    listeners: list[Listener] = field(default_factory=list)
     shared: int = 0
     persistent: bool = False
     control_path: str | None = None
@@ -64,6 +76,13 @@ class DaemonConfig:
     shutdown_timeout: float = 5.0
     #: Seconds a client has to finish the handshake (``--handshake-limit``).
     handshake_limit: float = 10.0
+    #: Where runtime state lives (disks added at run time, VM attachments,
+    #: sessions); ``None``: no state is kept (lab mode, like qemu-nbd).
+    state_dir: str | None = None
+    #: ``fleece-start`` arguments used when a command leaves them out
+    #: (``cluster-size``, ``temp-dir``, ``cache``, ...).
+    session_defaults: dict[str, Any] = field(default_factory=dict)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
 class Daemon:
@@ -82,10 +101,12 @@ class Daemon:
         self.server = NbdServer(
             shared=config.shared, persistent=config.persistent, on_idle=self.stop,
             shutdown_timeout=config.shutdown_timeout, handshake_limit=config.handshake_limit,
+            tls=config.tls,
         )
         self.server.on_count_change = self._status
         self.control: ControlServer | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
         # One lock per disk serializes the commands that change that disk's
         # sessions; commands on different disks never wait for each other.
         self._disk_locks: dict[str, asyncio.Lock] = {}
@@ -116,16 +137,20 @@ class Daemon:
             await self._close_everything()
             raise
         self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            self._watchdog_task = loop.create_task(self._watchdog(interval))
         systemd.notify("READY=1\nSTATUS=serving, 0 connections")
 
     async def _listen(self, inherited: list[socket.socket]) -> None:
         cfg = self.config
         for sock in inherited:
             await self.server.listen_socket(sock)
-        if cfg.unix_path:
-            await self.server.listen_unix(cfg.unix_path)
-        if cfg.tcp_port is not None:
-            await self.server.listen_tcp(cfg.tcp_host, cfg.tcp_port)
+        for listener in cfg.listeners:
+            if listener.unix is not None:
+                await self.server.listen_unix(listener.unix, listener.mode, listener.group)
+            elif listener.tcp_port is not None:
+                await self.server.listen_tcp(listener.tcp_host, listener.tcp_port)
         if cfg.control_path:
             self.control = ControlServer(self._handlers())
             try:
@@ -149,13 +174,14 @@ class Daemon:
     async def _close_everything(self) -> None:
         """Orderly shutdown; every wait in it is bounded except the C workers'
         own I/O (the final join waits for operations already running)."""
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            try:
-                await self._watch_task
-            except asyncio.CancelledError:
-                pass
-            self._watch_task = None
+        for task in (self._watch_task, self._watchdog_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._watch_task = self._watchdog_task = None
         if self.control is not None:
             await self.control.close()
             self.control = None
@@ -270,6 +296,14 @@ class Daemon:
                             {"disk": disk.name, "name": session.name, "error": err},
                         )
 
+    async def _watchdog(self, interval: float) -> None:
+        """Send WATCHDOG=1 from the event loop itself: a loop that stops turning
+        (blocked, or spinning in one callback) stops the keep-alives and
+        systemd restarts the service after ``WatchdogSec``."""
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
     def _emit(self, event: str, data: dict[str, Any]) -> None:
         if self.control is not None:
             self.control.emit(event, data)
@@ -322,7 +356,7 @@ class Daemon:
             "cbw-timeout", "max-temp", "cache", "temp-dir", "read-only",
         })
         disk = self._disk(args)
-        options = session_options_from_args(args)
+        options = session_options_from_args({**self.config.session_defaults, **args})
         async with self._disk_locks[disk.name]:
             session = await self._start_session(disk, options)
         return {"export": session.export_name, "cluster-size": options.cluster_size}

@@ -146,7 +146,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("serve", help="serve raw images over NBD (the daemon)")
-    s.add_argument("images", nargs="+", metavar="IMAGE")
+    s.add_argument("images", nargs="*", metavar="IMAGE")
+    s.add_argument("--config", metavar="FILE",
+                   help="service mode: listeners, disks and defaults from a TOML file "
+                        "(no IMAGE arguments or listener options then)")
+    s.add_argument("--state-dir", metavar="DIR",
+                   help="keep runtime state here (disks added at run time, VM "
+                        "attachments, sessions) so a restart comes back serving them")
     s.add_argument("-k", "--socket", metavar="PATH", help="listen on a Unix socket")
     s.add_argument("-p", "--port", type=int, metavar="N", help="TCP port (default 10809)")
     s.add_argument("-b", "--bind", metavar="ADDR", help="TCP address (default 0.0.0.0)")
@@ -180,6 +186,14 @@ def _parser() -> argparse.ArgumentParser:
                         "before they are dropped (default 5)")
     s.add_argument("--handshake-limit", type=float, default=10.0, metavar="SECONDS",
                    help="time a client has to finish the NBD handshake (default 10)")
+    s.add_argument("--tls", choices=("off", "on", "require"), default=None,
+                   help="TLS on TCP: off, offered (on) or required (default: require "
+                        "when credentials are given, else off)")
+    s.add_argument("--tls-cert", metavar="FILE", help="x509 server certificate (PEM)")
+    s.add_argument("--tls-key", metavar="FILE", help="x509 server private key (PEM)")
+    s.add_argument("--tls-ca", metavar="FILE",
+                   help="CA certificate(s); clients must present a certificate it signed")
+    s.add_argument("--tls-psk", metavar="FILE", help="PSK file in psktool format")
     _session_options(s)
 
     f = sub.add_parser("fleece", help="manage fleecing sessions")
@@ -226,6 +240,39 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.command is None:
         parser.error("a command is required (serve, fleece, status, demo)")
     if args.command == "serve":
+        if args.config is not None:
+            given = [flag for flag, value in (
+                ("IMAGE", args.images), ("--socket", args.socket), ("--port", args.port),
+                ("--bind", args.bind), ("--export-name", args.export_name),
+                ("--read-only", args.read_only), ("--shared", args.shared),
+                ("--persistent", args.persistent), ("--description", args.description),
+                ("--control", args.control), ("--no-control", args.no_control),
+                ("--fleece", args.fleece), ("--state-dir", args.state_dir),
+                ("--threads", args.threads), ("--tls", args.tls),
+                ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                ("--tls-ca", args.tls_ca), ("--tls-psk", args.tls_psk),
+                ("--discard", args.discard != "ignore"),
+                ("--cluster-size", args.cluster_size), ("--temp-dir", args.temp_dir),
+                ("--cache", args.cache), ("--max-temp", args.max_temp),
+                ("--on-cbw-error", args.on_cbw_error), ("--cbw-timeout", args.cbw_timeout),
+                ("--shutdown-timeout", args.shutdown_timeout != 5.0),
+                ("--handshake-limit", args.handshake_limit != 10.0),
+            ) if value]
+            if given:
+                parser.error(f"--config cannot be combined with {', '.join(given)} "
+                             "(set them in the configuration file)")
+        elif not args.images:
+            parser.error("serve needs at least one IMAGE (or --config FILE)")
+        if args.tls_cert and args.tls_psk:
+            parser.error("--tls-cert and --tls-psk are alternatives; give one")
+        if bool(args.tls_cert) != bool(args.tls_key):
+            parser.error("--tls-cert and --tls-key go together")
+        if args.tls_ca and not args.tls_cert:
+            parser.error("--tls-ca needs --tls-cert/--tls-key")
+        if args.tls in ("on", "require") and not (args.tls_cert or args.tls_psk):
+            parser.error(f"--tls={args.tls} needs --tls-cert/--tls-key or --tls-psk")
+        if (args.tls_cert or args.tls_psk) and args.socket and args.tls != "off":
+            parser.error("TLS is for TCP listeners; --socket is a Unix socket")
         if args.socket and (args.port is not None or args.bind):
             parser.error("--socket cannot be combined with --port/--bind")
         if args.export_name is not None and len(args.images) > 1:

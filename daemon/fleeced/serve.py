@@ -16,9 +16,10 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fleeced import systemd
-from fleeced.app import Daemon, DaemonConfig, DiskSpec
+from fleeced.app import Daemon, DaemonConfig, DiskSpec, Listener
 from fleeced.control.server import CommandError
 from fleeced.exports import SessionOptions, image_export_name
+from fleeced.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
     """
     from fleeced.cli import CliError, default_control, ensure_private_dir
 
+    if args.config is not None:
+        from fleeced.config import load_config
+
+        return load_config(args.config)
     disks = []
     seen: set[str] = set()
     for path in args.images:
@@ -59,10 +64,12 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
     if args.fleece is not None:
         for d in disks:
             fleece.append((d.name, _session_options(args, args.fleece)))
-    unix_path = args.socket
-    tcp_port = args.port
-    if not unix_path and tcp_port is None and "LISTEN_FDS" not in os.environ:
-        tcp_port = DEFAULT_PORT
+    listeners = []
+    if args.socket:
+        listeners.append(Listener(unix=args.socket))
+    if args.port is not None or args.bind or (not args.socket and "LISTEN_FDS" not in os.environ):
+        port = args.port if args.port is not None else DEFAULT_PORT
+        listeners.append(Listener(tcp_host=args.bind, tcp_port=port))
     control: str | None = None
     if args.control:
         control = args.control  # the user's choice, wherever it is
@@ -74,9 +81,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         _check_pid_file(args.pid_file, args.images)
     return DaemonConfig(
         disks=disks,
-        unix_path=unix_path,
-        tcp_host=args.bind,
-        tcp_port=tcp_port,
+        listeners=listeners,
         shared=args.shared,
         persistent=args.persistent,
         control_path=control,
@@ -86,7 +91,24 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         threads=args.threads,
         shutdown_timeout=args.shutdown_timeout,
         handshake_limit=args.handshake_limit,
+        state_dir=args.state_dir,
+        session_defaults=_session_option_args_of(args),
+        tls=_tls_config(args),
     )
+
+
+def _tls_config(args: argparse.Namespace) -> TlsConfig:
+    mode = args.tls
+    if mode is None:
+        mode = "require" if (args.tls_cert or args.tls_psk) else "off"
+    return TlsConfig(mode=mode, cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca,
+                     psk_file=args.tls_psk)
+
+
+def _session_option_args_of(args: argparse.Namespace) -> dict[str, Any]:
+    from fleeced.cli import _session_option_args
+
+    return _session_option_args(args)
 
 
 def _check_pid_file(path: str, images: list[str]) -> None:

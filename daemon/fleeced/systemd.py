@@ -45,6 +45,28 @@ def notify(state: str) -> bool:
     return True
 
 
+def watchdog_interval() -> float | None:
+    """Seconds between ``WATCHDOG=1`` keep-alives, or ``None`` without a watchdog.
+
+    Per sd_watchdog_enabled(3): ``WATCHDOG_USEC`` set (and ``WATCHDOG_PID``,
+    when set, naming us); keep-alives go out at half the timeout.
+    """
+    usec = os.environ.get("WATCHDOG_USEC")
+    if not usec:
+        return None
+    pid = os.environ.get("WATCHDOG_PID")
+    try:
+        if pid is not None and int(pid) != os.getpid():
+            return None
+        value = int(usec)
+    except ValueError:
+        log.warning("ignoring malformed WATCHDOG_USEC/WATCHDOG_PID")
+        return None
+    if value <= 0:
+        return None
+    return value / 2e6
+
+
 def listen_fds(unset_environment: bool = True) -> list[socket.socket]:
     """Return the sockets passed by systemd socket activation.
 

@@ -29,6 +29,7 @@ from typing import Final
 from fleeced.exports import Export
 from fleeced.nbd import ExportInfo
 from fleeced.server.connection import NbdConnection
+from fleeced.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class NbdServer:
         when their export is removed, before they are aborted.
     :param handshake_limit: seconds a client has to finish the handshake.
     :param reply_budget: daemon-wide bytes of READ replies held at once.
+    :param tls: TLS configuration for TCP clients.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class NbdServer:
         handshake_limit: float = 10.0,
         reply_budget: int = REPLY_BUDGET,
         stall_timeout: float = STALL_TIMEOUT,
+        tls: TlsConfig | None = None,
     ) -> None:
         self._exports: dict[str, Export] = {}
         self._default: str | None = None
@@ -74,6 +77,8 @@ class NbdServer:
         self.handshake_limit = handshake_limit
         self.reply_budget = reply_budget
         self.stall_timeout = stall_timeout
+        #: TLS for TCP connections (``--tls``); Unix-socket clients never use it.
+        self.tls = tls or TlsConfig()
         self._charged = 0
         self._budget_waiters: set[NbdConnection] = set()
         self._stall_timer: asyncio.TimerHandle | None = None
@@ -235,10 +240,14 @@ class NbdServer:
     def _factory(self) -> NbdConnection:
         return NbdConnection(self)
 
-    async def listen_unix(self, path: str) -> None:
+    async def listen_unix(self, path: str, mode: int | None = None,
+                          group: str | None = None) -> None:
         """Listen on a Unix socket at PATH (a stale socket file is replaced).
 
-        :raise OSError: when PATH exists and is not a socket, or bind fails.
+        :param mode: permission bits for the socket file (e.g. ``0o660``).
+        :param group: group name or gid to give the socket file.
+        :raise OSError: when PATH exists and is not a socket, bind fails, or
+            the mode or group cannot be set.
         """
         try:
             st = os.lstat(path)
@@ -254,6 +263,10 @@ class NbdServer:
         server = await loop.create_unix_server(self._factory, path, backlog=512)
         self._servers.append(server)
         self._unix_paths.append(path)
+        if group is not None:
+            os.chown(path, -1, _gid(group))
+        if mode is not None:
+            os.chmod(path, mode)
         log.info("listening on unix:%s", path)
 
     async def listen_tcp(self, host: str | None, port: int) -> None:
@@ -306,6 +319,21 @@ class NbdServer:
             except OSError:
                 pass
         self._unix_paths.clear()
+
+
+def _gid(group: str) -> int:
+    """The gid of GROUP (a name or a number).
+
+    :raise OSError: when no such group exists.
+    """
+    import grp
+
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise OSError(errno.EINVAL, f"no group named {group!r}") from None
 
 
 def _unix_in_use(path: str) -> bool:
