@@ -100,11 +100,12 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     counter = [0]
 
     def start(*args: str, persistent: bool = True, ready: bool = True,
-              env: dict[str, str] | None = None) -> Daemon:
+              env: dict[str, str] | None = None, sock: str | None = None,
+              control: str | None = None) -> Daemon:
         counter[0] += 1
         n = counter[0]
-        sock = str(tmp_path / f"nbd{n}.sock")
-        control = str(tmp_path / f"ctl{n}.sock")
+        sock = sock or str(tmp_path / f"nbd{n}.sock")
+        control = control or str(tmp_path / f"ctl{n}.sock")
         notify_path = str(tmp_path / f"notify{n}.sock")
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(notify_path)

@@ -26,12 +26,20 @@ from fleeced.exports import (
     SessionOptions,
 )
 from fleeced.exports.aio import DEFAULT_THREADS, IoQueue
+from fleeced.qmp import attach as vm
+from fleeced.qmp.agent import GuestAgent
+from fleeced.qmp.monitor import Monitor
+from fleeced.state import StateDir, StateError
 from fleeced.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
 #: How often session health (broken snapshots) is checked, seconds.
 WATCH_INTERVAL = 0.25
+
+#: Why a session remembered from a daemon that died is broken.
+LOST_SESSION = ("the daemon stopped uncleanly while the session was active; its "
+                "preserved data is gone (fleece-stop it, then start a new one)")
 
 
 @dataclass
@@ -108,8 +116,19 @@ class Daemon:
         self._watch_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         # One lock per disk serializes the commands that change that disk's
-        # sessions; commands on different disks never wait for each other.
+        # sessions and attachment; commands on different disks never wait
+        # for each other.
         self._disk_locks: dict[str, asyncio.Lock] = {}
+        self.state: StateDir | None = None
+        #: VM disks redirected through the daemon, by disk name.
+        self.attachments: dict[str, vm.Attachment] = {}
+        #: Sessions that were active when an earlier daemon died: reported
+        #: broken until fleece-stop, never served.  Keyed by (disk, name).
+        self.lost_sessions: dict[tuple[str, str], dict[str, Any]] = {}
+        #: Disks added with disk-add (remembered in the state dir).
+        self._runtime_disks: set[str] = set()
+        #: Unix sockets of inherited (socket-activated) listeners.
+        self._inherited_unix: list[str] = []
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -126,8 +145,16 @@ class Daemon:
             loop.add_signal_handler(sig, self.stop)
         self._io.start()
         try:
+            if self.config.state_dir is not None:
+                try:
+                    self.state = StateDir.open(self.config.state_dir)
+                except StateError as exc:
+                    raise ValueError(str(exc)) from None
             for spec in self.config.disks:
                 self._open_disk(spec)
+            self._restore_state()
+            if self.state is not None:
+                await self.state.save()
             for disk_name, options in self.config.fleece:
                 await self._start_session(self.disks[disk_name], options)
             await self._listen(inherited or [])
@@ -145,6 +172,8 @@ class Daemon:
     async def _listen(self, inherited: list[socket.socket]) -> None:
         cfg = self.config
         for sock in inherited:
+            if sock.family == socket.AF_UNIX and isinstance(sock.getsockname(), str):
+                self._inherited_unix.append(sock.getsockname())
             await self.server.listen_socket(sock)
         for listener in cfg.listeners:
             if listener.unix is not None:
@@ -201,6 +230,17 @@ class Daemon:
         for disk in self.disks.values():
             disk.close()
         self.disks.clear()
+        if self.state is not None:
+            # An orderly stop ended the sessions; only lost ones stay listed.
+            # Attachments stay: QEMU still points at our socket.
+            self.state.state.sessions = [dict(disk=d, name=n, **rec) for (d, n), rec
+                                         in self.lost_sessions.items()]
+            try:
+                await self.state.save()
+            except OSError as exc:
+                log.error("cannot save state in %s: %s", self.state.path, exc)
+            self.state.close()
+            self.state = None
         if self.config.pid_file:
             try:
                 os.unlink(self.config.pid_file)
@@ -219,19 +259,108 @@ class Daemon:
             spec.name, spec.path, read_only=spec.read_only, discard=spec.discard,
             description=spec.description,
         )
-        self.disks[spec.name] = disk
-        active = ActiveExport(disk, self._io)
-        self._disk_locks[spec.name] = asyncio.Lock()
-        self.actives[spec.name] = active
-        self.server.add_export(active)
+        self._add_disk(disk)
         log.info("disk %s: %s (%d bytes)%s", spec.name, spec.path, disk.size,
                  " read-only" if spec.read_only else "")
         return disk
+
+    def _restore_state(self) -> None:
+        """Bring back what the state dir remembers: disks added at run time,
+        attachments (QEMU still points at our socket), and the sessions an
+        earlier daemon had (reported broken: their temp stores died with it)."""
+        if self.state is None:
+            return
+        st = self.state.state
+        kept = []
+        for rec in st.disks:
+            try:
+                spec = DiskSpec(path=str(rec["path"]), name=str(rec["name"]),
+                                read_only=bool(rec.get("read-only", False)),
+                                discard=str(rec.get("discard", "ignore")),
+                                description=str(rec.get("description", "")))
+            except KeyError as exc:
+                log.error("state: skipping a disk without %s", exc)
+                continue
+            if spec.name in self.disks:
+                log.warning("state: disk %s is configured; the remembered one is dropped",
+                            spec.name)
+                continue
+            kept.append(rec)
+            try:
+                self._open_disk(spec)
+            except (OSError, ValueError) as exc:
+                # Keep serving the others; the record stays for a later restart.
+                log.error("state: cannot reopen disk %s (%s): %s", spec.name, spec.path,
+                          getattr(exc, "strerror", None) or exc)
+                continue
+            self._runtime_disks.add(spec.name)
+        st.disks = kept
+        for rec in st.attachments:
+            try:
+                att = vm.Attachment.from_json(rec)
+            except TypeError as exc:
+                log.error("state: skipping an unreadable attachment: %s", exc)
+                continue
+            if att.disk not in self.disks:
+                log.error("state: VM disk %s was attached but the disk is not served; "
+                          "QEMU's requests to it will fail", att.disk)
+            self.attachments[att.disk] = att
+            log.info("state: %s is attached to %s (%s), state %s", att.disk, att.qmp,
+                     att.device, att.state)
+        for rec in st.sessions:
+            disk_name, name = str(rec.get("disk")), str(rec.get("name"))
+            self.lost_sessions[(disk_name, name)] = {"export": str(rec.get("export", ""))}
+            log.error("session %s on %s was lost when the previous daemon stopped "
+                      "uncleanly; reported broken until fleece-stop", name, disk_name)
+        self._sync_state()
+
+    def _sync_state(self) -> None:
+        """Mirror attachments, runtime disks and sessions into the state document."""
+        if self.state is None:
+            return
+        st = self.state.state
+        st.attachments = [a.to_json() for a in self.attachments.values()]
+        sessions = [dict(disk=d, name=n, **rec) for (d, n), rec in self.lost_sessions.items()]
+        for disk in self.disks.values():
+            for session in disk.sessions.values():
+                sessions.append({"disk": disk.name, "name": session.name,
+                                 "export": session.export_name})
+        st.sessions = sessions
+
+    async def _save_state(self) -> None:
+        """Persist the state now.
+
+        :raise CommandError: when it cannot be written.
+        """
+        if self.state is None:
+            return
+        self._sync_state()
+        try:
+            await self.state.save()
+        except OSError as exc:
+            raise CommandError(f"cannot save state in {self.state.path}: "
+                               f"{exc.strerror or exc}") from None
+
+    async def _save_state_logged(self) -> None:
+        try:
+            await self._save_state()
+        except CommandError as exc:
+            log.error("%s", exc.desc)
+
+    def _add_disk(self, disk: Disk) -> None:
+        self.disks[disk.name] = disk
+        active = ActiveExport(disk, self._io)
+        self._disk_locks[disk.name] = asyncio.Lock()
+        self.actives[disk.name] = active
+        self.server.add_export(active)
 
     def _check_new_session(self, disk: Disk, options: SessionOptions) -> str:
         """The export name of a new session, or a CommandError why it cannot start."""
         if options.name in disk.sessions:
             raise CommandError(f"disk '{disk.name}' already has a session '{options.name}'")
+        if (disk.name, options.name) in self.lost_sessions:
+            raise CommandError(f"session '{options.name}' on disk '{disk.name}' was lost "
+                               "in a daemon restart; fleece-stop it first")
         export_name = options.export or f"{disk.name}@{options.name}"
         if self.server.get_export(export_name) is not None:
             raise CommandError(f"export '{export_name}' already exists")
@@ -263,9 +392,16 @@ class Daemon:
         disk.sessions[options.name] = session
         self.server.add_export(session.export)
         log.info("session %s on %s started: export %r", options.name, disk.name, export_name)
+        await self._save_state_logged()
         return session
 
     async def _stop_session(self, disk: Disk, name: str) -> None:
+        if (disk.name, name) in self.lost_sessions:
+            del self.lost_sessions[(disk.name, name)]
+            await self._save_state_logged()
+            log.info("lost session %s on %s forgotten", name, disk.name)
+            self._emit("FLEECE_STOPPED", {"disk": disk.name, "name": name})
+            return
         session = disk.sessions.get(name)
         if session is None:
             raise CommandError(f"disk '{disk.name}' has no session '{name}'")
@@ -275,6 +411,7 @@ class Daemon:
         del disk.sessions[name]
         # The detach waits for guest writes in flight, in a worker.
         await self._io.close_session(session.native)
+        await self._save_state_logged()
         log.info("session %s on %s stopped", name, disk.name)
         self._emit("FLEECE_STOPPED", {"disk": disk.name, "name": name})
 
@@ -318,6 +455,11 @@ class Daemon:
             "query-disks": self.cmd_query_disks,
             "query-exports": self.cmd_query_exports,
             "query-stats": self.cmd_query_stats,
+            "disk-add": self.cmd_disk_add,
+            "disk-remove": self.cmd_disk_remove,
+            "vm-attach": self.cmd_vm_attach,
+            "vm-detach": self.cmd_vm_detach,
+            "query-attachments": self.cmd_query_attachments,
             "quit": self.cmd_quit,
             **(
                 {
@@ -406,6 +548,9 @@ class Daemon:
                 if st.broken:
                     info["error"] = os.strerror(st.broken_errno or errno.EIO)
                 out.append(info)
+        for (disk_name, name), rec in self.lost_sessions.items():
+            out.append({"disk": disk_name, "name": name, "export": rec["export"],
+                        "state": "broken", "error": LOST_SESSION})
         return out
 
     async def cmd_query_disks(self, args: dict[str, Any]) -> Any:
@@ -447,10 +592,244 @@ class Daemon:
         return {
             "connections": self.server.connection_count,
             "exports": [
-                {"name": name, **{k.replace("_", "-"): v for k, v in asdict(e.stats).items()}}
+                {"name": name, **{k.replace("_", "-"): v for k, v in asdict(e.stats).items()},
+                 "in-flight": self.server.in_flight(name)}
                 for name, e in self.server.exports.items()
             ],
         }
+
+    # -- disks at run time ------------------------------------------------------
+
+    async def cmd_disk_add(self, args: dict[str, Any]) -> Any:
+        """Serve another image; remembered in the state dir across restarts."""
+        check_keys(args, {"name", "path", "read-only", "discard", "description"})
+        name = get(args, "name", str)
+        path = get(args, "path", str)
+        if not name or "\0" in name or len(name.encode()) > 4096:
+            raise CommandError(f"invalid disk name {name!r}")
+        discard = get(args, "discard", str, "ignore")
+        if discard not in ("ignore", "unmap"):
+            raise CommandError("discard must be 'ignore' or 'unmap'")
+        spec = DiskSpec(path=path, name=name, read_only=get(args, "read-only", bool, False),
+                        discard=discard, description=get(args, "description", str, ""))
+        if name in self.disks or self.server.get_export(name) is not None:
+            raise CommandError(f"export name '{name}' is already used")
+        if not os.path.isabs(path):
+            raise CommandError(f"path '{path}' must be absolute (the daemon's working "
+                               "directory is not yours)")
+        try:
+            # open(2) of a slow or remote path must not stall the event loop.
+            disk = await asyncio.to_thread(
+                Disk.open, spec.name, spec.path, read_only=spec.read_only,
+                discard=spec.discard, description=spec.description)
+        except OSError as exc:
+            raise CommandError(f"{path}: {exc.strerror or exc}") from None
+        if name in self.disks or self.server.get_export(name) is not None:
+            disk.close()
+            raise CommandError(f"export name '{name}' is already used")
+        self._add_disk(disk)
+        self._runtime_disks.add(name)
+        if self.state is not None:
+            self.state.state.disks.append({
+                "name": name, "path": path, "read-only": spec.read_only,
+                "discard": spec.discard, "description": spec.description})
+        await self._save_state_logged()
+        return {"name": name, "size": disk.size}
+
+    async def cmd_disk_remove(self, args: dict[str, Any]) -> Any:
+        """Stop serving a disk: its clients get --shutdown-timeout, then a flush."""
+        check_keys(args, {"name"})
+        name = get(args, "name", str)
+        disk = self.disks.get(name)
+        if disk is None:
+            raise CommandError(f"disk '{name}' not found", "DeviceNotFound")
+        async with self._disk_locks[name]:
+            if name in self.attachments:
+                raise CommandError(f"disk '{name}' is attached to a VM; vm-detach it first")
+            sessions = sorted(disk.sessions) + sorted(
+                n for (d, n) in self.lost_sessions if d == name)
+            if sessions:
+                raise CommandError(f"disk '{name}' has sessions ({', '.join(sessions)}); "
+                                   "fleece-stop them first")
+            await self.server.remove_export(name)
+            del self.disks[name]
+            del self.actives[name]
+            if not disk.read_only:
+                try:
+                    await self._io.flush(disk.file)
+                except OSError as exc:
+                    log.error("flush of %s at disk-remove failed: %s", disk.path,
+                              exc.strerror or exc)
+            disk.close()
+            if name in self._runtime_disks:
+                self._runtime_disks.discard(name)
+                if self.state is not None:
+                    self.state.state.disks = [d for d in self.state.state.disks
+                                              if d.get("name") != name]
+                await self._save_state_logged()
+        del self._disk_locks[name]
+        log.info("disk %s removed", name)
+        return {}
+
+    # -- VM attachments ----------------------------------------------------------
+
+    def _nbd_socket(self) -> str:
+        """The Unix socket QEMU's NBD client reaches the daemon at.
+
+        :raise CommandError: when the daemon listens on no Unix socket.
+        """
+        for listener in self.config.listeners:
+            if listener.unix is not None:
+                return os.path.abspath(listener.unix)
+        if self._inherited_unix:
+            return self._inherited_unix[0]
+        raise CommandError("vm-attach needs the daemon to listen on a Unix socket "
+                           "(serve --socket PATH, or a [[listen]] unix entry)")
+
+    async def cmd_vm_attach(self, args: dict[str, Any]) -> Any:
+        """Redirect a running VM's disk through the daemon (see fleeced.qmp.attach)."""
+        check_keys(args, {"disk", "qmp", "device", "method", "reconnect-delay", "freeze",
+                          "qga", "session", "freeze-timeout"})
+        disk = self._disk(args)
+        qmp = get(args, "qmp", str)
+        device = get(args, "device", str)
+        method = get(args, "method", str, "auto")
+        if method not in vm.METHODS:
+            raise CommandError(f"method must be one of {', '.join(vm.METHODS)}")
+        delay = get(args, "reconnect-delay", int, 30)
+        if not 0 <= delay <= 3600:
+            raise CommandError("reconnect-delay must be between 0 and 3600 seconds")
+        freeze = get(args, "freeze", bool, False)
+        qga = get(args, "qga", str, None) if "qga" in args else None
+        if freeze and not qga:
+            raise CommandError("freeze needs qga (the guest agent socket)")
+        session_name = get(args, "session", str, None) if "session" in args else None
+        if session_name is not None and not freeze:
+            raise CommandError("session is started by vm-attach only with freeze")
+        freeze_timeout = get(args, "freeze-timeout", float, 10.0)
+        if not 0 < freeze_timeout <= 600:
+            raise CommandError("freeze-timeout must be between 0 and 600 seconds")
+        socket_path = self._nbd_socket()
+        async with self._disk_locks[disk.name]:
+            if disk.name in self.attachments:
+                att = self.attachments[disk.name]
+                raise CommandError(f"disk '{disk.name}' is already attached (device "
+                                   f"{att.device!r} of {att.qmp})")
+            async with Monitor(qmp) as mon:
+                att = await vm.prepare(mon, disk=disk.name, image=disk.path, size=disk.size,
+                                       read_only=disk.read_only, device=device,
+                                       method=method, reconnect_delay=delay)
+                # Remembered before QEMU changes: a crash from here on is
+                # found, and undone by vm-detach, after a restart.
+                self.attachments[disk.name] = att
+                had_sessions = set(disk.sessions)
+                try:
+                    await self._save_state()
+                    await vm.add_node(mon, att, socket_path)
+                    if freeze:
+                        assert qga is not None
+                        await self._switch_frozen(mon, att, disk, qga, freeze_timeout,
+                                                  session_name or "fleece", method == "auto")
+                    else:
+                        await vm.switch(mon, att, fallback=method == "auto")
+                except BaseException as exc:
+                    # A session the frozen attach started must not outlive
+                    # the switch back: its snapshot would miss guest writes.
+                    for name in set(disk.sessions) - had_sessions:
+                        await self._stop_session(disk, name)
+                    await self._roll_back(att, exc)
+                    raise
+            att.state = "attached"
+            await self._save_state_logged()
+        log.info("disk %s attached: %s %s now reads and writes through fleeced (%s)",
+                 disk.name, qmp, device, att.method)
+        out = att.describe()
+        out["socket"] = socket_path
+        if freeze:
+            session = disk.sessions.get(session_name or "fleece")
+            if session is not None:
+                out["export"] = session.export_name
+        return out
+
+    async def _switch_frozen(self, mon: Monitor, att: vm.Attachment, disk: Disk, qga: str,
+                             agent_timeout: float, session_name: str, fallback: bool) -> None:
+        """Freeze the guest's filesystems, switch, start the session, thaw.
+
+        The thaw always runs, bounded, even when the switch or the session
+        fails; a failed thaw is an error of the command (the guest stays
+        frozen until someone thaws it, so the caller must know).
+        """
+        async with GuestAgent(qga, agent_timeout) as agent:
+            await agent.execute("guest-fsfreeze-freeze")
+            failure: BaseException | None = None
+            try:
+                await vm.switch(mon, att, fallback=fallback)
+                options = session_options_from_args(
+                    {**self.config.session_defaults, "name": session_name})
+                await self._start_session(disk, options)
+            except BaseException as exc:
+                failure = exc
+            try:
+                await agent.execute("guest-fsfreeze-thaw")
+            except CommandError as exc:
+                log.error("thaw of %s failed: %s", qga, exc.desc)
+                if failure is None:
+                    raise
+            if failure is not None:
+                raise failure
+
+    async def _roll_back(self, att: vm.Attachment, cause: BaseException) -> None:
+        """Put the VM back as it was after a failed attach (fresh connection:
+        the failed one may be the problem)."""
+        log.warning("attach of %s failed (%s); rolling back", att.disk, cause)
+        try:
+            async with Monitor(att.qmp) as mon:
+                await vm.switch_back(mon, att)
+        except CommandError as exc:
+            # The VM may still point at us: keep the record so vm-detach can
+            # finish the job, and keep serving.
+            log.error("rollback of %s failed: %s; the attachment stays recorded",
+                      att.disk, exc.desc)
+            att.state = "rollback-failed"
+            await self._save_state_logged()
+            return
+        del self.attachments[att.disk]
+        await self._save_state_logged()
+
+    async def cmd_vm_detach(self, args: dict[str, Any]) -> Any:
+        """Switch the VM's disk back to its own node; remove ours."""
+        check_keys(args, {"disk", "force"})
+        disk = self._disk(args)
+        force = get(args, "force", bool, False)
+        async with self._disk_locks[disk.name]:
+            att = self.attachments.get(disk.name)
+            if att is None:
+                raise CommandError(f"disk '{disk.name}' is not attached to a VM")
+            if disk.sessions and not force:
+                raise CommandError(
+                    f"disk '{disk.name}' has active sessions ({', '.join(sorted(disk.sessions))})"
+                    "; after detach guest writes bypass fleeced and the snapshot would be "
+                    "wrong. fleece-stop them first (or force)")
+            async with Monitor(att.qmp) as mon:
+                await vm.switch_back(mon, att)
+            del self.attachments[disk.name]
+            if disk.sessions:
+                for name in list(disk.sessions):
+                    await self._stop_session(disk, name)
+            await self._save_state_logged()
+            if not disk.read_only:
+                try:
+                    await self._io.flush(disk.file)
+                except OSError as exc:
+                    log.error("flush of %s after detach failed: %s", disk.path,
+                              exc.strerror or exc)
+        log.info("disk %s detached: %s %s is back on node %s", disk.name, att.qmp,
+                 att.device, att.original)
+        return {}
+
+    async def cmd_query_attachments(self, args: dict[str, Any]) -> Any:
+        check_keys(args, set())
+        return [a.describe() for a in self.attachments.values()]
 
     async def cmd_inject_error(self, args: dict[str, Any]) -> Any:
         """Test hook (only with FLEECED_TEST_HOOKS=1): fail the next temp writes."""

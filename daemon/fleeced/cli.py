@@ -217,6 +217,58 @@ def _parser() -> argparse.ArgumentParser:
     fl.add_argument("--json", action="store_true")
     _control_option(fl)
 
+    a = sub.add_parser("attach", help="redirect a running VM's disk through the daemon")
+    a.add_argument("disk", nargs="?", help="served disk (the image the VM uses)")
+    a.add_argument("--qmp", metavar="PATH", help="the VM's QMP unix socket")
+    a.add_argument("--device", metavar="ID", help="qdev id or QOM path of the disk device")
+    a.add_argument("--method", choices=("auto", "qom-set", "reopen"), default=None,
+                   help="how to switch the device (default auto: qom-set, else reopen)")
+    a.add_argument("--reconnect-delay", type=int, metavar="SECONDS",
+                   help="how long QEMU holds guest I/O while the daemon restarts (default 30)")
+    a.add_argument("--freeze", action="store_true",
+                   help="freeze guest filesystems (guest agent) around the switch and "
+                        "start the fleecing session while frozen")
+    a.add_argument("--qga", metavar="PATH", help="the guest agent's unix socket (--freeze)")
+    a.add_argument("--name", default=None, help="session name with --freeze (default fleece)")
+    a.add_argument("--list", action="store_true", help="list attached disks")
+    a.add_argument("--json", action="store_true")
+    _control_option(a)
+    de = sub.add_parser("detach", help="switch a VM's disk back to its own node")
+    de.add_argument("disk")
+    de.add_argument("--force", action="store_true",
+                    help="also stop the disk's fleecing sessions")
+    _control_option(de)
+
+    bw = sub.add_parser(
+        "backup-window",
+        help="attach, fleece start, run COMMAND, fleece stop, detach (cleanup on failure)")
+    bw.add_argument("disk")
+    bw.add_argument("--qmp", metavar="PATH", required=True)
+    bw.add_argument("--device", metavar="ID", required=True)
+    bw.add_argument("--method", choices=("auto", "qom-set", "reopen"), default=None)
+    bw.add_argument("--reconnect-delay", type=int, metavar="SECONDS")
+    bw.add_argument("--freeze", action="store_true")
+    bw.add_argument("--qga", metavar="PATH")
+    bw.add_argument("--name", default="fleece", help="session name (default fleece)")
+    bw.add_argument("argv", nargs="*", metavar="-- COMMAND",
+                    help="run with FLEECED_URI/FLEECED_EXPORT/FLEECED_SOCKET set; "
+                         "the words {uri} and {export} are replaced")
+    _control_option(bw)
+    _session_options(bw)
+
+    dk = sub.add_parser("disk", help="add or remove served disks at run time")
+    dksub = dk.add_subparsers(dest="disk_command", metavar="ACTION")
+    dka = dksub.add_parser("add", help="serve another image")
+    dka.add_argument("name")
+    dka.add_argument("path")
+    dka.add_argument("--read-only", action="store_true")
+    dka.add_argument("--discard", choices=("ignore", "unmap"))
+    dka.add_argument("--description", metavar="TEXT")
+    _control_option(dka)
+    dkr = dksub.add_parser("remove", help="stop serving a disk")
+    dkr.add_argument("name")
+    _control_option(dkr)
+
     st = sub.add_parser("status", help="disks, exports and connection counts")
     _control_option(st)
     st.add_argument("--json", action="store_true")
@@ -236,9 +288,19 @@ def _control_option(p: argparse.ArgumentParser) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse and cross-check arguments; usage errors exit 2 via ``parser.error``."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "backup-window" in words and "--" in words[words.index("backup-window"):]:
+        # Everything after "--" is the backup command, options included
+        # (argparse's REMAINDER would also swallow our own options).
+        cut = words.index("--", words.index("backup-window"))
+        words, command = words[:cut], words[cut + 1:]
+    args = parser.parse_args(words)
+    if args.command == "backup-window":
+        args.argv = args.argv + command
     if args.command is None:
-        parser.error("a command is required (serve, fleece, status, demo)")
+        parser.error("a command is required (serve, fleece, status, attach, detach, "
+                     "backup-window, disk, demo)")
     if args.command == "serve":
         if args.config is not None:
             given = [flag for flag, value in (
@@ -291,6 +353,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error("--fleece needs a writable image (drop --read-only)")
     if args.command == "fleece" and args.fleece_command is None:
         parser.error("fleece needs an action: start, stop or list")
+    if args.command == "disk" and args.disk_command is None:
+        parser.error("disk needs an action: add or remove")
+    if args.command == "attach":
+        if args.list:
+            if args.disk or args.qmp or args.device:
+                parser.error("attach --list takes no DISK, --qmp or --device")
+        elif not (args.disk and args.qmp and args.device):
+            parser.error("attach needs DISK, --qmp PATH and --device ID (or --list)")
+    if args.command in ("attach", "backup-window"):
+        if args.freeze and not args.qga:
+            parser.error("--freeze needs --qga PATH (the guest agent socket)")
+        if args.qga and not args.freeze:
+            parser.error("--qga is only used with --freeze")
+    if args.command == "backup-window":
+        if not args.argv:
+            parser.error("backup-window needs a COMMAND after --")
+    if args.command == "backup-window" and args.freeze and any(
+            v is not None for v in _session_option_args(args).values()):
+        parser.error("session options cannot be combined with --freeze (the session "
+                     "then uses the daemon's defaults)")
+    if args.command == "attach" and args.name is not None and not args.freeze:
+        parser.error("--name is only used with --freeze (attach starts no session otherwise)")
     return args
 
 
@@ -364,6 +448,10 @@ async def _client_command(args: argparse.Namespace, path: str) -> int:
     async with ControlClient.connect_to(path) as client:
         if args.command == "status":
             return await _status(client, args)
+        if args.command in ("attach", "detach", "backup-window", "disk"):
+            from fleeced.vmcli import vm_command
+
+            return await vm_command(client, args)
         if args.fleece_command == "start":
             result = await client.execute("fleece-start", _fleece_start_args(args))
             if args.json:

@@ -235,6 +235,10 @@ class NbdServer:
     def connection_count(self) -> int:
         return len(self._connections)
 
+    def in_flight(self, export_name: str) -> int:
+        """Requests received and not yet answered on EXPORT_NAME's connections."""
+        return sum(c.in_flight for c in self._by_export.get(export_name, ()))
+
     # -- listeners -----------------------------------------------------------
 
     def _factory(self) -> NbdConnection:

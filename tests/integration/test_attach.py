@@ -1,0 +1,381 @@
+"""Attach a running QEMU VM's disk through the daemon, and detach it (issue 7).
+
+A real ``qemu-system-x86_64`` (tests/integration/qemu_vm.py); guest writes
+are HMP ``qemu-io`` through the device.  What each test proves is in its
+docstring; every one also checks the VM is left as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu.qmp import ExecuteError
+
+from tests.conftest import Daemon, make_image, requires, run
+from tests.integration.qemu_vm import Vm
+from tests.integration.test_cli import fleeced
+from tests.integration.test_fleece import qmp
+
+pytestmark = pytest.mark.integration
+
+SIZE = 8 << 20
+K64 = 64 * 1024
+
+
+@pytest.fixture
+def vms(tmp_path: Path) -> Iterator[Callable[..., Vm]]:
+    started: list[Vm] = []
+
+    def start(image: Path, **kwargs: Any) -> Vm:
+        vm = Vm(tmp_path, image, name=f"vm{len(started)}", **kwargs)
+        started.append(vm)
+        return vm
+
+    yield start
+    for vm in started:
+        vm.stop()
+        print(f"--- {vm.out.name} ---\n{vm.log()[-5000:]}")
+
+
+def export_stats(d: Daemon, name: str) -> dict[str, Any]:
+    stats = qmp(d, "query-stats")
+    assert isinstance(stats, dict)
+    return next(e for e in stats["exports"] if e["name"] == name)
+
+
+def read_export(d: Daemon, export: str, out: Path) -> bytes:
+    run(requires("qemu-img"), "convert", "-f", "raw", "-O", "raw", d.url(export), str(out))
+    return out.read_bytes()
+
+
+def attach(d: Daemon, vm: Vm, *extra: str, disk: str = "vda") -> None:
+    proc = fleeced("attach", disk, "--qmp", vm.qmp, "--device", "vda", *extra,
+                   "--control", d.control)
+    assert proc.returncode == 0, proc.stderr
+
+
+def detach(d: Daemon, disk: str = "vda") -> None:
+    proc = fleeced("detach", disk, "--control", d.control)
+    assert proc.returncode == 0, proc.stderr
+
+
+def patterned(data: bytes, offset: int, length: int, pattern: int) -> bytes:
+    return data[:offset] + bytes([pattern]) * length + data[offset + length:]
+
+
+def test_attach_routes_guest_writes_through_the_daemon_and_detach_restores(
+        tmp_path: Path, start_daemon: Callable[..., Daemon], vms: Callable[..., Vm]) -> None:
+    """After attach the device's node is ours, guest writes reach the daemon
+    (its counters move, CBW preserves the old data for the snapshot); after
+    detach the original node is back, ours is gone, and writes bypass the
+    daemon."""
+    image = tmp_path / "vda.img"
+    model = make_image(image, SIZE)
+    d = start_daemon(str(image), "-x", "vda")
+    vm = vms(image)
+    assert vm.drive() == "disk0"
+
+    attach(d, vm)
+    assert vm.drive() == "fleeced-vda"
+    listed = fleeced("attach", "--list", "--json", "--control", d.control)
+    assert '"state": "attached"' in listed.stdout and '"original-node": "disk0"' in listed.stdout
+
+    assert fleeced("fleece", "start", "vda", "--control", d.control).returncode == 0
+    before = export_stats(d, "vda")["bytes-written"]
+    vm.write(0, K64, 0x5A)
+    vm.write(SIZE - K64 - 512, 4096, 0x5B)  # unaligned, spans two clusters
+    assert export_stats(d, "vda")["bytes-written"] - before == K64 + 4096
+    session = qmp(d, "query-fleece")[0]  # type: ignore[index]
+    assert session["cbw-count"] >= 3
+    # The snapshot still shows the data from before the writes ...
+    assert read_export(d, "vda@fleece", tmp_path / "snap.img") == model
+    # ... and the image has the new data.
+    model = patterned(model, 0, K64, 0x5A)
+    model = patterned(model, SIZE - K64 - 512, 4096, 0x5B)
+    assert image.read_bytes() == model
+
+    assert fleeced("fleece", "stop", "vda", "--control", d.control).returncode == 0
+    detach(d)
+    assert vm.drive() == "disk0"
+    assert "fleeced-vda" not in vm.node_names()
+    assert qmp(d, "query-attachments") == []
+    written = export_stats(d, "vda")["bytes-written"]
+    vm.write(K64, K64, 0x6B)
+    assert export_stats(d, "vda")["bytes-written"] == written  # bypassed the daemon
+    model = patterned(model, K64, K64, 0x6B)
+    assert image.read_bytes() == model
+
+
+def test_attach_errors_leave_the_vm_untouched(
+        tmp_path: Path, start_daemon: Callable[..., Daemon], vms: Callable[..., Vm]) -> None:
+    """Attach twice, detach when not attached, a wrong device id, a dead QMP
+    socket, another image, a missing disk: each is a one-line error and the VM
+    keeps its node (and no fleeced node is left in it)."""
+    image = tmp_path / "vda.img"
+    make_image(image, SIZE)
+    other = tmp_path / "other.img"
+    make_image(other, SIZE, seed=2)
+    d = start_daemon(str(image), str(other))
+    vm = vms(image)
+    nodes = vm.node_names()
+
+    def fails(needle: str, *argv: str) -> None:
+        proc = fleeced(*argv, "--control", d.control)
+        assert proc.returncode == 1, proc.stderr
+        assert needle in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert vm.drive() == "disk0" and vm.node_names() == nodes
+
+    fails("is not attached", "detach", "vda")
+    fails("no device 'nosuch'", "attach", "vda", "--qmp", vm.qmp, "--device", "nosuch")
+    fails("cannot connect to QMP socket", "attach", "vda", "--qmp", str(tmp_path / "dead.sock"),
+          "--device", "vda")
+    fails("refusing to attach a different image",
+          "attach", "other", "--qmp", vm.qmp, "--device", "vda")
+    fails("disk 'nope' not found", "attach", "nope", "--qmp", vm.qmp, "--device", "vda")
+
+    attach(d, vm)
+    proc = fleeced("attach", "vda", "--qmp", vm.qmp, "--device", "vda", "--control", d.control)
+    assert proc.returncode == 1 and "already attached" in proc.stderr, proc.stderr
+    assert vm.drive() == "fleeced-vda"  # still attached, QEMU alive
+    # A second disk cannot take the device either (the device is not on its image).
+    proc = fleeced("attach", "other", "--qmp", vm.qmp, "--device", "vda", "--control",
+                   d.control)
+    assert proc.returncode == 1, proc.stderr
+    detach(d)
+    assert vm.drive() == "disk0" and vm.node_names() == nodes
+    assert vm.proc.poll() is None
+
+
+def test_dead_qmp_socket_file(tmp_path: Path, start_daemon: Callable[..., Daemon]) -> None:
+    """A QMP path that is a socket nobody listens on: clear error, no hang."""
+    import socket as socketmod
+
+    image = tmp_path / "vda.img"
+    make_image(image, SIZE)
+    d = start_daemon(str(image), "-x", "vda")
+    stale = tmp_path / "stale.sock"
+    s = socketmod.socket(socketmod.AF_UNIX)
+    s.bind(str(stale))
+    s.close()
+    with pytest.raises(ExecuteError, match="cannot connect to QMP socket"):
+        qmp(d, "vm-attach", {"disk": "vda", "qmp": str(stale), "device": "vda"})
+
+
+@pytest.mark.parametrize("method", ["qom-set", "reopen"])
+def test_running_guest_with_iothread_and_cache_direct(
+        method: str, tmp_path: Path, start_daemon: Callable[..., Daemon],
+        vms: Callable[..., Vm]) -> None:
+    """A running guest (SeaBIOS drove the disk, so the iothread dataplane is
+    active) with ``cache.direct=on``: the nbd node is moved to the device's
+    iothread, writes go through the daemon, and after detach the O_DIRECT
+    node reads and writes the same image the daemon wrote."""
+    image = tmp_path / "vda.img"
+    model = make_image(image, SIZE)
+    d = start_daemon(str(image), "-x", "vda")
+    vm = vms(image, iothread=True, cache_direct=True, paused=False)
+    vm.wait_bios_drove_disk()
+    attach(d, vm, "--method", method)
+    att = qmp(d, "query-attachments")[0]  # type: ignore[index]
+    assert att["method"] == method
+    if method == "qom-set":
+        # qom-set refuses a node from another AioContext; reopen moves the
+        # new child into the parent's context by itself.
+        assert att["iothread"] == "io0"
+    before = export_stats(d, "vda")["bytes-written"]
+    vm.write(4096, K64, 0x71)
+    assert export_stats(d, "vda")["bytes-written"] - before == K64
+    model = patterned(model, 4096, K64, 0x71)
+    detach(d)
+    assert vm.drive() == "disk0" and "fleeced-vda" not in vm.node_names()
+    vm.write(2 * K64, K64, 0x72)
+    model = patterned(model, 2 * K64, K64, 0x72)
+    assert export_stats(d, "vda")["bytes-written"] - before == K64
+    # The guest reads back what it wrote through the daemon, through O_DIRECT.
+    vm.qemu_io(f"read -P 0x71 4096 {K64}")
+    assert "Pattern verification failed" not in vm.log()
+    assert image.read_bytes() == model
+
+
+def test_kill_9_while_attached_then_restart(
+        tmp_path: Path, start_daemon: Callable[..., Daemon], vms: Callable[..., Vm]) -> None:
+    """kill -9 of the daemon with a guest write in flight: QEMU holds it
+    (reconnect-delay), the restarted daemon (same socket, same state dir)
+    serves the disk again and knows the attachment, the replayed write lands,
+    the snapshot of the dead daemon is reported broken and not served, and
+    detach works from the new daemon."""
+    image = tmp_path / "vda.img"
+    model = make_image(image, SIZE)
+    state = tmp_path / "state"
+    sock = str(tmp_path / "nbd.sock")
+    ctl = str(tmp_path / "ctl.sock")
+    hooks = {"FLEECED_TEST_HOOKS": "1"}
+    d = start_daemon(str(image), "-x", "vda", "--state-dir", str(state), sock=sock,
+                     control=ctl, env=hooks)
+    vm = vms(image)
+    attach(d, vm, "--reconnect-delay", "60")
+    assert fleeced("fleece", "start", "vda", "--control", ctl).returncode == 0
+    vm.write(0, K64, 0x11)
+    model = patterned(model, 0, K64, 0x11)
+
+    # Slow the daemon's writes down so one is in flight when it dies.
+    qmp(d, "x-inject-queue-delay", {"op": "write", "ms": 3000})
+    writer_error: list[BaseException] = []
+
+    def guest_write() -> None:
+        try:
+            vm.write(3 * K64, 2 * K64, 0x22)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            writer_error.append(exc)
+
+    t = threading.Thread(target=guest_write)
+    t.start()
+    # Wait until the write is in the daemon (received, not answered).
+    import time
+
+    deadline = time.monotonic() + 30
+    while export_stats(d, "vda")["in-flight"] == 0:
+        assert time.monotonic() < deadline, "the guest write never reached the daemon"
+        time.sleep(0.05)
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    assert t.is_alive()  # QEMU holds the write while it reconnects
+
+    d2 = start_daemon(str(image), "-x", "vda", "--state-dir", str(state), sock=sock,
+                      control=ctl)
+    t.join(90)
+    assert not t.is_alive() and not writer_error, writer_error
+    model = patterned(model, 3 * K64, 2 * K64, 0x22)
+    assert image.read_bytes() == model
+    att = qmp(d2, "query-attachments")
+    assert isinstance(att, list) and att[0]["disk"] == "vda" and att[0]["state"] == "attached"
+    sessions = qmp(d2, "query-fleece")
+    assert isinstance(sessions, list) and sessions[0]["state"] == "broken"
+    assert "stopped uncleanly" in sessions[0]["error"]
+    proc = run(requires("nbdinfo"), d2.url("vda@fleece"), check=False)
+    assert proc.returncode != 0  # never served
+    assert vm.drive() == "fleeced-vda"
+    proc = fleeced("detach", "vda", "--control", ctl)
+    assert proc.returncode == 0, proc.stderr  # lost sessions do not block detach
+    assert vm.drive() == "disk0"
+    qmp(d2, "fleece-stop", {"disk": "vda"})
+    assert qmp(d2, "query-fleece") == []
+    vm.write(5 * K64, K64, 0x33)
+    model = patterned(model, 5 * K64, K64, 0x33)
+    assert image.read_bytes() == model
+
+
+def test_backup_window_detaches_when_the_command_fails(
+        tmp_path: Path, start_daemon: Callable[..., Daemon], vms: Callable[..., Vm]) -> None:
+    """A failing backup command: its exit status is returned, the session is
+    stopped and the disk detached all the same."""
+    image = tmp_path / "vda.img"
+    make_image(image, SIZE)
+    d = start_daemon(str(image), "-x", "vda")
+    vm = vms(image)
+    marker = tmp_path / "ran"
+    proc = fleeced("backup-window", "vda", "--qmp", vm.qmp, "--device", "vda",
+                   "--control", d.control, "--",
+                   "sh", "-c", f'echo "$FLEECED_URI {{export}}" > {marker}; exit 3')
+    assert proc.returncode == 3, proc.stderr
+    assert "exited with status 3" in proc.stderr
+    text = marker.read_text()
+    assert text.startswith("nbd+unix:///vda@fleece?socket=") and text.strip().endswith(
+        "vda@fleece")
+    assert qmp(d, "query-attachments") == [] and qmp(d, "query-fleece") == []
+    assert vm.drive() == "disk0" and "fleeced-vda" not in vm.node_names()
+
+
+def test_backup_window_backs_up_while_the_guest_writes(
+        tmp_path: Path, start_daemon: Callable[..., Daemon], vms: Callable[..., Vm]) -> None:
+    """The issue's "done when": a real QEMU's disk attached, snapshotted, copied
+    with nbdcopy while guest writes keep coming, and detached, all from the
+    CLI; the backup equals the disk at snapshot time and the image equals the
+    model of every write."""
+    nbdcopy = requires("nbdcopy")
+    image = tmp_path / "vda.img"
+    model = make_image(image, SIZE)
+    at_start = model
+    d = start_daemon(str(image), "-x", "vda")
+    vm = vms(image)
+    backup = tmp_path / "backup.img"
+    go = threading.Event()
+    stop = threading.Event()
+    writes: list[tuple[int, int, int]] = []
+
+    def writer() -> None:
+        go.wait(60)
+        n = 0
+        while not stop.is_set() and n < 200:
+            off = (n * 37 * 4096) % (SIZE - K64)
+            vm.write(off, 12288, 0x40 + n % 64)
+            writes.append((off, 12288, 0x40 + n % 64))
+            n += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    # The command starts the writer, then copies: writes land during the copy.
+    script = tmp_path / "backup.sh"
+    gate = tmp_path / "gate"
+    script.write_text(f"#!/bin/sh\ntouch {gate}\nexec {nbdcopy} \"$FLEECED_URI\" {backup}\n")
+    script.chmod(0o755)
+
+    def open_gate() -> None:
+        while not gate.exists() and not stop.is_set():
+            stop.wait(0.01)
+        go.set()
+
+    g = threading.Thread(target=open_gate)
+    g.start()
+    try:
+        proc = fleeced("backup-window", "vda", "--qmp", vm.qmp, "--device", "vda",
+                       "--control", d.control, "--", str(script), timeout=300)
+    finally:
+        stop.set()
+        go.set()
+        t.join(120)
+        g.join()
+    assert proc.returncode == 0, proc.stderr
+    assert backup.read_bytes() == at_start
+    assert writes, "no guest write happened during the window"
+    for off, length, pattern in writes:
+        model = patterned(model, off, length, pattern)
+    assert image.read_bytes() == model
+    assert vm.drive() == "disk0"
+
+
+def test_attach_needs_a_unix_listener(tmp_path: Path) -> None:
+    """A daemon on TCP only cannot be attached (QEMU reaches it on a Unix
+    socket): a clear error."""
+    import socket as socketmod
+    import subprocess
+    import sys
+
+    image = tmp_path / "vda.img"
+    make_image(image, SIZE)
+    with socketmod.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ctl = str(tmp_path / "ctl.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "fleeced", "serve", str(image), "-x", "vda",
+                             "-p", str(port), "-b", "127.0.0.1", "-t", "--control", ctl],
+                            stderr=subprocess.PIPE)
+    try:
+        import time
+
+        deadline = time.monotonic() + 30
+        while not os.path.exists(ctl):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        out = fleeced("attach", "vda", "--qmp", str(tmp_path / "x.sock"), "--device", "vda",
+                      "--control", ctl)
+        assert out.returncode == 1 and "Unix socket" in out.stderr, out.stderr
+    finally:
+        proc.terminate()
+        proc.wait(30)
