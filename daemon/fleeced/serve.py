@@ -43,7 +43,11 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
     if args.config is not None:
         from fleeced.config import load_config
 
-        return load_config(args.config)
+        config = load_config(args.config)
+        if args.pid_file:
+            _check_pid_file(args.pid_file, [d.path for d in config.disks])
+            config.pid_file = args.pid_file
+        return config
     disks = []
     seen: set[str] = set()
     for path in args.images:
