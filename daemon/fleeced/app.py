@@ -737,7 +737,7 @@ class Daemon:
                     # the switch back: its snapshot would miss guest writes.
                     for name in set(disk.sessions) - had_sessions:
                         await self._stop_session(disk, name)
-                    await self._roll_back(att, exc)
+                    await self._roll_back(att, exc, mon)
                     raise
             att.state = "attached"
             await self._save_state_logged()
@@ -760,9 +760,11 @@ class Daemon:
         frozen until someone thaws it, so the caller must know).
         """
         async with GuestAgent(qga, agent_timeout) as agent:
-            await agent.execute("guest-fsfreeze-freeze")
             failure: BaseException | None = None
             try:
+                # Thawed below even when the freeze itself fails: it may have
+                # frozen some filesystems before failing on another.
+                await agent.execute("guest-fsfreeze-freeze")
                 await vm.switch(mon, att, fallback=fallback)
                 options = session_options_from_args(
                     {**self.config.session_defaults, "name": session_name})
@@ -778,21 +780,32 @@ class Daemon:
             if failure is not None:
                 raise failure
 
-    async def _roll_back(self, att: vm.Attachment, cause: BaseException) -> None:
-        """Put the VM back as it was after a failed attach (fresh connection:
-        the failed one may be the problem)."""
-        log.warning("attach of %s failed (%s); rolling back", att.disk, cause)
+    async def _roll_back(self, att: vm.Attachment, cause: BaseException,
+                         mon: Monitor) -> None:
+        """Put the VM back as it was after a failed attach.
+
+        Uses the attach's own connection (a VM's QMP socket serves one client
+        at a time); if that connection is the problem, a fresh one.
+        """
+        log.warning("attach of %s failed (%s); rolling back", att.disk,
+                    getattr(cause, "desc", None) or cause)
         try:
-            async with Monitor(att.qmp) as mon:
-                await vm.switch_back(mon, att)
-        except CommandError as exc:
-            # The VM may still point at us: keep the record so vm-detach can
-            # finish the job, and keep serving.
-            log.error("rollback of %s failed: %s; the attachment stays recorded",
-                      att.disk, exc.desc)
-            att.state = "rollback-failed"
-            await self._save_state_logged()
-            return
+            await vm.switch_back(mon, att)
+        except CommandError as first:
+            log.warning("rollback of %s on the attach connection failed (%s); "
+                        "retrying on a new one", att.disk, first.desc)
+            await mon.close()
+            try:
+                async with Monitor(att.qmp) as fresh:
+                    await vm.switch_back(fresh, att)
+            except CommandError as exc:
+                # The VM may still point at us: keep the record so vm-detach
+                # can finish the job, and keep serving.
+                log.error("rollback of %s failed: %s; the attachment stays recorded",
+                          att.disk, exc.desc)
+                att.state = "rollback-failed"
+                await self._save_state_logged()
+                return
         del self.attachments[att.disk]
         await self._save_state_logged()
 

@@ -521,10 +521,14 @@ def _print_sessions(sessions: list[dict[str, Any]]) -> None:
     print(f"{'DISK':<12} {'NAME':<10} {'STATE':<7} {'EXPORT':<24} {'COPIED':>8} "
           f"{'NEEDED':>8} {'TEMP':>10} {'CACHE':>10}")
     for s in sessions:
-        c = s["clusters"]
-        print(f"{s['disk']:<12} {s['name']:<10} {s['state']:<7} {s['export']:<24} "
-              f"{c['copied']:>8} {c['needed']:>8} {_human(s['temp-bytes']):>10} "
-              f"{_human(s['cache-bytes']):>10}")
+        if "clusters" not in s:  # lost in a daemon restart: no counters left
+            print(f"{s['disk']:<12} {s['name']:<10} {s['state']:<7} {s['export']:<24} "
+                  f"{'-':>8} {'-':>8} {'-':>10} {'-':>10}")
+        else:
+            c = s["clusters"]
+            print(f"{s['disk']:<12} {s['name']:<10} {s['state']:<7} {s['export']:<24} "
+                  f"{c['copied']:>8} {c['needed']:>8} {_human(s['temp-bytes']):>10} "
+                  f"{_human(s['cache-bytes']):>10}")
         if s.get("error"):
             print(f"  error: {s['error']}")
 

@@ -379,3 +379,138 @@ def test_attach_needs_a_unix_listener(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_clean_restart_while_attached_loses_no_guest_write(
+        tmp_path: Path, start_daemon: Callable[..., Daemon], vms: Callable[..., Vm]) -> None:
+    """SIGTERM (a service restart) with guest writes in flight and new ones
+    arriving during the drain: in-flight writes complete, new ones are left
+    unanswered for QEMU to replay after it reconnects (an NBD_ESHUTDOWN reply
+    would reach the guest as an I/O error: QEMU 7.2 retries only lost
+    connections, not error replies)."""
+    image = tmp_path / "vda.img"
+    model = make_image(image, SIZE)
+    state = tmp_path / "state"
+    sock = str(tmp_path / "nbd.sock")
+    ctl = str(tmp_path / "ctl.sock")
+    d = start_daemon(str(image), "-x", "vda", "--state-dir", str(state), sock=sock,
+                     control=ctl, env={"FLEECED_TEST_HOOKS": "1"})
+    vm = vms(image)
+    attach(d, vm)
+    qmp(d, "x-inject-queue-delay", {"op": "write", "ms": 2000})
+    vm.qemu_io(f"aio_write -P 0x44 0 {K64}")
+    import time
+
+    deadline = time.monotonic() + 30
+    while export_stats(d, "vda")["in-flight"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    d.proc.send_signal(signal.SIGTERM)
+    vm.qemu_io(f"aio_write -P 0x55 {K64} {K64}")  # reaches the draining daemon
+    assert d.proc.wait(30) == 0
+    start_daemon(str(image), "-x", "vda", "--state-dir", str(state), sock=sock, control=ctl)
+    vm.qemu_io("aio_flush")
+    log = vm.log()
+    assert "failed" not in log, log
+    assert log.count("wrote 65536/65536 bytes") == 2, log
+    model = patterned(model, 0, K64, 0x44)
+    model = patterned(model, K64, K64, 0x55)
+    assert image.read_bytes() == model
+    assert vm.drive() == "fleeced-vda"
+
+
+class FakeGuestAgent:
+    """A guest agent socket speaking qemu-ga's protocol (the test VM has no
+    guest OS to run the real one).  Records each command with the VM's drive
+    and the daemon's sessions at that moment, so the order is checked."""
+
+    def __init__(self, path: Path, vm: Vm, d: Daemon, fail: str | None = None) -> None:
+        import socket as socketmod
+
+        self.calls: list[tuple[str, str, int]] = []
+        self.fail = fail
+        self._vm = vm
+        self._d = d
+        self._sock = socketmod.socket(socketmod.AF_UNIX)
+        self._sock.bind(str(path))
+        self._sock.listen(1)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import json
+
+        conn, _ = self._sock.accept()
+        with conn, conn.makefile("rwb") as f:
+            for line in f:
+                msg = json.loads(line)
+                cmd = msg["execute"]
+                if cmd == "guest-sync-delimited":
+                    f.write(b"\xff" + json.dumps({"return": msg["arguments"]["id"]}).encode()
+                            + b"\n")
+                else:
+                    sessions = qmp(self._d, "query-fleece")
+                    assert isinstance(sessions, list)
+                    self.calls.append((cmd, self._vm.drive(), len(sessions)))
+                    if cmd == self.fail:
+                        reply: dict[str, Any] = {"error": {"class": "GenericError",
+                                                           "desc": "freeze refused"}}
+                    else:
+                        reply = {"return": 1 if cmd == "guest-fsfreeze-freeze" else 0}
+                    f.write(json.dumps(reply).encode() + b"\n")
+                f.flush()
+
+    def close(self) -> None:
+        self._sock.close()
+        self._thread.join(10)
+
+
+def test_freeze_around_the_switch_and_the_session_start(
+        tmp_path: Path, start_daemon: Callable[..., Daemon], vms: Callable[..., Vm]) -> None:
+    """--freeze: the guest is frozen before the switch, the session starts
+    while it is frozen, and it is thawed after; a refused freeze fails the
+    attach, is still followed by a thaw, and leaves the VM as it was."""
+    image = tmp_path / "vda.img"
+    make_image(image, SIZE)
+    d = start_daemon(str(image), "-x", "vda")
+    vm = vms(image)
+
+    bad = FakeGuestAgent(tmp_path / "qga-bad.sock", vm, d, fail="guest-fsfreeze-freeze")
+    proc = fleeced("attach", "vda", "--qmp", vm.qmp, "--device", "vda", "--freeze",
+                   "--qga", str(tmp_path / "qga-bad.sock"), "--control", d.control)
+    bad.close()
+    assert proc.returncode == 1 and "freeze refused" in proc.stderr, proc.stderr
+    assert [c[0] for c in bad.calls] == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    assert vm.drive() == "disk0" and "fleeced-vda" not in vm.node_names()
+    assert qmp(d, "query-attachments") == [] and qmp(d, "query-fleece") == []
+
+    agent = FakeGuestAgent(tmp_path / "qga.sock", vm, d)
+    proc = fleeced("attach", "vda", "--qmp", vm.qmp, "--device", "vda", "--freeze",
+                   "--qga", str(tmp_path / "qga.sock"), "--control", d.control)
+    agent.close()
+    assert proc.returncode == 0, proc.stderr
+    assert "session export vda@fleece" in proc.stdout
+    assert agent.calls == [("guest-fsfreeze-freeze", "disk0", 0),
+                           ("guest-fsfreeze-thaw", "fleeced-vda", 1)]
+    assert fleeced("fleece", "stop", "vda", "--control", d.control).returncode == 0
+    detach(d)
+    assert vm.drive() == "disk0"
+
+
+def test_detach_refuses_while_sessions_run(
+        tmp_path: Path, start_daemon: Callable[..., Daemon], vms: Callable[..., Vm]) -> None:
+    """After detach guest writes bypass the daemon, so a running session's
+    snapshot would silently go wrong: detach refuses (unless --force, which
+    stops the sessions too)."""
+    image = tmp_path / "vda.img"
+    make_image(image, SIZE)
+    d = start_daemon(str(image), "-x", "vda")
+    vm = vms(image)
+    attach(d, vm)
+    assert fleeced("fleece", "start", "vda", "--control", d.control).returncode == 0
+    proc = fleeced("detach", "vda", "--control", d.control)
+    assert proc.returncode == 1 and "fleece-stop them first" in proc.stderr, proc.stderr
+    assert vm.drive() == "fleeced-vda"
+    proc = fleeced("detach", "vda", "--force", "--control", d.control)
+    assert proc.returncode == 0, proc.stderr
+    assert vm.drive() == "disk0" and qmp(d, "query-fleece") == []

@@ -70,6 +70,10 @@ class Monitor:
                         tb: TracebackType | None) -> None:
         await self._disconnect()
 
+    async def close(self) -> None:
+        """Disconnect early (idempotent): frees the VM's single QMP slot."""
+        await self._disconnect()
+
     async def _disconnect(self) -> None:
         try:
             await asyncio.wait_for(self._qmp.disconnect(), CONNECT_TIMEOUT)
