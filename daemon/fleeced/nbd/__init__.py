@@ -21,9 +21,9 @@ from .constants import (
     NbdState,
     TransmissionFlag,
 )
-from .engine import ServerConnection
+from .engine import ServerConnection, TlsMode
 from .errors import LocalProtocolError, NbdProtocolError, RequestRejected, to_nbd_errno
-from .events import NEED_DATA, Command, Disconnect, Event, ExportChosen, Rejected
+from .events import NEED_DATA, Command, Disconnect, Event, ExportChosen, Rejected, StartTls
 from .export import ExportInfo
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "NbdState",
     "TransmissionFlag",
     "ServerConnection",
+    "TlsMode",
     "LocalProtocolError",
     "NbdProtocolError",
     "RequestRejected",
@@ -51,5 +52,6 @@ __all__ = [
     "Event",
     "ExportChosen",
     "Rejected",
+    "StartTls",
     "ExportInfo",
 ]

@@ -10,8 +10,14 @@ States (a request or option is parsed only once it is complete in the buffer, so
 partial message never changes state)::
 
     CLIENT_FLAGS --flags--> OPTIONS --EXPORT_NAME / GO--> TRANSMISSION --DISC/EOF--> CLOSED
-         |                     |--ABORT / EOF-------------------------------------> CLOSED
+         |                   |  ^  |--ABORT / EOF------------------------------------> CLOSED
+         |    STARTTLS (ACK) |  | tls_started()
+         |                   v  |
+         |               TLS_HANDSHAKE   (no input: the connection does the TLS handshake)
          +---------------------+--------- any fatal NbdProtocolError -----------> ERROR
+
+TLS (proto.md "TLS support") is offered per connection with :class:`TlsMode`; the
+options allowed before TLS are in :data:`_OPTIONS_BEFORE_TLS`.
 
 This module must not import asyncio, socket, os or anything doing I/O.
 """
@@ -48,7 +54,7 @@ from .constants import (
     TransmissionFlag,
 )
 from .errors import LocalProtocolError, NbdProtocolError
-from .events import NEED_DATA, Command, Disconnect, Event, ExportChosen, Rejected
+from .events import NEED_DATA, Command, Disconnect, Event, ExportChosen, Rejected, StartTls
 from .export import ExportInfo
 from .meta import resolve_queries
 from .wire import (
@@ -69,7 +75,7 @@ from .wire import (
     U32,
 )
 
-__all__ = ["ServerConnection"]
+__all__ = ["ServerConnection", "TlsMode"]
 
 Lookup = Callable[[str], ExportInfo | None]
 ListExports = Callable[[], Sequence[ExportInfo]]
@@ -79,10 +85,37 @@ Outgoing = bytes | memoryview
 class _State(Enum):
     CLIENT_FLAGS = auto()
     OPTIONS = auto()
+    TLS_HANDSHAKE = auto()
     TRANSMISSION = auto()
     CLOSED = auto()
     ERROR = auto()
 
+
+class TlsMode(Enum):
+    """What one connection offers (proto.md "Server-side requirements").
+
+    ======== ============== ===================================================
+    mode     spec name      before TLS
+    ======== ============== ===================================================
+    OFF      NOTLS          STARTTLS gets NBD_REP_ERR_POLICY; the rest as usual
+    ON       SELECTIVETLS   STARTTLS gets NBD_REP_ACK; the rest as usual (no
+                            export is TLS-only)
+    REQUIRE  FORCEDTLS      STARTTLS gets NBD_REP_ACK; ABORT as usual;
+                            EXPORT_NAME hangs up; every other option gets
+                            NBD_REP_ERR_TLS_REQD
+    ======== ============== ===================================================
+
+    Once TLS is up, STARTTLS gets NBD_REP_ERR_INVALID and nothing gets
+    NBD_REP_ERR_TLS_REQD.  The values are the ``--tls`` spellings.
+    """
+
+    OFF = "off"
+    ON = "on"
+    REQUIRE = "require"
+
+
+# proto.md "FORCEDTLS mode": before TLS, only these options are answered as usual.
+_OPTIONS_BEFORE_TLS: Final = frozenset({NbdOpt.STARTTLS, NbdOpt.ABORT})
 
 _SERVER_HANDSHAKE_FLAGS: Final = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 _KNOWN_CLIENT_FLAGS: Final = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
@@ -171,13 +204,18 @@ class ServerConnection:
     :param lookup: returns the export for a client-supplied name, or None if unknown.
         Called during the handshake for EXPORT_NAME, INFO, GO and the meta context options.
     :param list_exports: returns the exports to announce for NBD_OPT_LIST.
+    :param tls: whether NBD_OPT_STARTTLS is refused, offered or required.
 
     The greeting is queued at construction; call :meth:`data_to_send` first.
     """
 
-    def __init__(self, lookup: Lookup, list_exports: ListExports) -> None:
+    def __init__(
+        self, lookup: Lookup, list_exports: ListExports, tls: TlsMode = TlsMode.OFF
+    ) -> None:
         self._lookup = lookup
         self._list_exports = list_exports
+        self._tls = tls
+        self._tls_active = False
         self._buf = ReceiveBuffer()
         self._out: list[Outgoing] = [GREETING.pack(NBDMAGIC, IHAVEOPT, _SERVER_HANDSHAKE_FLAGS)]
         self._state = _State.CLIENT_FLAGS
@@ -217,6 +255,16 @@ class ServerConnection:
         return dict(self._meta_contexts)
 
     @property
+    def tls_mode(self) -> TlsMode:
+        """What this connection offers (fixed at construction)."""
+        return self._tls
+
+    @property
+    def tls_active(self) -> bool:
+        """True once :meth:`tls_started` was called: the session is encrypted."""
+        return self._tls_active
+
+    @property
     def in_transmission(self) -> bool:
         """True between ExportChosen and Disconnect (or a fatal error)."""
         return self._state is _State.TRANSMISSION
@@ -232,10 +280,14 @@ class ServerConnection:
         """Feed bytes received from the client; ``b""`` means EOF.
 
         :param data: the bytes, possibly empty.
-        :raise LocalProtocolError: if called again after EOF.
+        :raise LocalProtocolError: if called again after EOF, or between
+            :class:`StartTls` and :meth:`tls_started` (no plaintext may follow
+            the STARTTLS acknowledgement).
         """
         if self._eof:
             raise LocalProtocolError("receive_data() after EOF")
+        if self._state is _State.TLS_HANDSHAKE:
+            raise LocalProtocolError("receive_data() during the TLS handshake")
         if len(data) == 0:
             self._eof = True
         else:
@@ -252,8 +304,10 @@ class ServerConnection:
         """Parse buffered input and return the next event, or :class:`NEED_DATA`.
 
         Handshake options are answered internally (replies are queued) and produce no
-        events; the handshake ends with :class:`ExportChosen` or :class:`Disconnect`.
-        After :class:`Disconnect` every call returns :class:`Disconnect` again.
+        events, except :class:`StartTls` (upgrade, then call :meth:`tls_started`;
+        until then this returns NEED_DATA); the handshake ends with
+        :class:`ExportChosen` or :class:`Disconnect`.  After :class:`Disconnect`
+        every call returns :class:`Disconnect` again.
 
         :return: an event or the NEED_DATA sentinel.
         :raise NbdProtocolError: the client broke the protocol; send what is queued and
@@ -268,11 +322,26 @@ class ServerConnection:
                 return self._next_option()
             if self._state is _State.CLIENT_FLAGS:
                 return self._next_client_flags()
+            if self._state is _State.TLS_HANDSHAKE:
+                return NEED_DATA
             return Disconnect()
         except NbdProtocolError as exc:
             self._error = exc
             self._state = _State.ERROR
             raise
+
+    def tls_started(self) -> None:
+        """The TLS handshake that followed :class:`StartTls` succeeded.
+
+        Option haggling resumes, now over TLS; feed the decrypted bytes to
+        :meth:`receive_data`.  Legal only after :class:`StartTls`.
+
+        :raise LocalProtocolError: in any other state.
+        """
+        if self._state is not _State.TLS_HANDSHAKE:
+            raise LocalProtocolError(f"tls_started() in state {self._state.name}")
+        self._tls_active = True
+        self._state = _State.OPTIONS
 
     def shutting_down(self) -> None:
         """Refuse everything new: requests get ESHUTDOWN, options NBD_REP_ERR_SHUTDOWN.
@@ -327,10 +396,21 @@ class ServerConnection:
             self._n_options += 1
             if self._n_options > MAX_OPTIONS:
                 raise NbdProtocolError("too many options")
+            if (
+                self._tls is TlsMode.REQUIRE
+                and not self._tls_active
+                and opt not in _OPTIONS_BEFORE_TLS
+            ):
+                # proto.md "FORCEDTLS mode": any other option MUST get
+                # NBD_REP_ERR_TLS_REQD (unknown ones too), and EXPORT_NAME, which
+                # cannot be answered with an error, MUST terminate the session.
+                if opt == NbdOpt.EXPORT_NAME:
+                    raise NbdProtocolError("NBD_OPT_EXPORT_NAME before TLS (TLS is required)")
+                self._opt_reply(opt, NbdRep.ERR_TLS_REQD, b"TLS is required: use NBD_OPT_STARTTLS")
+                continue
             handler = _OPTION_HANDLERS.get(opt)
             if handler is None:
                 # proto.md: an unknown option gets NBD_REP_ERR_UNSUP; haggling continues.
-                # STARTTLS lands here too: we operate in NOTLS mode.
                 self._opt_reply(opt, NbdRep.ERR_UNSUP, b"option not supported")
                 continue
             if self._shutting_down and opt not in (NbdOpt.ABORT, NbdOpt.EXPORT_NAME):
@@ -365,6 +445,34 @@ class ServerConnection:
         self._opt_reply(opt, NbdRep.ACK)
         self._state = _State.CLOSED
         return Disconnect()
+
+    def _opt_starttls(self, opt: int, payload: bytes) -> Event | None:
+        # proto.md "NBD_OPT_STARTTLS": no data allowed (NBD_REP_ERR_INVALID); once TLS
+        # is up a second one MUST get NBD_REP_ERR_INVALID; "NOTLS mode": MUST answer
+        # NBD_REP_ERR_POLICY (as qemu-nbd does without tls-creds) or ERR_UNSUP.
+        if payload:
+            self._opt_reply(opt, NbdRep.ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
+            return None
+        if self._tls_active:
+            self._opt_reply(opt, NbdRep.ERR_INVALID, b"TLS is already active")
+            return None
+        if self._tls is TlsMode.OFF:
+            self._opt_reply(opt, NbdRep.ERR_POLICY, b"TLS is not enabled on this connection")
+            return None
+        # A client MUST wait for our ACK before its TLS handshake (proto.md "Client-side
+        # requirements"), so bytes already here were sent in plaintext after STARTTLS:
+        # never treat them as part of the TLS session (the STARTTLS command-injection
+        # class of bugs, CVE-2011-0411).  Refuse them before anything is acknowledged.
+        if len(self._buf) or self._eof:
+            raise NbdProtocolError("plaintext after NBD_OPT_STARTTLS")
+        self._opt_reply(opt, NbdRep.ACK)
+        # proto.md "NBD_OPT_STARTTLS": when it succeeds the server MUST NOT preserve any
+        # negotiation state from before it (nbdkit CVE-2021-3716).
+        self._structured = False
+        self._meta_export = None
+        self._meta_selected = {}
+        self._state = _State.TLS_HANDSHAKE
+        return StartTls()
 
     def _opt_list(self, opt: int, payload: bytes) -> Event | None:
         if payload:
@@ -765,6 +873,7 @@ _OptionHandler = Callable[[ServerConnection, int, bytes], Event | None]
 _OPTION_HANDLERS: Final[dict[int, _OptionHandler]] = {
     NbdOpt.EXPORT_NAME: ServerConnection._opt_export_name,
     NbdOpt.ABORT: ServerConnection._opt_abort,
+    NbdOpt.STARTTLS: ServerConnection._opt_starttls,
     NbdOpt.LIST: ServerConnection._opt_list,
     NbdOpt.INFO: ServerConnection._opt_info_go,
     NbdOpt.GO: ServerConnection._opt_info_go,

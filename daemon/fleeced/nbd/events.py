@@ -11,7 +11,9 @@ from typing import Any
 from .constants import NbdCmd, NbdCmdFlag, NbdErrno
 from .export import ExportInfo
 
-__all__ = ["NEED_DATA", "Event", "ExportChosen", "Command", "Rejected", "Disconnect"]
+__all__ = [
+    "NEED_DATA", "Event", "ExportChosen", "Command", "Rejected", "Disconnect", "StartTls",
+]
 
 
 class _SentinelType(type):
@@ -68,4 +70,16 @@ class Disconnect:
     """The client is done: NBD_CMD_DISC, NBD_OPT_ABORT, or EOF between messages."""
 
 
-Event = ExportChosen | Command | Rejected | Disconnect
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """NBD_OPT_STARTTLS was acknowledged: upgrade the connection to TLS now.
+
+    The ``NBD_REP_ACK`` is the last plaintext the server sends: write what
+    :meth:`ServerConnection.data_to_send` returns, feed the engine nothing
+    more until the TLS handshake is done, then call
+    :meth:`ServerConnection.tls_started`.  If the handshake fails, drop the
+    connection (proto.md "FORCEDTLS mode": it is too late to go on without TLS).
+    """
+
+
+Event = ExportChosen | Command | Rejected | Disconnect | StartTls

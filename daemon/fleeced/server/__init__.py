@@ -12,6 +12,14 @@ after ``handshake_limit``.  Memory for READ replies is budgeted per connection
 connections together hold more than ``reply_budget`` bytes, none parses new
 requests; a connection that keeps its bytes pinned by not reading its replies
 for ``stall_timeout`` while others wait for the budget is aborted.
+
+TLS (``--tls``) applies to TCP listeners, bound or inherited, and never to
+Unix sockets: a Unix-socket client is a local peer whose access the file
+mode already controls, and STARTTLS there gets NBD_REP_ERR_POLICY.  (qemu-nbd
+applies its tls-creds to Unix sockets too; our CLI refuses TLS with
+``--socket``, so the difference shows only in service mode with both kinds
+of listener.)  The server context is built, and its files read, when the
+first TCP listener is set up, so bad credentials fail the start-up.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -79,6 +88,7 @@ class NbdServer:
         self.stall_timeout = stall_timeout
         #: TLS for TCP connections (``--tls``); Unix-socket clients never use it.
         self.tls = tls or TlsConfig()
+        self._tls_context: ssl.SSLContext | None = None
         self._charged = 0
         self._budget_waiters: set[NbdConnection] = set()
         self._stall_timer: asyncio.TimerHandle | None = None
@@ -244,6 +254,20 @@ class NbdServer:
     def _factory(self) -> NbdConnection:
         return NbdConnection(self)
 
+    def _tcp_factory(self) -> NbdConnection:
+        return NbdConnection(self, self._tls_context)
+
+    def _prepare_tls(self) -> None:
+        """Build the TLS server context once, before the first TCP listener.
+
+        :raise ValueError: when the certificate, key, CA or PSK file is
+            unusable (the message names it).
+        """
+        if self.tls.enabled and self._tls_context is None:
+            self._tls_context = self.tls.server_context()
+            log.info("TLS %s on TCP listeners", "required" if self.tls.mode == "require"
+                     else "offered")
+
     async def listen_unix(self, path: str, mode: int | None = None,
                           group: str | None = None) -> None:
         """Listen on a Unix socket at PATH (a stale socket file is replaced).
@@ -277,22 +301,29 @@ class NbdServer:
         """Listen on HOST:PORT (all addresses when HOST is None).
 
         :raise OSError: when the address is in use or cannot be bound.
+        :raise ValueError: when TLS is configured and its files are unusable.
         """
+        self._prepare_tls()
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            self._factory, host, port, backlog=512, reuse_address=True
+            self._tcp_factory, host, port, backlog=512, reuse_address=True
         )
         self._servers.append(server)
         for sock in server.sockets:
             log.info("listening on tcp:%s", sock.getsockname())
 
     async def listen_socket(self, sock: socket.socket) -> None:
-        """Serve on an inherited listening socket (systemd activation)."""
+        """Serve on an inherited listening socket (systemd activation).
+
+        :raise ValueError: for a TCP socket when TLS is configured and its
+            files are unusable.
+        """
         loop = asyncio.get_running_loop()
         if sock.family == socket.AF_UNIX:
             server = await loop.create_unix_server(self._factory, sock=sock)
         else:
-            server = await loop.create_server(self._factory, sock=sock)
+            self._prepare_tls()
+            server = await loop.create_server(self._tcp_factory, sock=sock)
         self._servers.append(server)
         log.info("serving inherited socket %s", sock.getsockname())
 

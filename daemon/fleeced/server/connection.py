@@ -18,6 +18,16 @@ shutdown and at fleece-stop (``shutdown_timeout``, then the transport is
 aborted), and a close that cannot flush (aborted after ``shutdown_timeout``).
 A connection stays in the server's registry until its last operation has
 completed (:attr:`NbdConnection.closed`), whatever happened to the socket.
+
+TLS: when the engine acknowledges NBD_OPT_STARTTLS (event ``StartTls``) the
+acknowledgement is the last plaintext written; reading stops and
+``loop.start_tls`` upgrades the transport, bounded by ``handshake_limit``.
+The upgrade counts as an operation in flight (``closed`` waits for it).  A
+failed handshake drops the connection: nothing is ever sent in plaintext
+after the ACK, and nothing received in plaintext after STARTTLS is parsed
+(the engine refuses it).  On a TLS connection every reply goes through the
+TLS transport: native workers never write to the socket (``_tls``), since
+their writes would bypass the encryption.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import asyncio
 import errno
 import logging
 import socket
+import ssl
 import time
 from typing import TYPE_CHECKING, Final, cast
 
@@ -42,6 +53,8 @@ from fleeced.nbd import (
     NbdProtocolError,
     Rejected,
     ServerConnection,
+    StartTls,
+    TlsMode,
     to_nbd_errno,
 )
 
@@ -67,12 +80,24 @@ CONN_REPLY_BUDGET: Final = 32 * 1024 * 1024
 
 
 class NbdConnection(asyncio.Protocol):
-    """asyncio protocol for one client connection."""
+    """asyncio protocol for one client connection.
 
-    def __init__(self, server: NbdServer) -> None:
+    :param tls_context: the server context for STARTTLS (TCP connections
+        when ``--tls`` is on or require); None: STARTTLS is refused.
+    """
+
+    def __init__(self, server: NbdServer, tls_context: ssl.SSLContext | None = None) -> None:
         self._server = server
         self._transport: asyncio.Transport | None = None
-        self._engine = ServerConnection(server.lookup_info, server.list_infos)
+        tls_mode = TlsMode(server.tls.mode) if tls_context is not None else TlsMode.OFF
+        self._engine = ServerConnection(server.lookup_info, server.list_infos, tls_mode)
+        self._tls_context = tls_context
+        # Set at STARTTLS, for good: replies go through the transport only.
+        self._tls = False
+        # The plaintext transport while start_tls() runs (self._transport is
+        # None then), and TLS data that arrived before start_tls() returned.
+        self._upgrading: asyncio.Transport | None = None
+        self._early: list[bytes] = []
         self.export: Export | None = None
         self.peer = "?"
         self._tasks: set[asyncio.Task[None]] = set()
@@ -132,6 +157,12 @@ class NbdConnection(asyncio.Protocol):
             self.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self._upgrading is not None:
+            # Only the TLS layer calls us now (it owns the plaintext
+            # transport): this is decrypted data that came before start_tls()
+            # returned (the stdlib loop delivers it that early).
+            self._early.append(data)
+            return
         self._engine.receive_data(data)
         self._process()
 
@@ -141,8 +172,13 @@ class NbdConnection(asyncio.Protocol):
         # report it twice.
         if not self._eof:
             self._eof = True
-            self._engine.receive_data(b"")
-            self._process()
+            if self._upgrading is None:
+                self._engine.receive_data(b"")
+                self._process()
+        if self._tls:
+            # TLS has no half-close: the TLS layer shuts down after the
+            # client's close_notify whatever we return.
+            return None
         # Keep the transport open (half-closed): requests still in flight
         # must get their replies; the engine reports Disconnect at the EOF
         # and we close once idle.
@@ -277,8 +313,84 @@ class NbdConnection(asyncio.Protocol):
                 self._disconnect_requested = True
                 self._close_when_idle()
                 break
+            elif isinstance(event, StartTls):
+                self._start_tls()
+                return
         self._flush()
         self._update_reading()
+
+    # -- TLS upgrade ---------------------------------------------------------
+
+    def _start_tls(self) -> None:
+        """Bottom half: the engine acknowledged NBD_OPT_STARTTLS; upgrade now."""
+        transport = self._transport
+        assert transport is not None and self._tls_context is not None
+        # STARTTLS is an option, so no request ran yet: no worker holds the socket.
+        assert self._sock is None and not self._sends
+        self._tls = True
+        self._flush()  # the ACK: the last plaintext of this connection
+        if transport.is_closing():
+            self._abort()
+            return
+        transport.pause_reading()
+        self._reading_paused = False  # the TLS transport starts out reading
+        self._writing_paused = False
+        self.paused_since = 0.0
+        self._set_paused_bytes(0)
+        self._transport = None
+        self._upgrading = transport
+        self._inflight += 1  # `closed` waits for the handshake to end
+        task = asyncio.get_running_loop().create_task(
+            self._upgrade(transport, self._tls_context)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    async def _upgrade(self, plain: asyncio.Transport, context: ssl.SSLContext) -> None:
+        """Bottom half: run the TLS handshake; on any failure drop the client."""
+        loop = asyncio.get_running_loop()
+        tls: asyncio.Transport | None = None
+        error: BaseException | None = None
+        try:
+            tls = await loop.start_tls(
+                plain, self, context, server_side=True,
+                ssl_handshake_timeout=self._server.handshake_limit,
+                ssl_shutdown_timeout=self._server.shutdown_timeout,
+            )
+        except Exception as exc:  # ssl.SSLError, ConnectionError, timeouts...
+            error = exc
+        finally:
+            self._upgrading = None
+            if tls is None:  # failed or cancelled: never a plaintext word more
+                self._closing = True
+                plain.abort()
+        if tls is None or self._closing or tls.is_closing():
+            # proto.md "FORCEDTLS mode": if the handshake is unsuccessful the
+            # server MUST terminate the session.
+            reason = (str(error) or type(error).__name__) if error else "connection closed"
+            log.warning("client %s: TLS handshake failed, closing: %s", self.peer, reason)
+            self._closing = True
+            self._early.clear()
+            if tls is not None:  # else plain was aborted above
+                tls.abort()
+            return
+        self._transport = tls
+        tls.set_write_buffer_limits(high=4 * 1024 * 1024)
+        self._engine.tls_started()
+        sslobj = tls.get_extra_info("ssl_object")
+        if sslobj is not None:
+            cipher = sslobj.cipher()
+            peer = sslobj.getpeercert() or {}
+            subject = ",".join("=".join(rdn[0]) for rdn in peer.get("subject", ()))
+            log.info("client %s: TLS up (%s, %s)%s", self.peer, sslobj.version(),
+                     cipher[0] if cipher else "?",
+                     f", client certificate {subject}" if subject else "")
+        early, self._early = self._early, []
+        for data in early:
+            self.data_received(data)
+        if self._eof and not self._closing:
+            self._engine.receive_data(b"")
+            self._process()
 
     def _read_inline(self, cmd: Command) -> bool:
         """Answer a READ from the page cache without a task or thread hop.
@@ -326,7 +438,9 @@ class NbdConnection(asyncio.Protocol):
         that went out in part.
         """
         transport = self._transport
-        if transport is None or transport.is_closing():
+        if self._tls or transport is None or transport.is_closing():
+            # Over TLS the socket carries ciphertext: only the TLS transport
+            # may write to it.
             return False
         if self._sends:
             return not self._stalled
@@ -583,6 +697,9 @@ class NbdConnection(asyncio.Protocol):
         """Close after the buffered replies went out, or abort if they cannot
         within ``shutdown_timeout`` (a client that stopped reading)."""
         transport = self._transport
+        if transport is None and self._upgrading is not None:
+            self._upgrading.abort()  # mid TLS handshake: nothing to flush
+            return
         if transport is None or transport.is_closing():
             return
         transport.close()
@@ -606,6 +723,8 @@ class NbdConnection(asyncio.Protocol):
         self._closing = True
         if self._transport is not None:
             self._transport.abort()
+        elif self._upgrading is not None:
+            self._upgrading.abort()
 
     def shutdown(self) -> None:
         """Answer new requests ESHUTDOWN and close once in-flight ones finish.
@@ -613,6 +732,10 @@ class NbdConnection(asyncio.Protocol):
         Requests already received (buffered, not yet parsed) are parsed and
         answered ESHUTDOWN by the engine, so none is silently dropped.
         """
+        if self._upgrading is not None:
+            # Mid TLS handshake: nothing negotiated, nothing to answer.
+            self.abort()
+            return
         self._engine.shutting_down()
         self._disconnect_requested = True
         self._shutdown = True
