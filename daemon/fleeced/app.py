@@ -215,7 +215,12 @@ class Daemon:
             await self.control.close()
             self.control = None
         # Connections get --shutdown-timeout to finish; stragglers are aborted.
-        await self.server.close()
+        # QEMU's nbd nodes of attached disks replay what is left unanswered.
+        if self.attachments:
+            log.warning("stopping with attached VM disks (%s): QEMU holds their I/O until "
+                        "a daemon serves them again (reconnect-delay), then fails it",
+                        ", ".join(sorted(self.attachments)))
+        await self.server.close(replay=frozenset(self.attachments))
         for disk in self.disks.values():
             for session in list(disk.sessions.values()):
                 await self._io.close_session(session.native)

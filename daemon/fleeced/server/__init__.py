@@ -122,11 +122,16 @@ class NbdServer:
             self._default = next(iter(self._exports), None)
         await self._drain(list(self._by_export.pop(name, ())))
 
-    async def _drain(self, conns: Iterable[NbdConnection]) -> None:
-        """Shut CONNS down: bounded wait, then abort the stragglers."""
+    async def _drain(self, conns: Iterable[NbdConnection],
+                     replay: frozenset[str] = frozenset()) -> None:
+        """Shut CONNS down: bounded wait, then abort the stragglers.
+
+        Connections to exports in REPLAY are shut down for a client that
+        replays unanswered requests (see :meth:`NbdConnection.shutdown`).
+        """
         conns = list(conns)
         for conn in conns:
-            conn.shutdown()
+            conn.shutdown(replay=conn.export is not None and conn.export.info.name in replay)
         pending = [c.closed for c in conns if not c.closed.done()]
         if not pending:
             return
@@ -327,15 +332,18 @@ class NbdServer:
         self._servers.append(server)
         log.info("serving inherited socket %s", sock.getsockname())
 
-    async def close(self) -> None:
+    async def close(self, replay: frozenset[str] = frozenset()) -> None:
         """Stop accepting, give clients ``shutdown_timeout`` to finish, abort the rest.
+
+        Clients of the exports in REPLAY get no answer to requests that
+        arrive from now on (they replay them after reconnecting).
 
         Then waits (bounded again) for the operations of aborted clients, so
         the final flush usually comes after every write.
         """
         for server in self._servers:
             server.close()
-        await self._drain(self._connections)
+        await self._drain(self._connections, replay)
         pending = [c.closed for c in self._connections if not c.closed.done()]
         if pending:
             await asyncio.wait(pending, timeout=self.shutdown_timeout)

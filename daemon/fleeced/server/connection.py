@@ -111,6 +111,10 @@ class NbdConnection(asyncio.Protocol):
         self._closing = False
         self._disconnect_requested = False
         self._shutdown = False
+        #: Shut down for a client that reconnects and replays (QEMU's nbd
+        #: node of an attached disk): new requests are read and dropped.
+        self._replay = False
+        self.dropped = 0
         self._eof = False  # the client half-closed (or closed) its side
         self._held = False  # parsing stopped at _hold(); an op completion retries
         self.negotiated = False
@@ -274,6 +278,13 @@ class NbdConnection(asyncio.Protocol):
                 return
             if event is NEED_DATA:
                 break
+            if isinstance(event, Command) and self._replay:
+                # Unanswered, QEMU replays it on its next connection; an
+                # ESHUTDOWN reply would reach the guest as an I/O error.
+                self.dropped += 1
+                log.debug("client %s: %s left for replay after reconnect", self.peer,
+                          event.cmd.name)
+                continue
             if isinstance(event, Command):
                 if event.cmd == NbdCmd.READ:
                     self._admit(event)
@@ -726,17 +737,28 @@ class NbdConnection(asyncio.Protocol):
         elif self._upgrading is not None:
             self._upgrading.abort()
 
-    def shutdown(self) -> None:
-        """Answer new requests ESHUTDOWN and close once in-flight ones finish.
+    def shutdown(self, replay: bool = False) -> None:
+        """Finish in-flight requests, then close.
 
-        Requests already received (buffered, not yet parsed) are parsed and
-        answered ESHUTDOWN by the engine, so none is silently dropped.
+        Requests received from now on (buffered, not yet parsed, or still
+        arriving) are parsed and answered ESHUTDOWN by the engine, so none is
+        silently dropped -- unless REPLAY: for a client that reconnects and
+        resends every unanswered request (QEMU's nbd node with
+        ``reconnect-delay``, i.e. an attached VM disk) they are read and
+        dropped instead.  QEMU 7.2 passes an ESHUTDOWN reply to the guest as
+        an I/O error, but replays a request whose connection was lost, so a
+        daemon restart is then invisible to the guest beyond the pause.
+        Reading goes on in both cases: a close with unread bytes resets the
+        connection and could lose replies already sent.
         """
         if self._upgrading is not None:
             # Mid TLS handshake: nothing negotiated, nothing to answer.
             self.abort()
             return
-        self._engine.shutting_down()
+        if replay:
+            self._replay = True
+        else:
+            self._engine.shutting_down()
         self._disconnect_requested = True
         self._shutdown = True
         if not self._closing:
