@@ -828,8 +828,14 @@ class Daemon:
                     f"disk '{disk.name}' has active sessions ({', '.join(sorted(disk.sessions))})"
                     "; after detach guest writes bypass fleeced and the snapshot would be "
                     "wrong. fleece-stop them first (or force)")
-            async with Monitor(att.qmp) as mon:
-                await vm.switch_back(mon, att)
+            try:
+                async with Monitor(att.qmp) as mon:
+                    await vm.switch_back(mon, att)
+            except CommandError as exc:
+                if not (force and exc.desc.startswith("cannot connect to QMP socket")):
+                    raise
+                # The VM is gone (its QMP socket is dead): nothing to switch back.
+                log.warning("disk %s: %s; forgetting the attachment", disk.name, exc.desc)
             del self.attachments[disk.name]
             if disk.sessions:
                 for name in list(disk.sessions):

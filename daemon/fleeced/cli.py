@@ -236,7 +236,8 @@ def _parser() -> argparse.ArgumentParser:
     de = sub.add_parser("detach", help="switch a VM's disk back to its own node")
     de.add_argument("disk")
     de.add_argument("--force", action="store_true",
-                    help="also stop the disk's fleecing sessions")
+                    help="also stop the disk's fleecing sessions; forget the attachment "
+                         "of a VM whose QMP socket is gone")
     _control_option(de)
 
     bw = sub.add_parser(

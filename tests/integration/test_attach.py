@@ -514,3 +514,21 @@ def test_detach_refuses_while_sessions_run(
     proc = fleeced("detach", "vda", "--force", "--control", d.control)
     assert proc.returncode == 0, proc.stderr
     assert vm.drive() == "disk0" and qmp(d, "query-fleece") == []
+
+
+def test_detach_force_forgets_a_vm_that_is_gone(
+        tmp_path: Path, start_daemon: Callable[..., Daemon], vms: Callable[..., Vm]) -> None:
+    """The VM exited while attached: detach says it cannot reach it; --force
+    forgets the attachment (there is nothing left to switch back)."""
+    image = tmp_path / "vda.img"
+    make_image(image, SIZE)
+    d = start_daemon(str(image), "-x", "vda")
+    vm = vms(image)
+    attach(d, vm)
+    vm.stop()
+    proc = fleeced("detach", "vda", "--control", d.control)
+    assert proc.returncode == 1 and "cannot connect to QMP socket" in proc.stderr, proc.stderr
+    assert len(qmp(d, "query-attachments")) == 1  # type: ignore[arg-type]
+    proc = fleeced("detach", "vda", "--force", "--control", d.control)
+    assert proc.returncode == 0, proc.stderr
+    assert qmp(d, "query-attachments") == []
