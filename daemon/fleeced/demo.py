@@ -6,7 +6,11 @@
    active export while ``nbdcopy --progress`` copies the snapshot export;
 4. verify the backup equals the reference byte for byte and the live image
    carries the writer's data;
-5. print the session summary from ``query-fleece`` and stop the daemon.
+5. print the session summary from ``query-fleece`` and stop the daemon;
+6. the hypervisor job: a running QEMU VM's disk goes through
+   ``fleeced backup-window`` (attach, snapshot, ``nbdcopy``, detach) while
+   the guest keeps writing (HMP ``qemu-io`` on the device), and the backup is
+   checked against the disk at snapshot time.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from typing import Any
 
 from fleeced.cli import CliError
@@ -63,42 +69,63 @@ def run_demo(workdir: str | None, size: int) -> int:
     """
     qemu_io = _need("qemu-io", "qemu-utils")
     nbdcopy = _need("nbdcopy", "libnbd-bin")
+    qemu = _need("qemu-system-x86_64", "qemu-system-x86")
     own = workdir is None
     work = workdir or tempfile.mkdtemp(prefix="fleeced-demo-")
     os.makedirs(work, exist_ok=True)
     try:
-        return _demo(work, size, qemu_io, nbdcopy)
+        _demo(work, size, qemu_io, nbdcopy)
+        _vm_demo(work, min(size, 64 << 20), qemu, nbdcopy)
+        _say("demo finished OK")
+        return 0
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _demo(work: str, size: int, qemu_io: str, nbdcopy: str) -> int:
+def _random_image(path: str, size: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 4 << 20)
+            f.write(rng.randbytes(n))
+            left -= n
+
+
+def _start_daemon(work: str, cmd: list[str], tag: str) -> tuple[subprocess.Popen[bytes],
+                                                                 socket.socket]:
+    notify_path = os.path.join(work, f"notify-{tag}.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    env = dict(os.environ, NOTIFY_SOCKET=notify_path)
+    _say("starting: fleeced " + " ".join(cmd[3:]))
+    daemon = subprocess.Popen(cmd, env=env)
+    try:
+        _wait_ready(notify, daemon)
+    except BaseException:
+        daemon.kill()
+        daemon.wait()
+        notify.close()
+        raise
+    return daemon, notify
+
+
+def _demo(work: str, size: int, qemu_io: str, nbdcopy: str) -> None:
     image = os.path.join(work, "disk.img")
     reference = os.path.join(work, "reference.img")
     backup = os.path.join(work, "backup.img")
     sock = os.path.join(work, "nbd.sock")
     control = os.path.join(work, "control.sock")
     _say(f"creating a {size >> 20} MiB sample image of random data: {image}")
-    rng = random.Random(2026)
-    with open(image, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 4 << 20)
-            f.write(rng.randbytes(n))
-            left -= n
+    _random_image(image, size, 2026)
+    rng = random.Random(2027)
     shutil.copyfile(image, reference)
 
-    notify_path = os.path.join(work, "notify.sock")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    env = dict(os.environ, NOTIFY_SOCKET=notify_path)
     cmd = [sys.executable, "-m", "fleeced", "serve", image, "-k", sock, "-t",
            "--control", control, "--fleece", "--cache", "16M"]
-    _say("starting: fleeced " + " ".join(cmd[3:]))
-    daemon = subprocess.Popen(cmd, env=env)
+    daemon, notify = _start_daemon(work, cmd, "lab")
     try:
-        _wait_ready(notify, daemon)
         _say("daemon ready; exports: disk (active, read-write), disk@fleece (snapshot)")
         url_active = f"nbd+unix:///disk?socket={sock}"
         url_snap = f"nbd+unix:///disk@fleece?socket={sock}"
@@ -138,5 +165,102 @@ def _demo(work: str, size: int, qemu_io: str, nbdcopy: str) -> int:
         daemon.terminate()
         daemon.wait(30)
         notify.close()
-    _say("demo finished OK")
-    return 0
+
+
+def _vm_demo(work: str, size: int, qemu: str, nbdcopy: str) -> None:
+    """Back up a running VM's disk with ``fleeced backup-window``."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    image = os.path.join(work, "vm-vda.img")
+    backup = os.path.join(work, "vm-backup.img")
+    sock = os.path.join(work, "vm-nbd.sock")
+    control = os.path.join(work, "vm-control.sock")
+    qmp = os.path.join(work, "vm-qmp.sock")
+    writer_qmp = os.path.join(work, "vm-qmp2.sock")
+    _say(f"part 2, a running VM: {size >> 20} MiB disk {image}")
+    _random_image(image, size, 2028)
+    with open(image, "rb") as f:
+        model = bytearray(f.read())
+    at_snapshot = bytes(model)
+    daemon, notify = _start_daemon(work, [
+        sys.executable, "-m", "fleeced", "serve", image, "-x", "vda", "-k", sock, "-t",
+        "--control", control, "--state-dir", os.path.join(work, "state")], "vm")
+    vm_cmd = [qemu, "-S", "-nodefaults", "-display", "none", "-machine", "pc,accel=tcg",
+              "-m", "64",
+              "-blockdev", f"driver=file,node-name=disk0-file,filename={image}",
+              "-blockdev", "driver=raw,node-name=disk0,file=disk0-file",
+              "-device", "virtio-blk-pci,id=vda,drive=disk0",
+              "-qmp", f"unix:{qmp},server=on,wait=off",
+              "-qmp", f"unix:{writer_qmp},server=on,wait=off"]
+    _say("starting QEMU: " + " ".join(os.path.basename(a) if a == qemu else a
+                                       for a in vm_cmd[:8]) + " ... (no guest OS; "
+         "guest writes are HMP qemu-io on the device)")
+    vm = subprocess.Popen(vm_cmd, stdout=subprocess.DEVNULL)
+    stop = threading.Event()
+    written: list[tuple[int, int, int]] = []
+    errors: list[str] = []
+
+    def guest_writer() -> None:
+        # Writes start once the snapshot exists (the window's fleece start).
+        try:
+            while not stop.is_set():
+                if asyncio.run(_query(control, "query-fleece")):
+                    break
+                stop.wait(0.05)
+            mon = QEMUMonitorProtocol(writer_qmp)
+            mon.connect()
+            rng = random.Random(7)
+            try:
+                while not stop.is_set() and len(written) < 300:
+                    off = rng.randrange(0, size - 65536) & ~511
+                    length = rng.choice([4096, 12288, 65536])
+                    pattern = 0x40 + len(written) % 64
+                    mon.cmd("human-monitor-command", **{"command-line": (
+                        f'qemu-io -d vda/virtio-backend "write -P {pattern} {off} {length}"')})
+                    written.append((off, length, pattern))
+            finally:
+                mon.close()
+        except Exception as exc:  # reported by the main thread
+            errors.append(str(exc))
+
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(writer_qmp):
+            if vm.poll() is not None or time.monotonic() > deadline:
+                raise CliError("QEMU did not start")
+            time.sleep(0.05)
+        writer = threading.Thread(target=guest_writer)
+        writer.start()
+        window = [sys.executable, "-m", "fleeced", "backup-window", "vda", "--qmp", qmp,
+                  "--device", "vda", "--control", control, "--",
+                  nbdcopy, "--progress", "{uri}", backup]
+        _say("fleeced " + " ".join(window[3:]))
+        try:
+            rc = subprocess.run(window).returncode
+        finally:
+            stop.set()
+            writer.join(60)
+        if rc != 0 or errors:
+            raise CliError(f"backup-window failed (exit {rc}) {'; '.join(errors)}")
+        stats = asyncio.run(_query(control, "query-stats"))
+        through = next(e for e in stats["exports"] if e["name"] == "vda")["bytes-written"]
+        _say(f"the guest wrote {len(written)} times while the backup ran; "
+             f"{through} bytes of them went through fleeced's copy-before-write "
+             "while attached")
+        with open(backup, "rb") as f:
+            if f.read() != at_snapshot:
+                raise CliError("VM backup differs from the disk at snapshot time!")
+        _say("verified: VM backup == the disk at snapshot time (byte for byte)")
+        for off, length, pattern in written:
+            model[off:off + length] = bytes([pattern]) * length
+        with open(image, "rb") as f:
+            if f.read() != model:
+                raise CliError("the VM's disk lost a guest write!")
+        _say("verified: the VM's disk holds every guest write; the VM is detached "
+             "and back on its own node")
+    finally:
+        vm.kill()
+        vm.wait()
+        daemon.terminate()
+        daemon.wait(30)
+        notify.close()

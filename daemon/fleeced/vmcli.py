@@ -93,6 +93,8 @@ async def _backup_window(client: Any, args: argparse.Namespace) -> int:
     1 when the window itself (attach, start or cleanup) failed.
     """
     attach = await client.execute("vm-attach", _attach_args(args))
+    print(f"backup-window: {args.disk}: device {args.device} attached ({attach['method']})",
+          flush=True)
     code = EXIT_FAILURE
     started = "export" in attach
     try:
@@ -102,6 +104,7 @@ async def _backup_window(client: Any, args: argparse.Namespace) -> int:
             start = {"disk": args.disk, "name": args.name, **_session_option_args(args)}
             export = (await client.execute("fleece-start", start))["export"]
             started = True
+        print(f"backup-window: snapshot export {export}; running {args.argv[0]}", flush=True)
         code = await _run_command(args.argv, attach["socket"], export)
     finally:
         failed = False
@@ -118,6 +121,8 @@ async def _backup_window(client: Any, args: argparse.Namespace) -> int:
             failed = True
         if failed:
             code = EXIT_FAILURE
+        else:
+            print(f"backup-window: {args.disk}: session stopped, device detached", flush=True)
     return code
 
 
