@@ -824,6 +824,9 @@ class Daemon:
                     f"disk '{disk.name}' has active sessions ({', '.join(sorted(disk.sessions))})"
                     "; after detach guest writes bypass fleeced and the snapshot would be "
                     "wrong. fleece-stop them first (or force)")
+            # Forced: the sessions end before the first write can bypass them.
+            for name in list(disk.sessions):
+                await self._stop_session(disk, name)
             if not disk.read_only:
                 # Flush while guest I/O still flows: blockdev-del of our node
                 # sends an NBD flush and holds QEMU's main loop until it is
@@ -838,9 +841,6 @@ class Daemon:
                 # The VM is gone (its QMP socket is dead): nothing to switch back.
                 log.warning("disk %s: %s; forgetting the attachment", disk.name, exc.desc)
             del self.attachments[disk.name]
-            if disk.sessions:
-                for name in list(disk.sessions):
-                    await self._stop_session(disk, name)
             await self._save_state_logged()
             if not disk.read_only:
                 await self._flush_logged(disk, "after detach")
