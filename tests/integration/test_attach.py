@@ -532,3 +532,28 @@ def test_detach_force_forgets_a_vm_that_is_gone(
     proc = fleeced("detach", "vda", "--force", "--control", d.control)
     assert proc.returncode == 0, proc.stderr
     assert qmp(d, "query-attachments") == []
+
+
+def test_a_qmp_socket_that_never_greets_times_out(
+        tmp_path: Path, start_daemon: Callable[..., Daemon]) -> None:
+    """A QMP path where something accepts but never speaks (a VM whose
+    monitor is held by another client looks like this): the attach fails
+    after the connect timeout instead of hanging the control command."""
+    import socket as socketmod
+    import time
+
+    image = tmp_path / "vda.img"
+    make_image(image, SIZE)
+    d = start_daemon(str(image), "-x", "vda")
+    mute = socketmod.socket(socketmod.AF_UNIX)
+    mute.bind(str(tmp_path / "mute.sock"))
+    mute.listen(1)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ExecuteError, match="no greeting within 5s"):
+            qmp(d, "vm-attach", {"disk": "vda", "qmp": str(tmp_path / "mute.sock"),
+                                 "device": "vda"})
+        assert time.monotonic() - start < 20
+        assert qmp(d, "query-attachments") == []
+    finally:
+        mute.close()
