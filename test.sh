@@ -25,7 +25,7 @@ echo "== lint"
 "$VENV/bin/ruff" check daemon tests bench
 "$VENV/bin/mypy" --strict daemon/fleeced
 
-echo "== daemon under ASan+UBSan (lifetimes: vanishing clients, fleece-stop, SIGTERM)"
+echo "== daemon under ASan+UBSan (lifetimes: vanishing clients, fleece-stop, SIGTERM, VM attach, kill -9 + restart)"
 # A second venv whose C module is built with sanitizers; only the daemon
 # processes run with the ASan runtime preloaded (the client tools do not).
 # The in-tree build/ directory is removed around it so neither build reuses
@@ -43,6 +43,7 @@ ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
     "$ASAN_VENV/bin/python" -m pytest -q -p no:cacheprovider \
     tests/integration/test_lifecycle.py tests/integration/test_cbw_hardening.py \
+    tests/integration/test_attach.py tests/integration/test_state.py \
     "tests/integration/test_soak.py::test_disconnect_mid_pipeline_then_fleece_stop" \
     "tests/integration/test_soak.py::test_stalled_snapshot_readers_fleece_stop_and_sigterm" \
     "tests/integration/test_soak.py::test_sigterm_while_guests_write"
