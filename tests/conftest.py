@@ -41,6 +41,17 @@ def requires_libnbd_python() -> str:
     return SYSTEM_PYTHON
 
 
+def daemon_env(**extra: str) -> dict[str, str]:
+    """Environment for a daemon process a test starts itself: with the
+    sanitizer runtime preloaded when the suite runs the ASan build
+    (FLEECED_DAEMON_PRELOAD, see test.sh)."""
+    env = dict(os.environ, **extra)
+    preload = os.environ.get("FLEECED_DAEMON_PRELOAD")
+    if preload:
+        env["LD_PRELOAD"] = preload
+    return env
+
+
 @dataclass
 class Daemon:
     """A running `fleeced serve`."""

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecuteError
 
-from tests.conftest import Daemon, make_image, requires, run
+from tests.conftest import Daemon, daemon_env, make_image, requires, run
 from tests.integration.qemu_vm import Vm
 from tests.integration.test_cli import fleeced
 from tests.integration.test_fleece import qmp
@@ -365,7 +365,7 @@ def test_attach_needs_a_unix_listener(tmp_path: Path) -> None:
     ctl = str(tmp_path / "ctl.sock")
     proc = subprocess.Popen([sys.executable, "-m", "fleeced", "serve", str(image), "-x", "vda",
                              "-p", str(port), "-b", "127.0.0.1", "-t", "--control", ctl],
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, env=daemon_env())
     try:
         import time
 

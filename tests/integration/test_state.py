@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from qemu.qmp import ExecuteError
 
-from tests.conftest import Daemon, make_image, requires, run
+from tests.conftest import Daemon, daemon_env, make_image, requires, run
 from tests.integration.test_cli import fleeced
 from tests.integration.test_fleece import qmp
 
@@ -120,13 +120,13 @@ def test_a_state_dir_serves_one_daemon(tmp_path: Path,
     d = start_daemon(str(a), "--state-dir", str(state))
     proc = subprocess.run([sys.executable, "-m", "fleeced", "serve", str(a), "--no-control",
                            "-k", str(tmp_path / "other.sock"), "--state-dir", str(state)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=daemon_env())
     assert proc.returncode == 1
     assert f"in use by another fleeced (pid {d.proc.pid})" in proc.stderr, proc.stderr
     assert d.stop() == 0
     (state / "state.json").write_text("{not json")
     proc = subprocess.run([sys.executable, "-m", "fleeced", "serve", str(a), "--no-control",
                            "-k", str(tmp_path / "other.sock"), "--state-dir", str(state)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=daemon_env())
     assert proc.returncode == 1 and "corrupt state" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
