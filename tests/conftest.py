@@ -19,6 +19,13 @@ REQUIRE_TOOLS = os.environ.get("FLEECED_REQUIRE_TOOLS") == "1"
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_state_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Daemons on a default control socket get a default state dir under
+    $XDG_STATE_HOME: keep it inside the test session, never in $HOME."""
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state-home"))
+
+
 def requires(tool: str) -> str:
     """Path of TOOL; skip without it on a dev machine, fail under FLEECED_REQUIRE_TOOLS=1."""
     path = shutil.which(tool)

@@ -95,10 +95,29 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         threads=args.threads,
         shutdown_timeout=args.shutdown_timeout,
         handshake_limit=args.handshake_limit,
-        state_dir=args.state_dir,
+        state_dir=_state_dir(args),
         session_defaults=_session_option_args_of(args),
         tls=_tls_config(args),
     )
+
+
+def _state_dir(args: argparse.Namespace) -> str | None:
+    """``--state-dir``, else the default one for the daemon on the default
+    control socket (``/var/lib/fleeced`` as root, else
+    ``$XDG_STATE_HOME/fleeced``), else none.
+
+    Only one daemon can own the default control socket, so only that one
+    gets the default state dir: other lab daemons (``--control PATH``,
+    ``$FLEECED_CONTROL``, ``--no-control``) keep no state unless asked, and
+    never fight over one directory's lock.
+    """
+    if args.state_dir is not None:
+        return str(args.state_dir)
+    if args.control or args.no_control or os.environ.get("FLEECED_CONTROL"):
+        return None
+    from fleeced.config import default_state_dir
+
+    return default_state_dir()
 
 
 def _tls_config(args: argparse.Namespace) -> TlsConfig:
