@@ -44,6 +44,7 @@ UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
     "$ASAN_VENV/bin/python" -m pytest -q -p no:cacheprovider \
     tests/integration/test_lifecycle.py tests/integration/test_cbw_hardening.py \
     tests/integration/test_attach.py tests/integration/test_state.py \
+    tests/integration/test_bitmaps.py \
     "tests/integration/test_soak.py::test_disconnect_mid_pipeline_then_fleece_stop" \
     "tests/integration/test_soak.py::test_stalled_snapshot_readers_fleece_stop_and_sigterm" \
     "tests/integration/test_soak.py::test_sigterm_while_guests_write"

@@ -15,6 +15,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fleeced import bitmaps as bmap
 from fleeced import datapath, systemd
 from fleeced.control.args import check_keys, get, get_size
 from fleeced.control.server import CommandError, ControlServer
@@ -27,6 +28,7 @@ from fleeced.exports import (
 )
 from fleeced.exports.aio import DEFAULT_THREADS, IoQueue
 from fleeced.qmp import attach as vm
+from fleeced.qmp import handoff
 from fleeced.qmp.agent import GuestAgent
 from fleeced.qmp.monitor import Monitor
 from fleeced.state import StateDir, StateError
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 
 #: How often session health (broken snapshots) is checked, seconds.
 WATCH_INTERVAL = 0.25
+#: How often persistent bitmaps are synced to disk, seconds (also at every
+#: FLUSH, at detach and at shutdown).
+BITMAP_SYNC_INTERVAL = 30.0
 
 #: Why a session remembered from a daemon that died is broken.
 LOST_SESSION = ("the daemon stopped uncleanly while the session was active; its "
@@ -115,6 +120,7 @@ class Daemon:
         self.control: ControlServer | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
+        self._bitmap_task: asyncio.Task[None] | None = None
         # One lock per disk serializes the commands that change that disk's
         # sessions and attachment; commands on different disks never wait
         # for each other.
@@ -125,6 +131,8 @@ class Daemon:
         #: Sessions that were active when an earlier daemon died: reported
         #: broken until fleece-stop, never served.  Keyed by (disk, name).
         self.lost_sessions: dict[tuple[str, str], dict[str, Any]] = {}
+        #: Hand-off records without a state dir (see _handoff_record).
+        self._handoffs: dict[str, dict[str, Any]] = {}
         #: Disks added with disk-add (remembered in the state dir).
         self._runtime_disks: set[str] = set()
         #: Unix sockets of inherited (socket-activated) listeners.
@@ -152,7 +160,10 @@ class Daemon:
                     raise ValueError(str(exc)) from None
             for spec in self.config.disks:
                 self._open_disk(spec)
+            # Taken first: _restore_state re-syncs the document from memory.
+            remembered = list(self.state.state.bitmaps) if self.state is not None else []
             self._restore_state()
+            await self._restore_bitmaps(remembered)
             if self.state is not None:
                 await self.state.save()
             for disk_name, options in self.config.fleece:
@@ -164,6 +175,7 @@ class Daemon:
             await self._close_everything()
             raise
         self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+        self._bitmap_task = loop.create_task(self._sync_bitmaps_periodically())
         interval = systemd.watchdog_interval()
         if interval is not None:
             self._watchdog_task = loop.create_task(self._watchdog(interval))
@@ -203,14 +215,14 @@ class Daemon:
     async def _close_everything(self) -> None:
         """Orderly shutdown; every wait in it is bounded except the C workers'
         own I/O (the final join waits for operations already running)."""
-        for task in (self._watch_task, self._watchdog_task):
+        for task in (self._watch_task, self._watchdog_task, self._bitmap_task):
             if task is not None:
                 task.cancel()
                 try:
                     await task
                 except asyncio.CancelledError:
                     pass
-        self._watch_task = self._watchdog_task = None
+        self._watch_task = self._watchdog_task = self._bitmap_task = None
         if self.control is not None:
             await self.control.close()
             self.control = None
@@ -234,6 +246,12 @@ class Daemon:
         self._io.close()
         for disk in self.disks.values():
             disk.close()
+            # After the final flush: bits synced, checksum written, in-use
+            # cleared (C does it when the last reference goes).
+            for bm in list(disk.bitmaps.values()):
+                assert isinstance(bm, bmap.Bitmap)
+                bm.native.close(clean=True)
+            disk.bitmaps.clear()
         self.disks.clear()
         if self.state is not None:
             # An orderly stop ended the sessions; only lost ones stay listed.
@@ -331,6 +349,8 @@ class Daemon:
                 sessions.append({"disk": disk.name, "name": session.name,
                                  "export": session.export_name})
         st.sessions = sessions
+        kept = [r for r in st.bitmaps if r.get("disk") not in self.disks]
+        st.bitmaps = kept + [bm.record() for bm in self._all_bitmaps() if bm.persistent]
 
     async def _save_state(self) -> None:
         """Persist the state now.
@@ -379,14 +399,20 @@ class Daemon:
                 )
         return export_name
 
-    async def _start_session(self, disk: Disk, options: SessionOptions) -> Session:
-        """Start a session (the native open runs in a queue worker).
+    async def _start_session(self, disk: Disk, options: SessionOptions,
+                             since: bmap.Bitmap | None = None,
+                             new: bmap.Bitmap | None = None) -> Session:
+        """Start a session (the native open runs in a queue worker), with a
+        checkpoint when SINCE or NEW is given (see :meth:`cmd_fleece_start`).
 
         :raise CommandError: when the session cannot start.
         """
         export_name = self._check_new_session(disk, options)
         try:
-            session = await Session.start(disk, options, self._io)
+            session = await Session.start(
+                disk, options, self._io,
+                checkpoint_since=since.native if since is not None else None,
+                checkpoint_new=new.native if new is not None else None)
         except OSError as exc:
             raise CommandError(f"cannot start session: {exc.strerror or exc}") from None
         try:  # another disk may have taken the export name meanwhile
@@ -465,6 +491,13 @@ class Daemon:
             "vm-attach": self.cmd_vm_attach,
             "vm-detach": self.cmd_vm_detach,
             "query-attachments": self.cmd_query_attachments,
+            "bitmap-add": self.cmd_bitmap_add,
+            "bitmap-remove": self.cmd_bitmap_remove,
+            "bitmap-clear": self.cmd_bitmap_clear,
+            "bitmap-enable": self.cmd_bitmap_enable,
+            "bitmap-disable": self.cmd_bitmap_disable,
+            "bitmap-merge": self.cmd_bitmap_merge,
+            "query-bitmaps": self.cmd_query_bitmaps,
             "quit": self.cmd_quit,
             **(
                 {
@@ -498,15 +531,64 @@ class Daemon:
         return session
 
     async def cmd_fleece_start(self, args: dict[str, Any]) -> Any:
+        """Start a session; with ``checkpoint`` NEW (and ``since`` OLD) also a
+        checkpoint, the libvirt model: at the snapshot instant OLD's content
+        is frozen into the session (its scope, and ``qemu:dirty-bitmap:OLD``
+        on the snapshot export) and OLD stops recording, while NEW starts.
+        After a good backup remove OLD; after a failed one merge NEW into OLD.
+        """
         check_keys(args, {
             "disk", "name", "export", "cluster-size", "bitmap", "on-cbw-error",
             "cbw-timeout", "max-temp", "cache", "temp-dir", "read-only",
+            "checkpoint", "since",
         })
         disk = self._disk(args)
-        options = session_options_from_args({**self.config.session_defaults, **args})
+        session_args = {k: v for k, v in args.items() if k not in ("checkpoint", "since")}
+        options = session_options_from_args({**self.config.session_defaults, **session_args})
+        checkpoint = bmap.check_name(get(args, "checkpoint", str)) if "checkpoint" in args \
+            else None
+        since_name = get(args, "since", str) if "since" in args else None
+        if since_name is not None and checkpoint is None:
+            raise CommandError("since needs checkpoint (the bitmap that records from now)")
+        if since_name is not None and options.scope:
+            raise CommandError("bitmap and since both set the session's scope; give one")
         async with self._disk_locks[disk.name]:
-            session = await self._start_session(disk, options)
-        return {"export": session.export_name, "cluster-size": options.cluster_size}
+            since = None
+            if since_name is not None:
+                _, since = self._bitmap({"disk": disk.name, "name": since_name})
+            new = None
+            if checkpoint is not None:
+                self._check_new_session(disk, options)
+                new = await self._new_bitmap(
+                    disk, checkpoint, since.granularity if since else bmap.DEFAULT_GRANULARITY,
+                    persistent=self.state is not None)
+            try:
+                session = await self._start_session(disk, options, since, new)
+            except BaseException:
+                if new is not None:
+                    new.native.close(clean=False)
+                    await bmap.remove_file(new)
+                raise
+            if new is not None:
+                disk.bitmaps[new.name] = new
+            if since is not None:
+                since.enabled = False  # C detached it at the snapshot instant
+                frozen = session.native.frozen_bitmap()
+                assert frozen is not None
+                session.bitmaps[since.name] = bmap.Bitmap(
+                    disk.name, since.name, since.granularity, False, frozen,
+                    enabled=False, recovered=since.recovered)
+            await self._save_state_logged()
+        out: dict[str, Any] = {"export": session.export_name,
+                               "cluster-size": options.cluster_size}
+        if checkpoint is not None:
+            out["checkpoint"] = checkpoint
+        if since is not None:
+            out["since"] = since.name
+            frozen_bm = session.bitmaps[since.name]
+            assert isinstance(frozen_bm, bmap.Bitmap)
+            out["dirty-bytes"] = await asyncio.to_thread(frozen_bm.native.count)
+        return out
 
     async def cmd_fleece_stop(self, args: dict[str, Any]) -> Any:
         check_keys(args, {"disk", "name"})
@@ -603,6 +685,179 @@ class Daemon:
             ],
         }
 
+    # -- dirty bitmaps -----------------------------------------------------------
+
+    def _all_bitmaps(self) -> list[bmap.Bitmap]:
+        out = []
+        for disk in self.disks.values():
+            for bm in disk.bitmaps.values():
+                assert isinstance(bm, bmap.Bitmap)
+                out.append(bm)
+        return out
+
+    def _bitmap_dir(self) -> str | None:
+        return None if self.state is None else os.path.join(self.state.path, "bitmaps")
+
+    async def _restore_bitmaps(self, records: list[dict[str, Any]]) -> None:
+        """Reopen the persistent bitmaps of the served disks (a bitmap a dead
+        daemon had open comes back all dirty) and attach the enabled ones.
+        Records of disks not served now stay in the state document."""
+        directory = self._bitmap_dir()
+        if self.state is None or directory is None:
+            return
+        self.state.state.bitmaps = list(records)
+        for rec in records:
+            disk = self.disks.get(str(rec.get("disk")))
+            if disk is None:
+                continue  # the record stays for when the disk is served again
+            try:
+                bm = await bmap.load(directory, rec, disk.size)
+            except (OSError, KeyError, TypeError, ValueError) as exc:
+                log.error("bitmap %s of %s cannot be loaded (%s); it is dropped",
+                          rec.get("name"), disk.name, getattr(exc, "strerror", None) or exc)
+                continue
+            if bm.enabled:
+                await asyncio.to_thread(disk.file.attach_bitmap, bm.native)
+            disk.bitmaps[bm.name] = bm
+        self._sync_state()
+
+    async def _sync_bitmaps_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(BITMAP_SYNC_INTERVAL)
+            await bmap.sync([bm for bm in self._all_bitmaps() if bm.enabled])
+
+    def _bitmap(self, args: dict[str, Any], key: str = "name") -> tuple[Disk, bmap.Bitmap]:
+        disk = self._disk(args)
+        name = get(args, key, str)
+        bm = disk.bitmaps.get(name)
+        if bm is None:
+            raise CommandError(f"disk '{disk.name}' has no bitmap '{name}'", "DeviceNotFound")
+        assert isinstance(bm, bmap.Bitmap)
+        return disk, bm
+
+    async def _new_bitmap(self, disk: Disk, name: str, granularity: int,
+                          persistent: bool) -> bmap.Bitmap:
+        if name in disk.bitmaps:
+            raise CommandError(f"disk '{disk.name}' already has a bitmap '{name}'")
+        directory = self._bitmap_dir()
+        if persistent and directory is None:
+            raise CommandError("persistent bitmaps need a state dir (serve --state-dir DIR "
+                               "or --config); add a transient one instead")
+        return await bmap.create(directory if persistent else None, disk.name, name,
+                                 disk.size, granularity)
+
+    async def cmd_bitmap_add(self, args: dict[str, Any]) -> Any:
+        """A new dirty bitmap, recording from now on unless disabled."""
+        check_keys(args, {"disk", "name", "granularity", "persistent", "disabled"})
+        disk = self._disk(args)
+        name = bmap.check_name(get(args, "name", str))
+        granularity = bmap.check_granularity(get_size(args, "granularity",
+                                                      bmap.DEFAULT_GRANULARITY))
+        persistent = get(args, "persistent", bool, True)
+        disabled = get(args, "disabled", bool, False)
+        async with self._disk_locks[disk.name]:
+            bm = await self._new_bitmap(disk, name, granularity, persistent)
+            if not disabled:
+                try:
+                    await asyncio.to_thread(disk.file.attach_bitmap, bm.native)
+                except OSError as exc:
+                    bm.native.close(clean=False)
+                    await bmap.remove_file(bm)
+                    raise CommandError(f"cannot enable bitmap: {exc.strerror or exc}") from None
+            bm.enabled = not disabled
+            disk.bitmaps[name] = bm
+            await self._save_state_logged()
+        return await asyncio.to_thread(bm.describe)
+
+    async def cmd_bitmap_remove(self, args: dict[str, Any]) -> Any:
+        check_keys(args, {"disk", "name"})
+        disk, bm = self._bitmap(args)
+        async with self._disk_locks[disk.name]:
+            for session in disk.sessions.values():
+                if bm.name in session.bitmaps and session.bitmaps[bm.name] is bm:
+                    raise CommandError(f"bitmap '{bm.name}' is in use by session "
+                                       f"'{session.name}'")
+            if bm.enabled:
+                await asyncio.to_thread(disk.file.detach_bitmap, bm.native)
+            del disk.bitmaps[bm.name]
+            bm.native.close(clean=False)
+            await bmap.remove_file(bm)
+            await self._save_state_logged()
+        return {}
+
+    async def cmd_bitmap_clear(self, args: dict[str, Any]) -> Any:
+        check_keys(args, {"disk", "name"})
+        disk, bm = self._bitmap(args)
+        async with self._disk_locks[disk.name]:
+            await asyncio.to_thread(bm.native.clear)
+            bm.recovered = None
+        return {}
+
+    async def cmd_bitmap_enable(self, args: dict[str, Any]) -> Any:
+        check_keys(args, {"disk", "name"})
+        disk, bm = self._bitmap(args)
+        async with self._disk_locks[disk.name]:
+            if not bm.enabled:
+                await asyncio.to_thread(disk.file.attach_bitmap, bm.native)
+                bm.enabled = True
+                await self._save_state_logged()
+        return {}
+
+    async def cmd_bitmap_disable(self, args: dict[str, Any]) -> Any:
+        check_keys(args, {"disk", "name"})
+        disk, bm = self._bitmap(args)
+        async with self._disk_locks[disk.name]:
+            if bm.enabled:
+                await asyncio.to_thread(disk.file.detach_bitmap, bm.native)
+                bm.enabled = False
+                await self._save_state_logged()
+        return {}
+
+    async def cmd_bitmap_merge(self, args: dict[str, Any]) -> Any:
+        """TARGET |= each of SOURCES (same granularity), e.g. NEW into OLD after
+        a failed backup so nothing is lost between attempts."""
+        check_keys(args, {"disk", "target", "sources"})
+        disk, target = self._bitmap(args, "target")
+        names = get(args, "sources", list)
+        if not names or not all(isinstance(n, str) for n in names):
+            raise CommandError("sources must be a non-empty list of bitmap names")
+        sources = []
+        for name in names:
+            src = disk.bitmaps.get(name)
+            if src is None:
+                raise CommandError(f"disk '{disk.name}' has no bitmap '{name}'",
+                                   "DeviceNotFound")
+            assert isinstance(src, bmap.Bitmap)
+            if src.granularity != target.granularity:
+                raise CommandError(f"bitmap '{name}' has granularity {src.granularity}, "
+                                   f"'{target.name}' {target.granularity}: cannot merge")
+            sources.append(src)
+        async with self._disk_locks[disk.name]:
+            for src in sources:
+                await asyncio.to_thread(target.native.merge_from, src.native)
+                if src.recovered and not target.recovered:
+                    target.recovered = src.recovered
+        return await asyncio.to_thread(target.describe)
+
+    async def cmd_query_bitmaps(self, args: dict[str, Any]) -> Any:
+        check_keys(args, {"disk"})
+        wanted = get(args, "disk", str, None) if "disk" in args else None
+        if wanted is not None:
+            self._disk(args)
+        chosen = [bm for bm in self._all_bitmaps() if wanted is None or bm.disk == wanted]
+        # Counting walks every word of a mapped file: off the event loop.
+        return await asyncio.to_thread(lambda: [bm.describe() for bm in chosen])
+
+    async def _all_dirty(self, disk: Disk, reason: str) -> None:
+        """The daemon cannot know what changed on DISK: every enabled bitmap
+        goes all dirty, with REASON (never a silently wrong incremental)."""
+        for bm in disk.bitmaps.values():
+            assert isinstance(bm, bmap.Bitmap)
+            if bm.enabled:
+                await asyncio.to_thread(bm.native.set_all)
+                bm.recovered = reason
+        log.warning("disk %s: bitmaps set all dirty: %s", disk.name, reason)
+
     # -- disks at run time ------------------------------------------------------
 
     async def cmd_disk_add(self, args: dict[str, Any]) -> Any:
@@ -656,6 +911,10 @@ class Daemon:
             if sessions:
                 raise CommandError(f"disk '{name}' has sessions ({', '.join(sessions)}); "
                                    "fleece-stop them first")
+            if disk.bitmaps:
+                raise CommandError(f"disk '{name}' has dirty bitmaps "
+                                   f"({', '.join(sorted(disk.bitmaps))}); bitmap-remove "
+                                   "them first")
             await self.server.remove_export(name)
             del self.disks[name]
             del self.actives[name]
@@ -740,6 +999,9 @@ class Daemon:
                         await self._stop_session(disk, name)
                     await self._roll_back(att, exc, mon)
                     raise
+                # Writes now come through us: the VM's hand-off bitmap has
+                # stopped changing and holds what the detached period wrote.
+                await self._take_handoff(mon, disk, att)
             att.state = "attached"
             await self._save_state_logged()
         log.info("disk %s attached: %s %s now reads and writes through fleeced (%s)",
@@ -834,6 +1096,7 @@ class Daemon:
                 await self._flush_logged(disk, "before detach")
             try:
                 async with Monitor(att.qmp) as mon:
+                    await self._leave_handoff(mon, disk, att)
                     await vm.switch_back(mon, att)
             except CommandError as exc:
                 if not (force and exc.desc.startswith("cannot connect to QMP socket")):
@@ -844,9 +1107,98 @@ class Daemon:
             await self._save_state_logged()
             if not disk.read_only:
                 await self._flush_logged(disk, "after detach")
+            await bmap.sync([bm for bm in self._all_bitmaps() if bm.disk == disk.name])
         log.info("disk %s detached: %s %s is back on node %s", disk.name, att.qmp,
                  att.device, att.original)
         return {}
+
+    # -- dirty bitmaps across detached periods ----------------------------------
+
+    def _handoff_record(self, disk: str) -> dict[str, Any] | None:
+        if self.state is None:
+            return self._handoffs.get(disk)
+        for rec in self.state.state.handoffs:
+            if rec.get("disk") == disk:
+                return rec
+        return None
+
+    def _set_handoff_record(self, disk: str, rec: dict[str, Any] | None) -> None:
+        if self.state is None:
+            if rec is None:
+                self._handoffs.pop(disk, None)
+            else:
+                self._handoffs[disk] = rec
+            return
+        others = [r for r in self.state.state.handoffs if r.get("disk") != disk]
+        self.state.state.handoffs = others + ([rec] if rec is not None else [])
+
+    async def _leave_handoff(self, mon: Monitor, disk: Disk, att: vm.Attachment) -> None:
+        """Before switching back: a transient dirty bitmap on the VM's own node
+        records the writes that will bypass the daemon (read at the next
+        attach).  Without one, the next attach sets the bitmaps all dirty."""
+        enabled = [bm for bm in disk.bitmaps.values()
+                   if isinstance(bm, bmap.Bitmap) and bm.enabled]
+        if not enabled:
+            return
+        name = vm.node_name(disk.name).replace("fleeced-", "fleeced-handoff-", 1)
+        granularity = min(bm.granularity for bm in enabled)
+        try:
+            await handoff.add_handoff_bitmap(mon, att.original, name, granularity)
+        except (CommandError, ValueError) as exc:
+            log.error("disk %s: no hand-off bitmap in the VM (%s); its bitmaps go all "
+                      "dirty at the next attach", disk.name, getattr(exc, "desc", exc))
+            self._set_handoff_record(disk.name, None)
+            return
+        self._set_handoff_record(disk.name, {
+            "disk": disk.name, "qmp": att.qmp, "device": att.device, "node": att.original,
+            "bitmap": name, "granularity": granularity})
+
+    async def _take_handoff(self, mon: Monitor, disk: Disk, att: vm.Attachment) -> None:
+        """After the switch to the daemon: merge what the VM wrote while
+        detached into every enabled bitmap, or set them all dirty when that is
+        unknown (no hand-off, the VM restarted, QEMU's NBD server busy)."""
+        rec = self._handoff_record(disk.name)
+        self._set_handoff_record(disk.name, None)
+        enabled = [bm for bm in disk.bitmaps.values()
+                   if isinstance(bm, bmap.Bitmap) and bm.enabled]
+        if not enabled:
+            if rec is not None and rec.get("qmp") == att.qmp:
+                try:
+                    await handoff.remove_handoff_bitmap(mon, str(rec["node"]),
+                                                        str(rec["bitmap"]))
+                except CommandError as exc:
+                    log.warning("disk %s: stale hand-off bitmap not removed: %s",
+                                disk.name, exc.desc)
+            return
+        if rec is None:
+            await self._all_dirty(disk, "the VM may have written while the disk was not "
+                                  "attached, and no hand-off bitmap recorded it")
+            return
+        if rec.get("qmp") != att.qmp or rec.get("node") != att.original:
+            await self._all_dirty(disk, "attached to another VM or node than the one that "
+                                  "holds the hand-off bitmap")
+            return
+        try:
+            extents = await handoff.collect_handoff(
+                mon, att.original, str(rec["bitmap"]), disk.size, os.path.dirname(att.qmp))
+        except (CommandError, OSError, ValueError) as exc:
+            reason = (f"hand-off bitmap lost: {exc.reason}"
+                      if isinstance(exc, handoff.HandoffLost)
+                      else f"hand-off bitmap unreadable: {getattr(exc, 'desc', exc)}")
+            await self._all_dirty(disk, reason)
+            try:  # leave no stale bitmap in the VM
+                await handoff.remove_handoff_bitmap(mon, att.original, str(rec["bitmap"]))
+            except CommandError as again:
+                log.warning("disk %s: hand-off bitmap not removed: %s", disk.name, again.desc)
+            return
+        def merge() -> None:
+            for bm in enabled:
+                for off, length in extents:
+                    bm.native.set(off, length)
+
+        await asyncio.to_thread(merge)
+        log.info("disk %s: merged %d bytes written while detached into %d bitmap(s)",
+                 disk.name, sum(n for _, n in extents), len(enabled))
 
     async def _flush_logged(self, disk: Disk, when: str) -> None:
         try:

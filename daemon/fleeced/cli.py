@@ -206,6 +206,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="scope: preserve only these byte ranges")
     fs.add_argument("--read-only", action="store_true",
                     help="advertise the snapshot READ_ONLY (no discard)")
+    fs.add_argument("--checkpoint", metavar="NEW",
+                    help="also create dirty bitmap NEW, recording from the snapshot on")
+    fs.add_argument("--since", metavar="OLD",
+                    help="incremental: preserve and export only what bitmap OLD marks "
+                         "dirty (frozen at the snapshot; OLD stops recording)")
     fs.add_argument("--json", action="store_true")
     _control_option(fs)
     _session_options(fs)
@@ -269,6 +274,33 @@ def _parser() -> argparse.ArgumentParser:
     dkr = dksub.add_parser("remove", help="stop serving a disk")
     dkr.add_argument("name")
     _control_option(dkr)
+
+    bm = sub.add_parser("bitmap", help="dirty bitmaps for incremental backups")
+    bmsub = bm.add_subparsers(dest="bitmap_command", metavar="ACTION")
+    bma = bmsub.add_parser("add", help="a new dirty bitmap, recording from now")
+    bma.add_argument("disk")
+    bma.add_argument("name")
+    bma.add_argument("--granularity", type=_size, metavar="SIZE",
+                     help="bytes per bit, a power of two (default 64K)")
+    bma.add_argument("--transient", action="store_true",
+                     help="keep it in memory only (gone at restart)")
+    bma.add_argument("--disabled", action="store_true", help="do not record yet")
+    _control_option(bma)
+    for action, text in (("remove", "delete a bitmap"), ("clear", "mark every cluster clean"),
+                         ("enable", "start recording"), ("disable", "stop recording")):
+        bp = bmsub.add_parser(action, help=text)
+        bp.add_argument("disk")
+        bp.add_argument("name")
+        _control_option(bp)
+    bmm = bmsub.add_parser("merge", help="TARGET |= SOURCE... (same granularity)")
+    bmm.add_argument("disk")
+    bmm.add_argument("target")
+    bmm.add_argument("sources", nargs="+", metavar="SOURCE")
+    _control_option(bmm)
+    bml = bmsub.add_parser("list", help="bitmaps with their dirty bytes")
+    bml.add_argument("disk", nargs="?")
+    bml.add_argument("--json", action="store_true")
+    _control_option(bml)
 
     st = sub.add_parser("status", help="disks, exports and connection counts")
     _control_option(st)
@@ -354,6 +386,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error("--fleece needs a writable image (drop --read-only)")
     if args.command == "fleece" and args.fleece_command is None:
         parser.error("fleece needs an action: start, stop or list")
+    if args.command == "bitmap" and args.bitmap_command is None:
+        parser.error("bitmap needs an action: add, remove, clear, enable, disable, merge "
+                     "or list")
+    if args.command == "fleece" and getattr(args, "since", None) and not args.checkpoint:
+        parser.error("--since needs --checkpoint NEW")
     if args.command == "disk" and args.disk_command is None:
         parser.error("disk needs an action: add or remove")
     if args.command == "attach":
@@ -449,7 +486,7 @@ async def _client_command(args: argparse.Namespace, path: str) -> int:
     async with ControlClient.connect_to(path) as client:
         if args.command == "status":
             return await _status(client, args)
-        if args.command in ("attach", "detach", "backup-window", "disk"):
+        if args.command in ("attach", "detach", "backup-window", "disk", "bitmap"):
             from fleeced.vmcli import vm_command
 
             return await vm_command(client, args)
@@ -489,6 +526,10 @@ def _fleece_start_args(args: argparse.Namespace) -> dict[str, Any]:
         out["bitmap"] = extents
     if args.read_only:
         out["read-only"] = True
+    if args.checkpoint:
+        out["checkpoint"] = args.checkpoint
+    if args.since:
+        out["since"] = args.since
     out.update(_session_option_args(args))
     return out
 

@@ -1,7 +1,8 @@
 """Typed, policed access to the native data path (``fleeced._native``).
 
 This is the only module that imports the cffi module (``ffi``/``lib``); everything
-else goes through :class:`NativeFile` and :class:`NativeSession`.  Every input is
+else goes through :class:`NativeFile`, :class:`NativeSession` and
+:class:`NativeBitmap`.  Every input is
 checked here before the C call (types, non-negative, within the image), and C
 return codes (``0`` or ``-errno``) become :class:`OSError` with that errno.  C
 re-checks everything anyway.
@@ -14,9 +15,10 @@ so no Python thread is involved and the event loop never waits.  Only
 ``read_nowait`` and ``stats`` run on the loop: they never block on I/O or on a
 lock held across I/O.
 
-Lifetimes are C's business: files, sessions and sockets are reference counted
-in C, every queued operation holds a reference on its object, and ``close()``
-only gives up the owner's reference.  So a close may come at any time; the
+Lifetimes are C's business: files, sessions, bitmaps and sockets are reference
+counted in C, every queued operation holds a reference on its object (a queued
+session open pins its checkpoint bitmaps with references taken here), and
+``close()`` only gives up the owner's reference.  So a close may come at any time; the
 operations still queued keep the object alive and fail ``ESHUTDOWN``.
 
 Buffers are passed zero-copy with ``ffi.from_buffer``.  C never calls back into
@@ -43,11 +45,15 @@ from fleeced._native import ffi, lib
 __all__ = [
     "COPIED",
     "COPYING",
+    "EXT_DIRTY",
     "EXT_HOLE",
     "EXT_ZERO",
     "NEEDED",
     "NOT_NEEDED",
+    "RECOVERED_CORRUPT",
+    "RECOVERED_IN_USE",
     "ZERO",
+    "NativeBitmap",
     "NativeFile",
     "NativeSession",
     "SessionParams",
@@ -61,11 +67,21 @@ COPIED: Final[int] = int(lib.FL_COPIED)
 ZERO: Final[int] = int(lib.FL_ZERO)
 EXT_HOLE: Final[int] = int(lib.FL_EXT_HOLE)
 EXT_ZERO: Final[int] = int(lib.FL_EXT_ZERO)
+EXT_DIRTY: Final[int] = int(lib.FL_EXT_DIRTY)
+
+#: ``recovered`` values of :meth:`NativeBitmap.open` (both load all dirty):
+#: the file was left in use (the daemon died with it open), or its checksum or
+#: length was wrong.
+RECOVERED_IN_USE: Final[int] = 1
+RECOVERED_CORRUPT: Final[int] = 2
 
 #: Upper bound on one extents() answer, so allocation never follows the caller.
 MAX_EXTENTS: Final[int] = 1 << 20
 _CLUSTER_MIN: Final[int] = 4096
 _CLUSTER_MAX: Final[int] = 16 << 20
+_GRANULARITY_MIN: Final[int] = 512
+_GRANULARITY_MAX: Final[int] = 1 << 30
+_I64_MAX: Final[int] = (1 << 63) - 1
 _U64_MAX: Final[int] = (1 << 64) - 1
 
 Buffer = bytes | bytearray | memoryview
@@ -320,6 +336,35 @@ class NativeFile:
         o, n = _range(off, length, self._size)
         return _extents(lib.fl_file_extents, h, o, n, max_extents)
 
+    def attach_bitmap(self, bitmap: NativeBitmap) -> None:
+        """Start recording guest writes into BITMAP.
+
+        Every later write, write-zeroes and trim that changes data marks it
+        before it completes.  Blocks until guest writes in flight are done (run
+        it through ``asyncio.to_thread``).  The file holds its own reference on
+        the bitmap until :meth:`detach_bitmap` or its own close.
+
+        :raise TypeError: when BITMAP is not a :class:`NativeBitmap`.
+        :raise OSError: ``EINVAL`` when the sizes differ, ``EEXIST`` when already
+            attached, ``EBADF`` when either is closed.
+        """
+        if not isinstance(bitmap, NativeBitmap):
+            raise TypeError(f"bitmap must be NativeBitmap, not {type(bitmap).__name__}")
+        h = self._handle()
+        if bitmap.size != self._size:
+            raise _einval(f"bitmap size {bitmap.size} != file size {self._size}")
+        _check(lib.fl_file_bitmap_attach(h, bitmap._handle()))
+
+    def detach_bitmap(self, bitmap: NativeBitmap) -> None:
+        """Stop recording into BITMAP (it keeps its bits).  Blocks like :meth:`attach_bitmap`.
+
+        :raise TypeError: when BITMAP is not a :class:`NativeBitmap`.
+        :raise OSError: ``ENOENT`` when it is not attached, ``EBADF`` closed.
+        """
+        if not isinstance(bitmap, NativeBitmap):
+            raise TypeError(f"bitmap must be NativeBitmap, not {type(bitmap).__name__}")
+        _check(lib.fl_file_bitmap_detach(self._handle(), bitmap._handle()))
+
     def close(self) -> None:
         """Close the file, closing its remaining sessions first.  Idempotent.
 
@@ -361,6 +406,12 @@ class SessionParams:
         breaking the snapshot.
     :ivar scope: ``(offset, length)`` byte ranges; if any, only clusters they
         touch are preserved and readable.
+    :ivar checkpoint_since: OLD: at the snapshot instant its bits are frozen into
+        the session (:meth:`NativeSession.frozen_bitmap`), the scope becomes the
+        clusters touching its dirty granules (``scope`` must then be empty), and
+        it is detached from the file if attached.
+    :ivar checkpoint_new: NEW: cleared and attached to the file at that same
+        instant.  Neither is kept by the session.
     """
 
     cluster_size: int = 65536
@@ -370,6 +421,8 @@ class SessionParams:
     cbw_timeout: float = 45.0
     break_guest_write: bool = False
     scope: tuple[tuple[int, int], ...] = ()
+    checkpoint_since: NativeBitmap | None = None
+    checkpoint_new: NativeBitmap | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,6 +500,22 @@ def _params_struct(file: NativeFile, p: SessionParams) -> tuple[Any, list[Any]]:
         st.scope_off = so
         st.scope_len = sl
         st.n_scope = len(offs)
+    since, new = p.checkpoint_since, p.checkpoint_new
+    for name, bm in (("checkpoint_since", since), ("checkpoint_new", new)):
+        if bm is not None and not isinstance(bm, NativeBitmap):
+            raise TypeError(f"{name} must be NativeBitmap or None")
+        if bm is not None and bm.size != file.size:
+            raise _einval(f"{name} size {bm.size} != file size {file.size}")
+    if since is not None and offs:
+        raise _einval("checkpoint_since and scope are exclusive")
+    if since is not None and since is new:
+        raise _einval("checkpoint_since and checkpoint_new are the same bitmap")
+    if since is not None:
+        st.checkpoint_since = pin = since._pin()
+        keep.append(pin)
+    if new is not None:
+        st.checkpoint_new = pin = new._pin()
+        keep.append(pin)
     return st, keep
 
 
@@ -536,6 +605,22 @@ class NativeSession:
         o, n = _range(off, length, self._size)
         return _extents(lib.fl_session_extents, h, o, n, max_extents)
 
+    def frozen_bitmap(self) -> NativeBitmap | None:
+        """The bits of ``checkpoint_since`` at the snapshot instant (never changes).
+
+        The result holds its own reference (:meth:`NativeBitmap.close` gives it
+        up), so it stays valid after the session closes.
+
+        :raise OSError: ``EBADF`` when closed.
+        :return: a transient bitmap, or ``None`` without ``checkpoint_since``.
+        """
+        out = ffi.new("fl_bitmap **")
+        rc = int(lib.fl_session_frozen_bitmap(self._handle(), out))
+        if rc == -errno.ENOENT:
+            return None
+        _check(rc)
+        return NativeBitmap(ffi.gc(out[0], lib.fl_bitmap_unref), owner=False)
+
     def stats(self) -> SessionStats:
         """Snapshot of the session's counters.
 
@@ -623,6 +708,211 @@ class NativeSession:
         self.close()
 
 
+def _close_unclean(h: Any) -> None:
+    """Garbage-collection finalizer of an owned bitmap: close, not clean."""
+    lib.fl_bitmap_close(h, 0)
+
+
+class NativeBitmap:
+    """A dirty bitmap of a disk: one bit per granule, transient or in a file.
+
+    Attached to a :class:`NativeFile` (:meth:`NativeFile.attach_bitmap`) it
+    records every guest write that changes data.  Methods are synchronous;
+    all but :meth:`open`, :meth:`sync` and :meth:`close` of a persistent
+    bitmap work in memory (a persistent bitmap's pages may still fault in).
+    Owned objects come from :meth:`open` and :meth:`copy`; the one of
+    :meth:`NativeSession.frozen_bitmap` only holds a reference.  An owned
+    bitmap that is garbage collected unclosed is closed *not clean*.
+    """
+
+    __slots__ = ("_h", "_size", "_granularity", "_owner", "__weakref__")
+
+    def __init__(self, handle: Any, *, owner: bool) -> None:
+        """Wrap an ``fl_bitmap *``; use :meth:`open` instead."""
+        self._h: Any = handle
+        self._size = int(lib.fl_bitmap_size(handle))
+        self._granularity = int(lib.fl_bitmap_granularity(handle))
+        self._owner = owner
+
+    @classmethod
+    def open(cls, path: str | None, size: int, granularity: int,
+             create: bool) -> tuple[NativeBitmap, int]:
+        """Open or create a bitmap for a disk of SIZE bytes.
+
+        :param path: the bitmap file, or ``None`` for a transient bitmap.
+        :param granularity: bytes per bit, a power of two from 512 B to 1 GiB.
+        :param create: create PATH (all clean; it must not exist) instead of
+            loading it.  Ignored for a transient bitmap.
+        :raise TypeError: on wrongly typed arguments.
+        :raise OSError: ``EINVAL`` bad granularity or size, or PATH is not a
+            bitmap of this size and granularity; ``EEXIST`` on create when PATH
+            exists; ``EBUSY`` when another open holds PATH; ``ENOENT`` and other
+            ``open(2)``/``mmap(2)`` errors.
+        :return: ``(bitmap, recovered)``; ``recovered`` is 0, or
+            :data:`RECOVERED_IN_USE` / :data:`RECOVERED_CORRUPT` when the file was
+            loaded all dirty.
+        """
+        if path is not None and not isinstance(path, str):
+            raise TypeError(f"path must be str or None, not {type(path).__name__}")
+        n = _uint("size", size)
+        g = _uint("granularity", granularity)
+        if n > _I64_MAX:
+            raise _einval(f"size={n}")
+        if g < _GRANULARITY_MIN or g > _GRANULARITY_MAX or g & (g - 1):
+            raise _einval(f"granularity={g}")
+        out = ffi.new("fl_bitmap **")
+        rec = ffi.new("int *")
+        cpath = ffi.NULL if path is None else os.fsencode(path)
+        _check(lib.fl_bitmap_open(cpath, n, g, int(bool(create)), out, rec))
+        return cls(ffi.gc(out[0], _close_unclean), owner=True), int(rec[0])
+
+    @property
+    def size(self) -> int:
+        """Size of the disk in bytes."""
+        return self._size
+
+    @property
+    def granularity(self) -> int:
+        """Bytes per bit."""
+        return self._granularity
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._h is None
+
+    def _handle(self) -> Any:
+        if self._h is None:
+            raise _closed()
+        return self._h
+
+    def _pin(self) -> Any:
+        """A new C reference on the bitmap, given up when the result is collected."""
+        h = self._handle()
+        lib.fl_bitmap_ref(h)
+        return ffi.gc(ffi.cast("fl_bitmap *", h), lib.fl_bitmap_unref)
+
+    def close(self, clean: bool = False) -> None:
+        """Give up this object's reference.  Idempotent.
+
+        For the owner of a persistent bitmap, CLEAN says how the file is put
+        away once the last reference goes (files it is still attached to keep
+        it alive and recording): clean = sync the bits, write the checksum and
+        clear the in-use flag; not clean = leave it in use, so the next
+        :meth:`open` loads it all dirty.  Clean-up I/O may run here.
+        """
+        if self._h is None:
+            return
+        h, self._h = self._h, None
+        ffi.gc(h, None)
+        if self._owner:
+            lib.fl_bitmap_close(h, int(bool(clean)))
+        else:
+            lib.fl_bitmap_unref(h)
+
+    def sync(self) -> None:
+        """``msync`` the bits of a persistent bitmap (no-op when transient); blocks.
+
+        :raise OSError: ``EBADF`` when closed, or the ``msync(2)`` error.
+        """
+        _check(lib.fl_bitmap_sync(self._handle()))
+
+    def set(self, off: int, length: int) -> None:
+        """Mark dirty every granule that ``[off, off+length)`` touches.
+
+        :raise OSError: ``EINVAL`` out of range, ``EBADF`` when closed.
+        """
+        h = self._handle()
+        o, n = _range(off, length, self._size)
+        _check(lib.fl_bitmap_set(h, o, n))
+
+    def reset(self, off: int, length: int) -> None:
+        """Mark clean every granule lying wholly inside ``[off, off+length)``.
+
+        The disk's short last granule counts as whole when the range reaches
+        the end; partly covered granules stay as they are.
+
+        :raise OSError: ``EINVAL`` out of range, ``EBADF`` when closed.
+        """
+        h = self._handle()
+        o, n = _range(off, length, self._size)
+        _check(lib.fl_bitmap_reset(h, o, n))
+
+    def clear(self) -> None:
+        """Mark everything clean.
+
+        :raise OSError: ``EBADF`` when closed.
+        """
+        lib.fl_bitmap_clear(self._handle())
+
+    def set_all(self) -> None:
+        """Mark everything dirty.
+
+        :raise OSError: ``EBADF`` when closed.
+        """
+        lib.fl_bitmap_set_all(self._handle())
+
+    def merge_from(self, other: NativeBitmap) -> None:
+        """OR OTHER's bits into this bitmap.
+
+        :raise TypeError: when OTHER is not a :class:`NativeBitmap`.
+        :raise OSError: ``EINVAL`` unless size and granularity match, ``EBADF``.
+        """
+        if not isinstance(other, NativeBitmap):
+            raise TypeError(f"other must be NativeBitmap, not {type(other).__name__}")
+        h, oh = self._handle(), other._handle()
+        if (other.size, other.granularity) != (self._size, self._granularity):
+            raise _einval("merge of bitmaps with different size or granularity")
+        _check(lib.fl_bitmap_merge(h, oh))
+
+    def copy(self) -> NativeBitmap:
+        """A new transient bitmap with the same geometry and bits (owned).
+
+        :raise OSError: ``ENOMEM``, ``EBADF`` when closed.
+        """
+        out = ffi.new("fl_bitmap **")
+        _check(lib.fl_bitmap_copy(self._handle(), out))
+        return NativeBitmap(ffi.gc(out[0], _close_unclean), owner=True)
+
+    def count(self) -> int:
+        """Dirty bytes (dirty granules times the granularity, the last one clamped).
+
+        :raise OSError: ``EBADF`` when closed.
+        """
+        # Pinned: the daemon may call this in a thread while the loop closes it.
+        return int(lib.fl_bitmap_count(self._pin()))
+
+    def extents(self, off: int, length: int,
+                max_extents: int = 1024) -> list[tuple[int, bool]]:
+        """Dirty map of ``[off, off+length)``, clamped to the disk end.
+
+        :param max_extents: at most this many extents (``1 .. MAX_EXTENTS``); the
+            answer then may end early.
+        :raise OSError: ``EINVAL`` when OFF is beyond the size or bad
+            ``max_extents``, ``EBADF`` when closed.
+        :return: contiguous ``(length, dirty)`` runs from OFF, neighbours
+            merged; at least one when ``off < size`` and ``length > 0``.
+        """
+        h = self._pin()  # may run in a thread while the loop closes this object
+        o = _uint("off", off)
+        n = _uint("length", length)
+        if o > self._size:
+            raise _einval(f"off={o} beyond size {self._size}")
+        return [(ln, bool(fl & EXT_DIRTY))
+                for ln, fl in _extents(lib.fl_bitmap_extents, h, o, n, max_extents)]
+
+    def __enter__(self) -> NativeBitmap:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(clean=exc_type is None)
+
+
 _alloc_uninit = ffi.new_allocator(should_clear_after_alloc=False)
 
 #: Operation kinds of :class:`NativeQueue` (``FL_OP_*``).
@@ -634,6 +924,7 @@ OP_SNAP_DISCARD: int = lib.FL_OP_SNAP_DISCARD
 OP_READ: int = lib.FL_OP_READ
 OP_WRITE: int = lib.FL_OP_WRITE
 OP_SNAP_READ: int = lib.FL_OP_SNAP_READ
+OP_SESSION_OPEN: int = lib.FL_OP_SESSION_OPEN
 
 #: Flags for :meth:`NativeQueue.submit` / :meth:`NativeQueue.submit_write`.
 FLAG_FUA: int = lib.FL_FUA

@@ -13,7 +13,9 @@ rather than pretend they never existed.  That is all this file holds:
   written *before* QEMU is switched over, so a crash between the two is
   found at restart;
 - ``sessions``: fleecing sessions that were active; after an unclean stop
-  they are reported broken (their temp store died with the process).
+  they are reported broken (their temp store died with the process);
+- ``bitmaps``: persistent dirty bitmaps (the bits are files in ``bitmaps/``);
+- ``handoffs``: dirty bitmaps left in VMs at detach, read back at attach.
 
 Design notes:
 
@@ -54,10 +56,15 @@ class State:
     disks: list[dict[str, Any]] = field(default_factory=list)
     attachments: list[dict[str, Any]] = field(default_factory=list)
     sessions: list[dict[str, Any]] = field(default_factory=list)
+    #: Persistent dirty bitmaps (their bits are files in ``bitmaps/``).
+    bitmaps: list[dict[str, Any]] = field(default_factory=list)
+    #: Hand-off bitmaps left in VMs at detach (read back at the next attach).
+    handoffs: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": VERSION, "disks": self.disks,
-                "attachments": self.attachments, "sessions": self.sessions}
+                "attachments": self.attachments, "sessions": self.sessions,
+                "bitmaps": self.bitmaps, "handoffs": self.handoffs}
 
     @classmethod
     def from_json(cls, doc: Any) -> State:
@@ -65,7 +72,7 @@ class State:
         if not isinstance(doc, dict) or doc.get("version") != VERSION:
             raise StateError(f"not a version {VERSION} state document")
         out = cls()
-        for key in ("disks", "attachments", "sessions"):
+        for key in ("disks", "attachments", "sessions", "bitmaps", "handoffs"):
             items = doc.get(key, [])
             if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
                 raise StateError(f"{key!r} must be a list of objects")

@@ -38,6 +38,8 @@ async def vm_command(client: Any, args: argparse.Namespace) -> int:
                                                                    if args.force else {})})
         print(f"{args.disk}: detached; the VM uses its own node again")
         return EXIT_OK
+    if args.command == "bitmap":
+        return await _bitmap_command(client, args)
     if args.command == "disk":
         if args.disk_command == "add":
             out = _disk_add_args(args)
@@ -48,6 +50,47 @@ async def vm_command(client: Any, args: argparse.Namespace) -> int:
             print(f"disk {args.name} removed")
         return EXIT_OK
     return await _backup_window(client, args)
+
+
+async def _bitmap_command(client: Any, args: argparse.Namespace) -> int:
+    action = args.bitmap_command
+    if action == "list":
+        items = await client.execute("query-bitmaps", {"disk": args.disk} if args.disk else {})
+        if args.json:
+            print(json.dumps(items, indent=2))
+        elif not items:
+            print("no dirty bitmaps")
+        else:
+            print(f"{'DISK':<12} {'NAME':<16} {'GRANULARITY':>11} {'DIRTY':>12} "
+                  f"{'RECORDING':<9} PERSISTENT")
+            for b in items:
+                print(f"{b['disk']:<12} {b['name']:<16} {b['granularity']:>11} "
+                      f"{b['dirty-bytes']:>12} {'yes' if b['recording'] else 'no':<9} "
+                      f"{'yes' if b['persistent'] else 'no'}")
+                if b.get("reason"):
+                    print(f"  all dirty: {b['reason']}")
+        return EXIT_OK
+    if action == "add":
+        out: dict[str, Any] = {"disk": args.disk, "name": args.name}
+        if args.granularity is not None:
+            out["granularity"] = args.granularity
+        if args.transient:
+            out["persistent"] = False
+        if args.disabled:
+            out["disabled"] = True
+        await client.execute("bitmap-add", out)
+        print(f"bitmap {args.name} on {args.disk} added")
+        return EXIT_OK
+    if action == "merge":
+        await client.execute("bitmap-merge", {"disk": args.disk, "target": args.target,
+                                              "sources": args.sources})
+        print(f"bitmap {args.target} on {args.disk}: merged {', '.join(args.sources)}")
+        return EXIT_OK
+    await client.execute(f"bitmap-{action}", {"disk": args.disk, "name": args.name})
+    done = {"remove": "removed", "clear": "cleared", "enable": "enabled",
+            "disable": "disabled"}[action]
+    print(f"bitmap {args.name} on {args.disk} {done}")
+    return EXIT_OK
 
 
 def _disk_add_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -15,13 +15,18 @@
  *               one fl_file.  Guest writes go through fl_file_* which run
  *               CBW for every attached session before touching the source.
  *   fl_sock     a connection socket queue workers may write replies to.
+ *   fl_bitmap   a dirty bitmap of a disk (transient, or persistent in a
+ *               file); attached to an fl_file it records guest writes.
  *
  * Lifetimes: every object is reference counted.  Open gives the caller
  * one reference, close gives it up; a queued or running queue operation
  * holds one on its object, and a session holds one on its file.  So an
  * object may be closed while operations on it are queued or running:
  * they keep it alive and fail -ESHUTDOWN when they start after the close.
- * The caller must not use its handle after close.
+ * The caller must not use its handle after close.  A bitmap is also held
+ * by every file it is attached to and by a session's frozen copy; a
+ * persistent bitmap's clean-up (see fl_bitmap_close) runs when its last
+ * reference goes.
  */
 #ifndef FLEECED_H
 #define FLEECED_H
@@ -31,6 +36,7 @@
 
 typedef struct fl_file fl_file;
 typedef struct fl_session fl_session;
+typedef struct fl_bitmap fl_bitmap;
 
 /* Flags for fl_file_write / fl_file_zero. */
 #define FL_FUA       1u  /* fdatasync after the write */
@@ -40,6 +46,8 @@ typedef struct fl_session fl_session;
 /* Extent flags (same values as NBD base:allocation). */
 #define FL_EXT_HOLE  1u
 #define FL_EXT_ZERO  2u
+/* Extent flag of fl_bitmap_extents (NBD qemu:dirty-bitmap). */
+#define FL_EXT_DIRTY 1u
 
 /* Cluster states of a session's map (cbw.c has the transitions). */
 #define FL_NOT_NEEDED 0  /* out of scope or discarded: never read */
@@ -75,18 +83,23 @@ int fl_file_read(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
  * would need the disk.  Safe to call from an event-loop thread. */
 int fl_file_read_nowait(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
                         int *is_hole);
-/* Guest write: runs CBW for every attached session, then pwrite. */
+/* Guest write: runs CBW for every attached session, then pwrite, then
+ * marks every attached bitmap (even when the pwrite failed). */
 int fl_file_write(fl_file *f, const uint8_t *buf, size_t len, uint64_t off,
                   unsigned flags);
 /* Guest write-zeroes: CBW, then FALLOC_FL_PUNCH_HOLE (with FL_MAY_TRIM) or
  * FALLOC_FL_ZERO_RANGE, falling back to writing zeros unless FL_FAST.
  * With FL_FAST it fails -ENOTSUP at once, before any CBW and without
  * touching the source, when an attached, unbroken session would have to
- * copy a cluster of the range (NEEDED or COPYING). */
+ * copy a cluster of the range (NEEDED or COPYING).  Marks the attached
+ * bitmaps after the I/O, unless it refused with FL_FAST. */
 int fl_file_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags);
-/* Guest trim: CBW, then punch hole.  Unsupported punch is ignored (0). */
+/* Guest trim: CBW, then punch hole, then mark the attached bitmaps.
+ * Unsupported punch is ignored (0) and marks nothing. */
 int fl_file_trim(fl_file *f, uint64_t off, uint64_t len);
-/* fdatasync.  Failures are sticky: after one failed fdatasync of F (a
+/* fdatasync, then msync every persistent bitmap attached to F (a bitmap
+ * msync failure does not fail the flush: the in-use rule covers it, and
+ * fl_bitmap_sync reports it).  Data sync failures are sticky: after one failed fdatasync of F (a
  * flush, or the FUA of a write/zero/trim), which returns its own -errno,
  * every later flush and every FUA on F fails -EIO until F is reopened. */
 int fl_file_flush(fl_file *f);
@@ -103,6 +116,80 @@ int fl_file_cache(fl_file *f, uint64_t off, uint64_t len);
  * from OFF; the last one may end before off+len when max is reached. */
 int fl_file_extents(fl_file *f, uint64_t off, uint64_t len,
                     uint64_t *lens, uint32_t *flags, size_t max, size_t *n);
+
+/* Attach bitmap B to F: from then on every guest write, write-zeroes and
+ * trim of F that changes data marks B before it returns (file.c has the
+ * ordering).  Takes F's session lock exclusive, so it waits for guest
+ * writes in flight (blocks) and B records exactly the writes that start
+ * after it.  F takes a reference on B until the detach or F's last
+ * reference.  -EINVAL when B's size differs from F's, -EEXIST when B is
+ * attached to F already. */
+int fl_file_bitmap_attach(fl_file *f, fl_bitmap *b);
+/* Detach B from F (waits for guest writes in flight; blocks): B records
+ * nothing more and keeps its bits; F drops its reference.  -ENOENT when B
+ * is not attached to F. */
+int fl_file_bitmap_detach(fl_file *f, fl_bitmap *b);
+
+/* ---- dirty bitmaps ---------------------------------------------------- */
+
+/* Open a bitmap of one bit per GRANULARITY bytes (a power of two, 512 B ..
+ * 1 GiB; the daemon's default is 64 KiB) of a disk of SIZE bytes; the
+ * last bit may cover a partial granule.  PATH NULL: transient, anonymous
+ * memory, all clean (CREATE ignored).  Else persistent in the file PATH
+ * (format and checksum: the notes in bitmap.c), mapped MAP_SHARED:
+ * CREATE = 1 creates it (0600, -EEXIST if it exists) all clean;
+ * CREATE = 0 opens an existing one, -EINVAL if it is not a bitmap file
+ * (short header, magic, version) or was made for another SIZE or
+ * GRANULARITY, -EBUSY if another open holds it (flock).  *RECOVERED (may
+ * be NULL) gets 0; or 1 when the file was left in use (the daemon died
+ * with it open) and 2 when its checksum or length is wrong: both load
+ * ALL DIRTY.  Before returning, open marks the file in use and syncs its
+ * header, so a crash from then on is detected.  -EINVAL bad granularity
+ * or SIZE > INT64_MAX; -ENOMEM when the bits do not fit in memory. */
+int fl_bitmap_open(const char *path, uint64_t size, uint64_t granularity,
+                   int create, fl_bitmap **out, int *recovered);
+/* Give up the owner's reference (see Lifetimes).  CLEAN records how a
+ * persistent bitmap is put away when its last reference goes (after the
+ * files it is attached to let go of it): clean = sync the bits, write the
+ * checksum, clear the in-use flag, sync the header; not clean = leave it
+ * in use (the next open loads it all dirty).  Then unmap and close. */
+void fl_bitmap_close(fl_bitmap *b, int clean);
+/* Take / give up an extra reference (not the owner's: unref records no
+ * CLEAN flag).  fl_session_frozen_bitmap hands out one. */
+void fl_bitmap_ref(fl_bitmap *b);
+void fl_bitmap_unref(fl_bitmap *b);
+uint64_t fl_bitmap_size(const fl_bitmap *b);
+uint64_t fl_bitmap_granularity(const fl_bitmap *b);
+/* msync(MS_SYNC) the bits of a persistent bitmap (the in-use flag stays
+ * set); 0 for a transient one.  Blocks on I/O. */
+int fl_bitmap_sync(fl_bitmap *b);
+/* Mark dirty every granule that [off, off+len) touches.  -EINVAL beyond
+ * the size; len 0 does nothing. */
+int fl_bitmap_set(fl_bitmap *b, uint64_t off, uint64_t len);
+/* Mark clean every granule that lies wholly inside [off, off+len) (the
+ * disk's partial last granule counts as whole when the range reaches the
+ * disk end); granules only partly covered stay as they are, so a reset
+ * never loses a write outside the range.  -EINVAL beyond the size. */
+int fl_bitmap_reset(fl_bitmap *b, uint64_t off, uint64_t len);
+/* All clean / all dirty. */
+void fl_bitmap_clear(fl_bitmap *b);
+void fl_bitmap_set_all(fl_bitmap *b);
+/* DST |= SRC; -EINVAL unless both have the same size and granularity. */
+int fl_bitmap_merge(fl_bitmap *dst, const fl_bitmap *src);
+/* *OUT = a new transient bitmap with SRC's geometry and bits. */
+int fl_bitmap_copy(const fl_bitmap *src, fl_bitmap **out);
+/* Dirty bytes: dirty granules times the granularity, the last granule
+ * clamped to the disk end. */
+uint64_t fl_bitmap_count(const fl_bitmap *b);
+/* Dirty map of [off, off+len), like fl_file_extents, except that the
+ * range is clamped to the disk end (-EINVAL only when OFF > size): runs
+ * from OFF, flags[i] FL_EXT_DIRTY or 0, equal neighbours merged, at most
+ * MAX; an in-range request (off < size, len > 0) gets at least one
+ * extent.  Never blocks on I/O for a transient bitmap; a persistent one
+ * may fault its pages in. */
+int fl_bitmap_extents(fl_bitmap *b, uint64_t off, uint64_t len,
+                      uint64_t *lens, uint32_t *flags, size_t max,
+                      size_t *n);
 
 /* ---- fleecing sessions ---------------------------------------------- */
 
@@ -122,6 +209,20 @@ struct fl_session_params {
     const uint64_t *scope_off;
     const uint64_t *scope_len;
     size_t n_scope;
+    /* Checkpoint (both optional, NULL = none; neither is kept by the
+     * session).  At the snapshot instant, between two guest writes:
+     * checkpoint_since (OLD): its bits are copied into the session's
+     *   frozen bitmap (fl_session_frozen_bitmap), the scope becomes
+     *   exactly the clusters that touch its dirty granules (n_scope must
+     *   be 0), and OLD is detached from the file if attached (it keeps
+     *   its bits and stops recording);
+     * checkpoint_new (NEW): cleared and attached to the file (just
+     *   cleared if attached already), so it records every write after
+     *   the snapshot.
+     * Both must have the file's size (-EINVAL) and differ from each
+     * other; on any error nothing was attached, detached or cleared. */
+    fl_bitmap *checkpoint_since;
+    fl_bitmap *checkpoint_new;
 };
 
 struct fl_session_stats {
@@ -170,6 +271,11 @@ int fl_session_extents(fl_session *s, uint64_t off, uint64_t len,
                        uint64_t *lens, uint32_t *flags, size_t max,
                        size_t *n);
 int fl_session_stats(fl_session *s, struct fl_session_stats *out);
+/* *OUT = the session's frozen bitmap (the bits of checkpoint_since at the
+ * snapshot instant; transient, never changes) with a new reference the
+ * caller gives up with fl_bitmap_unref.  -ENOENT when the session was
+ * opened without checkpoint_since. */
+int fl_session_frozen_bitmap(fl_session *s, fl_bitmap **out);
 /* Cluster state of the cluster containing OFF (FL_* state), for tests. */
 int fl_session_cluster_state(fl_session *s, uint64_t off, int *state);
 /* Test hook: every copy-before-write copy of S sleeps MS (0..60000)

@@ -106,6 +106,27 @@
  * fail -ESHUTDOWN when they run after the close.  The last reference
  * frees everything and drops the session's reference on its file.
  *
+ * Checkpoints (params checkpoint_since = OLD, checkpoint_new = NEW; the
+ * libvirt checkpoint model).  Everything fallible is done first, outside
+ * the file's lock: the frozen bitmap (a transient bitmap with OLD's
+ * geometry) is allocated, the state map starts all NOT_NEEDED.  Then,
+ * under the exclusive sessions_lock that attaches the session (no guest
+ * mutation in flight: they hold it shared across CBW, source I/O and
+ * their bitmap marks, see file.c), in this order: make room for NEW in
+ * the file's bitmap array (the only step that may fail, -ENOMEM, and it
+ * changes nothing visible), copy OLD's bits into the frozen bitmap, set
+ * NEEDED every cluster that touches a dirty run of it (cluster size and
+ * granularity may differ either way), detach OLD from the file if it was
+ * attached, clear NEW and attach it if it was not, link the session.  So
+ * every guest write acknowledged before the open returned is in the
+ * frozen copy (and its clusters are in scope), and every write that
+ * starts after it is in NEW: a consistent cut.  The work under the lock is
+ * a pass over OLD's words plus a memset per dirty run of the state map;
+ * OLD's reference, dropped by the detach, is given up after unlocking
+ * (its last drop may sync a persistent file).  The session holds the
+ * only reference on the frozen bitmap besides fl_session_frozen_bitmap
+ * takers; it never changes after the open.
+ *
  * Known race, by design: a snapshot read concurrent with a discard of the
  * same range may return zeros for it (the client asked for both at once).
  */
@@ -161,6 +182,7 @@ struct fl_session {
     int64_t timeout_ms;
     int policy;
     size_t n_buckets;          /* 0 when there is no cache */
+    fl_bitmap *frozen_bm;      /* checkpoint_since's bits, or NULL */
     unsigned n_copiers;        /* 0: copies run inline (no timeout) */
 
     fl_session *next;          /* guarded by file->sessions_lock */
@@ -822,6 +844,58 @@ static int check_params(const fl_file *f, const struct fl_session_params *p)
     for (size_t i = 0; i < p->n_scope; i++)
         if (fl__range_ok(p->scope_off[i], p->scope_len[i], f->size) < 0)
             return -EINVAL;
+    if (p->checkpoint_since != NULL &&
+        (p->n_scope > 0 || fl_bitmap_size(p->checkpoint_since) != f->size))
+        return -EINVAL;
+    if (p->checkpoint_new != NULL &&
+        (p->checkpoint_new == p->checkpoint_since ||
+         fl_bitmap_size(p->checkpoint_new) != f->size))
+        return -EINVAL;
+    return 0;
+}
+
+/* Checkpoint, under the exclusive sessions_lock (notes "Checkpoints"):
+ * returns 0, with *OLD_REF set to OLD when the file's reference on it
+ * must be dropped after unlocking, or -ENOMEM with nothing changed. */
+static int checkpoint_locked(fl_session *s, const struct fl_session_params *p,
+                             fl_bitmap **old_ref)
+{
+    fl_file *f = s->file;
+    fl_bitmap *nb = p->checkpoint_new;
+    int new_attached = nb != NULL && fl__file_bitmap_find(f, nb) >= 0;
+    long i;
+
+    *old_ref = NULL;
+    if (nb != NULL && !new_attached && fl__file_bitmap_reserve(f, 1) < 0)
+        return -ENOMEM;
+    if (p->checkpoint_since != NULL) {
+        uint64_t from = 0, b0, b1, prev = 0, needed = 0;
+
+        fl__bitmap_copy_bits(s->frozen_bm, p->checkpoint_since);
+        while (fl__bitmap_next_run(s->frozen_bm, from, &b0, &b1)) {
+            uint64_t c0 = b0 >> s->shift, c1 = ((b1 - 1) >> s->shift) + 1;
+            if (c0 < prev)
+                c0 = prev;     /* shares a cluster with the run before */
+            if (c0 < c1) {
+                memset(s->state + c0, FL_NEEDED, (size_t)(c1 - c0));
+                needed += c1 - c0;
+                prev = c1;
+            }
+            from = b1;
+        }
+        s->n_state[FL_NEEDED] = needed;
+        s->n_state[FL_NOT_NEEDED] = s->n_clusters - needed;
+        i = fl__file_bitmap_find(f, p->checkpoint_since);
+        if (i >= 0) {
+            fl__file_bitmap_remove(f, (size_t)i);
+            *old_ref = p->checkpoint_since;
+        }
+    }
+    if (nb != NULL) {
+        fl_bitmap_clear(nb);
+        if (!new_attached)
+            fl__file_bitmap_add(f, nb);
+    }
     return 0;
 }
 
@@ -829,6 +903,7 @@ int fl_session_open(fl_file *f, const struct fl_session_params *p,
                     fl_session **out)
 {
     pthread_condattr_t ca;
+    fl_bitmap *old_ref;
     fl_session *s;
     int rc;
 
@@ -864,7 +939,15 @@ int fl_session_open(fl_file *f, const struct fl_session_params *p,
         rc = -ENOMEM;
         goto err;
     }
-    if (p->n_scope == 0) {
+    if (p->checkpoint_since != NULL) {
+        /* The scope is set under the lock, from the frozen copy. */
+        memset(s->state, FL_NOT_NEEDED, (size_t)s->n_clusters);
+        rc = fl_bitmap_open(NULL, s->size,
+                            fl_bitmap_granularity(p->checkpoint_since), 0,
+                            &s->frozen_bm, NULL);
+        if (rc < 0)
+            goto err;
+    } else if (p->n_scope == 0) {
         memset(s->state, FL_NEEDED, (size_t)s->n_clusters);
     } else {
         memset(s->state, FL_NOT_NEEDED, (size_t)s->n_clusters);
@@ -929,20 +1012,44 @@ int fl_session_open(fl_file *f, const struct fl_session_params *p,
     }
 
     /* Attach with no guest write in flight: the snapshot point. */
-    fl__file_ref(f);
     pthread_rwlock_wrlock(&f->sessions_lock);
+    rc = checkpoint_locked(s, p, &old_ref);
+    if (rc < 0) {
+        pthread_rwlock_unlock(&f->sessions_lock);
+        goto err_started;
+    }
+    fl__file_ref(f);
     s->next = f->sessions;
     f->sessions = s;
     pthread_rwlock_unlock(&f->sessions_lock);
+    if (old_ref != NULL)
+        fl__bitmap_unref(old_ref);   /* the file's reference on OLD */
     *out = s;
     return 0;
 
+err_started:
+    if (s->n_copiers > 0) {
+        /* The copiers hold references: let them exit and free the rest.
+         * The session was never attached, so it takes no file reference
+         * with it: take one for its unref to give back. */
+        fl__file_ref(f);
+        __atomic_store_n(&s->closed, 1, __ATOMIC_RELEASE);
+        pthread_mutex_lock(&s->lock);
+        s->stopping = 1;
+        pthread_cond_broadcast(&s->work);
+        pthread_mutex_unlock(&s->lock);
+        fl__session_unref(s);
+        return rc;
+    }
+    pthread_cond_destroy(&s->work);
 err_sync:
     pthread_cond_destroy(&s->cond);
     pthread_mutex_destroy(&s->lock);
 err:
     if (s->temp_fd >= 0)
         close(s->temp_fd);
+    if (s->frozen_bm != NULL)
+        fl__bitmap_unref(s->frozen_bm);
     free(s->buckets);
     free(s->state);
     free(s);
@@ -963,6 +1070,8 @@ void fl__session_unref(fl_session *s)
     cache_free_all(s);
     free(s->buckets);
     free(s->state);
+    if (s->frozen_bm != NULL)
+        fl__bitmap_unref(s->frozen_bm);
     close(s->temp_fd);
     pthread_cond_destroy(&s->work);
     pthread_cond_destroy(&s->cond);
@@ -1249,6 +1358,17 @@ int fl_session_stats(fl_session *s, struct fl_session_stats *out)
     out->broken = s->broken;
     out->broken_errno = s->broken_errno;
     pthread_mutex_unlock(&s->lock);
+    return 0;
+}
+
+int fl_session_frozen_bitmap(fl_session *s, fl_bitmap **out)
+{
+    if (s == NULL || out == NULL)
+        return -EINVAL;
+    *out = s->frozen_bm;   /* immutable after open */
+    if (s->frozen_bm == NULL)
+        return -ENOENT;
+    fl__bitmap_ref(s->frozen_bm);
     return 0;
 }
 

@@ -30,13 +30,36 @@
  * - FL_FAST write-zeroes refuses (-ENOTSUP) before any CBW when a session
  *   would have to copy part of the range (fl__session_needs_copy): fast
  *   zeroing must not turn into a copy of GiBs or break a snapshot.
+ * - Dirty bitmaps: every guest mutation marks each attached bitmap
+ *   (fl__bitmap_mark: a load plus at most one atomic OR per 64 granules,
+ *   no lock of its own) AFTER its source I/O and before it returns, still
+ *   under the shared sessions_lock it took for CBW.  Why after:
+ *   (1) a checkpoint (cbw.c, exclusive sessions_lock) sees no guest
+ *   mutation in flight, so before or after would both give it a
+ *   consistent cut: every write acknowledged before it is in OLD, every
+ *   write after it in NEW; (2) but fl_bitmap_clear/reset run without the
+ *   file's lock, and with mark-before a clear landing between the mark
+ *   and the pwrite would lose a write that changes the data after the
+ *   clear; with mark-after, "data changed at time t" implies "bit set at
+ *   some time >= t", so a clear can only forget writes whose data landed
+ *   before it.  A failed or partial write still marks (over-approximation
+ *   is fine, a miss is not); only outcomes that touched nothing skip it:
+ *   FL_FAST zero refusing (-ENOTSUP), and a trim the filesystem cannot
+ *   punch (a successful no-op).  Crash safety comes from the bitmap's
+ *   in-use flag, not from the order of the mark and the write.
+ *   fl_file_flush msyncs the attached persistent bitmaps after the
+ *   fdatasync, outside the lock (it pins them with references first).
  * - Lifetime: reference counted (internal.h "Lifetimes").  fl_file_close
  *   gives up the owner's reference; sessions and queued operations keep
- *   the descriptor open until they are gone.
+ *   the descriptor open until they are gone.  The last reference drops
+ *   the attached bitmaps' references.
  * - No globals.
  *
  * Locks of an fl_file (internal.h has the fields):
- *   sessions_lock  rwlock: the session list (see internal.h)
+ *   sessions_lock  rwlock: the session list and the attached bitmaps
+ *                  (see internal.h); shared for guest mutations (CBW,
+ *                  source I/O, bitmap marks), exclusive for session
+ *                  open/close and bitmap attach/detach
  *   hook_lock      mutex: inject_flush_err, inject_flush_n (test hook);
  *                  never held across I/O
  *   flush_err is atomic, not locked.
@@ -136,6 +159,9 @@ void fl__file_unref(fl_file *f)
 {
     if (__atomic_sub_fetch(&f->refs, 1, __ATOMIC_ACQ_REL) != 0)
         return;
+    for (size_t i = 0; i < f->n_bitmaps; i++)
+        fl__bitmap_unref(f->bitmaps[i]);
+    free(f->bitmaps);
     pthread_mutex_destroy(&f->hook_lock);
     pthread_rwlock_destroy(&f->sessions_lock);
     close(f->fd);
@@ -246,6 +272,13 @@ static int begin_guest_write(fl_file *f, uint64_t off, uint64_t len,
     return 0;
 }
 
+/* Mark every attached bitmap; sessions_lock held shared (design notes). */
+static void mark_bitmaps(fl_file *f, uint64_t off, uint64_t len)
+{
+    for (size_t i = 0; i < f->n_bitmaps; i++)
+        fl__bitmap_mark(f->bitmaps[i], off, len);
+}
+
 static int check_mutation(fl_file *f, uint64_t off, uint64_t len)
 {
     int rc = fl__range_ok(off, len, f->size);
@@ -303,6 +336,7 @@ int fl_file_write(fl_file *f, const uint8_t *buf, size_t len, uint64_t off,
     if (rc < 0)
         return rc;
     rc = fl__full_pwrite(f->fd, buf, len, off);
+    mark_bitmaps(f, off, len);
     rc = fua(f, flags, rc);
     pthread_rwlock_unlock(&f->sessions_lock);
     return rc;
@@ -373,6 +407,8 @@ int fl_file_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags)
     if (rc < 0)
         return rc;
     rc = do_zero(f, off, len, flags);
+    if (!(rc == -ENOTSUP && (flags & FL_FAST)))   /* refused: untouched */
+        mark_bitmaps(f, off, len);
     rc = fua(f, flags, rc);
     pthread_rwlock_unlock(&f->sessions_lock);
     return rc;
@@ -391,14 +427,120 @@ int fl_file_trim(fl_file *f, uint64_t off, uint64_t len)
         return rc;
     rc = fl__punch(f->fd, off, len);
     if (rc < 0 && is_unsupported(-rc))
-        rc = 0;
+        rc = 0;                 /* nothing punched: nothing to mark */
+    else
+        mark_bitmaps(f, off, len);
     pthread_rwlock_unlock(&f->sessions_lock);
     return rc;
 }
 
+/* msync the attached persistent bitmaps, pinned under the shared lock and
+ * synced outside it (no lock across I/O).  Failures are left to
+ * fl_bitmap_sync callers: the in-use rule keeps a crash safe anyway. */
+static void sync_bitmaps(fl_file *f)
+{
+    fl_bitmap **pin;
+    size_t n;
+
+    pthread_rwlock_rdlock(&f->sessions_lock);
+    n = f->n_bitmaps;
+    pin = n > 0 ? malloc(n * sizeof(*pin)) : NULL;
+    if (pin == NULL) {
+        pthread_rwlock_unlock(&f->sessions_lock);
+        return;   /* none attached, or no memory: the next sync does it */
+    }
+    for (size_t i = 0; i < n; i++) {
+        pin[i] = f->bitmaps[i];
+        fl__bitmap_ref(pin[i]);
+    }
+    pthread_rwlock_unlock(&f->sessions_lock);
+    for (size_t i = 0; i < n; i++) {
+        (void)fl_bitmap_sync(pin[i]);
+        fl__bitmap_unref(pin[i]);
+    }
+    free(pin);
+}
+
 int fl_file_flush(fl_file *f)
 {
-    return sync_file(f);
+    int rc = sync_file(f);
+
+    sync_bitmaps(f);
+    return rc;
+}
+
+/* ---- dirty bitmaps (see the design notes) ---------------------------- */
+
+long fl__file_bitmap_find(const fl_file *f, const fl_bitmap *b)
+{
+    for (size_t i = 0; i < f->n_bitmaps; i++)
+        if (f->bitmaps[i] == b)
+            return (long)i;
+    return -1;
+}
+
+int fl__file_bitmap_reserve(fl_file *f, size_t n)
+{
+    size_t cap = f->cap_bitmaps;
+    fl_bitmap **nb;
+
+    if (f->n_bitmaps + n <= cap)
+        return 0;
+    while (cap < f->n_bitmaps + n)
+        cap = cap ? cap * 2 : 4;
+    nb = realloc(f->bitmaps, cap * sizeof(*nb));
+    if (nb == NULL)
+        return -ENOMEM;
+    f->bitmaps = nb;
+    f->cap_bitmaps = cap;
+    return 0;
+}
+
+void fl__file_bitmap_add(fl_file *f, fl_bitmap *b)
+{
+    fl__bitmap_ref(b);
+    f->bitmaps[f->n_bitmaps++] = b;
+}
+
+void fl__file_bitmap_remove(fl_file *f, size_t i)
+{
+    f->n_bitmaps--;
+    memmove(&f->bitmaps[i], &f->bitmaps[i + 1],
+            (f->n_bitmaps - i) * sizeof(*f->bitmaps));
+}
+
+int fl_file_bitmap_attach(fl_file *f, fl_bitmap *b)
+{
+    int rc;
+
+    if (f == NULL || b == NULL || fl_bitmap_size(b) != f->size)
+        return -EINVAL;
+    pthread_rwlock_wrlock(&f->sessions_lock);
+    if (fl__file_bitmap_find(f, b) >= 0)
+        rc = -EEXIST;
+    else
+        rc = fl__file_bitmap_reserve(f, 1);
+    if (rc == 0)
+        fl__file_bitmap_add(f, b);
+    pthread_rwlock_unlock(&f->sessions_lock);
+    return rc;
+}
+
+int fl_file_bitmap_detach(fl_file *f, fl_bitmap *b)
+{
+    long i;
+
+    if (f == NULL || b == NULL)
+        return -EINVAL;
+    pthread_rwlock_wrlock(&f->sessions_lock);
+    i = fl__file_bitmap_find(f, b);
+    if (i >= 0)
+        fl__file_bitmap_remove(f, (size_t)i);
+    pthread_rwlock_unlock(&f->sessions_lock);
+    if (i < 0)
+        return -ENOENT;
+    fl__bitmap_unref(b);   /* maybe the last: I/O, so outside the lock */
+    return 0;
 }
 
 int fl_file_flush_error(const fl_file *f)

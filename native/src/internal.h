@@ -1,4 +1,5 @@
-/* fleeced native data path: definitions shared by file.c, cbw.c and io.c.
+/* fleeced native data path: definitions shared by file.c, cbw.c, bitmap.c
+ * and io.c.
  *
  * Not part of the public API (fleeced.h) and never seen by cffi.
  *
@@ -21,6 +22,11 @@
  * reference on it from its start until it exits, after the close.  They
  * are detached: nobody joins them, so the last reference may be dropped
  * by a copier, which then frees the session (and maybe the file).
+ * Bitmaps (bitmap.c) are counted the same way: the owner, each file they
+ * are attached to (fl_file.bitmaps), a session's frozen copy, and
+ * fl_bitmap_ref takers.  A file drops its bitmap references when they are
+ * detached or when the file itself goes; the last one runs a persistent
+ * bitmap's clean-up, which does I/O, so it is never dropped under a lock.
  */
 #ifndef FLEECED_INTERNAL_H
 #define FLEECED_INTERNAL_H
@@ -44,6 +50,12 @@ struct fl_file {
      * session open/close hold it exclusive.  Writer-preferring. */
     pthread_rwlock_t sessions_lock;
     fl_session *sessions;   /* singly linked through fl_session.next */
+    /* Attached dirty bitmaps (one reference each), also guarded by
+     * sessions_lock: guest mutations read the array under the shared
+     * hold they already have, attach/detach/checkpoints change it under
+     * the exclusive one.  cap_bitmaps >= n_bitmaps entries allocated. */
+    fl_bitmap **bitmaps;
+    size_t n_bitmaps, cap_bitmaps;
     /* Positive errno of the first failed fdatasync, 0 while none.  Atomic:
      * set once by compare-and-swap, read without a lock (file.c notes). */
     int flush_err;
@@ -89,6 +101,33 @@ int fl__ext_add(struct fl__ext *e, uint64_t len, uint32_t flags);
  * Block devices and lseek errors report data.  Returns 1 when E filled. */
 int fl__fd_extents(int fd, int is_blk, uint64_t off, uint64_t len,
                    struct fl__ext *e);
+
+/* ---- bitmap.c --------------------------------------------------------- */
+
+void fl__bitmap_ref(fl_bitmap *b);
+/* The last unref runs the clean-up (I/O for a persistent bitmap): never
+ * call it with a lock held. */
+void fl__bitmap_unref(fl_bitmap *b);
+/* Hot path: mark every granule touching [off, off+len), which the caller
+ * has checked lies within the size.  Lock-free (atomic OR). */
+void fl__bitmap_mark(fl_bitmap *b, uint64_t off, uint64_t len);
+/* DST's bits = SRC's; same geometry (caller checked). */
+void fl__bitmap_copy_bits(fl_bitmap *dst, const fl_bitmap *src);
+/* The first dirty run at or after byte FROM (granule-aligned start, end
+ * clamped to the size): 1 and [*off, *end), or 0 when none. */
+int fl__bitmap_next_run(const fl_bitmap *b, uint64_t from, uint64_t *off,
+                        uint64_t *end);
+
+/* ---- file.c (call with f->sessions_lock held exclusive) --------------- */
+
+/* Index of B in F's attached bitmaps, or -1. */
+long fl__file_bitmap_find(const fl_file *f, const fl_bitmap *b);
+/* Make room for N more attached bitmaps: 0 or -ENOMEM (nothing changed). */
+int fl__file_bitmap_reserve(fl_file *f, size_t n);
+/* Append B (room reserved; not attached yet) and take a reference. */
+void fl__file_bitmap_add(fl_file *f, fl_bitmap *b);
+/* Remove the entry at I; the caller drops its reference after unlocking. */
+void fl__file_bitmap_remove(fl_file *f, size_t i);
 
 /* ---- cbw.c ---------------------------------------------------------- */
 

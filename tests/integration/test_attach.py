@@ -557,3 +557,61 @@ def test_a_qmp_socket_that_never_greets_times_out(
         assert qmp(d, "query-attachments") == []
     finally:
         mute.close()
+
+
+def _dirty(d: Daemon, bitmap: str) -> list[tuple[int, int]]:
+    import json
+
+    out = run(requires("nbdinfo"), f"--map=qemu:dirty-bitmap:{bitmap}", "--json", d.url("vda"))
+    return [(e["offset"], e["length"]) for e in json.loads(out.stdout) if e["type"] & 1]
+
+
+def test_bitmaps_cover_the_detached_period(
+        tmp_path: Path, start_daemon: Callable[..., Daemon], vms: Callable[..., Vm]) -> None:
+    """attach, write, detach, write while detached (HMP), re-attach: the
+    bitmap holds both sets of writes (the detached ones through QEMU's own
+    dirty bitmap, read back over QEMU's NBD server); the VM is left with no
+    hand-off bitmap, NBD server or export."""
+    image = tmp_path / "vda.img"
+    make_image(image, SIZE)
+    d = start_daemon(str(image), "-x", "vda", "--state-dir", str(tmp_path / "state"))
+    vm = vms(image)
+    attach(d, vm)
+    qmp(d, "bitmap-add", {"disk": "vda", "name": "b1"})
+    vm.write(0, 4096, 0x11)
+    proc = fleeced("detach", "vda", "--control", d.control)
+    assert proc.returncode == 0, proc.stderr
+    vm.write(5 * K64 + 100, 4096, 0x22)  # bypasses the daemon
+    attach(d, vm)
+    vm.write(9 * K64, 512, 0x33)
+    assert _dirty(d, "b1") == [(0, K64), (5 * K64, K64), (9 * K64, K64)]
+    b1 = qmp(d, "query-bitmaps")[0]  # type: ignore[index]
+    assert not b1["in-use-recovered"]
+    assert vm.execute("query-block-exports") == []
+    nodes = vm.execute("query-named-block-nodes", flat=True)
+    assert all(not n.get("dirty-bitmaps") for n in nodes), nodes
+    detach(d)
+
+
+def test_bitmaps_go_all_dirty_when_the_hand_off_is_lost(
+        tmp_path: Path, start_daemon: Callable[..., Daemon], vms: Callable[..., Vm]) -> None:
+    """The VM restarted while detached (its hand-off bitmap is gone): at the
+    next attach every bitmap is all dirty, with the reason, never silently
+    wrong."""
+    image = tmp_path / "vda.img"
+    make_image(image, SIZE)
+    d = start_daemon(str(image), "-x", "vda", "--state-dir", str(tmp_path / "state"))
+    vm = vms(image)
+    attach(d, vm)
+    qmp(d, "bitmap-add", {"disk": "vda", "name": "b1"})
+    detach(d)
+    vm.stop()
+    vm2 = vms(image)  # same QMP path layout, new process: no hand-off bitmap
+    vm2.write(K64, 4096, 0x44)
+    proc = fleeced("attach", "vda", "--qmp", vm2.qmp, "--device", "vda", "--control",
+                   d.control)
+    assert proc.returncode == 0, proc.stderr
+    b1 = qmp(d, "query-bitmaps")[0]  # type: ignore[index]
+    assert b1["in-use-recovered"] and b1["dirty-bytes"] == SIZE, b1
+    assert "hand-off" in b1["reason"] or "another VM" in b1["reason"], b1
+    detach(d)

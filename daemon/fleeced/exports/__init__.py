@@ -15,6 +15,7 @@ beyond :class:`~fleeced.nbd.ExportInfo`, nor asyncio servers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 from dataclasses import dataclass, field
@@ -91,7 +92,42 @@ class Export(Protocol):
 
     async def extents(self, offset: int, length: int) -> list[tuple[int, int]]: ...
 
+    async def context_extents(self, context: str, offset: int,
+                              length: int) -> list[tuple[int, int]]: ...
+
     def error_message(self, exc: OSError) -> str: ...
+
+
+class DirtyBitmap(Protocol):
+    """What an export needs from a dirty bitmap (see :mod:`fleeced.bitmaps`)."""
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]: ...
+
+
+#: Metadata contexts every export offers besides its dirty bitmaps.
+BASE_ALLOCATION = "base:allocation"
+ALLOCATION_DEPTH = "qemu:allocation-depth"
+DIRTY_BITMAP = "qemu:dirty-bitmap:"
+
+
+def allocation_depth(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``qemu:allocation-depth`` of a raw image from its ``base:allocation``
+    extents: 0 for a hole, 1 for data (what ``qemu-nbd -A`` reports for a
+    raw file), adjacent runs merged."""
+    out: list[tuple[int, int]] = []
+    for length, flags in extents:
+        depth = 0 if flags & datapath.EXT_HOLE else 1
+        if out and out[-1][1] == depth:
+            out[-1] = (out[-1][0] + length, depth)
+        else:
+            out.append((length, depth))
+    return out
+
+
+def bitmap_extents(bitmap: DirtyBitmap, offset: int, length: int) -> list[tuple[int, int]]:
+    """``qemu:dirty-bitmap:NAME`` extents: flag 1 = dirty (proto.md, QEMU's
+    "qemu" namespace)."""
+    return [(n, 1 if dirty else 0) for n, dirty in bitmap.extents(offset, length)]
 
 
 def image_export_name(path: str) -> str:
@@ -120,6 +156,9 @@ class Disk:
     discard: str = "ignore"
     description: str = ""
     sessions: dict[str, Session] = field(default_factory=dict)
+    #: Named dirty bitmaps (fleeced.bitmaps.Bitmap), served on the active
+    #: export as ``qemu:dirty-bitmap:NAME``.
+    bitmaps: dict[str, DirtyBitmap] = field(default_factory=dict)
 
     @classmethod
     def open(
@@ -162,14 +201,45 @@ class Disk:
 
 
 class _ExportBase:
-    """What every export has: its NBD description and its counters."""
+    """What every export has: its NBD description, its counters, and its
+    metadata contexts (``base:allocation``, ``qemu:allocation-depth`` and
+    one ``qemu:dirty-bitmap:NAME`` per bitmap, which may come and go)."""
 
     _info: ExportInfo
     _stats: ExportStats
 
     @property
     def info(self) -> ExportInfo:
+        contexts = (BASE_ALLOCATION, ALLOCATION_DEPTH,
+                    *(DIRTY_BITMAP + name for name in sorted(self._bitmaps())))
+        if contexts != self._info.meta_contexts:
+            self._info = dataclasses.replace(self._info, meta_contexts=contexts)
         return self._info
+
+    def _bitmaps(self) -> dict[str, DirtyBitmap]:
+        return {}
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+    async def context_extents(self, context: str, offset: int,
+                              length: int) -> list[tuple[int, int]]:
+        """Block status of one metadata context.
+
+        :raise OSError: EINVAL when the context went away since it was
+            negotiated (its bitmap was removed).
+        """
+        if context == BASE_ALLOCATION:
+            return await self.extents(offset, length)
+        if context == ALLOCATION_DEPTH:
+            return allocation_depth(await self.extents(offset, length))
+        if context.startswith(DIRTY_BITMAP):
+            bitmap = self._bitmaps().get(context[len(DIRTY_BITMAP):])
+            if bitmap is not None:
+                # A persistent bitmap is a mapped file: its pages may fault in,
+                # so not on the event loop (the C object is pinned meanwhile).
+                return await asyncio.to_thread(bitmap_extents, bitmap, offset, length)
+        raise OSError(errno.EINVAL, f"metadata context {context} is gone")
 
     @property
     def stats(self) -> ExportStats:
@@ -197,6 +267,9 @@ class ActiveExport(_ExportBase):
             # shared descriptor, so it covers writes from every connection.
             can_multi_conn=True,
         )
+
+    def _bitmaps(self) -> dict[str, DirtyBitmap]:
+        return self.disk.bitmaps
 
     async def read(self, offset: int, length: int) -> tuple[bytearray | memoryview, bool]:
         return await self._io.read(self.disk.file, offset, length)
@@ -278,16 +351,24 @@ class Session:
         self.export_name = options.export or f"{disk.name}@{options.name}"
         self.native = native
         self.temp_dir = temp_dir
+        #: The frozen bitmaps a checkpointed session serves on its snapshot
+        #: export (``--since OLD``: OLD's content at the snapshot instant).
+        self.bitmaps: dict[str, DirtyBitmap] = {}
         self.export = SnapshotExport(self, io)
         self.broken_reported = False
 
     @classmethod
-    async def start(cls, disk: Disk, options: SessionOptions, io: IoQueue) -> Session:
+    async def start(cls, disk: Disk, options: SessionOptions, io: IoQueue, *,
+                    checkpoint_since: datapath.NativeBitmap | None = None,
+                    checkpoint_new: datapath.NativeBitmap | None = None) -> Session:
         """Start a session in a queue worker; the snapshot is the disk as of then.
 
         The native open waits for guest writes in flight (the snapshot point),
         so it never runs on the event loop.
 
+        :param checkpoint_since: bitmap whose content becomes the session's
+            scope and exported dirty bitmap (it stops recording).
+        :param checkpoint_new: bitmap that starts recording at the snapshot.
         :raise TypeError: on wrongly typed options.
         :raise OSError: when the native session cannot be created
             (bad cluster size, unusable temp dir, ...).
@@ -301,6 +382,11 @@ class Session:
             cbw_timeout=options.cbw_timeout,
             break_guest_write=options.break_guest_write,
             scope=options.scope,
+            # A checkpoint: between two guest writes, C freezes SINCE into
+            # the session (its scope and its exported bitmap), stops it, and
+            # starts NEW recording.
+            checkpoint_since=checkpoint_since,
+            checkpoint_new=checkpoint_new,
         )
         native = await io.open_session(disk.file, params)
         return cls(disk, options, native, temp_dir, io)
@@ -342,6 +428,9 @@ class SnapshotExport(_ExportBase):
             can_fua=False,
             can_multi_conn=True,
         )
+
+    def _bitmaps(self) -> dict[str, DirtyBitmap]:
+        return self.session.bitmaps
 
     async def read(self, offset: int, length: int) -> tuple[bytearray | memoryview, bool]:
         return await self._io.read(self.session.native, offset, length)

@@ -87,6 +87,7 @@ __all__ = [
     "ClientEvent",
     "Ready",
     "BlockStatus",
+    "ReadData",
     "ReplyError",
     "Closed",
     "ServerProtocolError",
@@ -94,9 +95,9 @@ __all__ = [
 ]
 
 _U32_MAX: Final = 0xFFFFFFFF
-# The largest structured chunk we accept.  A BLOCK_STATUS chunk is the only one
-# with a payload we expect; QEMU caps its extents per reply far below this.
-_MAX_CHUNK: Final = MAX_PAYLOAD
+#: The largest structured chunk we accept: an OFFSET_DATA chunk of a maximum
+#: READ (its offset, then the data).  BLOCK_STATUS chunks are far smaller.
+_MAX_CHUNK: Final = MAX_PAYLOAD + 8
 _ERROR_BIT: Final = 1 << 15
 _EXTENT_PAIR: Final = struct.Struct(">II")
 _NO_FLAGS: Final = NbdCmdFlag(0)
@@ -188,11 +189,21 @@ class ReplyError:
 
 
 @dataclass(frozen=True, slots=True)
+class ReadData:
+    """A successful READ reply: every byte of ``[offset, offset+len(data))``,
+    holes (NBD_REPLY_TYPE_OFFSET_HOLE) as zeros."""
+
+    cookie: int
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Closed:
     """The server closed the connection after our NBD_OPT_ABORT or NBD_CMD_DISC."""
 
 
-ClientEvent = Ready | BlockStatus | ReplyError | Closed
+ClientEvent = Ready | BlockStatus | ReadData | ReplyError | Closed
 
 
 # ---------------------------------------------------------------------- state
@@ -219,13 +230,17 @@ _AWAITED: Final[dict[_State, NbdOpt]] = {
 
 @dataclass(slots=True)
 class _Pending:
-    """A BLOCK_STATUS request in flight and the chunks received for it so far."""
+    """A request in flight (BLOCK_STATUS, or READ with ``data``) and the chunks
+    received for it so far."""
 
     offset: int
     length: int
     req_one: bool
     chunks: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)
     error: ReplyError | None = None
+    #: READ only: the reply's bytes, and the bytes its chunks covered so far.
+    data: bytearray | None = None
+    covered: int = 0
 
 
 def _decode(raw: bytes, what: str) -> str:
@@ -591,6 +606,27 @@ class ClientConnection:
                                       offset, length))
         return cookie
 
+    def read(self, offset: int, length: int) -> int:
+        """Queue an NBD_CMD_READ; legal in transmission only.
+
+        :param length: 1 .. the server's maximum block size (32 MiB without one).
+        :return: the request's cookie (its :class:`ReadData` or
+            :class:`ReplyError` carries it).
+        :raise LocalProtocolError: outside transmission or the export, or too long.
+        """
+        if self._state is not _State.TRANSMISSION:
+            raise LocalProtocolError(f"read() in state {self._state.name}")
+        assert self._size is not None
+        limit = self._block_size[2] if self._block_size else MAX_PAYLOAD
+        if not 0 < length <= limit or offset < 0 or offset + length > self._size:
+            raise LocalProtocolError(f"read({offset}, {length}) outside the export of "
+                                     f"{self._size} bytes or over {limit} bytes")
+        cookie = self._next_cookie
+        self._next_cookie += 1
+        self._pending[cookie] = _Pending(offset, length, False, data=bytearray(length))
+        self._out.append(REQUEST.pack(REQUEST_MAGIC, 0, NbdCmd.READ, cookie, offset, length))
+        return cookie
+
     def disconnect(self) -> None:
         """Queue NBD_CMD_DISC; legal in transmission with nothing in flight.
 
@@ -649,7 +685,9 @@ class ClientConnection:
         # used for any other reply without payload -- an error -- and never in the
         # middle of a structured one.
         if error == 0:
-            raise ServerProtocolError("simple success reply to NBD_CMD_BLOCK_STATUS")
+            # Structured replies were negotiated: READ and BLOCK_STATUS replies
+            # with data MUST be structured (proto.md "Structured replies").
+            raise ServerProtocolError("simple success reply to a request with data")
         if pending.chunks or pending.error is not None:
             raise ServerProtocolError(f"simple reply in the middle of structured reply "
                                       f"{cookie}")
@@ -670,7 +708,10 @@ class ClientConnection:
             return NEED_DATA
         buf.skip(CHUNK_HEADER.size)
         payload = buf.take(length)
-        if rtype == NbdReplyType.BLOCK_STATUS:
+        if pending.data is not None and rtype in (NbdReplyType.OFFSET_DATA,
+                                                  NbdReplyType.OFFSET_HOLE):
+            self._read_chunk(pending, rtype, payload)
+        elif rtype == NbdReplyType.BLOCK_STATUS and pending.data is None:
             self._status_chunk(pending, payload)
         elif rtype & _ERROR_BIT:
             self._error_chunk(pending, cookie, rtype, payload)
@@ -681,12 +722,19 @@ class ClientConnection:
         else:
             # OFFSET_DATA / OFFSET_HOLE belong to READ; a non-error type we do not
             # know cannot be skipped safely (proto.md "Structured reply types").
-            raise ServerProtocolError(f"reply chunk type {rtype} to NBD_CMD_BLOCK_STATUS")
+            raise ServerProtocolError(f"reply chunk type {rtype} to this request")
         if not flags & NbdReplyFlag.DONE:
             return None
         del self._pending[cookie]
         if pending.error is not None:
             return pending.error
+        if pending.data is not None:
+            # proto.md "Structured reply chunk message": a successful READ's
+            # chunks cover every byte of the request exactly once.
+            if pending.covered != pending.length:
+                raise ServerProtocolError(f"READ reply {cookie} covered {pending.covered} "
+                                          f"of {pending.length} bytes")
+            return ReadData(cookie, pending.offset, bytes(pending.data))
         missing = [self._ids[i] for i in self._ids if i not in pending.chunks]
         if missing:
             # proto.md "NBD_REPLY_TYPE_BLOCK_STATUS": a successful block status
@@ -695,6 +743,33 @@ class ClientConnection:
                                       f"{', '.join(missing)}")
         extents = {self._ids[i]: chunk for i, chunk in pending.chunks.items()}
         return BlockStatus(cookie, pending.offset, pending.length, extents)
+
+    def _read_chunk(self, pending: _Pending, rtype: int, payload: bytes) -> None:
+        # proto.md "NBD_REPLY_TYPE_OFFSET_DATA": 64 bits offset, then data (at
+        # least one byte); "NBD_REPLY_TYPE_OFFSET_HOLE": 64 bits offset, 32 bits
+        # nonzero length.  Both MUST lie within the request, and chunks MUST
+        # NOT overlap (counted: the total must equal the request at DONE).
+        assert pending.data is not None
+        if rtype == NbdReplyType.OFFSET_DATA:
+            if len(payload) < 9:
+                raise ServerProtocolError(f"OFFSET_DATA chunk of {len(payload)} bytes")
+            (offset,) = struct.unpack_from(">Q", payload, 0)
+            length = len(payload) - 8
+        else:
+            if len(payload) != 12:
+                raise ServerProtocolError(f"OFFSET_HOLE chunk of {len(payload)} bytes")
+            offset, length = struct.unpack_from(">QI", payload, 0)
+            if length == 0:
+                raise ServerProtocolError("OFFSET_HOLE of length 0")
+        start = offset - pending.offset
+        if start < 0 or start + length > pending.length:
+            raise ServerProtocolError(f"READ chunk {offset}+{length} outside the request "
+                                      f"{pending.offset}+{pending.length}")
+        if rtype == NbdReplyType.OFFSET_DATA:
+            pending.data[start:start + length] = payload[8:]
+        pending.covered += length
+        if pending.covered > pending.length:
+            raise ServerProtocolError("READ chunks overlap")
 
     def _status_chunk(self, pending: _Pending, payload: bytes) -> None:
         # proto.md "NBD_REPLY_TYPE_BLOCK_STATUS": length MUST be 4 + (a positive

@@ -661,11 +661,11 @@ class NbdConnection(asyncio.Protocol):
         self._engine.reply_error(cmd.cookie, nbd_err, export.error_message(exc))
 
     async def _block_status(self, export: Export, cmd: Command) -> None:
+        """One chunk per negotiated context (proto.md "NBD_CMD_BLOCK_STATUS"):
+        at least one extent each, the first only with REQ_ONE."""
         replies = []
         for ctx_id, ctx_name in self._engine.meta_contexts.items():
-            if ctx_name != "base:allocation":
-                continue
-            extents = await export.extents(cmd.offset, cmd.length)
+            extents = await export.context_extents(ctx_name, cmd.offset, cmd.length)
             if cmd.flags & NbdCmdFlag.REQ_ONE:
                 extents = extents[:1]
             replies.append((ctx_id, extents))

@@ -1,0 +1,173 @@
+"""Dirty bitmaps of a disk: names, persistence, recovery (issue 8).
+
+The bits live in C (:class:`~fleeced.datapath.NativeBitmap`): every guest
+write, write-zeroes and trim through the active export marks the enabled
+bitmaps of its disk before it is acknowledged.  This module keeps the Python
+side: which bitmaps a disk has, where their files are, why one is all dirty.
+
+Rules:
+
+- **Persistent** bitmaps are files in ``<state dir>/bitmaps``; the state
+  document lists them.  C marks a file *in use* when it opens it and clears
+  that only after a clean close (bits synced, checksum written), so a
+  bitmap found in use at start-up belonged to a daemon that died: C sets
+  every bit and :attr:`Bitmap.recovered` says why.  The next incremental is
+  then a full read, never a silently wrong one.
+- Bits are made durable without a sync per guest write: at every FLUSH
+  (C), periodically, at detach and at shutdown.
+- **All dirty, with a reason**, is also the answer when the daemon cannot
+  know what changed: a VM wrote while detached and the hand-off bitmap is
+  gone, or QEMU's NBD server was busy.
+- Blocking calls (file creation, msync, attach/detach, which wait for guest
+  writes in flight) run in a thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, Final
+
+from fleeced.control.server import CommandError
+from fleeced.datapath import NativeBitmap
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRANULARITY: Final = 64 * 1024
+MIN_GRANULARITY: Final = 512
+MAX_GRANULARITY: Final = 1 << 30
+#: Bitmap names become part of ``qemu:dirty-bitmap:NAME`` (at most 4096 bytes).
+MAX_NAME: Final = 1023
+
+RECOVERED_CRASH: Final = ("the daemon stopped uncleanly while the bitmap was in use: "
+                          "every cluster is reported dirty")
+RECOVERED_CORRUPT: Final = "the bitmap file failed its checksum: every cluster is reported dirty"
+
+
+@dataclass(eq=False)
+class Bitmap:
+    """One named dirty bitmap of a disk."""
+
+    disk: str
+    name: str
+    granularity: int
+    persistent: bool
+    native: NativeBitmap
+    #: Recording (attached to the disk's guest write path).
+    enabled: bool = True
+    path: str | None = None
+    #: Why every bit is set (a crash, a lost hand-off, ...), until cleared.
+    recovered: str | None = None
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        out: list[tuple[int, bool]] = self.native.extents(offset, length)
+        return out
+
+    def record(self) -> dict[str, Any]:
+        """The state document's entry (persistent bitmaps only)."""
+        return {"disk": self.disk, "name": self.name, "granularity": self.granularity,
+                "enabled": self.enabled, "file": os.path.basename(self.path or "")}
+
+    def describe(self) -> dict[str, Any]:
+        """The ``query-bitmaps`` entry."""
+        out: dict[str, Any] = {
+            "disk": self.disk, "name": self.name, "granularity": self.granularity,
+            "dirty-bytes": self.native.count(), "persistent": self.persistent,
+            "recording": self.enabled, "in-use-recovered": self.recovered is not None,
+        }
+        if self.recovered is not None:
+            out["reason"] = self.recovered
+        return out
+
+
+def check_name(name: str) -> str:
+    """:raise CommandError: unless NAME can be a bitmap (and context) name."""
+    if not name or "\0" in name or len(name.encode()) > MAX_NAME:
+        raise CommandError(f"invalid bitmap name {name!r}")
+    return name
+
+
+def check_granularity(value: int) -> int:
+    """:raise CommandError: unless VALUE is a power of two in range."""
+    if not MIN_GRANULARITY <= value <= MAX_GRANULARITY or value & (value - 1):
+        raise CommandError(f"granularity {value} must be a power of two between "
+                           f"{MIN_GRANULARITY} and {MAX_GRANULARITY}")
+    return value
+
+
+def file_name(disk: str, name: str) -> str:
+    """``<disk>@<name>.fbm`` with both parts percent-encoded (no ``/``, no ``@``)."""
+    return (f"{urllib.parse.quote(disk, safe='')}@{urllib.parse.quote(name, safe='')}"
+            ".fbm")
+
+
+async def create(directory: str | None, disk: str, name: str, size: int,
+                 granularity: int) -> Bitmap:
+    """A new, clean bitmap: a file in DIRECTORY, or transient when None.
+
+    :raise CommandError: when the file cannot be created.
+    """
+    path = None
+    if directory is not None:
+        path = os.path.join(directory, file_name(disk, name))
+    try:
+        if directory is not None:
+            await asyncio.to_thread(os.makedirs, directory, 0o700, True)
+        native, _ = await asyncio.to_thread(NativeBitmap.open, path, size, granularity, True)
+    except OSError as exc:
+        raise CommandError(f"cannot create bitmap {name!r}: {exc.strerror or exc}") from None
+    return Bitmap(disk, name, granularity, path is not None, native, path=path)
+
+
+async def load(directory: str, rec: dict[str, Any], size: int) -> Bitmap:
+    """Reopen a persistent bitmap listed in the state document.
+
+    A missing file comes back all dirty (with the reason).
+
+    :raise OSError: when the file exists but does not fit the disk
+        (other size or granularity) or cannot be read.
+    :raise KeyError, TypeError: on a malformed record.
+    """
+    disk, name = str(rec["disk"]), str(rec["name"])
+    granularity = int(rec["granularity"])
+    path = os.path.join(directory, str(rec.get("file") or file_name(disk, name)))
+    reason = None
+    try:
+        native, recovered = await asyncio.to_thread(NativeBitmap.open, path, size,
+                                                    granularity, False)
+    except FileNotFoundError:
+        native, _ = await asyncio.to_thread(NativeBitmap.open, path, size, granularity, True)
+        native.set_all()
+        recovered = 0
+        reason = "the bitmap file was missing: every cluster is reported dirty"
+    if recovered == 1:
+        reason = RECOVERED_CRASH
+    elif recovered == 2:
+        reason = RECOVERED_CORRUPT
+    bm = Bitmap(disk, name, granularity, True, native, enabled=bool(rec.get("enabled", True)),
+                path=path, recovered=reason)
+    if reason:
+        log.warning("bitmap %s of %s: %s", name, disk, reason)
+    return bm
+
+
+async def sync(bitmaps: list[Bitmap]) -> None:
+    """msync the persistent ones (bits only; the in-use flag stays)."""
+    for bm in bitmaps:
+        if bm.persistent:
+            try:
+                await asyncio.to_thread(bm.native.sync)
+            except OSError as exc:
+                log.error("bitmap %s of %s: sync failed: %s", bm.name, bm.disk,
+                          exc.strerror or exc)
+
+
+async def remove_file(bm: Bitmap) -> None:
+    if bm.path is not None:
+        try:
+            await asyncio.to_thread(os.unlink, bm.path)
+        except FileNotFoundError:
+            pass

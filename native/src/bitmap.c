@@ -1,0 +1,612 @@
+/* fleeced native data path: dirty bitmaps (one bit per granule of a disk).
+ *
+ * Design notes:
+ * - A bitmap has one bit per GRANULARITY bytes (a power of two, 512 B ..
+ *   1 GiB) of a disk of SIZE bytes; the last bit may cover a partial
+ *   granule.  Bits live in 64-bit words, bit g in word g / 64 at position
+ *   g % 64.  Bits past the last granule are always 0 (every writer masks
+ *   them), so count and extents need no special case for them.
+ * - Transient bitmaps are anonymous memory.  Persistent ones are a file
+ *   mapped MAP_SHARED in one piece: a 4 KiB header, then the words.
+ *   Header (little-endian; this file refuses to build big-endian):
+ *       0  magic "FLDIRTY\0"        8 bytes
+ *       8  version = 1              u32
+ *      12  header size = 4096       u32
+ *      16  disk size in bytes       u64
+ *      24  granularity in bytes     u64
+ *      32  flags (bit 0 IN_USE)     u64   other bits must be 0
+ *      40  checksum of the words    u64   FNV-1a 64 over the word bytes
+ *      48  word bytes               u64   8 * ceil(granules / 64)
+ *      56  zero padding up to 4096
+ *   File size = 4096 + word bytes.  The checksum is only meaningful while
+ *   IN_USE is clear: it is written at the clean close, together with
+ *   clearing IN_USE.  FNV-1a 64 (offset 0xcbf29ce484222325, prime
+ *   0x100000001b3, byte at a time) is trivial to re-implement in a
+ *   checker and costs ~1 ms per MiB of bits, i.e. per 64 GiB of disk at
+ *   the default 64 KiB granularity, paid only at open and clean close.
+ * - In-use rule (correctness after a crash never depends on msync):
+ *   open sets IN_USE and msyncs the header (MS_SYNC) before returning.
+ *   A file found with IN_USE set (the daemon died with it open) loads all
+ *   dirty, *recovered = 1; a checksum mismatch or a wrong file length
+ *   (torn or truncated file, header intact) loads all dirty, *recovered =
+ *   2.  A short header, a bad magic/version/header size, a different disk
+ *   size or granularity, or unknown flags are -EINVAL: the file is not
+ *   ours to repair.  The clean close is: msync the words, write the
+ *   checksum, clear IN_USE, msync the header, unmap.  If the words' msync
+ *   fails, IN_USE stays set, so the next load is all dirty.
+ * - The file is fallocated at create and open, so storing into a mapped
+ *   page never hits ENOSPC (which would be SIGBUS).  An exclusive flock
+ *   (-EBUSY when taken) keeps two daemons off one file; something that
+ *   truncates the file behind our back can still make an access fault.
+ * - Lifetime: reference counted like fl_file (internal.h "Lifetimes").
+ *   Holders: the owner (open; fl_bitmap_close), each fl_file it is
+ *   attached to (file.c), a session's frozen copy (cbw.c), and any
+ *   fl_bitmap_ref taker (the Python boundary pins the bitmaps of a queued
+ *   session open that way).  fl_bitmap_close records the owner's clean
+ *   flag and drops its reference; whoever drops the last reference runs
+ *   the final clean-up with that flag.  Since attached files hold
+ *   references, the checksum is computed when no writer can set a bit.
+ * - No globals.
+ *
+ * Concurrency (no lock in this file; the hot path is a load and at most
+ * one atomic OR per 64 granules touched):
+ *   words[]     atomic per word.  Set: __atomic_fetch_or (skipped when the
+ *               bits are already set, to keep the cache line shared);
+ *               reset: __atomic_fetch_and; clear/set_all: __atomic_store.
+ *               Readers (count, extents, copy, merge's source, checksum)
+ *               use relaxed atomic loads: a reader concurrent with writers
+ *               sees each word either before or after each update, never
+ *               torn, but no snapshot across words.  A consistent cut of
+ *               an attached bitmap comes from the file's sessions_lock
+ *               held exclusive (cbw.c checkpoints), not from here.
+ *   refs        atomic (acq_rel on the last drop).
+ *   clean       atomic; written by fl_bitmap_close, read at the last unref.
+ *   everything else  immutable after open.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the bitmap file format is little-endian; add byte swapping first"
+#endif
+
+#define HDR_SIZE    ((uint64_t)4096)
+#define HDR_VERSION 1u
+#define GRAN_MIN    ((uint64_t)512)
+#define GRAN_MAX    ((uint64_t)1 << 30)
+#define F_IN_USE    ((uint64_t)1)
+#define FNV_OFFSET  0xcbf29ce484222325ull
+#define FNV_PRIME   0x100000001b3ull
+
+static const char MAGIC[8] = "FLDIRTY";   /* with its NUL: 8 bytes */
+
+struct hdr {                  /* the first 56 bytes of the file */
+    char magic[8];
+    uint32_t version, hdr_size;
+    uint64_t disk_size, granularity, flags, checksum, word_bytes;
+};
+
+struct fl_bitmap {
+    unsigned refs;            /* atomic; see "Lifetime" */
+    int clean;                /* atomic; the owner's close flag */
+    uint64_t size, gran, nbits, nwords;  /* immutable */
+    unsigned shift;           /* log2(gran), immutable */
+    int fd;                   /* persistent: the file; transient: -1 */
+    uint8_t *map;             /* the mapping (header + words, or words) */
+    size_t map_len;
+    uint64_t *words;          /* nwords atomic words */
+};
+
+/* ---- words ------------------------------------------------------------ */
+
+static inline uint64_t wload(const fl_bitmap *b, uint64_t i)
+{
+    return __atomic_load_n(&b->words[i], __ATOMIC_RELAXED);
+}
+
+/* Mask of the valid bits of word I (all but the tail word: all ones). */
+static inline uint64_t valid_mask(const fl_bitmap *b, uint64_t i)
+{
+    unsigned r = (unsigned)(b->nbits & 63);
+    return (i + 1 < b->nwords || r == 0) ? ~(uint64_t)0
+                                         : (((uint64_t)1 << r) - 1);
+}
+
+/* Bits [g0, g1) of word-aligned form: call FN(word index, mask). */
+#define FOR_BITS(b, g0, g1, STMT)                                           \
+    do {                                                                    \
+        uint64_t g_ = (g0);                                                 \
+        while (g_ < (g1)) {                                                 \
+            uint64_t wi = g_ >> 6, lo = g_ & 63;                            \
+            uint64_t hi = ((g1) - (wi << 6)) < 64 ? ((g1) - (wi << 6)) : 64;\
+            uint64_t mask = (hi == 64 ? ~(uint64_t)0                        \
+                                      : (((uint64_t)1 << hi) - 1)) &        \
+                            (~(uint64_t)0 << lo);                           \
+            STMT;                                                           \
+            g_ = (wi + 1) << 6;                                             \
+        }                                                                   \
+    } while (0)
+
+static void set_bits(fl_bitmap *b, uint64_t g0, uint64_t g1)
+{
+    FOR_BITS(b, g0, g1, {
+        if ((wload(b, wi) & mask) != mask)
+            __atomic_fetch_or(&b->words[wi], mask, __ATOMIC_RELAXED);
+    });
+}
+
+static void clear_bits(fl_bitmap *b, uint64_t g0, uint64_t g1)
+{
+    FOR_BITS(b, g0, g1, {
+        if ((wload(b, wi) & mask) != 0)
+            __atomic_fetch_and(&b->words[wi], ~mask, __ATOMIC_RELAXED);
+    });
+}
+
+static void fill(fl_bitmap *b, int ones)
+{
+    for (uint64_t i = 0; i < b->nwords; i++)
+        __atomic_store_n(&b->words[i], ones ? valid_mask(b, i) : 0,
+                         __ATOMIC_RELAXED);
+}
+
+/* First granule >= G (below nbits) whose bit equals BIT, else nbits. */
+static uint64_t find_bit(const fl_bitmap *b, uint64_t g, int bit)
+{
+    while (g < b->nbits) {
+        uint64_t wi = g >> 6;
+        uint64_t w = wload(b, wi);
+        if (!bit)
+            w = ~w & valid_mask(b, wi);
+        w &= ~(uint64_t)0 << (g & 63);
+        if (w != 0) {
+            uint64_t r = (wi << 6) + (uint64_t)__builtin_ctzll(w);
+            return r < b->nbits ? r : b->nbits;
+        }
+        g = (wi + 1) << 6;
+    }
+    return b->nbits;
+}
+
+static int get_bit(const fl_bitmap *b, uint64_t g)
+{
+    return (int)((wload(b, g >> 6) >> (g & 63)) & 1);
+}
+
+static uint64_t fnv1a(const fl_bitmap *b)
+{
+    uint64_t h = FNV_OFFSET;
+
+    for (uint64_t i = 0; i < b->nwords; i++) {
+        uint64_t w = wload(b, i);
+        for (int k = 0; k < 8; k++) {
+            h ^= (w >> (8 * k)) & 0xff;
+            h *= FNV_PRIME;
+        }
+    }
+    return h;
+}
+
+/* ---- persistence -------------------------------------------------------- */
+
+/* msync [off, off+len) of the mapping, widened to whole pages. */
+static int sync_range(fl_bitmap *b, size_t off, size_t len)
+{
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE), start = off & ~(pg - 1);
+
+    if (len == 0)
+        return 0;
+    if (msync(b->map + start, off + len - start, MS_SYNC) < 0)
+        return -errno;
+    return 0;
+}
+
+static int sync_words(fl_bitmap *b)
+{
+    return sync_range(b, (size_t)HDR_SIZE, (size_t)(b->nwords * 8));
+}
+
+static struct hdr *header(fl_bitmap *b)
+{
+    return (struct hdr *)(void *)b->map;
+}
+
+/* The last reference is gone: clean close (see the notes), unmap, free. */
+static void destroy(fl_bitmap *b)
+{
+    if (b->fd >= 0) {
+        if (__atomic_load_n(&b->clean, __ATOMIC_ACQUIRE) &&
+            sync_words(b) == 0) {
+            struct hdr *h = header(b);
+            h->checksum = fnv1a(b);
+            h->flags &= ~F_IN_USE;
+            (void)sync_range(b, 0, sizeof(*h));
+        }
+        close(b->fd);   /* drops the flock */
+    }
+    munmap(b->map, b->map_len);
+    free(b);
+}
+
+void fl__bitmap_ref(fl_bitmap *b)
+{
+    __atomic_add_fetch(&b->refs, 1, __ATOMIC_RELAXED);
+}
+
+void fl__bitmap_unref(fl_bitmap *b)
+{
+    if (__atomic_sub_fetch(&b->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        destroy(b);
+}
+
+/* Geometry of a bitmap of SIZE bytes at GRAN; -EINVAL or -ENOMEM. */
+static int geometry(fl_bitmap *b, uint64_t size, uint64_t gran)
+{
+    if (gran < GRAN_MIN || gran > GRAN_MAX || (gran & (gran - 1)) != 0 ||
+        size > (uint64_t)INT64_MAX)
+        return -EINVAL;
+    b->size = size;
+    b->gran = gran;
+    b->shift = (unsigned)__builtin_ctzll(gran);
+    b->nbits = (size >> b->shift) + ((size & (gran - 1)) != 0);
+    b->nwords = (b->nbits + 63) >> 6;
+    if (b->nwords > (SIZE_MAX - HDR_SIZE) / 8)
+        return -ENOMEM;
+    return 0;
+}
+
+static int map_file(fl_bitmap *b)
+{
+    void *m;
+
+    b->map_len = (size_t)(HDR_SIZE + b->nwords * 8);
+    m = mmap(NULL, b->map_len, PROT_READ | PROT_WRITE, MAP_SHARED, b->fd, 0);
+    if (m == MAP_FAILED)
+        return -errno;
+    b->map = m;
+    b->words = (uint64_t *)(void *)(b->map + HDR_SIZE);
+    return 0;
+}
+
+/* Allocate the file's blocks so stores into the mapping never fault. */
+static int reserve(int fd, uint64_t total)
+{
+    int rc = posix_fallocate(fd, 0, (off_t)total);
+
+    return (rc == 0 || rc == EOPNOTSUPP || rc == EINVAL) ? 0 : -rc;
+}
+
+static int create_file(fl_bitmap *b, const char *path)
+{
+    uint64_t total = HDR_SIZE + b->nwords * 8;
+    struct hdr *h;
+    int rc;
+
+    b->fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW,
+                 0600);
+    if (b->fd < 0)
+        return -errno;
+    if (flock(b->fd, LOCK_EX | LOCK_NB) < 0) {
+        rc = errno == EWOULDBLOCK ? -EBUSY : -errno;
+        goto err;
+    }
+    if (ftruncate(b->fd, (off_t)total) < 0) {
+        rc = -errno;
+        goto err;
+    }
+    rc = reserve(b->fd, total);
+    if (rc < 0)
+        goto err;
+    rc = map_file(b);
+    if (rc < 0)
+        goto err;
+    h = header(b);      /* the file is all zeros: bits clean */
+    memcpy(h->magic, MAGIC, sizeof(h->magic));
+    h->version = HDR_VERSION;
+    h->hdr_size = (uint32_t)HDR_SIZE;
+    h->disk_size = b->size;
+    h->granularity = b->gran;
+    h->word_bytes = b->nwords * 8;
+    h->checksum = fnv1a(b);
+    h->flags = F_IN_USE;
+    rc = sync_range(b, 0, (size_t)HDR_SIZE);
+    if (rc < 0) {
+        munmap(b->map, b->map_len);
+        goto err;
+    }
+    return 0;
+
+err:
+    close(b->fd);
+    unlink(path);
+    return rc;
+}
+
+static int load_file(fl_bitmap *b, const char *path, int *recovered)
+{
+    uint64_t total = HDR_SIZE + b->nwords * 8;
+    struct hdr h;
+    struct stat st;
+    int rc, rec = 0;
+
+    b->fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    if (b->fd < 0)
+        return -errno;
+    if (fstat(b->fd, &st) < 0) {
+        rc = -errno;
+        goto err;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        rc = -EINVAL;
+        goto err;
+    }
+    if (flock(b->fd, LOCK_EX | LOCK_NB) < 0) {
+        rc = errno == EWOULDBLOCK ? -EBUSY : -errno;
+        goto err;
+    }
+    rc = fl__full_pread(b->fd, &h, sizeof(h), 0);
+    if (rc < 0) {
+        rc = rc == -EIO ? -EINVAL : rc;   /* short file: not a bitmap */
+        goto err;
+    }
+    if (memcmp(h.magic, MAGIC, sizeof(h.magic)) != 0 ||
+        h.version != HDR_VERSION || h.hdr_size != HDR_SIZE ||
+        h.disk_size != b->size || h.granularity != b->gran ||
+        (h.flags & ~F_IN_USE) != 0 || h.word_bytes != b->nwords * 8 ||
+        (uint64_t)st.st_size < HDR_SIZE) {
+        rc = -EINVAL;
+        goto err;
+    }
+    if ((uint64_t)st.st_size != total) {  /* torn: repair the length */
+        if (ftruncate(b->fd, (off_t)total) < 0) {
+            rc = -errno;
+            goto err;
+        }
+        rec = 2;
+    }
+    rc = reserve(b->fd, total);
+    if (rc < 0)
+        goto err;
+    rc = map_file(b);
+    if (rc < 0)
+        goto err;
+    if (h.flags & F_IN_USE)
+        rec = 1;
+    else if (rec == 0 && fnv1a(b) != h.checksum)
+        rec = 2;
+    for (uint64_t i = 0; rec == 0 && i < b->nwords; i++)
+        if (wload(b, i) & ~valid_mask(b, i))
+            rec = 2;                        /* bits past the end: corrupt */
+    if (rec != 0)
+        fill(b, 1);
+    header(b)->flags |= F_IN_USE;
+    rc = sync_range(b, 0, (size_t)HDR_SIZE);
+    if (rc < 0) {
+        munmap(b->map, b->map_len);
+        goto err;
+    }
+    if (recovered != NULL)
+        *recovered = rec;
+    return 0;
+
+err:
+    close(b->fd);
+    return rc;
+}
+
+/* ---- public API ----------------------------------------------------------- */
+
+int fl_bitmap_open(const char *path, uint64_t size, uint64_t granularity,
+                   int create, fl_bitmap **out, int *recovered)
+{
+    fl_bitmap *b;
+    int rc;
+
+    if (out == NULL)
+        return -EINVAL;
+    *out = NULL;
+    if (recovered != NULL)
+        *recovered = 0;
+    b = calloc(1, sizeof(*b));
+    if (b == NULL)
+        return -ENOMEM;
+    rc = geometry(b, size, granularity);
+    if (rc < 0)
+        goto err;
+    b->refs = 1;
+    b->fd = -1;
+    if (path == NULL) {
+        void *m;
+        b->map_len = (size_t)(b->nwords > 0 ? b->nwords * 8 : 8);
+        m = mmap(NULL, b->map_len, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) {
+            rc = -errno;
+            goto err;
+        }
+        b->map = m;
+        b->words = m;
+    } else {
+        rc = create ? create_file(b, path) : load_file(b, path, recovered);
+        if (rc < 0)
+            goto err;
+    }
+    *out = b;
+    return 0;
+
+err:
+    free(b);
+    return rc;
+}
+
+void fl_bitmap_close(fl_bitmap *b, int clean)
+{
+    if (b == NULL)
+        return;
+    __atomic_store_n(&b->clean, clean != 0, __ATOMIC_RELEASE);
+    fl__bitmap_unref(b);
+}
+
+void fl_bitmap_ref(fl_bitmap *b)
+{
+    fl__bitmap_ref(b);
+}
+
+void fl_bitmap_unref(fl_bitmap *b)
+{
+    if (b != NULL)
+        fl__bitmap_unref(b);
+}
+
+uint64_t fl_bitmap_size(const fl_bitmap *b)
+{
+    return b->size;
+}
+
+uint64_t fl_bitmap_granularity(const fl_bitmap *b)
+{
+    return b->gran;
+}
+
+int fl_bitmap_sync(fl_bitmap *b)
+{
+    return b->fd >= 0 ? sync_words(b) : 0;
+}
+
+void fl__bitmap_mark(fl_bitmap *b, uint64_t off, uint64_t len)
+{
+    /* Callers checked off + len <= size (hot path: no re-check). */
+    if (len > 0)
+        set_bits(b, off >> b->shift, ((off + len - 1) >> b->shift) + 1);
+}
+
+int fl_bitmap_set(fl_bitmap *b, uint64_t off, uint64_t len)
+{
+    int rc = fl__range_ok(off, len, b->size);
+
+    if (rc == 0)
+        fl__bitmap_mark(b, off, len);
+    return rc;
+}
+
+int fl_bitmap_reset(fl_bitmap *b, uint64_t off, uint64_t len)
+{
+    int rc = fl__range_ok(off, len, b->size);
+    uint64_t end, g0, g1;
+
+    if (rc < 0 || len == 0)
+        return rc;
+    end = off + len;
+    g0 = (off >> b->shift) + ((off & (b->gran - 1)) != 0);
+    g1 = end == b->size ? b->nbits : end >> b->shift;
+    if (g0 < g1)
+        clear_bits(b, g0, g1);
+    return 0;
+}
+
+void fl_bitmap_clear(fl_bitmap *b)
+{
+    fill(b, 0);
+}
+
+void fl_bitmap_set_all(fl_bitmap *b)
+{
+    fill(b, 1);
+}
+
+int fl_bitmap_merge(fl_bitmap *dst, const fl_bitmap *src)
+{
+    if (dst == NULL || src == NULL || dst->size != src->size ||
+        dst->gran != src->gran)
+        return -EINVAL;
+    if (dst == src)
+        return 0;
+    for (uint64_t i = 0; i < dst->nwords; i++) {
+        uint64_t w = wload(src, i);
+        if ((w & ~wload(dst, i)) != 0)
+            __atomic_fetch_or(&dst->words[i], w, __ATOMIC_RELAXED);
+    }
+    return 0;
+}
+
+void fl__bitmap_copy_bits(fl_bitmap *dst, const fl_bitmap *src)
+{
+    for (uint64_t i = 0; i < dst->nwords; i++)
+        __atomic_store_n(&dst->words[i], wload(src, i), __ATOMIC_RELAXED);
+}
+
+int fl_bitmap_copy(const fl_bitmap *src, fl_bitmap **out)
+{
+    int rc;
+
+    if (src == NULL || out == NULL)
+        return -EINVAL;
+    rc = fl_bitmap_open(NULL, src->size, src->gran, 0, out, NULL);
+    if (rc == 0)
+        fl__bitmap_copy_bits(*out, src);
+    return rc;
+}
+
+uint64_t fl_bitmap_count(const fl_bitmap *b)
+{
+    uint64_t n = 0;
+
+    for (uint64_t i = 0; i < b->nwords; i++)
+        n += (uint64_t)__builtin_popcountll(wload(b, i));
+    n <<= b->shift;
+    /* The last granule is clamped to the disk end. */
+    if (b->nbits > 0 && get_bit(b, b->nbits - 1))
+        n -= (b->nbits << b->shift) - b->size;
+    return n;
+}
+
+int fl__bitmap_next_run(const fl_bitmap *b, uint64_t from, uint64_t *off,
+                        uint64_t *end)
+{
+    uint64_t g0, g1;
+
+    if (from >= b->size)
+        return 0;
+    g0 = find_bit(b, from >> b->shift, 1);
+    if (g0 >= b->nbits)
+        return 0;
+    g1 = find_bit(b, g0, 0);
+    *off = g0 << b->shift;
+    *end = g1 >= b->nbits ? b->size : g1 << b->shift;
+    return 1;
+}
+
+int fl_bitmap_extents(fl_bitmap *b, uint64_t off, uint64_t len,
+                      uint64_t *lens, uint32_t *flags, size_t max, size_t *n)
+{
+    struct fl__ext e = { lens, flags, max, 0 };
+    uint64_t end;
+
+    if (n == NULL || off > b->size)
+        return -EINVAL;
+    end = len > b->size - off ? b->size : off + len;  /* clamp */
+    if (end > off && (max == 0 || lens == NULL || flags == NULL))
+        return -EINVAL;
+    while (off < end) {
+        uint64_t g = off >> b->shift, stop;
+        int bit = get_bit(b, g);
+        uint64_t g1 = find_bit(b, g + 1, !bit);
+
+        stop = g1 >= b->nbits ? b->size : g1 << b->shift;
+        if (stop > end)
+            stop = end;
+        if (fl__ext_add(&e, stop - off, bit ? FL_EXT_DIRTY : 0))
+            break;
+        off = stop;
+    }
+    *n = e.n;
+    return 0;
+}
