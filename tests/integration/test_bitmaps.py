@@ -293,3 +293,65 @@ def test_allocation_depth(tmp_path: Path, start_daemon: Callable[..., Daemon]) -
         depth = [(e["offset"], e["length"], e["type"])
                  for e in nbd_map(d, "qemu:allocation-depth", export)]
         assert depth == [(0, G, 0), (G, G, 1), (2 * G, 2 * G, 0)], export
+
+
+def test_block_status_edges_with_libnbd(tmp_path: Path,
+                                        start_daemon: Callable[..., Daemon]) -> None:
+    """LIST_META_CONTEXT with the queries ``qemu:`` and ``qemu:dirty-bitmap:``;
+    REQ_ONE gives one extent; a 4 GiB - 1 request on a 5 GiB disk gets at
+    least one extent per context and progress; a request past the end is
+    EINVAL (proto.md "Error values", as qemu-nbd and nbdkit answer)."""
+    image = tmp_path / "big.img"
+    with open(image, "wb") as f:
+        f.truncate(5 << 30)
+    d = start_daemon(str(image), "-x", "disk")
+    qmp(d, "bitmap-add", {"disk": "disk", "name": "b1", "persistent": False})
+    qemu_io(d, f"write -P 7 {3 * G} 512", f"write -P 8 {(4 << 30) + G} 512")
+    script = tmp_path / "edges.py"
+    script.write_text(f"""
+import json, nbd
+url = {d.url("disk")!r}
+out = {{}}
+h = nbd.NBD()
+h.set_opt_mode(True)
+h.connect_uri(url)
+for query in ("qemu:", "qemu:dirty-bitmap:"):
+    h.clear_meta_contexts()
+    h.add_meta_context(query)
+    names = []
+    h.opt_list_meta_context(lambda name: names.append(name) or 0)
+    out[query] = names
+h.opt_abort()
+
+h = nbd.NBD()
+h.add_meta_context("base:allocation")
+h.add_meta_context("qemu:dirty-bitmap:b1")
+h.connect_uri(url)
+seen = {{}}
+def cb(ctx, off, entries, err):
+    seen.setdefault(ctx, []).append(entries)
+    return 0
+h.block_status(3 * {G}, 0, cb, flags=nbd.CMD_FLAG_REQ_ONE)
+out["req_one"] = seen
+seen = {{}}
+h.block_status((4 << 30) - 1, 0, cb)
+out["big"] = seen
+try:
+    h.block_status(2 * {G}, (5 << 30) - {G}, cb)
+    out["beyond"] = "ok"
+except nbd.Error as e:
+    out["beyond"] = e.errnum
+print(json.dumps(out))
+""")
+    res = json.loads(run(requires_libnbd_python(), str(script)).stdout)
+    assert res["qemu:"] == ["qemu:allocation-depth", "qemu:dirty-bitmap:b1"]
+    assert res["qemu:dirty-bitmap:"] == ["qemu:dirty-bitmap:b1"]
+    for ctx, calls in res["req_one"].items():
+        assert len(calls) == 1 and len(calls[0]) == 2, (ctx, calls)
+    b1 = res["big"]["qemu:dirty-bitmap:b1"][0]
+    pairs = list(zip(b1[::2], b1[1::2], strict=True))
+    assert pairs[:2] == [(3 * G, 0), (G, 1)] and sum(n for n, _ in pairs) >= 4 * G
+    assert res["big"]["base:allocation"][0]  # at least one extent
+    import errno
+
+    assert res["beyond"] == errno.EINVAL
