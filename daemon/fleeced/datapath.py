@@ -161,14 +161,33 @@ def _extents(
     return [(int(lens[i]), int(flags[i])) for i in range(n[0])]
 
 
-class NativeFile:
+class _Handle:
+    """A C object behind a cffi pointer; ``_h`` is ``None`` once closed."""
+
+    __slots__ = ("_h",)
+
+    _h: Any
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (a session also closes with its file)."""
+        return self._h is None
+
+    def _handle(self) -> Any:
+        """The pointer, or OSError(EBADF) once closed."""
+        if self._h is None:
+            raise _closed()
+        return self._h
+
+
+class NativeFile(_Handle):
     """A raw image (regular file or block device) behind the C data path.
 
     Guest writes through this object run copy-before-write for every open
     :class:`NativeSession` on it before touching the image.
     """
 
-    __slots__ = ("_h", "_size", "_readonly", "_sessions", "__weakref__")
+    __slots__ = ("_size", "_readonly", "_sessions", "__weakref__")
 
     def __init__(self, handle: Any, readonly: bool) -> None:
         """Wrap an ``fl_file *``; use :meth:`open` instead."""
@@ -204,15 +223,6 @@ class NativeFile:
         """Whether the file was opened read-only."""
         return self._readonly
 
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._h is None
-
-    def _handle(self) -> Any:
-        if self._h is None:
-            raise _closed()
-        return self._h
 
     def read(self, off: int, length: int) -> tuple[bytearray, bool]:
         """Read LENGTH bytes at OFF.
@@ -519,13 +529,13 @@ def _params_struct(file: NativeFile, p: SessionParams) -> tuple[Any, list[Any]]:
     return st, keep
 
 
-class NativeSession:
+class NativeSession(_Handle):
     """A fleecing (copy-before-write snapshot) session on a :class:`NativeFile`.
 
     The snapshot is the file's data as of :meth:`open` returning.
     """
 
-    __slots__ = ("_h", "_file", "_size", "__weakref__")
+    __slots__ = ("_file", "_size", "__weakref__")
 
     def __init__(self, handle: Any, file: NativeFile) -> None:
         """Wrap an ``fl_session *``; use :meth:`open` instead."""
@@ -562,15 +572,6 @@ class NativeSession:
         """Size of the frozen view (the file's size)."""
         return self._size
 
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called (or the file was closed)."""
-        return self._h is None
-
-    def _handle(self) -> Any:
-        if self._h is None:
-            raise _closed()
-        return self._h
 
     def read(self, off: int, length: int) -> tuple[bytearray, bool]:
         """Read the frozen view.
@@ -713,7 +714,7 @@ def _close_unclean(h: Any) -> None:
     lib.fl_bitmap_close(h, 0)
 
 
-class NativeBitmap:
+class NativeBitmap(_Handle):
     """A dirty bitmap of a disk: one bit per granule, transient or in a file.
 
     Attached to a :class:`NativeFile` (:meth:`NativeFile.attach_bitmap`) it
@@ -725,7 +726,7 @@ class NativeBitmap:
     bitmap that is garbage collected unclosed is closed *not clean*.
     """
 
-    __slots__ = ("_h", "_size", "_granularity", "_owner", "__weakref__")
+    __slots__ = ("_size", "_granularity", "_owner", "__weakref__")
 
     def __init__(self, handle: Any, *, owner: bool) -> None:
         """Wrap an ``fl_bitmap *``; use :meth:`open` instead."""
@@ -776,15 +777,6 @@ class NativeBitmap:
         """Bytes per bit."""
         return self._granularity
 
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._h is None
-
-    def _handle(self) -> Any:
-        if self._h is None:
-            raise _closed()
-        return self._h
 
     def _pin(self) -> Any:
         """A new C reference on the bitmap, given up when the result is collected."""
@@ -936,7 +928,7 @@ _FILE_OPS = frozenset({lib.FL_OP_ZERO, lib.FL_OP_TRIM, lib.FL_OP_FLUSH, lib.FL_O
 _SESSION_OPS = frozenset({lib.FL_OP_SNAP_DISCARD})
 
 
-class NativeQueue:
+class NativeQueue(_Handle):
     """C worker threads with an eventfd completion ring.
 
     Submitting never blocks; completions are collected with :meth:`reap` when
@@ -946,7 +938,7 @@ class NativeQueue:
     keeps files and sessions open until their operations are reaped.
     """
 
-    __slots__ = ("_h", "_keep", "_ids", "_rcs", "_holes", "_n", "_max")
+    __slots__ = ("_keep", "_ids", "_rcs", "_holes", "_n", "_max")
 
     def __init__(self, threads: int) -> None:
         """Start THREADS (1..64) worker threads.
@@ -1158,10 +1150,6 @@ class NativeQueue:
             if n < self._max:
                 return out
 
-    def _handle(self) -> Any:
-        if self._h is None:
-            raise _closed()
-        return self._h
 
     def close(self) -> None:
         """Finish queued operations, stop the workers, free.  Idempotent."""
@@ -1177,7 +1165,7 @@ DONE_HOLE: int = lib.FL_DONE_HOLE
 DONE_SENT: int = lib.FL_DONE_SENT
 
 
-class NativeSock:
+class NativeSock(_Handle):
     """A connection socket that queue workers write READ replies to.
 
     Holds its own duplicate of the descriptor, so closing the event loop's
@@ -1185,7 +1173,7 @@ class NativeSock:
     never wait on it (see :meth:`NativeQueue.submit_read_send`).
     """
 
-    __slots__ = ("_h",)
+    __slots__ = ()
 
     def __init__(self, fd: int) -> None:
         """Duplicate FD.
@@ -1198,10 +1186,6 @@ class NativeSock:
         _check(lib.fl_sock_open(fd, out))
         self._h: Any = out[0]
 
-    def _handle(self) -> Any:
-        if self._h is None:
-            raise _closed()
-        return self._h
 
     def resume(self) -> None:
         """Let workers write again after a partial reply stalled the socket."""

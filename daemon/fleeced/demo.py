@@ -116,6 +116,12 @@ def _start_daemon(work: str, cmd: list[str], tag: str) -> tuple[subprocess.Popen
     return daemon, notify
 
 
+def _stop_daemon(daemon: subprocess.Popen[bytes], notify: socket.socket) -> None:
+    daemon.terminate()
+    daemon.wait(30)
+    notify.close()
+
+
 def _demo(work: str, size: int, qemu_io: str, nbdcopy: str) -> None:
     image = os.path.join(work, "disk.img")
     reference = os.path.join(work, "reference.img")
@@ -167,9 +173,7 @@ def _demo(work: str, size: int, qemu_io: str, nbdcopy: str) -> None:
         asyncio.run(_query(control, "fleece-stop", {"disk": "disk", "name": "fleece"}))
         _say("session stopped; temp store freed")
     finally:
-        daemon.terminate()
-        daemon.wait(30)
-        notify.close()
+        _stop_daemon(daemon, notify)
 
 
 def _vm_demo(work: str, size: int, qemu: str, nbdcopy: str) -> None:
@@ -266,9 +270,7 @@ def _vm_demo(work: str, size: int, qemu: str, nbdcopy: str) -> None:
     finally:
         vm.kill()
         vm.wait()
-        daemon.terminate()
-        daemon.wait(30)
-        notify.close()
+        _stop_daemon(daemon, notify)
 
 
 def _incremental_demo(work: str, size: int, qemu_io: str, nbdcopy: str) -> None:
@@ -332,6 +334,4 @@ def _incremental_demo(work: str, size: int, qemu_io: str, nbdcopy: str) -> None:
                  f"(only what {old} marked dirty); restores the disk at snapshot {new}")
             backup = incremental
     finally:
-        daemon.terminate()
-        daemon.wait(30)
-        notify.close()
+        _stop_daemon(daemon, notify)

@@ -76,6 +76,12 @@ class Attachment:
     state: str = "attaching"
     since: float = field(default_factory=time.time)
 
+    @property
+    def own_node(self) -> str | None:
+        """What the device pointed at before: the original node (qom-set) or
+        the raw node's original file child (reopen)."""
+        return self.original if self.method == "qom-set" else self.original_file
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -218,15 +224,20 @@ async def _switch_once(mon: Monitor, att: Attachment) -> None:
     current = await current_node(mon, att)
     if current == att.node:
         return  # already there: setting it again would abort QEMU
-    expected = att.original if att.method == "qom-set" else att.original_file
-    if current != expected:
+    if current != att.own_node:
         raise CommandError(f"device {att.device!r} changed under us (now {current!r}); "
                            "not switching")
+    await _point(mon, att, att.node)
+
+
+async def _point(mon: Monitor, att: Attachment, node: str | None) -> None:
+    """Make the device read and write through NODE: its ``drive`` (qom-set),
+    or the raw node's ``file`` child (reopen)."""
     if att.method == "qom-set":
         await mon.execute("qom-set", {"path": att.qom_path, "property": "drive",
-                                      "value": att.node})
+                                      "value": node})
     else:
-        await _reopen(mon, att, att.node)
+        await _reopen(mon, att, node)
 
 
 async def current_node(mon: Monitor, att: Attachment) -> str | None:
@@ -249,17 +260,13 @@ async def switch_back(mon: Monitor, att: Attachment) -> None:
         original node is gone, or when QEMU refuses.
     """
     current = await current_node(mon, att)
-    original = att.original if att.method == "qom-set" else att.original_file
+    original = att.own_node
     nodes = await _nodes(mon)
     if current == att.node:
         if original not in nodes:
             raise CommandError(f"the original node {original!r} of device {att.device!r} "
                                "is gone; the device stays on fleeced")
-        if att.method == "qom-set":
-            await mon.execute("qom-set", {"path": att.qom_path, "property": "drive",
-                                          "value": att.original})
-        else:
-            await _reopen(mon, att, original)
+        await _point(mon, att, original)
         nodes = await _nodes(mon)
     elif current != original:
         raise CommandError(f"device {att.device!r} now uses node {current!r}, neither "
