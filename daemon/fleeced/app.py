@@ -12,13 +12,14 @@ import logging
 import os
 import signal
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 from fleeced import bitmaps as bmap
 from fleeced import datapath, systemd
 from fleeced.control.args import check_keys, get, get_size
-from fleeced.control.server import CommandError, ControlServer
+from fleeced.control.server import ControlServer
+from fleeced.errors import CommandError
 from fleeced.exports import (
     ActiveExport,
     Disk,
@@ -26,13 +27,13 @@ from fleeced.exports import (
     Session,
     SessionOptions,
 )
-from fleeced.exports.aio import DEFAULT_THREADS, IoQueue
+from fleeced.ioqueue import DEFAULT_THREADS, IoQueue
 from fleeced.qmp import attach as vm
 from fleeced.qmp import handoff
 from fleeced.qmp.agent import GuestAgent
 from fleeced.qmp.monitor import Monitor
+from fleeced.settings import DaemonConfig, DiskSpec, session_options_from_args
 from fleeced.state import StateDir, StateError
-from fleeced.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,57 +46,6 @@ BITMAP_SYNC_INTERVAL = 30.0
 #: Why a session remembered from a daemon that died is broken.
 LOST_SESSION = ("the daemon stopped uncleanly while the session was active; its "
                 "preserved data is gone (fleece-stop it, then start a new one)")
-
-
-@dataclass
-class DiskSpec:
-    """A disk to open at start: image path, export name and options."""
-
-    path: str
-    name: str
-    read_only: bool = False
-    discard: str = "ignore"
-    description: str = ""
-
-
-@dataclass
-class Listener:
-    """One NBD listener: a Unix socket (with optional mode and group) or TCP."""
-
-    unix: str | None = None
-    #: Permission bits of the Unix socket file (``None``: the umask decides).
-    mode: int | None = None
-    #: Group name or number of the Unix socket file.
-    group: str | None = None
-    tcp_host: str | None = None
-    tcp_port: int | None = None
-
-
-@dataclass
-class DaemonConfig:
-    """Everything ``fleeced serve`` (or ``serve --config``) was asked to do."""
-
-    disks: list[DiskSpec]
-    listeners: list[Listener] = field(default_factory=list)
-    shared: int = 0
-    persistent: bool = False
-    control_path: str | None = None
-    control_required: bool = False
-    fleece: list[tuple[str, SessionOptions]] = field(default_factory=list)
-    pid_file: str | None = None
-    threads: int = 0
-    #: Seconds connections get to finish in-flight requests at shutdown and at
-    #: fleece-stop before they are aborted (``--shutdown-timeout``).
-    shutdown_timeout: float = 5.0
-    #: Seconds a client has to finish the handshake (``--handshake-limit``).
-    handshake_limit: float = 10.0
-    #: Where runtime state lives (disks added at run time, VM attachments,
-    #: sessions); ``None``: no state is kept (lab mode, like qemu-nbd).
-    state_dir: str | None = None
-    #: ``fleece-start`` arguments used when a command leaves them out
-    #: (``cluster-size``, ``temp-dir``, ``cache``, ...).
-    session_defaults: dict[str, Any] = field(default_factory=dict)
-    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
 class Daemon:
@@ -1263,56 +1213,3 @@ def _write_pid_file(path: str) -> None:
     # A few bytes to a local file at start-up, before any client is served.
     with open(path, "w") as f:
         f.write(f"{os.getpid()}\n")
-
-
-def session_options_from_args(args: dict[str, Any]) -> SessionOptions:
-    """Build :class:`SessionOptions` from ``fleece-start`` arguments.
-
-    :raise CommandError: on any missing, mistyped or out-of-range argument.
-    """
-    name = get(args, "name", str, "fleece")
-    if not name or "/" in name or "\0" in name:
-        raise CommandError(f"invalid session name {name!r}")
-    export = get(args, "export", str, None) if "export" in args else None
-    if export is not None and (not export or len(export.encode()) > 4096 or "\0" in export):
-        raise CommandError(f"invalid export name {export!r}")
-    cluster = get_size(args, "cluster-size", 65536)
-    if cluster < 4096 or cluster > 16 << 20 or cluster & (cluster - 1):
-        raise CommandError(
-            f"cluster-size {cluster} must be a power of two between 4096 and 16777216"
-        )
-    scope: list[tuple[int, int]] = []
-    if "bitmap" in args:
-        for item in get(args, "bitmap", list):
-            if not isinstance(item, dict) or set(item) - {"offset", "length"}:
-                raise CommandError("bitmap entries must be {\"offset\": N, \"length\": N}")
-            off = get(item, "offset", int)
-            length = get(item, "length", int)
-            if off < 0 or length <= 0:
-                raise CommandError(f"bad bitmap extent offset={off} length={length}")
-            scope.append((off, length))
-        if not scope:
-            raise CommandError("bitmap must list at least one extent")
-    policy = get(args, "on-cbw-error", str, "break-snapshot")
-    if policy not in ("break-snapshot", "break-guest-write"):
-        raise CommandError(
-            f"on-cbw-error must be 'break-snapshot' or 'break-guest-write', not '{policy}'"
-        )
-    timeout = get(args, "cbw-timeout", float, 45.0)
-    if timeout < 0:
-        raise CommandError("cbw-timeout must not be negative")
-    temp_dir = get(args, "temp-dir", str, None) if "temp-dir" in args else None
-    if temp_dir is not None and not os.path.isdir(temp_dir):
-        raise CommandError(f"temp-dir '{temp_dir}' is not a directory")
-    return SessionOptions(
-        name=name,
-        export=export,
-        cluster_size=cluster,
-        scope=tuple(scope),
-        break_guest_write=policy == "break-guest-write",
-        cbw_timeout=timeout,
-        max_temp=get_size(args, "max-temp", 0),
-        cache=get_size(args, "cache", 0),
-        temp_dir=temp_dir,
-        read_only=get(args, "read-only", bool, False),
-    )

@@ -31,8 +31,8 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Final
 
-from fleeced.control.server import CommandError
 from fleeced.datapath import NativeBitmap
+from fleeced.errors import CommandError
 
 log = logging.getLogger(__name__)
 

@@ -13,95 +13,28 @@ import json
 import logging
 import math
 import os
-import stat
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from fleeced import __version__
+from fleeced.errors import CliError
+from fleeced.paths import (
+    check_private_dir,
+    default_control,
+    default_control_path,
+    ensure_private_dir,
+)
+from fleeced.settings import session_option_args as _session_option_args
+
+__all__ = ["CliError", "check_private_dir", "default_control", "default_control_path",
+           "ensure_private_dir", "main", "parse_args"]
 
 log = logging.getLogger("fleeced")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-
-
-class CliError(Exception):
-    """A one-line error for the user; exits with :data:`EXIT_FAILURE`."""
-
-
-def default_control_path() -> str:
-    """``$XDG_RUNTIME_DIR/fleeced/control.sock``, ``/run/fleeced/...`` as root."""
-    return default_control()[0]
-
-
-def default_control() -> tuple[str, str | None]:
-    """The default control socket and the per-user directory that must hold it.
-
-    ``$FLEECED_CONTROL`` wins and, like ``--control``, is the user's choice:
-    no directory check.  Root uses ``/run/fleeced`` (only root can create
-    it under ``/run``, and a root shell's ``XDG_RUNTIME_DIR`` must not hide
-    the system daemon's socket), also unchecked.  Anyone else gets
-    ``$XDG_RUNTIME_DIR/fleeced``, or ``/tmp/fleeced-$UID`` without it; that
-    directory is returned so callers can insist it is private
-    (:func:`check_private_dir`), because in ``/tmp`` anyone could have made it.
-
-    :return: ``(socket path, directory to check or None)``.
-    """
-    env = os.environ.get("FLEECED_CONTROL")
-    if env:
-        return env, None
-    if os.geteuid() == 0:
-        return "/run/fleeced/control.sock", None
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        directory = os.path.join(runtime, "fleeced")
-    else:
-        directory = f"/tmp/fleeced-{os.geteuid()}"
-    return os.path.join(directory, "control.sock"), directory
-
-
-def check_private_dir(path: str) -> None:
-    """Refuse PATH unless it is a real directory of ours that only we can write.
-
-    Not a symlink (``lstat``), owned by the effective uid, no group or other
-    write bit.  Others may read it: the socket inside is mode 0600.
-
-    :raise CliError: when PATH is missing or fails any of those checks.
-    """
-    hint = "remove it, or pass --control PATH"
-    try:
-        st = os.lstat(path)
-    except OSError as exc:
-        raise CliError(f"control directory {path}: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise CliError(f"unsafe control directory {path}: not a directory ({hint})")
-    if st.st_uid != os.geteuid():
-        raise CliError(f"unsafe control directory {path}: owned by uid {st.st_uid}, "
-                       f"not {os.geteuid()} ({hint})")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise CliError(f"unsafe control directory {path}: writable by group or others "
-                       f"(mode {stat.S_IMODE(st.st_mode):04o}; chmod 700 it, or {hint})")
-
-
-def ensure_private_dir(path: str) -> None:
-    """Create PATH with mode 0700, or check the one already there.
-
-    A directory ``mkdir`` just made is ours and private by construction; one
-    that already existed may have been planted, so it goes through
-    :func:`check_private_dir`.
-
-    :raise CliError: when PATH cannot be created, or an existing one is unsafe.
-    """
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        check_private_dir(path)
-        return
-    except OSError as exc:
-        raise CliError(f"cannot create control directory {path}: {exc.strerror}") from None
-    os.chmod(path, 0o700)  # the umask may have taken bits away
 
 
 def _size(text: str) -> int:
@@ -531,19 +464,6 @@ def _fleece_start_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.since:
         out["since"] = args.since
     out.update(_session_option_args(args))
-    return out
-
-
-def _session_option_args(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for attr, key in (
-        ("cluster_size", "cluster-size"), ("temp_dir", "temp-dir"), ("cache", "cache"),
-        ("max_temp", "max-temp"), ("on_cbw_error", "on-cbw-error"),
-        ("cbw_timeout", "cbw-timeout"),
-    ):
-        value = getattr(args, attr, None)
-        if value is not None:
-            out[key] = value
     return out
 
 

@@ -24,13 +24,19 @@ import re
 import tomllib
 from typing import Any, Final
 
-from fleeced.app import DaemonConfig, DiskSpec, Listener, session_options_from_args
 from fleeced.control.args import parse_size
-from fleeced.control.server import CommandError
-from fleeced.exports import image_export_name
+from fleeced.errors import CliError, CommandError
+from fleeced.paths import default_control, default_state_dir, ensure_private_dir
+from fleeced.settings import (
+    DaemonConfig,
+    DiskSpec,
+    Listener,
+    image_export_name,
+    session_options_from_args,
+)
 from fleeced.tls import TLS_MODES, TlsConfig
 
-__all__ = ["default_state_dir", "load_config"]
+__all__ = ["load_config"]
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +59,6 @@ class _Bad(Exception):
         super().__init__(f"{key}: {what}" if key else what)
 
 
-def default_state_dir() -> str:
-    """``/var/lib/fleeced`` as root, else ``$XDG_STATE_HOME/fleeced``
-    (``~/.local/state/fleeced`` without it)."""
-    if os.geteuid() == 0:
-        return "/var/lib/fleeced"
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return os.path.join(base, "fleeced")
-
-
 def load_config(path: str) -> DaemonConfig:
     """Read the TOML file at PATH into a :class:`DaemonConfig`.
 
@@ -72,8 +69,6 @@ def load_config(path: str) -> DaemonConfig:
     :raise CliError: when the file cannot be read, is not valid TOML (the
         message carries tomllib's line and column), or breaks the schema.
     """
-    from fleeced.cli import CliError
-
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -93,8 +88,6 @@ def load_config(path: str) -> DaemonConfig:
 
 
 def _build(doc: dict[str, Any], base: str) -> DaemonConfig:
-    from fleeced.cli import CliError, default_control, ensure_private_dir
-
     _check_keys(doc, _TOP_KEYS, "")
     control = _opt(doc, "control", str, "control")
     if control is not None:

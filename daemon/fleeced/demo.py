@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any
 
-from fleeced.cli import CliError
+from fleeced.errors import CliError
 
 
 def _need(tool: str, package: str) -> str:

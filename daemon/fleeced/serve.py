@@ -16,9 +16,18 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fleeced import systemd
-from fleeced.app import Daemon, DaemonConfig, DiskSpec, Listener
-from fleeced.control.server import CommandError
-from fleeced.exports import SessionOptions, image_export_name
+from fleeced.app import Daemon
+from fleeced.errors import CliError, CommandError
+from fleeced.paths import default_control, default_state_dir, ensure_private_dir
+from fleeced.settings import (
+    DaemonConfig,
+    DiskSpec,
+    Listener,
+    SessionOptions,
+    image_export_name,
+    session_option_args,
+    session_options_from_args,
+)
 from fleeced.tls import TlsConfig
 
 log = logging.getLogger(__name__)
@@ -38,8 +47,6 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         default control directory is unsafe, or ``--pid-file`` names anything
         but a regular file.
     """
-    from fleeced.cli import CliError, default_control, ensure_private_dir
-
     if args.config is not None:
         from fleeced.config import load_config
 
@@ -115,8 +122,6 @@ def _state_dir(args: argparse.Namespace) -> str | None:
         return str(args.state_dir)
     if args.control or args.no_control or os.environ.get("FLEECED_CONTROL"):
         return None
-    from fleeced.config import default_state_dir
-
     return default_state_dir()
 
 
@@ -129,9 +134,7 @@ def _tls_config(args: argparse.Namespace) -> TlsConfig:
 
 
 def _session_option_args_of(args: argparse.Namespace) -> dict[str, Any]:
-    from fleeced.cli import _session_option_args
-
-    return _session_option_args(args)
+    return session_option_args(args)
 
 
 def _check_pid_file(path: str, images: list[str]) -> None:
@@ -144,8 +147,6 @@ def _check_pid_file(path: str, images: list[str]) -> None:
 
     :raise CliError: when PATH is unusable.
     """
-    from fleeced.cli import CliError
-
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -176,11 +177,8 @@ def _file_kind(mode: int) -> str:
 
 
 def _session_options(args: argparse.Namespace, name: str) -> SessionOptions:
-    from fleeced.app import session_options_from_args
-    from fleeced.cli import CliError, _session_option_args
-
     try:
-        return session_options_from_args({"name": name, **_session_option_args(args)})
+        return session_options_from_args({"name": name, **session_option_args(args)})
     except CommandError as exc:
         raise CliError(exc.desc) from None
 
@@ -195,8 +193,6 @@ def _loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
 
 
 async def _amain(config: DaemonConfig, ready_fd: int | None) -> int:
-    from fleeced.cli import CliError
-
     daemon = Daemon(config)
     try:
         await daemon.start(systemd.listen_fds())

@@ -12,7 +12,9 @@ import sys
 import urllib.parse
 from typing import Any
 
-from fleeced.cli import EXIT_FAILURE, EXIT_OK, CliError, _session_option_args
+from fleeced.cli import EXIT_FAILURE, EXIT_OK
+from fleeced.errors import CliError
+from fleeced.settings import session_option_args as _session_option_args
 
 
 async def vm_command(client: Any, args: argparse.Namespace) -> int:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from fleeced.app import DiskSpec, Listener
 from fleeced.cli import CliError
-from fleeced.config import default_state_dir, load_config
+from fleeced.config import load_config
+from fleeced.paths import default_state_dir
+from fleeced.settings import DiskSpec, Listener
 from fleeced.tls import TlsConfig
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Final, TypeVar
 
-from fleeced.control.server import CommandError
+from fleeced.errors import CommandError
 
 T = TypeVar("T")
 

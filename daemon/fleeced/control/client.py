@@ -13,6 +13,8 @@ from typing import Any
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient
 
+from fleeced.errors import CliError
+
 
 class ControlClient:
     """A connected control client; use :meth:`connect_to` as a context manager."""
@@ -27,8 +29,6 @@ class ControlClient:
 
         :raise CliError: when nothing listens there.
         """
-        from fleeced.cli import CliError
-
         # qemu.qmp logs connection failures at ERROR; we print one line instead.
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
         qmp = QMPClient("fleeced-cli")
@@ -49,8 +49,6 @@ class ControlClient:
 
         :raise CliError: when the daemon answers with an error.
         """
-        from fleeced.cli import CliError
-
         try:
             return await self._qmp.execute(cmd, args)
         except ExecuteError as exc:

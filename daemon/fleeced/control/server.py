@@ -31,6 +31,7 @@ from typing import Any, Final
 
 from fleeced import __version__
 from fleeced.control.framing import MAX_DEPTH, JsonSplitter, MessageTooLong, nesting_depth
+from fleeced.errors import CommandError
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +39,6 @@ log = logging.getLogger(__name__)
 MAX_LINE: Final = 1024 * 1024
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
-
-
-class CommandError(Exception):
-    """A command failed; sent as ``{"error": {"class": cls, "desc": desc}}``.
-
-    :param desc: human-readable one-line description.
-    :param cls: QMP error class (``GenericError``, ``CommandNotFound``, ...).
-    """
-
-    def __init__(self, desc: str, cls: str = "GenericError") -> None:
-        super().__init__(desc)
-        self.desc = desc
-        self.cls = cls
 
 
 def _version() -> dict[str, Any]:

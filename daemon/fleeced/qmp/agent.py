@@ -14,7 +14,7 @@ import logging
 import random
 from typing import Any, Final
 
-from fleeced.control.server import CommandError
+from fleeced.errors import CommandError
 
 log = logging.getLogger(__name__)
 

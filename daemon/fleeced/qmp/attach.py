@@ -44,7 +44,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from fleeced.control.server import CommandError
+from fleeced.errors import CommandError
 from fleeced.qmp.monitor import Monitor, QmpFailed
 
 log = logging.getLogger(__name__)

@@ -50,7 +50,7 @@ import secrets
 from collections.abc import Iterable
 from typing import Any, Final
 
-from fleeced.control.server import CommandError
+from fleeced.errors import CommandError
 from fleeced.nbd.client import (
     BlockStatus,
     ClientConnection,

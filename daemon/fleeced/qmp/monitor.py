@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from fleeced.control.server import CommandError
+from fleeced.errors import CommandError
 
 log = logging.getLogger(__name__)
 

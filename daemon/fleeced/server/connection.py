@@ -41,7 +41,7 @@ import time
 from typing import TYPE_CHECKING, Final, cast
 
 from fleeced.datapath import DONE_HOLE, DONE_SENT, NativeSock
-from fleeced.exports.aio import Done, ReplyTorn
+from fleeced.ioqueue import Done, ReplyTorn
 from fleeced.nbd import (
     NEED_DATA,
     Command,
@@ -60,7 +60,7 @@ from fleeced.nbd import (
 
 if TYPE_CHECKING:
     from fleeced.exports import Export
-    from fleeced.server import NbdServer
+    from fleeced.server.listener import NbdServer
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,91 @@
+"""The read-write view of a disk: every guest write goes through it (and
+through copy-before-write in C for each fleecing session of the disk)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fleeced import datapath
+from fleeced.datapath import (
+    NativeSock,
+)
+from fleeced.exports.base import INLINE_READ_MAX, DirtyBitmap, Disk, ExportBase, ExportStats
+from fleeced.ioqueue import Done, IoQueue
+from fleeced.nbd import ExportInfo
+
+
+class ActiveExport(ExportBase):
+    """The read-write view of a disk; writes run copy-before-write in C."""
+
+    def __init__(self, disk: Disk, io: IoQueue, name: str | None = None) -> None:
+        self.disk = disk
+        self._io = io
+        self._stats = ExportStats()
+        self._info = ExportInfo(
+            name=name if name is not None else disk.name,
+            size=disk.size,
+            description=disk.description,
+            read_only=disk.read_only,
+            can_write=not disk.read_only,
+            can_trim=not disk.read_only,
+            can_write_zeroes=not disk.read_only,
+            can_fast_zero=not disk.read_only,
+            can_fua=not disk.read_only,
+            # A plain file: a FLUSH on any connection fdatasyncs the one
+            # shared descriptor, so it covers writes from every connection.
+            can_multi_conn=True,
+        )
+
+    def _bitmaps(self) -> dict[str, DirtyBitmap]:
+        return self.disk.bitmaps
+
+    async def read(self, offset: int, length: int) -> tuple[bytearray | memoryview, bool]:
+        return await self._io.read(self.disk.file, offset, length)
+
+    def read_now(self, offset: int, length: int) -> tuple[bytearray, bool] | None:
+        if length > INLINE_READ_MAX:
+            return None
+        return self.disk.file.read_nowait(offset, length)
+
+    def start_read(self, offset: int, length: int) -> tuple[memoryview, asyncio.Future[Done]]:
+        return self._io.start_read(self.disk.file, offset, length)
+
+    def start_read_send(self, offset: int, length: int, sock: NativeSock,
+                        header: bytes) -> tuple[memoryview, asyncio.Future[Done]]:
+        return self._io.start_read_send(self.disk.file, offset, length, sock, header)
+
+    def start_write(
+        self, offset: int, data: bytes | memoryview, fua: bool
+    ) -> asyncio.Future[Done] | None:
+        return self._io.start_write(
+            self.disk.file, offset, data, datapath.FLAG_FUA if fua else 0
+        )
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        await self._io.write(self.disk.file, offset, data, datapath.FLAG_FUA if fua else 0)
+
+    async def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        flags = (
+            (datapath.FLAG_MAY_TRIM if may_trim and self.disk.discard == "unmap" else 0)
+            | (datapath.FLAG_FAST if fast else 0)
+            | (datapath.FLAG_FUA if fua else 0)
+        )
+        await self._io.op(datapath.OP_ZERO, self.disk.file, offset, length, flags)
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        if self.disk.discard != "unmap":
+            return  # --discard=ignore: TRIM is advisory (spec) and dropped
+        await self._io.op(datapath.OP_TRIM, self.disk.file, offset, length,
+                          datapath.FLAG_FUA if fua else 0)
+
+    async def flush(self) -> None:
+        await self._io.op(datapath.OP_FLUSH, self.disk.file)
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self._io.op(datapath.OP_CACHE, self.disk.file, offset, length)
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return await self._io.extents(self.disk.file, offset, length)
+
+    def error_message(self, exc: OSError) -> str:
+        return exc.strerror or ""

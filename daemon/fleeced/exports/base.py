@@ -1,0 +1,229 @@
+"""What every export shares: the protocol the NBD server sees, counters, the
+metadata contexts (``base:allocation``, ``qemu:allocation-depth``,
+``qemu:dirty-bitmap:NAME``), and the :class:`Disk` behind them."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from fleeced import datapath
+from fleeced.datapath import (
+    NativeFile,
+    NativeSock,
+)
+from fleeced.ioqueue import Done
+from fleeced.nbd import ExportInfo
+
+if TYPE_CHECKING:
+    from fleeced.exports.snapshot import Session
+
+#: Largest read tried inline on the event loop from the page cache; larger
+#: ones go to the thread pool, where two cores copy in parallel.
+INLINE_READ_MAX = 128 * 1024
+
+#: Message sent with EPERM for snapshot reads outside the preserved set.
+OUTSIDE_SCOPE = "outside the snapshot's scope or already discarded"
+
+
+@dataclass(slots=True)
+class ExportStats:
+    """Counters of one export, reported by ``query-stats``."""
+
+    connections: int = 0
+    connections_total: int = 0
+    requests: int = 0
+    errors: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+class Export(Protocol):
+    """What the NBD server needs from an export."""
+
+    @property
+    def info(self) -> ExportInfo: ...
+
+    @property
+    def stats(self) -> ExportStats: ...
+
+    async def read(self, offset: int, length: int) -> tuple[bytearray | memoryview, bool]: ...
+
+    def read_now(self, offset: int, length: int) -> tuple[bytearray, bool] | None:
+        """Serve a read without blocking (page cache only), or return None."""
+
+    def start_read(self, offset: int, length: int) -> tuple[memoryview, asyncio.Future[Done]]:
+        """Submit a read to the native queue (no task needed); result: is_hole."""
+
+    def start_write(
+        self, offset: int, data: bytes | memoryview, fua: bool
+    ) -> asyncio.Future[Done] | None:
+        """Submit a write to the native queue, or None to use :meth:`write`."""
+
+    def start_read_send(self, offset: int, length: int, sock: NativeSock,
+                        header: bytes) -> tuple[memoryview, asyncio.Future[Done]]:
+        """Submit a read whose reply a worker writes to SOCK (see IoQueue)."""
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None: ...
+
+    async def zero(
+        self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool
+    ) -> None: ...
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def cache(self, offset: int, length: int) -> None: ...
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]: ...
+
+    async def context_extents(self, context: str, offset: int,
+                              length: int) -> list[tuple[int, int]]: ...
+
+    def error_message(self, exc: OSError) -> str: ...
+
+
+class DirtyBitmap(Protocol):
+    """What an export needs from a dirty bitmap (see :mod:`fleeced.bitmaps`)."""
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]: ...
+
+
+#: Metadata contexts every export offers besides its dirty bitmaps.
+BASE_ALLOCATION = "base:allocation"
+ALLOCATION_DEPTH = "qemu:allocation-depth"
+DIRTY_BITMAP = "qemu:dirty-bitmap:"
+
+
+def allocation_depth(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``qemu:allocation-depth`` of a raw image from its ``base:allocation``
+    extents: 0 for a hole, 1 for data (what ``qemu-nbd -A`` reports for a
+    raw file), adjacent runs merged."""
+    out: list[tuple[int, int]] = []
+    for length, flags in extents:
+        depth = 0 if flags & datapath.EXT_HOLE else 1
+        if out and out[-1][1] == depth:
+            out[-1] = (out[-1][0] + length, depth)
+        else:
+            out.append((length, depth))
+    return out
+
+
+def bitmap_extents(bitmap: DirtyBitmap, offset: int, length: int) -> list[tuple[int, int]]:
+    """``qemu:dirty-bitmap:NAME`` extents: flag 1 = dirty (proto.md, QEMU's
+    "qemu" namespace)."""
+    return [(n, 1 if dirty else 0) for n, dirty in bitmap.extents(offset, length)]
+
+
+@dataclass(eq=False)
+class Disk:
+    """A source image the daemon owns, with its fleecing sessions.
+
+    :param name: disk name, also the active export's name.
+    :param path: image path.
+    :param file: the open native file.
+    :param read_only: whether guest writes are refused.
+    :param discard: ``"unmap"`` punches holes on TRIM; ``"ignore"`` drops TRIM.
+    :param description: NBD export description.
+    """
+
+    name: str
+    path: str
+    file: NativeFile
+    read_only: bool = False
+    discard: str = "ignore"
+    description: str = ""
+    sessions: dict[str, Session] = field(default_factory=dict)
+    #: Named dirty bitmaps (fleeced.bitmaps.Bitmap), served on the active
+    #: export as ``qemu:dirty-bitmap:NAME``.
+    bitmaps: dict[str, DirtyBitmap] = field(default_factory=dict)
+
+    @classmethod
+    def open(
+        cls,
+        name: str,
+        path: str,
+        *,
+        read_only: bool = False,
+        discard: str = "ignore",
+        description: str = "",
+    ) -> Disk:
+        """Open PATH as a disk.
+
+        :raise OSError: when the image cannot be opened (missing, directory, ...).
+        """
+        try:
+            native = NativeFile.open(path, readonly=read_only)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            text = (
+                "not a regular file or block device"
+                if code == errno.EINVAL
+                else os.strerror(code)
+            )
+            raise OSError(code, text, path) from None
+        return cls(name, path, native, read_only, discard, description)
+
+    @property
+    def size(self) -> int:
+        return self.file.size
+
+    def close(self) -> None:
+        """Give up the file (C keeps it open while queued operations use it).
+
+        Sessions should be closed first through the I/O queue; any left are
+        closed here synchronously.
+        """
+        self.sessions.clear()
+        self.file.close()
+
+
+class ExportBase:
+    """What every export has: its NBD description, its counters, and its
+    metadata contexts (``base:allocation``, ``qemu:allocation-depth`` and
+    one ``qemu:dirty-bitmap:NAME`` per bitmap, which may come and go)."""
+
+    _info: ExportInfo
+    _stats: ExportStats
+
+    @property
+    def info(self) -> ExportInfo:
+        contexts = (BASE_ALLOCATION, ALLOCATION_DEPTH,
+                    *(DIRTY_BITMAP + name for name in sorted(self._bitmaps())))
+        if contexts != self._info.meta_contexts:
+            self._info = dataclasses.replace(self._info, meta_contexts=contexts)
+        return self._info
+
+    def _bitmaps(self) -> dict[str, DirtyBitmap]:
+        return {}
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+    async def context_extents(self, context: str, offset: int,
+                              length: int) -> list[tuple[int, int]]:
+        """Block status of one metadata context.
+
+        :raise OSError: EINVAL when the context went away since it was
+            negotiated (its bitmap was removed).
+        """
+        if context == BASE_ALLOCATION:
+            return await self.extents(offset, length)
+        if context == ALLOCATION_DEPTH:
+            return allocation_depth(await self.extents(offset, length))
+        if context.startswith(DIRTY_BITMAP):
+            bitmap = self._bitmaps().get(context[len(DIRTY_BITMAP):])
+            if bitmap is not None:
+                # A persistent bitmap is a mapped file: its pages may fault in,
+                # so not on the event loop (the C object is pinned meanwhile).
+                return await asyncio.to_thread(bitmap_extents, bitmap, offset, length)
+        raise OSError(errno.EINVAL, f"metadata context {context} is gone")
+
+    @property
+    def stats(self) -> ExportStats:
+        return self._stats

@@ -1,0 +1,158 @@
+"""Fleecing sessions and their snapshot exports (the frozen view)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+
+from fleeced import datapath
+from fleeced.datapath import (
+    NativeSession,
+    NativeSock,
+    SessionParams,
+    SessionStats,
+)
+from fleeced.exports.base import OUTSIDE_SCOPE, DirtyBitmap, Disk, ExportBase, ExportStats
+from fleeced.ioqueue import Done, IoQueue
+from fleeced.nbd import ExportInfo
+from fleeced.settings import SessionOptions
+
+
+class Session:
+    """A fleecing session: a native CBW session plus its snapshot export."""
+
+    def __init__(self, disk: Disk, options: SessionOptions, native: NativeSession,
+                 temp_dir: str, io: IoQueue) -> None:
+        """Wrap a started native session; use :meth:`start`."""
+        self.disk = disk
+        self.options = options
+        self.name = options.name
+        self.export_name = options.export or f"{disk.name}@{options.name}"
+        self.native = native
+        self.temp_dir = temp_dir
+        #: The frozen bitmaps a checkpointed session serves on its snapshot
+        #: export (``--since OLD``: OLD's content at the snapshot instant).
+        self.bitmaps: dict[str, DirtyBitmap] = {}
+        self.export = SnapshotExport(self, io)
+        self.broken_reported = False
+
+    @classmethod
+    async def start(cls, disk: Disk, options: SessionOptions, io: IoQueue, *,
+                    checkpoint_since: datapath.NativeBitmap | None = None,
+                    checkpoint_new: datapath.NativeBitmap | None = None) -> Session:
+        """Start a session in a queue worker; the snapshot is the disk as of then.
+
+        The native open waits for guest writes in flight (the snapshot point),
+        so it never runs on the event loop.
+
+        :param checkpoint_since: bitmap whose content becomes the session's
+            scope and exported dirty bitmap (it stops recording).
+        :param checkpoint_new: bitmap that starts recording at the snapshot.
+        :raise TypeError: on wrongly typed options.
+        :raise OSError: when the native session cannot be created
+            (bad cluster size, unusable temp dir, ...).
+        """
+        temp_dir = options.temp_dir or default_temp_dir()
+        params = SessionParams(
+            cluster_size=options.cluster_size,
+            temp_dir=temp_dir,
+            cache_bytes=options.cache,
+            max_temp=options.max_temp,
+            cbw_timeout=options.cbw_timeout,
+            break_guest_write=options.break_guest_write,
+            scope=options.scope,
+            # A checkpoint: between two guest writes, C freezes SINCE into
+            # the session (its scope and its exported bitmap), stops it, and
+            # starts NEW recording.
+            checkpoint_since=checkpoint_since,
+            checkpoint_new=checkpoint_new,
+        )
+        native = await io.open_session(disk.file, params)
+        return cls(disk, options, native, temp_dir, io)
+
+    def stats(self) -> SessionStats:
+        return self.native.stats()
+
+
+def default_temp_dir() -> str:
+    """Where temp stores go by default: ``$TMPDIR``, else /var/tmp (disk, not tmpfs)."""
+    tmp = os.environ.get("TMPDIR")
+    if tmp:
+        return tmp
+    return "/var/tmp" if os.path.isdir("/var/tmp") else "/tmp"
+
+
+class SnapshotExport(ExportBase):
+    """The frozen view of a session.
+
+    Data is read-only (WRITE / WRITE_ZEROES get EPERM) but TRIM means
+    "done with this range" and drops the preserved data, so the export is not
+    flagged READ_ONLY unless the session was started read-only.
+    """
+
+    def __init__(self, session: Session, io: IoQueue) -> None:
+        self.session = session
+        self._io = io
+        self._stats = ExportStats()
+        ro = session.options.read_only
+        self._info = ExportInfo(
+            name=session.export_name,
+            size=session.disk.size,
+            description=f"snapshot {session.name} of {session.disk.name}",
+            read_only=ro,
+            can_write=False,
+            can_trim=not ro,
+            can_write_zeroes=False,
+            can_fast_zero=False,
+            can_fua=False,
+            can_multi_conn=True,
+        )
+
+    def _bitmaps(self) -> dict[str, DirtyBitmap]:
+        return self.session.bitmaps
+
+    async def read(self, offset: int, length: int) -> tuple[bytearray | memoryview, bool]:
+        return await self._io.read(self.session.native, offset, length)
+
+    def read_now(self, offset: int, length: int) -> tuple[bytearray, bool] | None:
+        return None  # snapshot reads take cluster locks: always off the loop
+
+    def start_read(self, offset: int, length: int) -> tuple[memoryview, asyncio.Future[Done]]:
+        return self._io.start_read(self.session.native, offset, length)
+
+    def start_read_send(self, offset: int, length: int, sock: NativeSock,
+                        header: bytes) -> tuple[memoryview, asyncio.Future[Done]]:
+        return self._io.start_read_send(self.session.native, offset, length, sock, header)
+
+    def start_write(
+        self, offset: int, data: bytes | memoryview, fua: bool
+    ) -> asyncio.Future[Done] | None:
+        return None  # refused by write(): EPERM
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        raise OSError(errno.EPERM, "snapshot export is read-only")
+
+    async def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        raise OSError(errno.EPERM, "snapshot export is read-only")
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        await self._io.op(datapath.OP_SNAP_DISCARD, self.session.native, offset, length)
+
+    async def flush(self) -> None:
+        return None
+
+    async def cache(self, offset: int, length: int) -> None:
+        return None
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return await self._io.extents(self.session.native, offset, length)
+
+    def error_message(self, exc: OSError) -> str:
+        if exc.errno == errno.EPERM:
+            return OUTSIDE_SCOPE
+        if exc.errno == errno.EIO:
+            st = self.session.stats()
+            if st.broken:
+                return f"snapshot is broken: {os.strerror(st.broken_errno or errno.EIO)}"
+        return exc.strerror or ""
