@@ -277,10 +277,10 @@ class ServerConnection:
     # ------------------------------------------------------------------ input side
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes received from the client; ``b""`` means EOF.
+        """Feed bytes received from the client (empty data feeds nothing: EOF
+        is :meth:`receive_eof`, never an empty read in disguise).
 
-        :param data: the bytes, possibly empty.
-        :raise LocalProtocolError: if called again after EOF, or between
+        :raise LocalProtocolError: if called after EOF, or between
             :class:`StartTls` and :meth:`tls_started` (no plaintext may follow
             the STARTTLS acknowledgement).
         """
@@ -288,17 +288,20 @@ class ServerConnection:
             raise LocalProtocolError("receive_data() after EOF")
         if self._state is _State.TLS_HANDSHAKE:
             raise LocalProtocolError("receive_data() during the TLS handshake")
-        if len(data) == 0:
-            self._eof = True
-        else:
+        if len(data):
             self._buf.feed(data)
 
     def receive_eof(self) -> None:
-        """Signal EOF (same as ``receive_data(b"")``; STYLE.md §2.3 prefers the name).
+        """The client closed its side: nothing more will arrive.
 
-        :raise LocalProtocolError: if EOF was already signalled.
+        :raise LocalProtocolError: if EOF was already signalled, or during the
+            TLS handshake.
         """
-        self.receive_data(b"")
+        if self._eof:
+            raise LocalProtocolError("receive_eof() after EOF")
+        if self._state is _State.TLS_HANDSHAKE:
+            raise LocalProtocolError("receive_eof() during the TLS handshake")
+        self._eof = True
 
     def next_event(self) -> Event | type[NEED_DATA]:
         """Parse buffered input and return the next event, or :class:`NEED_DATA`.

@@ -177,7 +177,7 @@ class NbdConnection(asyncio.Protocol):
         if not self._eof:
             self._eof = True
             if self._upgrading is None:
-                self._engine.receive_data(b"")
+                self._engine.receive_eof()
                 self._process()
         if self._tls:
             # TLS has no half-close: the TLS layer shuts down after the
@@ -400,7 +400,7 @@ class NbdConnection(asyncio.Protocol):
         for data in early:
             self.data_received(data)
         if self._eof and not self._closing:
-            self._engine.receive_data(b"")
+            self._engine.receive_eof()
             self._process()
 
     def _read_inline(self, cmd: Command) -> bool:

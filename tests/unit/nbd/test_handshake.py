@@ -106,14 +106,14 @@ def test_client_flags_fatal(flags: str) -> None:
 
 def test_eof_before_client_flags_is_a_clean_disconnect() -> None:
     conn = fresh()
-    conn.receive_data(b"")
+    conn.receive_eof()
     assert conn.next_event() == Disconnect()
 
 
 def test_eof_mid_client_flags_is_fatal() -> None:
     conn = fresh()
     conn.receive_data(b"\x00\x00")
-    conn.receive_data(b"")
+    conn.receive_eof()
     assert_raises_fatal(conn, "EOF")
 
 
@@ -129,6 +129,17 @@ def test_receive_after_eof_is_a_local_error() -> None:
     conn.receive_eof()
     with pytest.raises(LocalProtocolError):
         conn.receive_data(b"x")
+    with pytest.raises(LocalProtocolError):
+        conn.receive_eof()
+
+
+def test_empty_data_is_not_eof() -> None:
+    """EOF is receive_eof(), never an empty read in disguise."""
+    conn = fresh()
+    conn.receive_data(b"")
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"\x00\x00\x00\x03")  # FIXED_NEWSTYLE | NO_ZEROES
+    assert conn.next_event() is NEED_DATA  # waiting for options, not disconnected
 
 
 # ------------------------------------------------------------------ EXPORT_NAME
@@ -249,14 +260,14 @@ def test_too_many_options_is_fatal() -> None:
 def test_eof_between_options_is_disconnect() -> None:
     conn = after_flags()
     conn.receive_data(option(NbdOpt.LIST))
-    conn.receive_data(b"")
+    conn.receive_eof()
     assert drain_events(conn) == [Disconnect()]
 
 
 def test_eof_mid_option_is_fatal() -> None:
     conn = after_flags()
     conn.receive_data(option(NbdOpt.LIST, b"xy")[:-1])
-    conn.receive_data(b"")
+    conn.receive_eof()
     assert_raises_fatal(conn, "EOF")
 
 

@@ -255,7 +255,7 @@ def test_eof_mid_message_is_fatal(partial: bytes) -> None:
     conn = opened()
     conn.receive_data(partial)
     drain_events(conn)
-    conn.receive_data(b"")
+    conn.receive_eof()
     with pytest.raises(NbdProtocolError, match="EOF"):
         drain_events(conn)
 
@@ -263,7 +263,7 @@ def test_eof_mid_message_is_fatal(partial: bytes) -> None:
 def test_eof_between_requests_is_disconnect() -> None:
     conn = opened()
     conn.receive_data(request(F, 1))
-    conn.receive_data(b"")
+    conn.receive_eof()
     assert drain_events(conn) == [Command(1, F, NbdCmdFlag(0), 0, 0), Disconnect()]
     assert not conn.in_transmission
 
