@@ -739,7 +739,10 @@ class Daemon:
         check_keys(args, {"disk", "name"})
         disk, bm = self._bitmap(args)
         async with self._disk_locks[disk.name]:
-            await asyncio.to_thread(bm.native.clear)
+            try:
+                await asyncio.to_thread(bm.native.clear)
+            except OSError as exc:
+                raise CommandError(f"cannot clear bitmap: {exc.strerror or exc}") from None
             bm.recovered = None
         return {}
 
@@ -804,8 +807,11 @@ class Daemon:
         for bm in disk.bitmaps.values():
             assert isinstance(bm, bmap.Bitmap)
             if bm.enabled:
-                await asyncio.to_thread(bm.native.set_all)
                 bm.recovered = reason
+                try:
+                    await asyncio.to_thread(bm.native.set_all)
+                except OSError as exc:  # the bits are set; only the re-arm failed
+                    log.error("bitmap %s of %s: %s", bm.name, disk.name, exc.strerror or exc)
         log.warning("disk %s: bitmaps set all dirty: %s", disk.name, reason)
 
     # -- disks at run time ------------------------------------------------------
@@ -1057,7 +1063,10 @@ class Daemon:
             await self._save_state_logged()
             if not disk.read_only:
                 await self._flush_logged(disk, "after detach")
-            await bmap.sync([bm for bm in self._all_bitmaps() if bm.disk == disk.name])
+            # No guest write comes through us until the next attach: the
+            # bitmaps are put away clean (a crash now loses nothing; the next
+            # write through the daemon marks them in use again first).
+            await bmap.mark_clean([bm for bm in self._all_bitmaps() if bm.disk == disk.name])
         log.info("disk %s detached: %s %s is back on node %s", disk.name, att.qmp,
                  att.device, att.original)
         return {}

@@ -14,7 +14,9 @@ Rules:
   every bit and :attr:`Bitmap.recovered` says why.  The next incremental is
   then a full read, never a silently wrong one.
 - Bits are made durable without a sync per guest write: at every FLUSH
-  (C), periodically, at detach and at shutdown.
+  (C), periodically, at detach and at shutdown.  At detach (and at the
+  clean close at shutdown) the file is also marked clean: a crash while the
+  disk is detached loses nothing.
 - **All dirty, with a reason**, is also the answer when the daemon cannot
   know what changed: a VM wrote while detached and the hand-off bitmap is
   gone, or QEMU's NBD server was busy.
@@ -163,6 +165,19 @@ async def sync(bitmaps: list[Bitmap]) -> None:
             except OSError as exc:
                 log.error("bitmap %s of %s: sync failed: %s", bm.name, bm.disk,
                           exc.strerror or exc)
+
+
+async def mark_clean(bitmaps: list[Bitmap]) -> None:
+    """Sync the persistent ones and clear their in-use flag while they stay
+    open (at detach: no write comes through until the next attach; the next
+    one that does marks the file in use again before it is acknowledged)."""
+    for bm in bitmaps:
+        if bm.persistent:
+            try:
+                await asyncio.to_thread(bm.native.mark_clean)
+            except OSError as exc:
+                log.error("bitmap %s of %s: clean mark failed (it stays in use): %s",
+                          bm.name, bm.disk, exc.strerror or exc)
 
 
 async def remove_file(bm: Bitmap) -> None:

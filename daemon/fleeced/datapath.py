@@ -34,11 +34,12 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from fleeced._native import ffi, lib
 
@@ -719,14 +720,24 @@ class NativeBitmap(_Handle):
 
     Attached to a :class:`NativeFile` (:meth:`NativeFile.attach_bitmap`) it
     records every guest write that changes data.  Methods are synchronous;
-    all but :meth:`open`, :meth:`sync` and :meth:`close` of a persistent
-    bitmap work in memory (a persistent bitmap's pages may still fault in).
+    all but :meth:`open`, :meth:`sync`, :meth:`mark_clean` and :meth:`close`
+    of a persistent bitmap work in memory (a persistent bitmap's pages may
+    still fault in), except that the first bit-changing call after a
+    :meth:`mark_clean` (:meth:`set`, :meth:`reset`, :meth:`clear`,
+    :meth:`set_all`, :meth:`merge_from`, or a guest write) re-arms the in-use
+    flag with one ``msync`` of the header before it returns.
     Owned objects come from :meth:`open` and :meth:`copy`; the one of
     :meth:`NativeSession.frozen_bitmap` only holds a reference.  An owned
     bitmap that is garbage collected unclosed is closed *not clean*.
     """
 
     __slots__ = ("_size", "_granularity", "_owner", "__weakref__")
+
+    #: Orders :meth:`_pin` against :meth:`close`: cffi drops the GIL around
+    #: ``fl_bitmap_ref``, so without it a close could drop the last reference
+    #: (and free the bitmap) between a pin reading ``_h`` and its C ref.
+    #: Held only around pointer swaps and that atomic increment.
+    _pin_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, handle: Any, *, owner: bool) -> None:
         """Wrap an ``fl_bitmap *``; use :meth:`open` instead."""
@@ -779,9 +790,17 @@ class NativeBitmap(_Handle):
 
 
     def _pin(self) -> Any:
-        """A new C reference on the bitmap, given up when the result is collected."""
-        h = self._handle()
-        lib.fl_bitmap_ref(h)
+        """A new C reference on the bitmap, given up when the result is collected.
+
+        Safe against a concurrent :meth:`close` in another thread: the
+        reference is taken before the close gives up this object's one, or
+        the pin fails ``EBADF``.
+
+        :raise OSError: ``EBADF`` when closed.
+        """
+        with self._pin_lock:
+            h = self._handle()
+            lib.fl_bitmap_ref(h)
         return ffi.gc(ffi.cast("fl_bitmap *", h), lib.fl_bitmap_unref)
 
     def close(self, clean: bool = False) -> None:
@@ -790,12 +809,15 @@ class NativeBitmap(_Handle):
         For the owner of a persistent bitmap, CLEAN says how the file is put
         away once the last reference goes (files it is still attached to keep
         it alive and recording): clean = sync the bits, write the checksum and
-        clear the in-use flag; not clean = leave it in use, so the next
-        :meth:`open` loads it all dirty.  Clean-up I/O may run here.
+        clear the in-use flag; not clean = leave the header as it is: in use,
+        so the next :meth:`open` loads it all dirty, unless a
+        :meth:`mark_clean` cleared it and no bit changed since.  Clean-up I/O
+        may run here.
         """
-        if self._h is None:
-            return
-        h, self._h = self._h, None
+        with self._pin_lock:  # see _pin_lock
+            if self._h is None:
+                return
+            h, self._h = self._h, None
         ffi.gc(h, None)
         if self._owner:
             lib.fl_bitmap_close(h, int(bool(clean)))
@@ -809,10 +831,29 @@ class NativeBitmap(_Handle):
         """
         _check(lib.fl_bitmap_sync(self._handle()))
 
+    def mark_clean(self) -> None:
+        """Put a persistent bitmap away cleanly while it stays open; blocks.
+
+        ``msync`` the bits, write the checksum, clear the in-use flag and
+        ``msync`` the header, as a clean close does, but the bitmap stays open
+        and may stay attached and recording.  A crash with no bit changed since
+        loads it with ``recovered`` 0; the first change after it sets the
+        in-use flag again (durably) before it returns, so a crash after that
+        loads it all dirty.  Safe against concurrent guest writes and a
+        concurrent :meth:`close`.  A no-op for a transient bitmap.  The daemon
+        runs it in a thread (``asyncio.to_thread``).
+
+        :raise OSError: ``EBADF`` when closed, or the ``msync(2)`` error (the
+            in-use flag then stays set).
+        """
+        # Pinned: a close on the loop thread must not free it mid-call.
+        _check(lib.fl_bitmap_mark_clean(self._pin()))
+
     def set(self, off: int, length: int) -> None:
         """Mark dirty every granule that ``[off, off+length)`` touches.
 
-        :raise OSError: ``EINVAL`` out of range, ``EBADF`` when closed.
+        :raise OSError: ``EINVAL`` out of range, ``EBADF`` when closed, or
+            the ``msync(2)`` error of a failed re-arm (the bits are set anyway).
         """
         h = self._handle()
         o, n = _range(off, length, self._size)
@@ -824,7 +865,8 @@ class NativeBitmap(_Handle):
         The disk's short last granule counts as whole when the range reaches
         the end; partly covered granules stay as they are.
 
-        :raise OSError: ``EINVAL`` out of range, ``EBADF`` when closed.
+        :raise OSError: ``EINVAL`` out of range, ``EBADF`` when closed, or
+            the ``msync(2)`` error of a failed re-arm (the bits are reset anyway).
         """
         h = self._handle()
         o, n = _range(off, length, self._size)
@@ -833,22 +875,25 @@ class NativeBitmap(_Handle):
     def clear(self) -> None:
         """Mark everything clean.
 
-        :raise OSError: ``EBADF`` when closed.
+        :raise OSError: ``EBADF`` when closed, or the ``msync(2)`` error of a
+            failed re-arm (cleared anyway).
         """
-        lib.fl_bitmap_clear(self._handle())
+        _check(lib.fl_bitmap_clear(self._handle()))
 
     def set_all(self) -> None:
         """Mark everything dirty.
 
-        :raise OSError: ``EBADF`` when closed.
+        :raise OSError: ``EBADF`` when closed, or the ``msync(2)`` error of a
+            failed re-arm (set anyway).
         """
-        lib.fl_bitmap_set_all(self._handle())
+        _check(lib.fl_bitmap_set_all(self._handle()))
 
     def merge_from(self, other: NativeBitmap) -> None:
         """OR OTHER's bits into this bitmap.
 
         :raise TypeError: when OTHER is not a :class:`NativeBitmap`.
-        :raise OSError: ``EINVAL`` unless size and granularity match, ``EBADF``.
+        :raise OSError: ``EINVAL`` unless size and granularity match, ``EBADF``,
+            or the ``msync(2)`` error of a failed re-arm (merged anyway).
         """
         if not isinstance(other, NativeBitmap):
             raise TypeError(f"other must be NativeBitmap, not {type(other).__name__}")

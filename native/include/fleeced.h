@@ -151,8 +151,10 @@ int fl_bitmap_open(const char *path, uint64_t size, uint64_t granularity,
 /* Give up the owner's reference (see Lifetimes).  CLEAN records how a
  * persistent bitmap is put away when its last reference goes (after the
  * files it is attached to let go of it): clean = sync the bits, write the
- * checksum, clear the in-use flag, sync the header; not clean = leave it
- * in use (the next open loads it all dirty).  Then unmap and close. */
+ * checksum, clear the in-use flag, sync the header; not clean = leave the
+ * header as it is: in use (the next open loads it all dirty), unless a
+ * fl_bitmap_mark_clean cleared it and no bit changed since.  Then unmap
+ * and close. */
 void fl_bitmap_close(fl_bitmap *b, int clean);
 /* Take / give up an extra reference (not the owner's: unref records no
  * CLEAN flag).  fl_session_frozen_bitmap hands out one. */
@@ -163,6 +165,22 @@ uint64_t fl_bitmap_granularity(const fl_bitmap *b);
 /* msync(MS_SYNC) the bits of a persistent bitmap (the in-use flag stays
  * set); 0 for a transient one.  Blocks on I/O. */
 int fl_bitmap_sync(fl_bitmap *b);
+/* The clean close's put-away, while B stays open (and maybe attached to a
+ * file that goes on writing): msync the bits, write the checksum, clear
+ * the in-use flag, msync the header.  A crash with no bit changed since
+ * loads the bits with *recovered = 0.  The first bit-changing call after
+ * it (the guest write path, fl_bitmap_set/reset/clear/set_all, a merge
+ * into B) re-arms before it returns: sets the in-use flag again and
+ * msyncs the header, so a crash after it loads all dirty.  Concurrent
+ * writers are safe (bitmap.c "Clean mark").  0 for a transient bitmap.
+ * -errno of a failed msync: the in-use flag is then left set.  Blocks on
+ * I/O; the caller holds a reference. */
+int fl_bitmap_mark_clean(fl_bitmap *b);
+/* The bit-changing calls below return 0, or the -errno of a failed
+ * re-arm (the header msync after a fl_bitmap_mark_clean): the bits are
+ * changed in memory anyway, the in-use flag is set in memory but maybe
+ * not on disk, and the next change retries.  Each may block on that
+ * msync (once per mark_clean); otherwise they work in memory. */
 /* Mark dirty every granule that [off, off+len) touches.  -EINVAL beyond
  * the size; len 0 does nothing. */
 int fl_bitmap_set(fl_bitmap *b, uint64_t off, uint64_t len);
@@ -172,8 +190,8 @@ int fl_bitmap_set(fl_bitmap *b, uint64_t off, uint64_t len);
  * never loses a write outside the range.  -EINVAL beyond the size. */
 int fl_bitmap_reset(fl_bitmap *b, uint64_t off, uint64_t len);
 /* All clean / all dirty. */
-void fl_bitmap_clear(fl_bitmap *b);
-void fl_bitmap_set_all(fl_bitmap *b);
+int fl_bitmap_clear(fl_bitmap *b);
+int fl_bitmap_set_all(fl_bitmap *b);
 /* DST |= SRC; -EINVAL unless both have the same size and granularity. */
 int fl_bitmap_merge(fl_bitmap *dst, const fl_bitmap *src);
 /* *OUT = a new transient bitmap with SRC's geometry and bits. */

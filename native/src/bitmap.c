@@ -34,6 +34,64 @@
  *   ours to repair.  The clean close is: msync the words, write the
  *   checksum, clear IN_USE, msync the header, unmap.  If the words' msync
  *   fails, IN_USE stays set, so the next load is all dirty.
+ * - Clean mark (fl_bitmap_mark_clean; issue 8: "clears it after a clean
+ *   flush at shutdown or detach") does the same while the bitmap stays
+ *   open, maybe attached to a file that goes on writing.  The guarantee,
+ *   for a process crash and for a power cut alike (only msynced bytes
+ *   survive, the rest may or may not): once any bit-changing call has
+ *   returned (fl_bitmap_set, the guest write path, set_all, merge,
+ *   reset, clear), the durable header has IN_USE set, or its checksum
+ *   was computed over words that include that call's change.  Together
+ *   with "checksum match => the durable words are the checksummed ones"
+ *   a load with *recovered = 0 then has every acknowledged bit.  How:
+ *   `armed` = 1 means "the durable header has IN_USE set and no clean
+ *   mark has begun since".  open leaves it 1; a transient bitmap keeps it
+ *   1 forever.  Every bit-changing call, after touching the words, loads
+ *   `armed` (the one extra atomic load of the hot path) and, when it is
+ *   0, re-arms before returning: under arm_lock, if still 0, set IN_USE,
+ *   msync the header (MS_SYNC), then store armed = 1.  file.c marks after
+ *   the I/O and before the ack, so the re-arm is durable before the
+ *   guest hears of its write.  mark_clean: msync the words (the bulk,
+ *   outside the lock); then under arm_lock: store armed = 0 (M1), msync
+ *   the words again (whatever changed meanwhile), compute the checksum
+ *   over the words (M2), write it, clear IN_USE, msync the header.
+ *   Why no change is lost (Dekker; every word access, `armed` and M2's
+ *   loads are seq_cst, so one total order S covers them): a writer does
+ *   W1 = its fetch_or (or the load that found the bits set) then W2 =
+ *   load armed.  Take any clean mark M.  If W1 precedes M2's load of that
+ *   word in S, M's checksum includes the bit.  Else M1 < M2 < W1 < W2,
+ *   so W2 reads M1's 0 or a later store to `armed`; every such store
+ *   runs under arm_lock after M released it (M holds the lock from
+ *   before M1 until its header msync returns).  A 0 makes the writer
+ *   re-arm, which waits for the lock, so its IN_USE lands after M's
+ *   clear.  A 1 comes from a re-arm R after M, whose IN_USE and msync
+ *   are done before its store; a later mark M' that clears it again has
+ *   M1' after W2 in S (else W2 would read M1' or a store after it), so
+ *   M2' > W1 and M' includes the bit.  The lock also orders a re-arm
+ *   against a mark's checksum/clear/msync, so "re-armed between the
+ *   checksum and the clear" cannot happen: the re-arm waits, and then
+ *   sets IN_USE again.
+ *   A call that finds its bits already set still loads `armed` and
+ *   re-arms on 0: the bit may be another writer's change made after M2
+ *   whose own re-arm has not happened yet, and returning early would
+ *   acknowledge a write that a power cut could lose (durable header
+ *   clean, durable words stale but matching the checksum).  This costs
+ *   at most one header msync per clean mark, paid by its first writer.
+ *   Bits that change after M2 are maybe in the checksum only partly or
+ *   not on disk: that can only make the checksum mismatch (*recovered =
+ *   2, all dirty), never load clean with a bit missing.
+ *   Failures: a failed re-arm msync leaves IN_USE set in memory and
+ *   armed = 0 (the next change retries) and returns -errno from the
+ *   call (fl__bitmap_mark too; file.c does not act on it yet).  A failed
+ *   msync in mark_clean: the words' one leaves the header alone; the
+ *   header's one sets IN_USE back and msyncs again; `armed` becomes 1
+ *   again only when IN_USE is known durable.
+ *   Cost: a re-arm does I/O under arm_lock and, from file.c, under the
+ *   shared sessions_lock (like CBW); under cbw.c's exclusive one only
+ *   when a checkpoint clears a NEW bitmap that was marked clean.
+ *   Process-crash only (no power cut) is safe by the checksum alone:
+ *   the file then holds exactly the memory's words, and any change after
+ *   the checksum makes it mismatch.
  * - The file is fallocated at create and open, so storing into a mapped
  *   page never hits ENOSPC (which would be SIGBUS).  An exclusive flock
  *   (-EBUSY when taken) keeps two daemons off one file; something that
@@ -48,19 +106,35 @@
  *   references, the checksum is computed when no writer can set a bit.
  * - No globals.
  *
- * Concurrency (no lock in this file; the hot path is a load and at most
- * one atomic OR per 64 granules touched):
+ * Concurrency (one lock, arm_lock, never on the hot path unless it must
+ * re-arm; the hot path is a load and at most one atomic OR per 64
+ * granules touched, plus one load of `armed` per call):
  *   words[]     atomic per word.  Set: __atomic_fetch_or (skipped when the
  *               bits are already set, to keep the cache line shared);
  *               reset: __atomic_fetch_and; clear/set_all: __atomic_store.
- *               Readers (count, extents, copy, merge's source, checksum)
- *               use relaxed atomic loads: a reader concurrent with writers
+ *               All word writes (and the loads that decide a write is
+ *               not needed) are seq_cst for the clean-mark protocol
+ *               (free on x86: a locked RMW or a plain load either way),
+ *               and so are the checksum's loads.  Other readers (count,
+ *               extents, copy, merge's source) use relaxed atomic loads.
+ *               A reader concurrent with writers
  *               sees each word either before or after each update, never
  *               torn, but no snapshot across words.  A consistent cut of
  *               an attached bitmap comes from the file's sessions_lock
  *               held exclusive (cbw.c checkpoints), not from here.
  *   refs        atomic (acq_rel on the last drop).
  *   clean       atomic; written by fl_bitmap_close, read at the last unref.
+ *   armed       atomic seq_cst (see "Clean mark"); read lock-free by every
+ *               bit-changing call, written only under arm_lock.
+ *   arm_lock    guards the header's flags and checksum and the msyncs of
+ *               the header, and orders the stores to `armed`.  Held
+ *               across msync (that is its purpose: a writer that must
+ *               re-arm has to wait for the durable header anyway).  Lock
+ *               order: callers' locks (sessions_lock) before arm_lock;
+ *               nothing is taken under it.  open/create and the last
+ *               unref touch the header without it: nobody else can then.
+ *   shadow      test hook (fl__bitmap_test_shadow), set before any
+ *               sharing; its bytes are written with relaxed atomics.
  *   everything else  immutable after open.
  */
 #include <errno.h>
@@ -97,6 +171,9 @@ struct hdr {                  /* the first 56 bytes of the file */
 struct fl_bitmap {
     unsigned refs;            /* atomic; see "Lifetime" */
     int clean;                /* atomic; the owner's close flag */
+    int armed;                /* atomic seq_cst; stores under arm_lock */
+    pthread_mutex_t arm_lock; /* header flags/checksum + its msyncs */
+    uint8_t *shadow;          /* test hook: model of the durable bytes */
     uint64_t size, gran, nbits, nwords;  /* immutable */
     unsigned shift;           /* log2(gran), immutable */
     int fd;                   /* persistent: the file; transient: -1 */
@@ -135,19 +212,25 @@ static inline uint64_t valid_mask(const fl_bitmap *b, uint64_t i)
         }                                                                   \
     } while (0)
 
+/* Seq_cst load of word I: the "W1" of a set that finds its bits set. */
+static inline uint64_t wload_sc(const fl_bitmap *b, uint64_t i)
+{
+    return __atomic_load_n(&b->words[i], __ATOMIC_SEQ_CST);
+}
+
 static void set_bits(fl_bitmap *b, uint64_t g0, uint64_t g1)
 {
     FOR_BITS(b, g0, g1, {
-        if ((wload(b, wi) & mask) != mask)
-            __atomic_fetch_or(&b->words[wi], mask, __ATOMIC_RELAXED);
+        if ((wload_sc(b, wi) & mask) != mask)
+            __atomic_fetch_or(&b->words[wi], mask, __ATOMIC_SEQ_CST);
     });
 }
 
 static void clear_bits(fl_bitmap *b, uint64_t g0, uint64_t g1)
 {
     FOR_BITS(b, g0, g1, {
-        if ((wload(b, wi) & mask) != 0)
-            __atomic_fetch_and(&b->words[wi], ~mask, __ATOMIC_RELAXED);
+        if ((wload_sc(b, wi) & mask) != 0)
+            __atomic_fetch_and(&b->words[wi], ~mask, __ATOMIC_SEQ_CST);
     });
 }
 
@@ -155,7 +238,7 @@ static void fill(fl_bitmap *b, int ones)
 {
     for (uint64_t i = 0; i < b->nwords; i++)
         __atomic_store_n(&b->words[i], ones ? valid_mask(b, i) : 0,
-                         __ATOMIC_RELAXED);
+                         __ATOMIC_SEQ_CST);
 }
 
 /* First granule >= G (below nbits) whose bit equals BIT, else nbits. */
@@ -186,7 +269,7 @@ static uint64_t fnv1a(const fl_bitmap *b)
     uint64_t h = FNV_OFFSET;
 
     for (uint64_t i = 0; i < b->nwords; i++) {
-        uint64_t w = wload(b, i);
+        uint64_t w = wload_sc(b, i);    /* "M2": after M1 in S */
         for (int k = 0; k < 8; k++) {
             h ^= (w >> (8 * k)) & 0xff;
             h *= FNV_PRIME;
@@ -197,6 +280,18 @@ static uint64_t fnv1a(const fl_bitmap *b)
 
 /* ---- persistence -------------------------------------------------------- */
 
+/* Test hook: the bytes [start, end) as they are when an msync of them
+ * starts, i.e. the oldest content that msync may have written. */
+static void shadow_copy(fl_bitmap *b, size_t start, size_t end)
+{
+    end = (end + 7) & ~(size_t)7;
+    for (size_t i = start; i < end && i < b->map_len; i += 8)
+        __atomic_store_n((uint64_t *)(void *)(b->shadow + i),
+                         __atomic_load_n((uint64_t *)(void *)(b->map + i),
+                                         __ATOMIC_SEQ_CST),
+                         __ATOMIC_RELAXED);
+}
+
 /* msync [off, off+len) of the mapping, widened to whole pages. */
 static int sync_range(fl_bitmap *b, size_t off, size_t len)
 {
@@ -204,6 +299,8 @@ static int sync_range(fl_bitmap *b, size_t off, size_t len)
 
     if (len == 0)
         return 0;
+    if (b->shadow != NULL)
+        shadow_copy(b, start, off + len);
     if (msync(b->map + start, off + len - start, MS_SYNC) < 0)
         return -errno;
     return 0;
@@ -219,6 +316,36 @@ static struct hdr *header(fl_bitmap *b)
     return (struct hdr *)(void *)b->map;
 }
 
+static int sync_header(fl_bitmap *b)
+{
+    return sync_range(b, 0, sizeof(struct hdr));
+}
+
+/* Slow path of after_change: make IN_USE durable (see "Clean mark"). */
+static int rearm(fl_bitmap *b)
+{
+    int rc = 0;
+
+    pthread_mutex_lock(&b->arm_lock);
+    if (!__atomic_load_n(&b->armed, __ATOMIC_SEQ_CST)) {
+        header(b)->flags |= F_IN_USE;
+        rc = sync_header(b);
+        if (rc == 0)
+            __atomic_store_n(&b->armed, 1, __ATOMIC_SEQ_CST);
+    }
+    pthread_mutex_unlock(&b->arm_lock);
+    return rc;
+}
+
+/* Every bit-changing call, after its word accesses and before returning:
+ * "W2", one seq_cst load (a plain load on x86); always 1 when transient. */
+static inline int after_change(fl_bitmap *b)
+{
+    if (__builtin_expect(__atomic_load_n(&b->armed, __ATOMIC_SEQ_CST), 1))
+        return 0;
+    return rearm(b);
+}
+
 /* The last reference is gone: clean close (see the notes), unmap, free. */
 static void destroy(fl_bitmap *b)
 {
@@ -228,11 +355,12 @@ static void destroy(fl_bitmap *b)
             struct hdr *h = header(b);
             h->checksum = fnv1a(b);
             h->flags &= ~F_IN_USE;
-            (void)sync_range(b, 0, sizeof(*h));
+            (void)sync_header(b);
         }
         close(b->fd);   /* drops the flock */
     }
     munmap(b->map, b->map_len);
+    pthread_mutex_destroy(&b->arm_lock);
     free(b);
 }
 
@@ -422,6 +550,7 @@ int fl_bitmap_open(const char *path, uint64_t size, uint64_t granularity,
     if (rc < 0)
         goto err;
     b->refs = 1;
+    b->armed = 1;   /* open leaves IN_USE durable; transient: always */
     b->fd = -1;
     if (path == NULL) {
         void *m;
@@ -439,6 +568,7 @@ int fl_bitmap_open(const char *path, uint64_t size, uint64_t granularity,
         if (rc < 0)
             goto err;
     }
+    pthread_mutex_init(&b->arm_lock, NULL);
     *out = b;
     return 0;
 
@@ -481,20 +611,56 @@ int fl_bitmap_sync(fl_bitmap *b)
     return b->fd >= 0 ? sync_words(b) : 0;
 }
 
-void fl__bitmap_mark(fl_bitmap *b, uint64_t off, uint64_t len)
+int fl_bitmap_mark_clean(fl_bitmap *b)
+{
+    struct hdr *h;
+    int rc, was;
+
+    if (b == NULL)
+        return -EINVAL;
+    if (b->fd < 0)
+        return 0;
+    rc = sync_words(b);        /* the bulk, outside the lock */
+    if (rc < 0)
+        return rc;
+    pthread_mutex_lock(&b->arm_lock);
+    was = __atomic_exchange_n(&b->armed, 0, __ATOMIC_SEQ_CST);   /* M1 */
+    rc = sync_words(b);        /* what changed since the first one */
+    if (rc == 0) {
+        h = header(b);
+        h->checksum = fnv1a(b);                                  /* M2 */
+        h->flags &= ~F_IN_USE;
+        rc = sync_header(b);
+        if (rc < 0) {          /* the durable header is unknown now */
+            h->flags |= F_IN_USE;
+            was = sync_header(b) == 0;
+        }
+    }
+    if (rc < 0 && was)         /* IN_USE is durable: no re-arm needed */
+        __atomic_store_n(&b->armed, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&b->arm_lock);
+    return rc;
+}
+
+int fl__bitmap_mark(fl_bitmap *b, uint64_t off, uint64_t len)
 {
     /* Callers checked off + len <= size (hot path: no re-check). */
-    if (len > 0)
-        set_bits(b, off >> b->shift, ((off + len - 1) >> b->shift) + 1);
+    if (len == 0)
+        return 0;
+    set_bits(b, off >> b->shift, ((off + len - 1) >> b->shift) + 1);
+    return after_change(b);
+}
+
+void fl__bitmap_test_shadow(fl_bitmap *b, uint8_t *shadow)
+{
+    b->shadow = shadow;
 }
 
 int fl_bitmap_set(fl_bitmap *b, uint64_t off, uint64_t len)
 {
     int rc = fl__range_ok(off, len, b->size);
 
-    if (rc == 0)
-        fl__bitmap_mark(b, off, len);
-    return rc;
+    return rc < 0 ? rc : fl__bitmap_mark(b, off, len);
 }
 
 int fl_bitmap_reset(fl_bitmap *b, uint64_t off, uint64_t len)
@@ -507,19 +673,22 @@ int fl_bitmap_reset(fl_bitmap *b, uint64_t off, uint64_t len)
     end = off + len;
     g0 = (off >> b->shift) + ((off & (b->gran - 1)) != 0);
     g1 = end == b->size ? b->nbits : end >> b->shift;
-    if (g0 < g1)
-        clear_bits(b, g0, g1);
-    return 0;
+    if (g0 >= g1)
+        return 0;
+    clear_bits(b, g0, g1);
+    return after_change(b);
 }
 
-void fl_bitmap_clear(fl_bitmap *b)
+int fl_bitmap_clear(fl_bitmap *b)
 {
     fill(b, 0);
+    return after_change(b);
 }
 
-void fl_bitmap_set_all(fl_bitmap *b)
+int fl_bitmap_set_all(fl_bitmap *b)
 {
     fill(b, 1);
+    return after_change(b);
 }
 
 int fl_bitmap_merge(fl_bitmap *dst, const fl_bitmap *src)
@@ -531,16 +700,20 @@ int fl_bitmap_merge(fl_bitmap *dst, const fl_bitmap *src)
         return 0;
     for (uint64_t i = 0; i < dst->nwords; i++) {
         uint64_t w = wload(src, i);
-        if ((w & ~wload(dst, i)) != 0)
-            __atomic_fetch_or(&dst->words[i], w, __ATOMIC_RELAXED);
+        if ((w & ~wload_sc(dst, i)) != 0)
+            __atomic_fetch_or(&dst->words[i], w, __ATOMIC_SEQ_CST);
     }
-    return 0;
+    return after_change(dst);
 }
 
 void fl__bitmap_copy_bits(fl_bitmap *dst, const fl_bitmap *src)
 {
     for (uint64_t i = 0; i < dst->nwords; i++)
-        __atomic_store_n(&dst->words[i], wload(src, i), __ATOMIC_RELAXED);
+        __atomic_store_n(&dst->words[i], wload(src, i), __ATOMIC_SEQ_CST);
+    /* DST is cbw.c's transient frozen copy, for which this is a load;
+     * were it persistent, a failed re-arm would leave armed = 0 and the
+     * next change would retry. */
+    (void)after_change(dst);
 }
 
 int fl_bitmap_copy(const fl_bitmap *src, fl_bitmap **out)

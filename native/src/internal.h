@@ -109,8 +109,17 @@ void fl__bitmap_ref(fl_bitmap *b);
  * call it with a lock held. */
 void fl__bitmap_unref(fl_bitmap *b);
 /* Hot path: mark every granule touching [off, off+len), which the caller
- * has checked lies within the size.  Lock-free (atomic OR). */
-void fl__bitmap_mark(fl_bitmap *b, uint64_t off, uint64_t len);
+ * has checked lies within the size.  Lock-free (atomic OR, then one load
+ * of `armed`), except the first call after a fl_bitmap_mark_clean, which
+ * re-arms: sets the in-use flag and msyncs the header (blocks on I/O)
+ * before returning.  0, or the -errno of a failed re-arm msync (the write
+ * is then not covered against a power cut; the next mark retries). */
+int fl__bitmap_mark(fl_bitmap *b, uint64_t off, uint64_t len);
+/* Test hook: from now on every msync of B first copies the bytes it
+ * covers (as they are when it starts) into SHADOW (B's mapping length,
+ * header included), a model of what a power cut keeps.  Set it before
+ * B is shared; NULL turns it off. */
+void fl__bitmap_test_shadow(fl_bitmap *b, uint8_t *shadow);
 /* DST's bits = SRC's; same geometry (caller checked). */
 void fl__bitmap_copy_bits(fl_bitmap *dst, const fl_bitmap *src);
 /* The first dirty run at or after byte FROM (granule-aligned start, end

@@ -1,14 +1,21 @@
 /* Unit tests of native/src/bitmap.c and its hooks in file.c and cbw.c:
  * set/reset/extents edge cases against a reference model, the persistent
- * format (round trip, in-use recovery, checksum, torn files), attachment
- * to the guest write path, and checkpoints in fl_session_open (the
- * consistent cut, with concurrent writers). */
+ * format (round trip, in-use recovery, checksum, torn files), clean marks
+ * (re-arm on the next change; a crash-at-a-random-point stress with
+ * concurrent writers, checked both as a process crash and as a power
+ * cut), attachment to the guest write path, and checkpoints in
+ * fl_session_open (the consistent cut, with concurrent writers). */
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
 
 #include "check.h"
 #include "fleeced.h"
+#include "internal.h"    /* fl__bitmap_test_shadow */
 
 #define G   ((uint64_t)65536)
 #define SZ  (5 * G + 1000)           /* 6 granules, the last one short */
@@ -365,6 +372,325 @@ static void test_persist(void)
     unlink(path);
 }
 
+/* ---- clean marks --------------------------------------------------------- */
+
+static uint64_t hdr_flags(const char *path)
+{
+    struct hdr_view h;
+
+    read_hdr(path, &h);
+    return h.flags;
+}
+
+/* Every granule of A that is dirty is dirty in B, and the counts match. */
+static void same_bits(fl_bitmap *a, fl_bitmap *b)
+{
+    uint64_t gran = fl_bitmap_granularity(a), size = fl_bitmap_size(a);
+    struct ext ea[64], eb[64];
+
+    CHECK(fl_bitmap_count(a) == fl_bitmap_count(b));
+    for (uint64_t off = 0; off < size; off += gran) {
+        CHECK(extents(a, off, 1, ea, 1) == 1 && extents(b, off, 1, eb, 1) == 1);
+        CHECK(ea[0].flags == eb[0].flags);
+    }
+}
+
+/* Reopen PATH after a "crash" (the owner closed it not clean): return
+ * *recovered, the bitmap in *OUT. */
+static int reopen(const char *path, fl_bitmap **out)
+{
+    int rec = -1;
+
+    CHECK_RC(fl_bitmap_open(path, SZ, G, 0, out, &rec), 0);
+    return rec;
+}
+
+static void test_mark_clean(void)
+{
+    char path[4096], img[4096];
+    fl_bitmap *b, *c, *t;
+    fl_file *f;
+    uint8_t *shadow;
+    uint8_t buf[16] = { 0 };
+    struct hdr_view h;
+
+    /* Transient: a no-op. */
+    CHECK_RC(fl_bitmap_open(NULL, SZ, G, 0, &t, NULL), 0);
+    CHECK_RC(fl_bitmap_set(t, 0, 1), 0);
+    CHECK_RC(fl_bitmap_mark_clean(t), 0);
+    CHECK(fl_bitmap_count(t) == G);
+    CHECK_RC(fl_bitmap_mark_clean(NULL), -EINVAL);
+
+    tmp_path(path, "markclean");
+    CHECK_RC(fl_bitmap_open(path, SZ, G, 1, &b, NULL), 0);
+    CHECK_RC(fl_bitmap_set(b, G, 1), 0);
+    CHECK_RC(fl_bitmap_set(b, SZ - 1, 1), 0);
+    CHECK_RC(fl_bitmap_mark_clean(b), 0);
+    read_hdr(path, &h);
+    CHECK(h.flags == 0 && h.checksum == file_fnv(path, 8));
+    CHECK_RC(fl_bitmap_mark_clean(b), 0);             /* idempotent */
+    CHECK(hdr_flags(path) == 0);
+    CHECK_RC(fl_bitmap_copy(b, &c), 0);
+    /* Crash with no change since: clean, same bits. */
+    fl_bitmap_close(b, 0);
+    CHECK(reopen(path, &b) == 0);
+    same_bits(b, c);
+    CHECK(hdr_flags(path) == 1);                      /* open re-marks */
+
+    /* A change after it re-arms before returning; a crash: all dirty. */
+    CHECK_RC(fl_bitmap_mark_clean(b), 0);
+    CHECK(hdr_flags(path) == 0);
+    CHECK_RC(fl_bitmap_set(b, 0, 1), 0);
+    CHECK(hdr_flags(path) == 1);
+    fl_bitmap_close(b, 0);
+    CHECK(reopen(path, &b) == 1 && fl_bitmap_count(b) == SZ);
+
+    /* Marked again after the change: the change is in, clean again. */
+    fl_bitmap_clear(b);
+    CHECK_RC(fl_bitmap_set(b, 2 * G, 1), 0);
+    CHECK_RC(fl_bitmap_mark_clean(b), 0);
+    CHECK_RC(fl_bitmap_set(b, 3 * G, 1), 0);
+    CHECK_RC(fl_bitmap_mark_clean(b), 0);
+    fl_bitmap_close(b, 0);
+    CHECK(reopen(path, &b) == 0 && fl_bitmap_count(b) == 2 * G);
+
+    /* Every bit-changing call re-arms, and the durable header (the
+     * shadow: what the msyncs wrote) has IN_USE when it returns.  A set
+     * that finds its bit already set re-arms too (bitmap.c "Clean
+     * mark": the bit may be another writer's unarmed change). */
+    shadow = calloc(1, 4096 + 8);
+    CHECK(shadow != NULL);
+    fl__bitmap_test_shadow(b, shadow);
+    for (int op = 0; op < 7; op++) {
+        CHECK_RC(fl_bitmap_mark_clean(b), 0);
+        CHECK(hdr_flags(path) == 0);
+        memcpy(&h, shadow, sizeof(h));
+        CHECK(h.flags == 0 && memcmp(h.magic, "FLDIRTY", 8) == 0);
+        switch (op) {
+        case 0: CHECK_RC(fl_bitmap_set(b, 2 * G, 1), 0); break;  /* was set */
+        case 1: CHECK_RC(fl_bitmap_set(b, 4 * G, 1), 0); break;
+        case 2: CHECK_RC(fl_bitmap_reset(b, 4 * G, G), 0); break;
+        case 3: CHECK_RC(fl_bitmap_set_all(b), 0); break;
+        case 4: CHECK_RC(fl_bitmap_clear(b), 0); break;
+        case 5: CHECK_RC(fl_bitmap_merge(b, c), 0); break;
+        case 6: CHECK_RC(fl_bitmap_merge(b, c), 0); break;  /* no change */
+        }
+        CHECK(hdr_flags(path) == 1);
+        memcpy(&h, shadow, sizeof(h));
+        CHECK(h.flags == 1);
+    }
+    /* Bits set before the mark are in the durable words. */
+    CHECK_RC(fl_bitmap_mark_clean(b), 0);
+    memcpy(&h, shadow, sizeof(h));
+    CHECK(h.flags == 0 && h.checksum == file_fnv(path, 8) &&
+          memcmp(shadow + 4096, &(uint64_t){ 0x22 }, 8) == 0);
+    fl__bitmap_test_shadow(b, NULL);
+    free(shadow);
+    CHECK_RC(fl_bitmap_set(b, 5 * G, 1000), 0);      /* re-armed */
+    fl_bitmap_close(b, 1);                            /* clean close */
+    CHECK(reopen(path, &b) == 0 && fl_bitmap_count(b) == G + 1000);
+
+    /* Attached: a guest write after the mark re-arms before its ack; a
+     * write that lands nowhere new still re-arms; detach + mark is the
+     * detach path of issue 8. */
+    make_image(img, SZ, NULL);
+    CHECK_RC(fl_file_open(img, 0, &f), 0);
+    CHECK_RC(fl_file_bitmap_attach(f, b), 0);
+    CHECK_RC(fl_bitmap_mark_clean(b), 0);
+    CHECK(hdr_flags(path) == 0);
+    CHECK_RC(fl_file_write(f, buf, sizeof(buf), 0, 0), 0);
+    CHECK(hdr_flags(path) == 1);
+    CHECK_RC(fl_file_flush(f), 0);
+    CHECK_RC(fl_bitmap_mark_clean(b), 0);
+    CHECK(hdr_flags(path) == 0);
+    CHECK_RC(fl_file_zero(f, 0, 16, 0), 0);           /* granule 0: set */
+    CHECK(hdr_flags(path) == 1);
+    CHECK_RC(fl_file_bitmap_detach(f, b), 0);
+    CHECK_RC(fl_bitmap_mark_clean(b), 0);
+    CHECK_RC(fl_file_write(f, buf, sizeof(buf), 2 * G, 0), 0); /* detached */
+    CHECK(hdr_flags(path) == 0);
+    fl_file_close(f);
+    fl_bitmap_close(b, 0);
+    CHECK(reopen(path, &b) == 0 && fl_bitmap_count(b) == 2 * G + 1000);
+    fl_bitmap_close(b, 1);
+
+    fl_bitmap_close(c, 0);
+    fl_bitmap_close(t, 0);
+    unlink(path);
+    unlink(img);
+}
+
+/* Crash at a random point: a child process runs writers (random
+ * granules, in bursts) and a thread looping fl_bitmap_mark_clean; the
+ * parent SIGKILLs it.  Each writer records a granule in shared memory
+ * after fl_bitmap_set returned (acknowledged).  Two crash models:
+ *  - process crash: the file as the kill left it;
+ *  - power cut: the shadow, i.e. for every byte the content it had when
+ *    the last msync covering it started (the oldest a kernel could have
+ *    written; later writeback could only add newer bytes).
+ * Either load must be all dirty, or clean with every acknowledged bit.
+ * Even rounds kill during the writes; odd rounds after the writers
+ * finished and two more clean marks completed: those must load clean. */
+#define SNG   65536                     /* granules: never saturated */
+#define SGS   ((uint64_t)4096)
+#define SSZ   (SNG * SGS - 100)
+#define SNW   4
+#define SMAP  (4096 + ((SNG + 63) / 64) * 8)
+
+struct stress_shm {
+    uint8_t acked[SNG];
+    unsigned ready, writers_done, marks;
+    uint8_t shadow[SMAP];
+};
+
+struct sw { fl_bitmap *b; struct stress_shm *m; unsigned seed; int ops; };
+
+static void sleep_us(long us)
+{
+    struct timespec ts = { us / 1000000, (us % 1000000) * 1000 };
+    nanosleep(&ts, NULL);
+}
+
+static void *stress_writer(void *arg)
+{
+    struct sw *w = arg;
+
+    for (int i = 0; w->ops < 0 || i < w->ops; i++) {
+        uint64_t g = (uint64_t)rand_r(&w->seed) % SNG;
+        uint64_t n = 1 + (uint64_t)(rand_r(&w->seed) % 16 == 0) * 70;
+        uint64_t len;
+
+        if (g + n > SNG)
+            n = SNG - g;
+        len = g + n == SNG ? SSZ - g * SGS : n * SGS;
+        CHECK_RC(fl_bitmap_set(w->b, g * SGS + 1, len - 1), 0);
+        for (uint64_t k = g; k < g + n; k++)
+            __atomic_store_n(&w->m->acked[k], 1, __ATOMIC_SEQ_CST);
+        if (rand_r(&w->seed) % 8 == 0)
+            sleep_us(rand_r(&w->seed) % 300);
+        if (rand_r(&w->seed) % 64 == 0)
+            sleep_us(2000);                      /* a quiet spell */
+    }
+    __atomic_add_fetch(&w->m->writers_done, 1, __ATOMIC_SEQ_CST);
+    return NULL;
+}
+
+static void *stress_marker(void *arg)
+{
+    struct sw *w = arg;
+
+    for (;;) {
+        CHECK_RC(fl_bitmap_mark_clean(w->b), 0);
+        __atomic_add_fetch(&w->m->marks, 1, __ATOMIC_SEQ_CST);
+        if (rand_r(&w->seed) % 4 == 0)
+            sleep_us(rand_r(&w->seed) % 500);
+    }
+    return NULL;
+}
+
+static void stress_child(const char *path, struct stress_shm *m,
+                         unsigned seed, int ops)
+{
+    static struct sw w[SNW + 1];
+    pthread_t th[SNW + 1];
+    fl_bitmap *b;
+    int fd;
+
+    CHECK_RC(fl_bitmap_open(path, SSZ, SGS, 1, &b, NULL), 0);
+    fd = open(path, O_RDONLY);                   /* what create synced */
+    CHECK(fd >= 0 && pread(fd, m->shadow, SMAP, 0) == SMAP);
+    close(fd);
+    fl__bitmap_test_shadow(b, m->shadow);
+    for (int i = 0; i <= SNW; i++) {
+        w[i] = (struct sw){ b, m, seed * 31 + (unsigned)i, ops };
+        CHECK(pthread_create(&th[i], NULL,
+                             i < SNW ? stress_writer : stress_marker,
+                             &w[i]) == 0);
+    }
+    __atomic_store_n(&m->ready, 1, __ATOMIC_SEQ_CST);
+    for (;;)
+        pause();                                 /* until SIGKILL */
+}
+
+/* Load PATH after the crash: 0 when it loaded clean (then every acked
+ * granule is dirty), else its *recovered (then it is all dirty). */
+static int stress_check(const char *path, const uint8_t *acked)
+{
+    fl_bitmap *b;
+    int rec = -1;
+
+    CHECK_RC(fl_bitmap_open(path, SSZ, SGS, 0, &b, &rec), 0);
+    if (rec != 0) {
+        CHECK(fl_bitmap_count(b) == SSZ);
+    } else {
+        struct ext e[1];
+        for (uint64_t g = 0; g < SNG; g++)
+            if (acked[g])
+                CHECK(extents(b, g * SGS, 1, e, 1) == 1 && e[0].flags == 1);
+    }
+    fl_bitmap_close(b, 0);
+    return rec;
+}
+
+static void test_mark_clean_crash(void)
+{
+    unsigned seed = (unsigned)time(NULL);
+    int counts[2][3] = { { 0 } };
+    struct stress_shm *m;
+
+    fprintf(stderr, "    seed %u\n", seed);
+    m = mmap(NULL, sizeof(*m), PROT_READ | PROT_WRITE,
+             MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    CHECK(m != MAP_FAILED);
+    for (int round = 0; round < 24; round++) {
+        char path[4096], cut[4096];
+        uint8_t acked[SNG];
+        unsigned r = seed + (unsigned)round;
+        int quiet = round % 2, st, fd, rp, rc;
+        pid_t pid;
+
+        memset(m, 0, sizeof(*m));
+        tmp_path(path, "stress");
+        tmp_path(cut, "stress-cut");
+        pid = fork();
+        CHECK(pid >= 0);
+        if (pid == 0)
+            stress_child(path, m, r, quiet ? 300 : -1);
+        while (!__atomic_load_n(&m->ready, __ATOMIC_SEQ_CST))
+            sleep_us(100);
+        if (quiet) {
+            unsigned m0;
+            while (__atomic_load_n(&m->writers_done, __ATOMIC_SEQ_CST) < SNW)
+                sleep_us(100);
+            m0 = __atomic_load_n(&m->marks, __ATOMIC_SEQ_CST);
+            while (__atomic_load_n(&m->marks, __ATOMIC_SEQ_CST) < m0 + 2)
+                sleep_us(100);
+        } else {
+            sleep_us(1000 + (long)(rand_r(&r) % 30000));
+        }
+        CHECK(kill(pid, SIGKILL) == 0);
+        CHECK(waitpid(pid, &st, 0) == pid);
+        CHECK(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
+        memcpy(acked, m->acked, sizeof(acked));
+
+        rc = stress_check(path, acked);             /* process crash */
+        fd = open(cut, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        CHECK(fd >= 0 && pwrite(fd, m->shadow, SMAP, 0) == SMAP);
+        close(fd);
+        rp = stress_check(cut, acked);               /* power cut */
+        if (quiet)
+            CHECK(rc == 0 && rp == 0);
+        counts[0][rc]++;
+        counts[1][rp]++;
+        unlink(path);
+        unlink(cut);
+    }
+    fprintf(stderr, "    recovered 0/1/2: process crash %d/%d/%d, "
+            "power cut %d/%d/%d\n", counts[0][0], counts[0][1],
+            counts[0][2], counts[1][0], counts[1][1], counts[1][2]);
+    munmap(m, sizeof(*m));
+}
+
 /* ---- attachment ------------------------------------------------------------ */
 
 static uint8_t pat(uint64_t i) { return (uint8_t)(i * 7 + 3); }
@@ -681,9 +1007,11 @@ int main(void)
     RUN(test_set_reset_extents);
     RUN(test_model);
     RUN(test_persist);
+    RUN(test_mark_clean);
     RUN(test_attach);
     RUN(test_checkpoint_scope);
     RUN(test_consistent_cut);
+    RUN(test_mark_clean_crash);
     fprintf(stderr, "test_bitmap: OK\n");
     return 0;
 }

@@ -382,3 +382,154 @@ def test_consistent_cut_threads(nfile: NativeFile, tmp_path: Path) -> None:
             assert in_new
     s.close()
     frozen.close()
+
+
+# ---- clean marks (issue 8: in-use cleared after a clean flush at detach) ----------
+
+
+def _persistent(tmp_path: Path, name: str = "m.bitmap") -> tuple[Path, NativeBitmap]:
+    p = tmp_path / name
+    bm, rec = NativeBitmap.open(str(p), SIZE, G, create=True)
+    assert rec == 0
+    return p, bm
+
+
+def test_mark_clean_then_crash_loads_clean(tmp_path: Path) -> None:
+    p, bm = _persistent(tmp_path)
+    bm.set(G, 10)
+    bm.set(SIZE - 1, 1)
+    bm.mark_clean()
+    h = header(p)
+    assert h["flags"] == 0 and h["checksum"] == h["fnv"]
+    bm.mark_clean()  # idempotent
+    assert header(p)["flags"] == 0
+    want = bm.extents(0, SIZE)
+    bm.close(clean=False)  # as if the daemon died: nothing changed since the mark
+    bm, rec = NativeBitmap.open(str(p), SIZE, G, create=False)
+    assert rec == 0 and bm.extents(0, SIZE) == want
+    bm.close(clean=True)
+
+
+@pytest.mark.parametrize("op", ["set_new", "set_already_set", "reset", "clear",
+                                "set_all", "merge_from"])
+def test_change_after_mark_clean_rearms(tmp_path: Path, op: str) -> None:
+    """The first change after a clean mark sets IN_USE on disk before it returns
+    (even one that finds its bit already set: another writer's unarmed change
+    may have set it), so a crash after it loads all dirty."""
+    p, bm = _persistent(tmp_path)
+    bm.set(0, G)
+    bm.mark_clean()
+    assert header(p)["flags"] == 0
+    if op == "set_new":
+        bm.set(3 * G, 1)
+    elif op == "set_already_set":
+        bm.set(0, 1)
+    elif op == "reset":
+        bm.reset(0, G)
+    elif op == "clear":
+        bm.clear()
+    elif op == "set_all":
+        bm.set_all()
+    else:
+        src = transient()
+        src.set(4 * G, 1)
+        bm.merge_from(src)
+    assert header(p)["flags"] == 1
+    bm.close(clean=False)
+    bm, rec = NativeBitmap.open(str(p), SIZE, G, create=False)
+    assert rec == datapath.RECOVERED_IN_USE and bm.count() == SIZE
+    bm.close(clean=True)
+
+
+def test_mark_clean_transient_and_closed(tmp_path: Path) -> None:
+    bm = transient()
+    bm.set(0, 1)
+    bm.mark_clean()  # no-op
+    assert bm.count() == G
+    bm.close()
+    with pytest.raises(OSError) as ei:
+        bm.mark_clean()
+    assert errno_of(ei) == errno.EBADF
+    _, pb = _persistent(tmp_path)
+    pb.close(clean=True)
+    with pytest.raises(OSError) as ei:
+        pb.mark_clean()
+    assert errno_of(ei) == errno.EBADF
+
+
+def test_mark_clean_attached_guest_writes(nfile: NativeFile, tmp_path: Path) -> None:
+    """Detach-style use: marked clean while attached, a guest write re-arms before
+    it returns; after detach + mark, a crash loads exactly the recorded bits."""
+    p, bm = _persistent(tmp_path)
+    nfile.attach_bitmap(bm)
+    nfile.write(0, b"a")
+    nfile.flush()
+    bm.mark_clean()
+    assert header(p)["flags"] == 0
+    nfile.write(2 * G, b"b")
+    assert header(p)["flags"] == 1
+    nfile.detach_bitmap(bm)
+    bm.mark_clean()
+    nfile.write(4 * G, b"c")  # detached: not recorded, header stays clean
+    assert header(p)["flags"] == 0
+    bm.close(clean=False)
+    bm, rec = NativeBitmap.open(str(p), SIZE, G, create=False)
+    assert rec == 0
+    assert bm.extents(0, SIZE) == [(G, True), (G, False), (G, True), (2 * G + 1000, False)]
+    bm.close(clean=True)
+
+
+def test_mark_clean_races_writers_and_close(nfile: NativeFile, tmp_path: Path) -> None:
+    """Guest writes in threads race a loop of clean marks; afterwards every write
+    is in the bitmap, a final mark then a crash loads it clean with them all; a
+    mark running in a thread while the owner closes never touches freed memory."""
+    gran = 4096
+    p = tmp_path / "race.bitmap"
+    bm, _ = NativeBitmap.open(str(p), SIZE, gran, create=True)
+    nfile.attach_bitmap(bm)
+    n = SIZE // gran
+    stop = threading.Event()
+    marks = [0]
+
+    def marker() -> None:
+        while not stop.is_set():
+            bm.mark_clean()
+            marks[0] += 1
+
+    def writer(k: int) -> None:
+        for g in range(k, n, 8):
+            nfile.write(g * gran, b"w")
+
+    m = threading.Thread(target=marker)
+    m.start()
+    writers = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    stop.set()
+    m.join()
+    assert marks[0] > 0
+    want = [g for g in range(n) if g % 8 < 4]
+    assert all(bm.extents(g * gran, 1)[0][1] for g in want)
+    bm.mark_clean()
+    nfile.detach_bitmap(bm)
+
+    # A mark in a thread while the owner closes: pinned, so it finishes or
+    # raises EBADF; the owner's not-clean close then leaves the clean header.
+    errors: list[int | None] = []
+
+    def late_mark() -> None:
+        try:
+            bm.mark_clean()
+        except OSError as exc:
+            errors.append(exc.errno)
+
+    t = threading.Thread(target=late_mark)
+    t.start()
+    bm.close(clean=False)
+    t.join()
+    assert errors in ([], [errno.EBADF])
+    bm, rec = NativeBitmap.open(str(p), SIZE, gran, create=False)
+    assert rec == 0 and bm.count() == len(want) * gran
+    bm.close(clean=True)
