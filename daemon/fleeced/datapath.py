@@ -78,8 +78,9 @@ RECOVERED_CORRUPT: Final[int] = 2
 
 #: Upper bound on one extents() answer, so allocation never follows the caller.
 MAX_EXTENTS: Final[int] = 1 << 20
-_CLUSTER_MIN: Final[int] = 4096
-_CLUSTER_MAX: Final[int] = 16 << 20
+#: Session cluster size limits, from fleeced.h (a power of two in between).
+CLUSTER_MIN: Final[int] = int(lib.FL_CLUSTER_MIN)
+CLUSTER_MAX: Final[int] = int(lib.FL_CLUSTER_MAX)
 _GRANULARITY_MIN: Final[int] = 512
 _GRANULARITY_MAX: Final[int] = 1 << 30
 _I64_MAX: Final[int] = (1 << 63) - 1
@@ -470,7 +471,7 @@ class SessionStats:
 def _params_struct(file: NativeFile, p: SessionParams) -> tuple[Any, list[Any]]:
     """Police P and build ``struct fl_session_params`` plus the cdata keeping it alive."""
     cs = _uint("cluster_size", p.cluster_size)
-    if cs < _CLUSTER_MIN or cs > _CLUSTER_MAX or cs & (cs - 1):
+    if cs < CLUSTER_MIN or cs > CLUSTER_MAX or cs & (cs - 1):
         raise _einval(f"cluster_size={cs}")
     if not isinstance(p.temp_dir, str) or not p.temp_dir:
         raise _einval("temp_dir")
@@ -983,7 +984,7 @@ class NativeQueue(_Handle):
     keeps files and sessions open until their operations are reaped.
     """
 
-    __slots__ = ("_keep", "_ids", "_rcs", "_holes", "_n", "_max")
+    __slots__ = ("_keep", "_ids", "_rcs", "_bits", "_n", "_max")
 
     def __init__(self, threads: int) -> None:
         """Start THREADS (1..64) worker threads.
@@ -999,7 +1000,7 @@ class NativeQueue(_Handle):
         self._max = 1024
         self._ids = ffi.new("uint64_t[]", self._max)
         self._rcs = ffi.new("int32_t[]", self._max)
-        self._holes = ffi.new("int32_t[]", self._max)
+        self._bits = ffi.new("int32_t[]", self._max)
         self._n = ffi.new("size_t *")
 
     @property
@@ -1184,14 +1185,14 @@ class NativeQueue(_Handle):
         h = self._handle()
         out: list[tuple[int, int, int]] = []
         while True:
-            _check(lib.fl_queue_reap(h, self._ids, self._rcs, self._holes, self._max, self._n))
+            _check(lib.fl_queue_reap(h, self._ids, self._rcs, self._bits, self._max, self._n))
             n = int(self._n[0])
             keep = self._keep
-            ids, rcs, holes = self._ids, self._rcs, self._holes
+            ids, rcs, bits = self._ids, self._rcs, self._bits
             for i in range(n):
                 op_id = int(ids[i])
                 keep.pop(op_id, None)
-                out.append((op_id, int(rcs[i]), int(holes[i])))
+                out.append((op_id, int(rcs[i]), int(bits[i])))
             if n < self._max:
                 return out
 

@@ -10,11 +10,16 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from fleeced.control.args import get, get_size
 from fleeced.errors import CommandError
 from fleeced.tls import TlsConfig
+
+#: Session cluster size limits; fleeced.h's FL_CLUSTER_MIN/MAX say the same
+#: (tests/native checks), kept here so configuration needs no data path.
+CLUSTER_MIN: Final = 4096
+CLUSTER_MAX: Final = 16 << 20
 
 __all__ = ["DaemonConfig", "DiskSpec", "Listener", "SessionOptions", "session_option_args",
            "session_options_from_args", "image_export_name"]
@@ -99,9 +104,10 @@ def session_options_from_args(args: dict[str, Any]) -> SessionOptions:
     if export is not None and (not export or len(export.encode()) > 4096 or "\0" in export):
         raise CommandError(f"invalid export name {export!r}")
     cluster = get_size(args, "cluster-size", 65536)
-    if cluster < 4096 or cluster > 16 << 20 or cluster & (cluster - 1):
+    if cluster < CLUSTER_MIN or cluster > CLUSTER_MAX or cluster & (cluster - 1):
         raise CommandError(
-            f"cluster-size {cluster} must be a power of two between 4096 and 16777216"
+            f"cluster-size {cluster} must be a power of two between {CLUSTER_MIN} and "
+            f"{CLUSTER_MAX}"
         )
     scope: list[tuple[int, int]] = []
     if "bitmap" in args:

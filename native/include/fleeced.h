@@ -3,11 +3,14 @@
  * Contract for every function below: returns 0 on success or -errno on
  * failure; results go through out-parameters.  Every offset/length is
  * re-checked against the object's size with overflow-safe arithmetic.
- * No function keeps a pointer to a caller buffer after returning, and
- * nothing here calls back into Python.  All functions are thread-safe
- * unless stated otherwise.  The daemon runs every call that may block
- * through the I/O queue (fl_queue_*: C worker threads, eventfd
- * completions); the direct calls serve tests and tools.
+ * Nothing here calls back into Python.  A direct call keeps no pointer
+ * to a caller buffer after it returns; a queued operation
+ * (fl_queue_submit*) keeps its buffers until its completion is reaped, as
+ * each submit function says.  All functions are thread-safe unless stated
+ * otherwise.  The daemon calls nothing that may block from its event
+ * loop: such calls go through the I/O queue (fl_queue_*: C worker threads,
+ * eventfd completions), whose workers run them; the direct calls serve
+ * the queue's workers, tests and tools.
  *
  * Objects:
  *   fl_file     a raw image (regular file or block device) opened by path.
@@ -56,6 +59,10 @@ typedef struct fl_bitmap fl_bitmap;
 #define FL_COPIED     3  /* the old data is in the cache or temp file */
 #define FL_ZERO       4  /* it was a hole of the source: reads as zeros,
                             stores nothing */
+
+/* Cluster size limits of a session (a power of two in between). */
+#define FL_CLUSTER_MIN 4096u
+#define FL_CLUSTER_MAX (16u << 20)
 
 /* Failure policies. */
 #define FL_BREAK_SNAPSHOT    0
@@ -364,7 +371,7 @@ void fl_sock_resume(fl_sock *s);
  * operation uses S any more. */
 void fl_sock_close(fl_sock *s);
 
-/* Completion bits reported in holes[] by fl_queue_reap. */
+/* Completion bits reported in bits[] by fl_queue_reap. */
 #define FL_DONE_HOLE  1  /* the range read as a hole (zeros); not sent */
 #define FL_DONE_SENT  2  /* (part of) the reply went to the socket */
 
@@ -381,9 +388,10 @@ int fl_queue_submit_send(fl_queue *q, uint64_t id, int kind, void *obj,
                          uint8_t *buf, uint64_t len, uint64_t off,
                          fl_sock *sock, const uint8_t *hdr, size_t hdr_len,
                          unsigned flags);
-/* Take up to MAX completions: ids[i], rcs[i] (0 or -errno), holes[i];
+/* Take up to MAX completions: ids[i], rcs[i] (0 or -errno), bits[i]
+ * (FL_DONE_*);
  * *n gets the count.  Never blocks. */
-int fl_queue_reap(fl_queue *q, uint64_t *ids, int32_t *rcs, int32_t *holes,
+int fl_queue_reap(fl_queue *q, uint64_t *ids, int32_t *rcs, int32_t *bits,
                   size_t max, size_t *n);
 /* Finish every queued operation, join the workers, free. */
 void fl_queue_close(fl_queue *q);

@@ -143,8 +143,8 @@
 
 #include "internal.h"
 
-#define CLUSTER_MIN ((uint64_t)4096)
-#define CLUSTER_MAX ((uint64_t)16 << 20)
+#define CLUSTER_MIN ((uint64_t)FL_CLUSTER_MIN)
+#define CLUSTER_MAX ((uint64_t)FL_CLUSTER_MAX)
 #define RUN_MAX     ((uint64_t)4 << 20) /* bytes copied per temp-file run */
 #define RUN_CLUSTERS ((size_t)(RUN_MAX / CLUSTER_MIN))
 #define BUCKETS_MAX ((size_t)1 << 20)

@@ -72,7 +72,7 @@ struct op {
     uint8_t *buf;
     uint64_t len, off;
     unsigned flags;
-    int rc, hole;             /* hole: FL_DONE_* bits */
+    int rc, done;             /* done: FL_DONE_* bits */
     fl_sock *sock;            /* READ/SNAP_READ: send header + data here */
     uint8_t hdr[HDR_MAX];
     size_t hdr_len;
@@ -194,7 +194,7 @@ static ssize_t send_some(fl_sock *s, struct iovec *iov, int iovcnt)
 }
 
 /* After a successful read: put the reply on the wire if that can be done
- * without waiting.  Outcomes (o->hole bits, o->rc):
+ * without waiting.  Outcomes (o->done bits, o->rc):
  *   hole, not sent        FL_DONE_HOLE, rc 0 (the caller describes it)
  *   sent whole            FL_DONE_SENT, rc 0
  *   not sent at all       0, rc 0 (socket full or stalled: caller sends)
@@ -210,7 +210,7 @@ static void send_reply(struct op *o, int hole)
     size_t total = o->hdr_len + (size_t)o->len;
 
     if (hole) {
-        o->hole = FL_DONE_HOLE;
+        o->done = FL_DONE_HOLE;
         return;
     }
     iov[0].iov_base = o->hdr;
@@ -220,7 +220,7 @@ static void send_reply(struct op *o, int hole)
     pthread_mutex_lock(&o->sock->lock);
     if (o->sock->stalled) {
         pthread_mutex_unlock(&o->sock->lock);
-        o->hole = 0;
+        o->done = 0;
         return;
     }
     n = send_some(o->sock, iov, 2);
@@ -228,12 +228,12 @@ static void send_reply(struct op *o, int hole)
         o->sock->stalled = 1;
     pthread_mutex_unlock(&o->sock->lock);
     if (n == 0) {
-        o->hole = 0;
+        o->done = 0;
     } else if (n < 0) {
-        o->hole = FL_DONE_SENT;
+        o->done = FL_DONE_SENT;
         o->rc = (int)n;
     } else {
-        o->hole = FL_DONE_SENT;
+        o->done = FL_DONE_SENT;
         o->rc = (size_t)n < total ? (int)n : 0;
     }
 }
@@ -256,7 +256,7 @@ static void run_op(struct op *o, int delay_ms)
         sleep_ms(delay_ms);
     if (obj_closed(o)) {
         o->rc = -ESHUTDOWN;
-        o->hole = 0;
+        o->done = 0;
         return;
     }
     switch (o->kind) {
@@ -305,7 +305,7 @@ static void run_op(struct op *o, int delay_ms)
     default:
         o->rc = -EINVAL;
     }
-    o->hole = hole ? FL_DONE_HOLE : 0;
+    o->done = hole ? FL_DONE_HOLE : 0;
     if (o->sock != NULL && o->rc == 0)
         send_reply(o, hole);
 }
@@ -639,7 +639,7 @@ void fl_sock_close(fl_sock *s)
         sock_unref(s);
 }
 
-int fl_queue_reap(fl_queue *q, uint64_t *ids, int32_t *rcs, int32_t *holes,
+int fl_queue_reap(fl_queue *q, uint64_t *ids, int32_t *rcs, int32_t *bits,
                   size_t max, size_t *n)
 {
     struct op *o;
@@ -659,7 +659,7 @@ int fl_queue_reap(fl_queue *q, uint64_t *ids, int32_t *rcs, int32_t *holes,
             q->done_tail = NULL;
         ids[i] = o->id;
         rcs[i] = o->rc;
-        holes[i] = o->hole;
+        bits[i] = o->done;
         free(o);
         i++;
     }

@@ -533,3 +533,12 @@ def test_mark_clean_races_writers_and_close(nfile: NativeFile, tmp_path: Path) -
     bm, rec = NativeBitmap.open(str(p), SIZE, gran, create=False)
     assert rec == 0 and bm.count() == len(want) * gran
     bm.close(clean=True)
+
+
+def test_cluster_limits_agree_with_the_configuration() -> None:
+    """The cluster-size limits are C's (fleeced.h); the configuration layer
+    keeps a copy so it needs no data path: they must agree."""
+    from fleeced import datapath, settings
+
+    assert (settings.CLUSTER_MIN, settings.CLUSTER_MAX) == (datapath.CLUSTER_MIN,
+                                                            datapath.CLUSTER_MAX)
