@@ -37,8 +37,6 @@ from fleeced.state import StateDir, StateError
 
 log = logging.getLogger(__name__)
 
-#: How often session health (broken snapshots) is checked, seconds.
-WATCH_INTERVAL = 0.25
 #: How often persistent bitmaps are synced to disk, seconds (also at every
 #: FLUSH, at detach and at shutdown).
 BITMAP_SYNC_INTERVAL = 30.0
@@ -68,7 +66,6 @@ class Daemon:
         )
         self.server.on_count_change = self._status
         self.control: ControlServer | None = None
-        self._watch_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self._bitmap_task: asyncio.Task[None] | None = None
         # One lock per disk serializes the commands that change that disk's
@@ -124,7 +121,6 @@ class Daemon:
         except BaseException:
             await self._close_everything()
             raise
-        self._watch_task = asyncio.get_running_loop().create_task(self._watch())
         self._bitmap_task = loop.create_task(self._sync_bitmaps_periodically())
         interval = systemd.watchdog_interval()
         if interval is not None:
@@ -165,14 +161,14 @@ class Daemon:
     async def _close_everything(self) -> None:
         """Orderly shutdown; every wait in it is bounded except the C workers'
         own I/O (the final join waits for operations already running)."""
-        for task in (self._watch_task, self._watchdog_task, self._bitmap_task):
+        for task in (self._watchdog_task, self._bitmap_task):
             if task is not None:
                 task.cancel()
                 try:
                     await task
                 except asyncio.CancelledError:
                     pass
-        self._watch_task = self._watchdog_task = self._bitmap_task = None
+        self._watchdog_task = self._bitmap_task = None
         if self.control is not None:
             await self.control.close()
             self.control = None
@@ -185,6 +181,7 @@ class Daemon:
         await self.server.close(replay=frozenset(self.attachments))
         for disk in self.disks.values():
             for session in list(disk.sessions.values()):
+                self._unwatch(session)
                 await self._io.close_session(session.native)
             disk.sessions.clear()
             if not disk.read_only:
@@ -372,6 +369,7 @@ class Daemon:
             raise
         disk.sessions[options.name] = session
         self.server.add_export(session.export)
+        self._watch(disk, session)
         log.info("session %s on %s started: export %r", options.name, disk.name, export_name)
         await self._save_state_logged()
         return session
@@ -390,29 +388,31 @@ class Daemon:
         # their queued operations keep the native session alive and fail.
         await self.server.remove_export(session.export_name)
         del disk.sessions[name]
+        self._unwatch(session)
         # The detach waits for guest writes in flight, in a worker.
         await self._io.close_session(session.native)
         await self._save_state_logged()
         log.info("session %s on %s stopped", name, disk.name)
         self._emit("FLEECE_STOPPED", {"disk": disk.name, "name": name})
 
-    async def _watch(self) -> None:
-        """Report sessions that broke (CBW failed under break-snapshot)."""
-        while True:
-            await asyncio.sleep(WATCH_INTERVAL)
-            for disk in list(self.disks.values()):
-                for session in list(disk.sessions.values()):
-                    if session.broken_reported:
-                        continue
-                    st = session.stats()
-                    if st.broken:
-                        session.broken_reported = True
-                        err = os.strerror(st.broken_errno or errno.EIO)
-                        log.error("session %s on %s broke: %s", session.name, disk.name, err)
-                        self._emit(
-                            "FLEECE_BROKEN",
-                            {"disk": disk.name, "name": session.name, "error": err},
-                        )
+    def _watch(self, disk: Disk, session: Session) -> None:
+        """Report the session when it breaks (CBW failed under break-snapshot):
+        C writes its eventfd at the break, no polling."""
+        fd = session.native.event_fd
+        asyncio.get_running_loop().add_reader(fd, self._session_broke, disk, session, fd)
+
+    def _unwatch(self, session: Session) -> None:
+        """Stop watching before the native session may be freed (its fd with it)."""
+        if not session.broken_reported:
+            asyncio.get_running_loop().remove_reader(session.native.event_fd)
+
+    def _session_broke(self, disk: Disk, session: Session, fd: int) -> None:
+        asyncio.get_running_loop().remove_reader(fd)
+        session.broken_reported = True
+        st = session.stats()
+        err = os.strerror(st.broken_errno or errno.EIO)
+        log.error("session %s on %s broke: %s", session.name, disk.name, err)
+        self._emit("FLEECE_BROKEN", {"disk": disk.name, "name": session.name, "error": err})
 
     async def _watchdog(self, interval: float) -> None:
         """Send WATCHDOG=1 from the event loop itself: a loop that stops turning

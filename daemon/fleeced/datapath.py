@@ -575,6 +575,16 @@ class NativeSession(_Handle):
         return self._size
 
 
+    @property
+    def event_fd(self) -> int:
+        """An eventfd that becomes readable when the session breaks (once).
+
+        Owned by the session: stop watching it before closing the session.
+
+        :raise OSError: ``EBADF`` when closed.
+        """
+        return int(lib.fl_session_event_fd(self._handle()))
+
     def read(self, off: int, length: int) -> tuple[bytearray, bool]:
         """Read the frozen view.
 

@@ -296,6 +296,12 @@ int fl_session_extents(fl_session *s, uint64_t off, uint64_t len,
                        uint64_t *lens, uint32_t *flags, size_t max,
                        size_t *n);
 int fl_session_stats(fl_session *s, struct fl_session_stats *out);
+/* An eventfd (non-blocking, close-on-exec) that becomes readable once,
+ * when the session breaks (CBW failed under FL_BREAK_SNAPSHOT): the
+ * daemon's event loop watches it instead of polling the stats.  Owned by
+ * the session: valid until its last reference goes, so stop watching it
+ * before giving up yours. */
+int fl_session_event_fd(const fl_session *s);
 /* *OUT = the session's frozen bitmap (the bits of checkpoint_since at the
  * snapshot instant; transient, never changes) with a new reference the
  * caller gives up with fl_bitmap_unref.  -ENOENT when the session was

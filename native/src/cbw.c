@@ -36,7 +36,9 @@
  *      data is dropped, COPIED/ZERO clusters go back to NEEDED, waiters
  *      wake, the guest write goes on and succeeds.  A broken session does
  *      no more CBW and every snapshot read is -EIO, including reads that
- *      were in flight when it broke.
+ *      were in flight when it broke.  The break writes the session's
+ *      eventfd (fl_session_event_fd) once, under the mutex (a
+ *      non-blocking write), so the daemon learns of it without polling.
  *    FL_BREAK_GUEST_WRITE: the write fails with the error and the source
  *      is untouched; the clusters it claimed go back to NEEDED (at once,
  *      or when an abandoned late copy finishes).
@@ -137,6 +139,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -178,6 +181,7 @@ struct fl_session {
     uint64_t size, cs, n_clusters;
     unsigned shift;
     int temp_fd;
+    int event_fd;              /* eventfd written once when the session breaks */
     uint64_t cache_budget, max_temp;
     int64_t timeout_ms;
     int policy;
@@ -347,6 +351,13 @@ static int break_locked(fl_session *s, int err)
         return 0;
     s->broken = 1;
     s->broken_errno = err > 0 ? err : EIO;
+    {
+        /* Tell the event loop (fl_session_event_fd): once, non-blocking.
+         * A full counter cannot happen (one write per session). */
+        uint64_t one = 1;
+        ssize_t n = write(s->event_fd, &one, sizeof one);
+        (void)n;
+    }
     cache_free_all(s);
     s->cache_used = 0;
     s->temp_bytes = 0;
@@ -927,6 +938,11 @@ int fl_session_open(fl_file *f, const struct fl_session_params *p,
     s->timeout_ms = p->cbw_timeout_ms;
     s->policy = p->policy;
     s->temp_fd = -1;
+    s->event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (s->event_fd < 0) {
+        rc = -errno;
+        goto err;
+    }
     if (s->timeout_ms > INT64_MAX / 2) /* keep the deadline arithmetic sane */
         s->timeout_ms = INT64_MAX / 2;
 
@@ -1048,6 +1064,8 @@ err_sync:
 err:
     if (s->temp_fd >= 0)
         close(s->temp_fd);
+    if (s->event_fd >= 0)
+        close(s->event_fd);
     if (s->frozen_bm != NULL)
         fl__bitmap_unref(s->frozen_bm);
     free(s->buckets);
@@ -1073,6 +1091,7 @@ void fl__session_unref(fl_session *s)
     if (s->frozen_bm != NULL)
         fl__bitmap_unref(s->frozen_bm);
     close(s->temp_fd);
+    close(s->event_fd);
     pthread_cond_destroy(&s->work);
     pthread_cond_destroy(&s->cond);
     pthread_mutex_destroy(&s->lock);
@@ -1401,4 +1420,9 @@ int fl_session_inject_error(fl_session *s, int err, int n)
     s->inject_n = n;
     pthread_mutex_unlock(&s->lock);
     return 0;
+}
+
+int fl_session_event_fd(const fl_session *s)
+{
+    return s->event_fd;
 }

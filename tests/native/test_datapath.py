@@ -246,6 +246,23 @@ def test_inject_error_break_snapshot(tmp_path: Path, nfile: NativeFile, cache_by
         assert ei.value.errno == errno.EIO
 
 
+def test_break_makes_the_event_fd_readable(tmp_path: Path, nfile: NativeFile) -> None:
+    """The daemon learns of a break from the session's eventfd, not by polling:
+    not readable while healthy, readable once after the break."""
+    import select
+
+    with NativeSession.open(nfile, params(tmp_path)) as s:
+        fd = s.event_fd
+        nfile.write(0, b"\x11" * 10)  # a copy that works: no event
+        assert select.select([fd], [], [], 0)[0] == []
+        s.inject_error(errno.EIO, 1)
+        nfile.write(CS, b"\x22" * 10)
+        assert select.select([fd], [], [], 0)[0] == [fd]
+        assert int.from_bytes(os.read(fd, 8), "little") == 1
+        nfile.write(2 * CS, b"\x33" * 10)  # already broken: no second event
+        assert select.select([fd], [], [], 0)[0] == []
+
+
 @pytest.mark.parametrize("cache_bytes", [0, 4 * CS])
 def test_inject_error_break_guest_write(
     tmp_path: Path, nfile: NativeFile, cache_bytes: int
