@@ -39,7 +39,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Self
 
 from fleeced._native import ffi, lib
 
@@ -180,6 +180,21 @@ class _Handle:
         if self._h is None:
             raise _closed()
         return self._h
+
+    def close(self) -> None:
+        """Give up the object (each kind says what that means)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 class NativeFile(_Handle):
@@ -393,16 +408,6 @@ class NativeFile(_Handle):
         ffi.gc(h, None)
         lib.fl_file_close(h)
 
-    def __enter__(self) -> NativeFile:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -709,16 +714,6 @@ class NativeSession(_Handle):
         ffi.gc(h, None)
         return h
 
-    def __enter__(self) -> NativeSession:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _close_unclean(h: Any) -> None:
@@ -949,16 +944,13 @@ class NativeBitmap(_Handle):
         return [(ln, bool(fl & EXT_DIRTY))
                 for ln, fl in _extents(lib.fl_bitmap_extents, h, o, n, max_extents)]
 
-    def __enter__(self) -> NativeBitmap:
-        return self
-
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close(clean=exc_type is None)
+        self.close(clean=exc_type is None)  # an exception: put away not clean
 
 
 _alloc_uninit = ffi.new_allocator(should_clear_after_alloc=False)
