@@ -4,6 +4,13 @@ Each operation gets an id and a future; the queue's eventfd is watched with
 ``loop.add_reader`` and every readable event reaps a batch of completions.
 No Python thread is involved on this path: C workers do the I/O and only
 the eventfd wakes the loop.
+
+This module is where the C completion bits (``DONE_HOLE``, ``DONE_SENT``)
+end: callers get plain results (:class:`ReadResult`, ``None``) or an
+:class:`OSError` (:class:`ReplyTorn` for a worker-written reply that failed
+part way).  The NBD server never sees the data path's names: it gets a
+:class:`ReplySocket` from :func:`open_reply_socket` and hands it back with
+a read whose reply a worker may write.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from fleeced.datapath import (
@@ -25,18 +33,139 @@ from fleeced.datapath import (
     error_from_rc,
 )
 
+__all__ = ["DEFAULT_THREADS", "IoQueue", "ReadResult", "ReplySocket", "ReplyTorn",
+           "open_reply_socket"]
+
 DEFAULT_THREADS: Final = 8
 
 T = TypeVar("T")
 
 
-#: A completion: (``DONE_*`` bits, bytes sent when a worker-written reply
-#: went out only in part, else 0).
-Done = tuple[int, int]
+# Not frozen: one is built per read on the hot path, and a frozen
+# dataclass's __init__ costs three times as much.  Treat it as immutable.
+@dataclass(slots=True)
+class ReadResult:
+    """What a read produced.
+
+    :param data: the bytes read (zero-filled for a hole); when a worker
+        wrote the reply, the same buffer (the rest of a partial reply is cut
+        from it).
+    :param hole: the range is a hole (nothing was sent by a worker).
+    :param sent: bytes of the reply (header + data) a worker wrote to the
+        socket: 0 when none (the caller replies), the reply's full length
+        when all, anything between when the socket filled up -- it is then
+        stalled for workers, and the caller writes the rest before anything
+        else and resumes it (:meth:`ReplySocket.resume`).
+    """
+
+    data: bytes | bytearray | memoryview
+    hole: bool = False
+    sent: int = 0
 
 
 class ReplyTorn(OSError):
     """A worker-written reply failed part way: the connection's stream is torn."""
+
+
+class ReplySocket:
+    """A connection's socket as native workers see it: an opaque handle.
+
+    Holds its own duplicate of the descriptor (C keeps it open while queued
+    worker replies use it), so the loop closing its copy never lets a worker
+    write into a reused descriptor number.
+    """
+
+    __slots__ = ("_native",)
+
+    def __init__(self, fd: int) -> None:
+        """Duplicate FD.
+
+        :raise OSError: ``EINVAL`` for a negative fd, or the ``dup`` error.
+        """
+        self._native = NativeSock(fd)
+
+    def resume(self) -> None:
+        """Let workers write again after a partial reply stalled the socket
+        (call it once the rest of that reply has left the loop's buffer)."""
+        self._native.resume()
+
+    def close(self) -> None:
+        """Give up the handle (queued worker replies keep the duplicate).  Idempotent."""
+        self._native.close()
+
+
+def open_reply_socket(fd: int) -> ReplySocket:
+    """A handle through which native workers may write replies to FD.
+
+    :raise OSError: when the descriptor cannot be duplicated.
+    """
+    return ReplySocket(fd)
+
+
+class _Pending:
+    """An operation awaiting its completion.  One small class per result
+    kind, no closures: this runs once per request on the hot path."""
+
+    __slots__ = ()
+
+    def complete(self, rc: int, done: int) -> None:
+        raise NotImplementedError
+
+    def fail(self, exc: OSError) -> None:
+        raise NotImplementedError
+
+
+def _settle_failure(fut: asyncio.Future[ReadResult] | asyncio.Future[None], rc: int,
+                    done: int) -> bool:
+    """Fail FUT when RC is an error; return whether FUT needs no result."""
+    if fut.done():  # cancelled waiter
+        return True
+    if rc >= 0:
+        return False
+    if done & DONE_SENT:
+        fut.set_exception(ReplyTorn(-rc, f"reply write failed: {error_from_rc(rc)}"))
+    else:
+        fut.set_exception(error_from_rc(rc))
+    return True
+
+
+class _Void(_Pending):
+    __slots__ = ("fut",)
+
+    def __init__(self, fut: asyncio.Future[None]) -> None:
+        self.fut = fut
+
+    def complete(self, rc: int, done: int) -> None:
+        if not _settle_failure(self.fut, rc, done):
+            self.fut.set_result(None)
+
+    def fail(self, exc: OSError) -> None:
+        if not self.fut.done():
+            self.fut.set_exception(exc)
+
+
+class _Read(_Pending):
+    """A read; with TOTAL > 0, one whose reply a worker may have written
+    (TOTAL bytes of header + data)."""
+
+    __slots__ = ("buf", "fut", "total")
+
+    def __init__(self, fut: asyncio.Future[ReadResult], buf: memoryview, total: int) -> None:
+        self.fut = fut
+        self.buf = buf
+        self.total = total
+
+    def complete(self, rc: int, done: int) -> None:
+        if _settle_failure(self.fut, rc, done):
+            return
+        if done & DONE_SENT:  # rc > 0: only that much went out, else all
+            self.fut.set_result(ReadResult(self.buf, False, rc or self.total))
+        else:
+            self.fut.set_result(ReadResult(self.buf, bool(done & DONE_HOLE)))
+
+    def fail(self, exc: OSError) -> None:
+        if not self.fut.done():
+            self.fut.set_exception(exc)
 
 
 class IoQueue:
@@ -48,7 +177,7 @@ class IoQueue:
         :raise OSError: when the queue cannot be created.
         """
         self._native = NativeQueue(threads)
-        self._futures: dict[int, asyncio.Future[Done]] = {}
+        self._ops: dict[int, _Pending] = {}
         self._next = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -63,64 +192,66 @@ class IoQueue:
             self._loop.remove_reader(self._native.fd)
             self._loop = None
         self._native.close()
-        for fut in self._futures.values():
-            if not fut.done():
-                fut.set_exception(OSError(errno.ESHUTDOWN, "I/O queue closed"))
-        self._futures.clear()
+        for op in self._ops.values():
+            op.fail(OSError(errno.ESHUTDOWN, "I/O queue closed"))
+        self._ops.clear()
 
     def _on_ready(self) -> None:
-        futures = self._futures
+        ops = self._ops
         for op_id, rc, done in self._native.reap():
-            fut = futures.pop(op_id, None)
-            if fut is None or fut.done():  # cancelled waiter
-                continue
-            if rc < 0 and done & DONE_SENT:
-                fut.set_exception(ReplyTorn(-rc, f"reply write failed: {error_from_rc(rc)}"))
-            elif rc < 0:
-                fut.set_exception(error_from_rc(rc))
-            else:
-                fut.set_result((done, rc))
+            op = ops.pop(op_id, None)
+            if op is not None:
+                op.complete(rc, done)
 
-    def _submit(self, submit: Callable[..., T], *args: object) -> tuple[T, asyncio.Future[Done]]:
-        """Give the op an id and a future, then SUBMIT(op_id, *ARGS).
+    def _new_id(self) -> int:
+        assert self._loop is not None, "IoQueue.start() was not called"
+        self._next += 1
+        return self._next
+
+    def _started_loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None
+        return self._loop
+
+    def _submit(self, submit: Callable[..., T], *args: object) -> tuple[T, asyncio.Future[None]]:
+        """SUBMIT(op_id, *ARGS) under a fresh id; a future of its completion.
+
+        The future is registered after the submission succeeded: completions
+        are reaped on this (the loop's) thread, so none can be missed.
 
         :raise OSError: when the submission is refused (nothing stays pending).
         """
-        assert self._loop is not None, "IoQueue.start() was not called"
-        self._next += 1
-        op_id = self._next
-        fut: asyncio.Future[Done] = self._loop.create_future()
-        self._futures[op_id] = fut
-        try:
-            return submit(op_id, *args), fut
-        except BaseException:
-            del self._futures[op_id]
-            raise
+        op_id = self._new_id()
+        result = submit(op_id, *args)
+        fut: asyncio.Future[None] = self._started_loop().create_future()
+        self._ops[op_id] = _Void(fut)
+        return result, fut
 
-    def start_read(self, target: NativeFile | NativeSession, off: int,
-                   length: int) -> tuple[memoryview, asyncio.Future[Done]]:
-        """Submit a read; the future's result has :data:`DONE_HOLE` for a hole.
+    def submit_read(
+        self, target: NativeFile | NativeSession, off: int, length: int,
+        reply_to: ReplySocket | None = None, header: bytes = b"",
+    ) -> asyncio.Future[ReadResult]:
+        """Submit a read; with REPLY_TO, a worker may write HEADER + data to
+        that socket itself (never waiting on it; see :class:`ReadResult` for
+        what ``sent`` then says).
 
         :raise OSError: when the submission is refused (range, closed).
+        :raise ReplyTorn: (from the future) when a worker's write failed part
+            way.
         """
-        return self._submit(self._native.submit_read, target, off, length)
+        op_id = self._new_id()
+        if reply_to is None:
+            buf = self._native.submit_read(op_id, target, off, length)
+            total = 0
+        else:
+            buf = self._native.submit_read_send(op_id, target, off, length,
+                                                reply_to._native, header)
+            total = len(header) + length
+        fut: asyncio.Future[ReadResult] = self._started_loop().create_future()
+        self._ops[op_id] = _Read(fut, buf, total)
+        return fut
 
-    def start_read_send(
-        self, target: NativeFile | NativeSession, off: int, length: int, sock: NativeSock,
-        header: bytes,
-    ) -> tuple[memoryview, asyncio.Future[Done]]:
-        """Submit a read whose reply a worker writes to SOCK itself.
-
-        See :meth:`NativeQueue.submit_read_send` for the outcomes; the future's
-        result is ``(done bits, bytes sent if only part went out)``.
-
-        :raise OSError: when the submission is refused.
-        :raise ReplyTorn: (from the future) when the write failed part way.
-        """
-        return self._submit(self._native.submit_read_send, target, off, length, sock, header)
-
-    def start_write(self, file: NativeFile, off: int, data: bytes | memoryview,
-                    flags: int) -> asyncio.Future[Done]:
+    def submit_write(self, file: NativeFile, off: int, data: bytes | memoryview,
+                     flags: int) -> asyncio.Future[None]:
         """Submit a guest write.
 
         :raise OSError: when the submission is refused (range, read-only).
@@ -128,14 +259,12 @@ class IoQueue:
         return self._submit(self._native.submit_write, file, off, data, flags)[1]
 
     async def read(self, target: NativeFile | NativeSession, off: int,
-                   length: int) -> tuple[memoryview, bool]:
+                   length: int) -> ReadResult:
         """Read from the image or a session's frozen view.
 
         :raise OSError: the operation's error.
         """
-        buf, fut = self.start_read(target, off, length)
-        done, _ = await fut
-        return buf, bool(done & DONE_HOLE)
+        return await self.submit_read(target, off, length)
 
     async def write(self, file: NativeFile, off: int, data: bytes | memoryview,
                     flags: int) -> None:
@@ -143,7 +272,7 @@ class IoQueue:
 
         :raise OSError: the operation's error.
         """
-        await self.start_write(file, off, data, flags)
+        await self.submit_write(file, off, data, flags)
 
     async def extents(self, target: NativeFile | NativeSession, off: int,
                       length: int) -> list[tuple[int, int]]:

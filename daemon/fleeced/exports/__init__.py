@@ -12,7 +12,10 @@ Every call that may block runs in the native I/O queue's workers, never on the
 event loop (STYLE.md §2.14.4): reads, writes, block status, session open and
 close.  Errors propagate as :class:`OSError`; policy refusals are
 ``OSError(EPERM)``.  This package must not import the NBD engine's internals
-beyond :class:`~fleeced.nbd.ExportInfo`, nor asyncio servers.
+beyond :class:`~fleeced.nbd.ExportInfo`, nor asyncio servers.  The seam
+the server sees (:class:`Export`, :class:`ReadResult`, :class:`ReplySocket`,
+:class:`ReplyTorn`, :func:`open_reply_socket`) is re-exported here, so
+:mod:`fleeced.server` never imports the data path or the queue.
 """
 
 from fleeced.exports.active import ActiveExport
@@ -30,11 +33,13 @@ from fleeced.exports.base import (
     bitmap_extents,
 )
 from fleeced.exports.snapshot import Session, SnapshotExport, default_temp_dir
+from fleeced.ioqueue import ReadResult, ReplySocket, ReplyTorn, open_reply_socket
 from fleeced.settings import SessionOptions, image_export_name
 
 __all__ = [
     "ALLOCATION_DEPTH", "BASE_ALLOCATION", "DIRTY_BITMAP", "INLINE_READ_MAX",
     "OUTSIDE_SCOPE", "ActiveExport", "DirtyBitmap", "Disk", "Export", "ExportStats",
-    "Session", "SessionOptions", "SnapshotExport", "allocation_depth", "bitmap_extents",
-    "default_temp_dir", "image_export_name",
+    "ReadResult", "ReplySocket", "ReplyTorn", "Session", "SessionOptions", "SnapshotExport",
+    "allocation_depth", "bitmap_extents", "default_temp_dir", "image_export_name",
+    "open_reply_socket",
 ]

@@ -6,11 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from fleeced import datapath
-from fleeced.datapath import (
-    NativeSock,
-)
 from fleeced.exports.base import INLINE_READ_MAX, DirtyBitmap, Disk, ExportBase, ExportStats
-from fleeced.ioqueue import Done, IoQueue
+from fleeced.ioqueue import IoQueue, ReadResult, ReplySocket
 from fleeced.nbd import ExportInfo
 
 
@@ -39,25 +36,23 @@ class ActiveExport(ExportBase):
     def _bitmaps(self) -> dict[str, DirtyBitmap]:
         return self.disk.bitmaps
 
-    async def read(self, offset: int, length: int) -> tuple[bytearray | memoryview, bool]:
+    async def read(self, offset: int, length: int) -> ReadResult:
         return await self._io.read(self.disk.file, offset, length)
 
-    def read_now(self, offset: int, length: int) -> tuple[bytearray, bool] | None:
+    def read_now(self, offset: int, length: int) -> ReadResult | None:
         if length > INLINE_READ_MAX:
             return None
-        return self.disk.file.read_nowait(offset, length)
+        got = self.disk.file.read_nowait(offset, length)
+        return None if got is None else ReadResult(got[0], got[1])
 
-    def start_read(self, offset: int, length: int) -> tuple[memoryview, asyncio.Future[Done]]:
-        return self._io.start_read(self.disk.file, offset, length)
+    def submit_read(self, offset: int, length: int, reply_to: ReplySocket | None = None,
+                    header: bytes = b"") -> asyncio.Future[ReadResult]:
+        return self._io.submit_read(self.disk.file, offset, length, reply_to, header)
 
-    def start_read_send(self, offset: int, length: int, sock: NativeSock,
-                        header: bytes) -> tuple[memoryview, asyncio.Future[Done]]:
-        return self._io.start_read_send(self.disk.file, offset, length, sock, header)
-
-    def start_write(
+    def submit_write(
         self, offset: int, data: bytes | memoryview, fua: bool
-    ) -> asyncio.Future[Done] | None:
-        return self._io.start_write(
+    ) -> asyncio.Future[None] | None:
+        return self._io.submit_write(
             self.disk.file, offset, data, datapath.FLAG_FUA if fua else 0
         )
 

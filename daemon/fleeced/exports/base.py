@@ -12,11 +12,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from fleeced import datapath
-from fleeced.datapath import (
-    NativeFile,
-    NativeSock,
-)
-from fleeced.ioqueue import Done
+from fleeced.datapath import NativeFile
+from fleeced.ioqueue import ReadResult, ReplySocket
 from fleeced.nbd import ExportInfo
 
 if TYPE_CHECKING:
@@ -43,7 +40,14 @@ class ExportStats:
 
 
 class Export(Protocol):
-    """What the NBD server needs from an export."""
+    """What the NBD server needs from an export: submit a command, get a result.
+
+    Results are plain: a :class:`~fleeced.ioqueue.ReadResult`, ``None``, or an
+    :class:`OSError` (raised, or set on the future).  Nothing of the native
+    data path crosses this seam but the opaque
+    :class:`~fleeced.ioqueue.ReplySocket` a connection hands back with a read
+    whose reply a worker may write.
+    """
 
     @property
     def info(self) -> ExportInfo: ...
@@ -51,22 +55,32 @@ class Export(Protocol):
     @property
     def stats(self) -> ExportStats: ...
 
-    async def read(self, offset: int, length: int) -> tuple[bytearray | memoryview, bool]: ...
+    async def read(self, offset: int, length: int) -> ReadResult: ...
 
-    def read_now(self, offset: int, length: int) -> tuple[bytearray, bool] | None:
-        """Serve a read without blocking (page cache only), or return None."""
+    def read_now(self, offset: int, length: int) -> ReadResult | None:
+        """Serve a read without blocking (page cache only), or return None.
 
-    def start_read(self, offset: int, length: int) -> tuple[memoryview, asyncio.Future[Done]]:
-        """Submit a read to the native queue (no task needed); result: is_hole."""
+        :raise OSError: the read's error.
+        """
 
-    def start_write(
+    def submit_read(self, offset: int, length: int, reply_to: ReplySocket | None = None,
+                    header: bytes = b"") -> asyncio.Future[ReadResult]:
+        """Submit a read (no task needed).  With REPLY_TO a worker may write
+        HEADER + data to that socket itself (``ReadResult.sent``).
+
+        :raise OSError: when the submission is refused; from the future, the
+            read's error (:class:`~fleeced.ioqueue.ReplyTorn` when a worker's
+            write failed part way).
+        """
+
+    def submit_write(
         self, offset: int, data: bytes | memoryview, fua: bool
-    ) -> asyncio.Future[Done] | None:
-        """Submit a write to the native queue, or None to use :meth:`write`."""
+    ) -> asyncio.Future[None] | None:
+        """Submit a write (no task needed), or None to use :meth:`write`.
 
-    def start_read_send(self, offset: int, length: int, sock: NativeSock,
-                        header: bytes) -> tuple[memoryview, asyncio.Future[Done]]:
-        """Submit a read whose reply a worker writes to SOCK (see IoQueue)."""
+        :raise OSError: when the submission is refused; from the future, the
+            write's error.
+        """
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None: ...
 

@@ -9,12 +9,11 @@ import os
 from fleeced import datapath
 from fleeced.datapath import (
     NativeSession,
-    NativeSock,
     SessionParams,
     SessionStats,
 )
 from fleeced.exports.base import OUTSIDE_SCOPE, DirtyBitmap, Disk, ExportBase, ExportStats
-from fleeced.ioqueue import Done, IoQueue
+from fleeced.ioqueue import IoQueue, ReadResult, ReplySocket
 from fleeced.nbd import ExportInfo
 from fleeced.settings import SessionOptions
 
@@ -112,22 +111,19 @@ class SnapshotExport(ExportBase):
     def _bitmaps(self) -> dict[str, DirtyBitmap]:
         return self.session.bitmaps
 
-    async def read(self, offset: int, length: int) -> tuple[bytearray | memoryview, bool]:
+    async def read(self, offset: int, length: int) -> ReadResult:
         return await self._io.read(self.session.native, offset, length)
 
-    def read_now(self, offset: int, length: int) -> tuple[bytearray, bool] | None:
+    def read_now(self, offset: int, length: int) -> ReadResult | None:
         return None  # snapshot reads take cluster locks: always off the loop
 
-    def start_read(self, offset: int, length: int) -> tuple[memoryview, asyncio.Future[Done]]:
-        return self._io.start_read(self.session.native, offset, length)
+    def submit_read(self, offset: int, length: int, reply_to: ReplySocket | None = None,
+                    header: bytes = b"") -> asyncio.Future[ReadResult]:
+        return self._io.submit_read(self.session.native, offset, length, reply_to, header)
 
-    def start_read_send(self, offset: int, length: int, sock: NativeSock,
-                        header: bytes) -> tuple[memoryview, asyncio.Future[Done]]:
-        return self._io.start_read_send(self.session.native, offset, length, sock, header)
-
-    def start_write(
+    def submit_write(
         self, offset: int, data: bytes | memoryview, fua: bool
-    ) -> asyncio.Future[Done] | None:
+    ) -> asyncio.Future[None] | None:
         return None  # refused by write(): EPERM
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:

@@ -26,8 +26,14 @@ The upgrade counts as an operation in flight (``closed`` waits for it).  A
 failed handshake drops the connection: nothing is ever sent in plaintext
 after the ACK, and nothing received in plaintext after STARTTLS is parsed
 (the engine refuses it).  On a TLS connection every reply goes through the
-TLS transport: native workers never write to the socket (``_tls``), since
-their writes would bypass the encryption.
+TLS transport: native workers never write to the socket, since their writes
+would bypass the encryption.
+
+Replies have one owner, :class:`~fleeced.server.replies.ReplyWriter`: it
+holds the transport, the workers' socket handle and the hand-off between
+worker-written and loop-written replies.  Exports are driven through
+"submit a command, get a result" (:class:`~fleeced.exports.Export`); this
+module never imports the data path.
 """
 
 from __future__ import annotations
@@ -35,13 +41,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
 
-from fleeced.datapath import DONE_HOLE, DONE_SENT, NativeSock
-from fleeced.ioqueue import Done, ReplyTorn
+from fleeced.exports import ReplyTorn, open_reply_socket
 from fleeced.nbd import (
     NEED_DATA,
     Command,
@@ -57,9 +62,10 @@ from fleeced.nbd import (
     TlsMode,
     to_nbd_errno,
 )
+from fleeced.server.replies import ReplyWriter
 
 if TYPE_CHECKING:
-    from fleeced.exports import Export
+    from fleeced.exports import Export, ReadResult, ReplySocket
     from fleeced.server.listener import NbdServer
 
 log = logging.getLogger(__name__)
@@ -71,8 +77,6 @@ MAX_IN_FLIGHT: Final = 64
 #: (header + data straight to the socket, never waiting on it), taking the
 #: copy into the socket off the event-loop thread.
 SEND_MIN: Final = 64 * 1024
-#: Requested socket send buffer (the kernel caps it at net.core.wmem_max).
-SOCKET_SNDBUF: Final = 4 * 1024 * 1024
 #: Bytes of READ replies one connection may hold (admitted and not yet handed
 #: to the socket) before it stops parsing requests.  One request is always
 #: admitted, so a connection holds at most this plus one maximum READ.
@@ -86,14 +90,16 @@ class NbdConnection(asyncio.Protocol):
         when ``--tls`` is on or require); None: STARTTLS is refused.
     """
 
-    def __init__(self, server: NbdServer, tls_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, server: NbdServer, tls_context: ssl.SSLContext | None = None, *,
+                 open_socket: Callable[[int], ReplySocket] | None = open_reply_socket,
+                 ) -> None:
+        """:param open_socket: makes the workers' socket handle (None: the
+            loop writes every reply; tests without the native queue)."""
         self._server = server
-        self._transport: asyncio.Transport | None = None
         tls_mode = TlsMode(server.tls.mode) if tls_context is not None else TlsMode.OFF
         self._engine = ServerConnection(server.lookup_info, server.list_infos, tls_mode)
+        self._replies = ReplyWriter(self._engine.data_to_send, open_socket)
         self._tls_context = tls_context
-        # Set at STARTTLS, for good: replies go through the transport only.
-        self._tls = False
         # The plaintext transport while start_tls() runs (self._transport is
         # None then), and TLS data that arrived before start_tls() returned.
         self._upgrading: asyncio.Transport | None = None
@@ -102,9 +108,6 @@ class NbdConnection(asyncio.Protocol):
         self.peer = "?"
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight = 0  # tasks plus native queue operations
-        self._sock: NativeSock | None = None
-        self._sends = 0  # worker-written replies in flight
-        self._stalled = False  # a worker reply went out in part
         self._writing_paused = False
         self.paused_since = 0.0  # monotonic time writing paused (0: not paused)
         self._reading_paused = False
@@ -125,27 +128,21 @@ class NbdConnection(asyncio.Protocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
 
+    @property
+    def _transport(self) -> asyncio.Transport | None:
+        return self._replies.transport
+
     # -- asyncio callbacks -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        self._transport = cast(asyncio.Transport, transport)
+        plain = cast(asyncio.Transport, transport)
+        self._replies.attach(plain)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer) if peer else "unix"
-        # 4 MiB of unsent replies before pause_writing: room for one max
-        # read plus headers, bounded per connection.
-        self._transport.set_write_buffer_limits(high=4 * 1024 * 1024)
-        # A socket buffer that holds whole large replies lets native workers
-        # write them without waiting (capped by net.core.wmem_max).
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SNDBUF)
-            except OSError as exc:
-                log.debug("SO_SNDBUF: %s", exc)
         if not self._server.connection_opened(self):
             self._closing = True
-            self._transport.abort()
+            plain.abort()
             return
         log.info("client %s connected", self.peer)
         self._handshake_timer = asyncio.get_running_loop().call_later(
@@ -179,7 +176,7 @@ class NbdConnection(asyncio.Protocol):
             if self._upgrading is None:
                 self._engine.receive_eof()
                 self._process()
-        if self._tls:
+        if self._replies.tls:
             # TLS has no half-close: the TLS layer shuts down after the
             # client's close_notify whatever we return.
             return None
@@ -195,10 +192,7 @@ class NbdConnection(asyncio.Protocol):
             log.info("client %s disconnected", self.peer)
         self._closing = True
         self._cancel_timers()
-        if self._sock is not None:
-            # C keeps the dup open while queued worker replies use it.
-            self._sock.close()
-            self._sock = None
+        self._replies.close()
         self._set_paused_bytes(0)
         self._maybe_closed()
 
@@ -334,12 +328,10 @@ class NbdConnection(asyncio.Protocol):
 
     def _start_tls(self) -> None:
         """Bottom half: the engine acknowledged NBD_OPT_STARTTLS; upgrade now."""
-        transport = self._transport
-        assert transport is not None and self._tls_context is not None
-        # STARTTLS is an option, so no request ran yet: no worker holds the socket.
-        assert self._sock is None and not self._sends
-        self._tls = True
-        self._flush()  # the ACK: the last plaintext of this connection
+        assert self._tls_context is not None
+        # The ACK is the last plaintext of this connection; STARTTLS is an
+        # option, so no request ran yet: no worker holds the socket.
+        transport = self._replies.start_tls()
         if transport.is_closing():
             self._abort()
             return
@@ -348,7 +340,6 @@ class NbdConnection(asyncio.Protocol):
         self._writing_paused = False
         self.paused_since = 0.0
         self._set_paused_bytes(0)
-        self._transport = None
         self._upgrading = transport
         self._inflight += 1  # `closed` waits for the handshake to end
         task = asyncio.get_running_loop().create_task(
@@ -385,8 +376,7 @@ class NbdConnection(asyncio.Protocol):
             if tls is not None:  # else plain was aborted above
                 tls.abort()
             return
-        self._transport = tls
-        tls.set_write_buffer_limits(high=4 * 1024 * 1024)
+        self._replies.attach(tls)
         self._engine.tls_started()
         sslobj = tls.get_extra_info("ssl_object")
         if sslobj is not None:
@@ -420,7 +410,7 @@ class NbdConnection(asyncio.Protocol):
         stats = export.stats
         stats.requests += 1
         stats.bytes_read += cmd.length
-        self._engine.reply_read(cmd.cookie, cmd.offset, got[0], got[1])
+        self._engine.reply_read(cmd.cookie, cmd.offset, got.data, got.hole)
         self._release(cmd)
         return True
 
@@ -431,89 +421,52 @@ class NbdConnection(asyncio.Protocol):
     def _submit_read(self, cmd: Command) -> bool:
         export = self.export
         assert export is not None
-        if cmd.length >= SEND_MIN and self._worker_sends_possible() and self._submit_send(cmd):
+        if cmd.length >= SEND_MIN and self._submit_send(cmd):
             return True
         try:
-            buf, fut = export.start_read(cmd.offset, cmd.length)
+            fut = export.submit_read(cmd.offset, cmd.length)
         except OSError:
             return False
         self._inflight += 1
-        fut.add_done_callback(lambda f: self._read_done(cmd, buf, f))
-        return True
-
-    def _worker_sends_possible(self) -> bool:
-        """Whether native workers may write replies now.
-
-        Only while nothing of ours is buffered in the transport (so the two
-        writers never interleave) and the socket is not stalled by a reply
-        that went out in part.
-        """
-        transport = self._transport
-        if self._tls or transport is None or transport.is_closing():
-            # Over TLS the socket carries ciphertext: only the TLS transport
-            # may write to it.
-            return False
-        if self._sends:
-            return not self._stalled
-        self._flush()
-        if transport.get_write_buffer_size():
-            return False
-        if self._sock is None:
-            sock = transport.get_extra_info("socket")
-            if sock is None:
-                return False
-            try:
-                self._sock = NativeSock(sock.fileno())
-            except OSError:
-                return False
-        if self._stalled:  # the rest has been written: workers may go on
-            self._sock.resume()
-            self._stalled = False
+        fut.add_done_callback(lambda f: self._read_done(cmd, f))
         return True
 
     def _submit_send(self, cmd: Command) -> bool:
+        """Submit a READ whose reply a native worker may write itself."""
+        sock = self._replies.worker_socket()
+        if sock is None:
+            return False
         export = self.export
-        assert export is not None and self._sock is not None
+        assert export is not None
         header = self._engine.read_reply_header(cmd.cookie, cmd.offset, cmd.length)
         try:
-            buf, fut = export.start_read_send(cmd.offset, cmd.length, self._sock, header)
+            fut = export.submit_read(cmd.offset, cmd.length, sock, header)
         except OSError:
             return False
-        self._sends += 1
+        self._replies.worker_started()
         self._inflight += 1
-        fut.add_done_callback(lambda f: self._send_done(cmd, header, buf, f))
+        fut.add_done_callback(lambda f: self._send_done(cmd, header, f))
         return True
 
-    def _send_done(
-        self, cmd: Command, header: bytes, buf: memoryview, fut: asyncio.Future[Done]
-    ) -> None:
-        self._sends -= 1
-        torn = not fut.cancelled() and isinstance(fut.exception(), ReplyTorn)
-        if torn:
-            log.info("client %s: reply write failed, closing: %s", self.peer, fut.exception())
+    def _send_done(self, cmd: Command, header: bytes,
+                   fut: asyncio.Future[ReadResult]) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        result = fut.result() if not fut.cancelled() and exc is None else None
+        self._replies.worker_done(header, result.data if result else b"",
+                                  result.sent if result else 0)
+        if isinstance(exc, ReplyTorn):
+            log.info("client %s: reply write failed, closing: %s", self.peer, exc)
             self._abort()
-        elif (export := self._complete(cmd, fut)) is not None:
-            done, sent = fut.result()
-            export.stats.bytes_read += cmd.length
-            if done & DONE_HOLE:  # nothing sent: describe the hole ourselves
-                # (C zero-filled buf, which a simple reply sends as data)
-                self._engine.reply_read(cmd.cookie, cmd.offset, buf, True)
-            elif not done & DONE_SENT:  # socket was full: send it ourselves
-                self._engine.reply_read(cmd.cookie, cmd.offset, buf, False)
-            elif sent:
-                # Part went out and the socket is stalled: the rest goes
-                # first, ahead of anything queued in the engine.
-                self._stalled = True
-                if sent < len(header):
-                    rest = [memoryview(header)[sent:], buf]
-                else:
-                    rest = [buf[sent - len(header):]]
-                if self._transport is not None and not self._transport.is_closing():
-                    self._transport.writelines(rest)
+        elif self._complete(cmd, fut) is not None:
+            assert result is not None and self.export is not None
+            self.export.stats.bytes_read += cmd.length
+            if not result.sent:  # a hole, or the socket was full: reply ourselves
+                self._engine.reply_read(cmd.cookie, cmd.offset, result.data, result.hole)
         self._release(cmd)
         self._op_done()
 
-    def _complete(self, cmd: Command, fut: asyncio.Future[Done]) -> Export | None:
+    def _complete(self, cmd: Command, fut: asyncio.Future[ReadResult] | asyncio.Future[None],
+                  ) -> Export | None:
         """Account a finished queue operation and answer its failure.
 
         :return: the export when the operation succeeded (the caller replies).
@@ -530,11 +483,12 @@ class NbdConnection(asyncio.Protocol):
             return None
         return export
 
-    def _read_done(self, cmd: Command, buf: memoryview, fut: asyncio.Future[Done]) -> None:
+    def _read_done(self, cmd: Command, fut: asyncio.Future[ReadResult]) -> None:
         export = self._complete(cmd, fut)
         if export is not None:
             export.stats.bytes_read += cmd.length
-            self._engine.reply_read(cmd.cookie, cmd.offset, buf, bool(fut.result()[0] & DONE_HOLE))
+            result = fut.result()
+            self._engine.reply_read(cmd.cookie, cmd.offset, result.data, result.hole)
         self._release(cmd)
         self._op_done()
 
@@ -542,7 +496,7 @@ class NbdConnection(asyncio.Protocol):
         export = self.export
         assert export is not None and cmd.data is not None
         try:
-            fut = export.start_write(cmd.offset, cmd.data, bool(cmd.flags & NbdCmdFlag.FUA))
+            fut = export.submit_write(cmd.offset, cmd.data, bool(cmd.flags & NbdCmdFlag.FUA))
         except OSError:
             return False
         if fut is None:
@@ -551,7 +505,7 @@ class NbdConnection(asyncio.Protocol):
         fut.add_done_callback(lambda f: self._write_done(cmd, f))
         return True
 
-    def _write_done(self, cmd: Command, fut: asyncio.Future[Done]) -> None:
+    def _write_done(self, cmd: Command, fut: asyncio.Future[None]) -> None:
         export = self._complete(cmd, fut)
         if export is not None:
             export.stats.bytes_written += cmd.length
@@ -609,9 +563,9 @@ class NbdConnection(asyncio.Protocol):
         try:
             kind = cmd.cmd
             if kind == NbdCmd.READ:
-                data, hole = await export.read(cmd.offset, cmd.length)
+                result = await export.read(cmd.offset, cmd.length)
                 stats.bytes_read += cmd.length
-                engine.reply_read(cmd.cookie, cmd.offset, data, hole)
+                engine.reply_read(cmd.cookie, cmd.offset, result.data, result.hole)
             elif kind == NbdCmd.WRITE:
                 assert cmd.data is not None
                 await export.write(cmd.offset, cmd.data, bool(cmd.flags & NbdCmdFlag.FUA))
@@ -674,11 +628,7 @@ class NbdConnection(asyncio.Protocol):
     # -- output and lifecycle ----------------------------------------------
 
     def _flush(self) -> None:
-        if self._sends:
-            return  # workers own the socket until their replies are out
-        out = self._engine.data_to_send()
-        if out and self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(out)
+        self._replies.flush()
 
     def _update_reading(self) -> None:
         transport = self._transport

@@ -1,0 +1,208 @@
+"""The reply path of one connection, with one owner: :class:`ReplyWriter`.
+
+Replies leave a connection two ways.  Most are encoded by the sans-IO engine
+and written by the event loop through the transport.  Large READ replies may
+instead be written by a native worker straight to the socket (header + data,
+never waiting on it), which takes the copy into the socket off the loop.
+The two writers must never interleave bytes, so the writer keeps the
+hand-off state:
+
+* a worker may be given the socket only while nothing of the loop's is
+  buffered in the transport, and not while the socket is *stalled*;
+* while worker replies are in flight the loop writes nothing (the engine
+  keeps its output; :meth:`ReplyWriter.flush` is a no-op until the last one
+  is back);
+* a worker reply that went out only in part stalls the socket for workers
+  (C refuses further worker writes); its rest is written through the
+  transport at once, ahead of anything else, and workers get the socket back
+  (:meth:`~fleeced.exports.ReplySocket.resume`) only once the transport's
+  buffer is empty again;
+* over TLS the socket carries ciphertext: workers never write (for good).
+
+This module must not import the data path, the native queue or the engine:
+it gets the engine's output as a callable and the socket handle from a
+factory (:func:`fleeced.exports.open_reply_socket` in the daemon, a fake in
+tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from fleeced.exports import ReplySocket
+
+__all__ = ["ReplyWriter", "SOCKET_SNDBUF", "WRITE_BUFFER_HIGH"]
+
+log = logging.getLogger(__name__)
+
+#: Requested socket send buffer (the kernel caps it at net.core.wmem_max): a
+#: buffer that holds whole large replies lets workers write them without
+#: waiting.
+SOCKET_SNDBUF: Final = 4 * 1024 * 1024
+#: Unsent reply bytes in the transport before ``pause_writing``: room for one
+#: maximum read plus headers, bounded per connection.
+WRITE_BUFFER_HIGH: Final = 4 * 1024 * 1024
+
+Buffers = Sequence[bytes | bytearray | memoryview]
+
+
+class ReplyWriter:
+    """Owns a connection's transport, its native socket handle and the
+    hand-off between loop-written and worker-written replies.
+
+    :param pending: drains the engine's encoded replies (in order).
+    :param open_socket: makes the workers' handle for a socket descriptor;
+        None: workers never write (nothing is native, e.g. in tests).
+    """
+
+    def __init__(self, pending: Callable[[], Buffers],
+                 open_socket: Callable[[int], ReplySocket] | None = None) -> None:
+        self._pending = pending
+        self._open_socket = open_socket
+        self._transport: asyncio.Transport | None = None
+        self._sock: ReplySocket | None = None
+        self._sends = 0  # worker-written replies in flight
+        self._stalled = False  # a worker reply went out in part
+        self._tls = False
+
+    # -- the transport -------------------------------------------------------
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        """The transport replies go through (None before connection, and
+        while a TLS upgrade runs)."""
+        return self._transport
+
+    @property
+    def tls(self) -> bool:
+        """Whether the connection switched to TLS (workers never write)."""
+        return self._tls
+
+    @property
+    def worker_replies(self) -> int:
+        """Worker-written replies in flight."""
+        return self._sends
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        """Take TRANSPORT: the connection's, or the TLS one after STARTTLS."""
+        self._transport = transport
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        if self._tls:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SNDBUF)
+            except OSError as exc:
+                log.debug("SO_SNDBUF: %s", exc)
+
+    def start_tls(self) -> asyncio.Transport:
+        """Flush the last plaintext and give up the transport for the upgrade.
+
+        From now on workers never write (the socket will carry ciphertext).
+        Legal only before any request ran (STARTTLS is an option).
+
+        :return: the plaintext transport.
+        """
+        assert self._transport is not None
+        assert self._sock is None and not self._sends
+        self._tls = True
+        self.flush()
+        transport, self._transport = self._transport, None
+        return transport
+
+    def writable(self) -> bool:
+        """Whether the transport takes writes."""
+        return self._transport is not None and not self._transport.is_closing()
+
+    def buffered(self) -> int:
+        """Bytes the transport holds unsent."""
+        return self._transport.get_write_buffer_size() if self._transport is not None else 0
+
+    # -- loop-written replies ----------------------------------------------
+
+    def flush(self) -> None:
+        """Write the engine's replies, unless workers own the socket now
+        (their replies are in flight); the engine keeps them until then."""
+        if self._sends:
+            return
+        out = self._pending()
+        if out and self.writable():
+            assert self._transport is not None
+            self._transport.writelines(out)
+
+    # -- worker-written replies --------------------------------------------
+
+    def worker_socket(self) -> ReplySocket | None:
+        """The handle a worker may write the next reply to, or None: the loop
+        writes it (TLS, nothing native, closing, our bytes still buffered, or
+        the socket stalled).
+
+        Call :meth:`worker_started` once the read is submitted with it.
+        """
+        if self._tls or self._open_socket is None or not self.writable():
+            return None
+        if self._sends:
+            # Workers hold the socket already: they may go on unless one
+            # stalled it (its rest is in the transport now).
+            return None if self._stalled else self._sock
+        self.flush()
+        if self.buffered():
+            return None  # never interleave with our own unsent bytes
+        if self._sock is None:
+            assert self._transport is not None
+            sock = self._transport.get_extra_info("socket")
+            if sock is None:
+                return None
+            try:
+                self._sock = self._open_socket(sock.fileno())
+            except OSError as exc:
+                log.debug("no worker replies: %s", exc)
+                return None
+        if self._stalled:  # the rest of the torn-off reply is out: hand back
+            self._sock.resume()
+            self._stalled = False
+        return self._sock
+
+    def worker_started(self) -> None:
+        """A read was submitted with the handle from :meth:`worker_socket`."""
+        self._sends += 1
+
+    def worker_done(self, header: bytes, data: bytes | bytearray | memoryview,
+                    sent: int) -> None:
+        """A worker-written reply is back.
+
+        :param header: the reply header the worker was given.
+        :param data: the reply's data.
+        :param sent: bytes of HEADER + DATA the worker wrote: 0 (none: the
+            caller has the engine encode the reply, or the operation failed),
+            all, or part -- then the rest goes out now, before anything else,
+            and the socket stays stalled for workers until the transport has
+            written it.
+        """
+        assert self._sends > 0
+        self._sends -= 1
+        if not 0 < sent < len(header) + len(data):
+            return
+        self._stalled = True
+        if sent < len(header):
+            rest: list[bytes | bytearray | memoryview] = [memoryview(header)[sent:], data]
+        else:
+            rest = [memoryview(data)[sent - len(header):]]
+        if self.writable():
+            assert self._transport is not None
+            self._transport.writelines(rest)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def close(self) -> None:
+        """The connection is gone: give up the workers' handle (C keeps its
+        duplicate open while queued worker replies use it).  Idempotent."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

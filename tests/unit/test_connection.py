@@ -1,0 +1,371 @@
+"""NbdConnection with an in-memory transport and a fake export (aioquic
+style): no daemon process, no socket, no native operation.
+
+The client side is the byte encoders/decoders of :mod:`tests.helpers`; the
+transport and the workers' socket handle are the fakes of
+:mod:`tests.unit.test_replies`, which share one ``wire`` so every test sees
+exactly what a client would read, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import struct
+from collections.abc import Callable
+
+import pytest
+
+from fleeced.exports import ExportStats, ReadResult, ReplyTorn
+from fleeced.nbd import ExportInfo, NbdCmd, NbdErrno, NbdOpt, NbdRep
+from fleeced.server.connection import SEND_MIN, NbdConnection
+from fleeced.server.listener import NbdServer
+from tests.helpers import Reader, client_flags, name_info_payload, option, request
+from tests.unit.test_replies import FakeReplySocket, FakeTransport, Wire
+
+pytestmark = pytest.mark.asyncio
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+
+
+class FakeExport:
+    """An export in memory.  Reads and writes complete when the test says so
+    (``hold``) or on the next loop iteration."""
+
+    def __init__(self, size: int = SIZE, inline: bool = False) -> None:
+        self._info = ExportInfo(name="disk", size=size)
+        self._stats = ExportStats()
+        self.data = bytearray((bytes(range(251)) * (size // 251 + 1))[:size])
+        self.inline = inline
+        self.hold = False
+        self.reads: list[tuple[int, int, object, bytes, asyncio.Future[ReadResult]]] = []
+        self.log: list[str] = []
+        self.gate: asyncio.Event | None = None  # writes wait for it when set
+        self.fail: OSError | None = None
+
+    @property
+    def info(self) -> ExportInfo:
+        return self._info
+
+    @property
+    def stats(self) -> ExportStats:
+        return self._stats
+
+    def _result(self, offset: int, length: int) -> ReadResult:
+        return ReadResult(bytes(self.data[offset:offset + length]))
+
+    def read_now(self, offset: int, length: int) -> ReadResult | None:
+        return self._result(offset, length) if self.inline else None
+
+    def submit_read(self, offset: int, length: int, reply_to: object = None,
+                    header: bytes = b"") -> asyncio.Future[ReadResult]:
+        fut: asyncio.Future[ReadResult] = asyncio.get_running_loop().create_future()
+        self.reads.append((offset, length, reply_to, header, fut))
+        if not self.hold:
+            self.complete(len(self.reads) - 1)
+        return fut
+
+    def complete(self, i: int, sent: int | None = None) -> None:
+        """Finish read I; with a worker handle it writes SENT bytes (all by default)."""
+        offset, length, sock, header, fut = self.reads[i]
+        if self.fail is not None:
+            fut.set_exception(self.fail)
+            return
+        result = self._result(offset, length)
+        if isinstance(sock, FakeReplySocket):
+            n = sock.worker_write(header, bytes(result.data), sent)
+            result = ReadResult(result.data, False, n)
+        fut.set_result(result)
+
+    async def read(self, offset: int, length: int) -> ReadResult:
+        return self._result(offset, length)
+
+    def submit_write(self, offset: int, data: bytes | memoryview,
+                     fua: bool) -> asyncio.Future[None] | None:
+        return None  # the task path: write()
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        self.log.append(f"write {offset}")
+        if self.gate is not None:
+            await self.gate.wait()
+        self.data[offset:offset + len(data)] = data
+        self.log.append(f"written {offset}")
+
+    async def flush(self) -> None:
+        self.log.append("flush")
+
+    async def zero(self, offset: int, length: int, may_trim: bool, fast: bool,
+                   fua: bool) -> None:
+        self.data[offset:offset + length] = bytes(length)
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        return None
+
+    async def cache(self, offset: int, length: int) -> None:
+        return None
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return [(length, 0)]
+
+    async def context_extents(self, context: str, offset: int,
+                              length: int) -> list[tuple[int, int]]:
+        return [(length, 0)]
+
+    def error_message(self, exc: OSError) -> str:
+        return exc.strerror or ""
+
+
+class Peer:
+    """One connection wired to an in-memory client."""
+
+    def __init__(self, export: FakeExport | None = None, native: bool = False) -> None:
+        self.export = export or FakeExport()
+        self.server = NbdServer(shutdown_timeout=1.0, handshake_limit=5.0)
+        self.server.add_export(self.export)  # type: ignore[arg-type]
+        self.wire = Wire()
+        self.socks: list[FakeReplySocket] = []
+        opener: Callable[[int], FakeReplySocket] | None = self._open if native else None
+        self.conn = NbdConnection(self.server, open_socket=opener)  # type: ignore[arg-type]
+        self.transport = FakeTransport(self.wire)
+        self.transport.protocol = self.conn
+        self.conn.connection_made(self.transport)  # type: ignore[arg-type]
+        self.read_at = 0
+
+    def _open(self, fd: int) -> FakeReplySocket:
+        sock = FakeReplySocket(self.wire)
+        self.socks.append(sock)
+        return sock
+
+    def reader(self) -> Reader:
+        """The wire from where the last reader stopped."""
+        r = Reader(bytes(self.wire.data[self.read_at:]))
+        self.read_at = len(self.wire.data)
+        return r
+
+    def handshake(self) -> None:
+        assert self.reader().greeting()
+        self.send(client_flags() + option(NbdOpt.GO, name_info_payload("disk")))
+        replies = self.reader().opt_replies()
+        assert replies[-1].type == NbdRep.ACK
+        assert self.conn.negotiated
+
+    def send(self, data: bytes) -> None:
+        self.conn.data_received(data)
+
+
+async def settle(rounds: int = 5) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+def simple(data: bytes, read_length: int = 0) -> tuple[int, int, bytes]:
+    r = Reader(data).simple(read_length)
+    return r.error, r.cookie, r.data
+
+
+def replies(p: Peer, lengths: dict[int, int]) -> dict[int, tuple[int, bytes]]:
+    """Decode simple replies for the cookies in LENGTHS (READ lengths, 0 else)."""
+    r = p.reader()
+    out = {}
+    while not r.empty():
+        (cookie,) = struct.unpack_from(">Q", r.buf, 8)
+        reply = r.simple(lengths[cookie])
+        assert cookie not in out, f"cookie {cookie} answered twice"
+        out[cookie] = (reply.error, reply.data)
+    return out
+
+
+async def test_handshake_and_export_chosen() -> None:
+    p = Peer()
+    p.handshake()
+    assert p.export.stats.connections == 1
+    assert p.server.connection_count == 1
+
+
+async def test_read_through_the_queue() -> None:
+    p = Peer()
+    p.handshake()
+    p.send(request(NbdCmd.READ, 1, 4096, 512))
+    assert p.conn.in_flight == 1
+    await settle()
+    assert replies(p, {1: 512}) == {1: (0, bytes(p.export.data[4096:4608]))}
+    assert p.conn.in_flight == 0
+    assert p.export.stats.bytes_read == 512
+
+
+async def test_inline_read_needs_no_loop_turn() -> None:
+    p = Peer(FakeExport(inline=True))
+    p.handshake()
+    p.send(request(NbdCmd.READ, 7, 0, 100))
+    assert replies(p, {7: 100}) == {7: (0, bytes(p.export.data[:100]))}
+    assert p.export.reads == []
+
+
+async def test_write_then_flush() -> None:
+    p = Peer()
+    p.handshake()
+    p.send(request(NbdCmd.WRITE, 1, 8192, 4, data=b"abcd"))
+    await settle()
+    assert replies(p, {1: 0}) == {1: (0, b"")}
+    p.send(request(NbdCmd.FLUSH, 2))
+    await settle()
+    assert replies(p, {2: 0}) == {2: (0, b"")}
+    assert p.export.data[8192:8196] == b"abcd"
+    assert p.export.log == ["write 8192", "written 8192", "flush"]
+
+
+async def test_write_reply_waits_for_the_write() -> None:
+    p = Peer()
+    p.export.gate = asyncio.Event()
+    p.handshake()
+    p.send(request(NbdCmd.WRITE, 1, 0, 4, data=b"wxyz") + request(NbdCmd.FLUSH, 2))
+    await settle()
+    # The flush was sent before the write was answered: it may complete
+    # first (proto.md: FLUSH covers completed writes), the write may not.
+    assert replies(p, {2: 0}) == {2: (0, b"")}
+    p.export.gate.set()
+    await settle()
+    assert replies(p, {1: 0}) == {1: (0, b"")}
+
+
+async def test_export_error_is_mapped_to_an_nbd_errno() -> None:
+    p = Peer()
+    p.export.fail = OSError(errno.EDQUOT, "quota")
+    p.handshake()
+    p.send(request(NbdCmd.READ, 3, 0, 512))
+    await settle()
+    assert replies(p, {3: 512}) == {3: (NbdErrno.ENOSPC, b"")}
+    assert p.export.stats.errors == 1
+
+
+async def test_big_read_written_whole_by_a_worker() -> None:
+    p = Peer(native=True)
+    p.handshake()
+    p.export.hold = True
+    p.send(request(NbdCmd.READ, 1, 0, SEND_MIN) + request(NbdCmd.WRITE, 2, 0, 2, data=b"zz"))
+    assert len(p.socks) == 1 and p.export.reads[0][2] is p.socks[0]
+    await settle()  # the write completed: its reply waits for the worker's
+    assert p.wire.data[p.read_at:] == b""
+    p.export.complete(0)
+    await settle()
+    got = replies(p, {1: SEND_MIN, 2: 0})
+    assert got[2] == (0, b"") and got[1][0] == 0 and len(got[1][1]) == SEND_MIN
+
+
+async def test_big_read_sent_in_part_rest_goes_first() -> None:
+    p = Peer(native=True)
+    p.handshake()
+    p.export.hold = True
+    p.send(request(NbdCmd.READ, 1, 0, SEND_MIN) + request(NbdCmd.READ, 2, SEND_MIN, SEND_MIN))
+    p.export.complete(0, sent=1000)  # the socket filled up
+    p.export.complete(1, sent=0)  # C saw it stalled: nothing sent
+    await settle()
+    got = replies(p, {1: SEND_MIN, 2: SEND_MIN})
+    assert got == {1: (0, bytes(p.export.data[:SEND_MIN])),
+                   2: (0, bytes(p.export.data[SEND_MIN:2 * SEND_MIN]))}
+    assert p.socks[0].resumed == 0
+    # The next big read hands the (drained) socket back to workers.
+    p.export.hold = False
+    p.send(request(NbdCmd.READ, 3, 0, SEND_MIN))
+    await settle()
+    assert p.socks[0].resumed == 1
+    assert replies(p, {3: SEND_MIN})[3][0] == 0
+
+
+async def test_torn_worker_reply_drops_the_connection() -> None:
+    p = Peer(native=True)
+    p.handshake()
+    p.export.fail = ReplyTorn(errno.EPIPE, "reply write failed")
+    p.send(request(NbdCmd.READ, 1, 0, SEND_MIN))
+    await settle()
+    assert p.transport.closing
+    await asyncio.wait_for(p.conn.closed, 1)
+    assert p.socks[0].closed
+
+
+async def test_client_eof_with_requests_in_flight() -> None:
+    p = Peer()
+    p.handshake()
+    p.export.hold = True
+    p.send(request(NbdCmd.READ, 1, 0, 512) + request(NbdCmd.READ, 2, 512, 512))
+    assert p.conn.eof_received() is True  # half-close: replies still go out
+    assert not p.transport.closing
+    p.export.complete(1)
+    await settle()
+    assert not p.transport.closing
+    p.export.complete(0)
+    await settle()
+    assert set(replies(p, {1: 512, 2: 512})) == {1, 2}
+    assert p.transport.closing
+    await asyncio.wait_for(p.conn.closed, 1)
+
+
+async def test_shutdown_answers_new_requests_eshutdown() -> None:
+    p = Peer()
+    p.handshake()
+    p.export.hold = True
+    p.send(request(NbdCmd.READ, 1, 0, 512))
+    p.conn.shutdown()
+    p.send(request(NbdCmd.READ, 2, 0, 512))
+    assert replies(p, {2: 512}) == {2: (NbdErrno.ESHUTDOWN, b"")}
+    assert not p.transport.closing  # request 1 still runs
+    p.export.complete(0)
+    await settle()
+    assert replies(p, {1: 512})[1][0] == 0
+    assert p.transport.closing
+    await asyncio.wait_for(p.conn.closed, 1)
+
+
+async def test_shutdown_for_replay_drops_new_requests() -> None:
+    p = Peer()
+    p.handshake()
+    p.conn.shutdown(replay=True)
+    p.send(request(NbdCmd.READ, 2, 0, 512))
+    await settle()
+    assert p.conn.dropped == 1
+    assert replies(p, {}) == {}
+    await asyncio.wait_for(p.conn.closed, 1)
+
+
+async def test_client_that_stops_reading_stops_being_read() -> None:
+    p = Peer()
+    p.handshake()
+    p.transport.held = True  # the client reads nothing from now on
+    p.send(b"".join(request(NbdCmd.READ, c, 0, MiB) for c in range(1, 7)))
+    await settle()
+    # 6 MiB of replies buffered, over the high-water mark: reading pauses
+    # and what arrives anyway stays unparsed.
+    assert p.conn.paused_since > 0 and not p.transport.reading
+    assert p.server.reply_bytes >= 4 * MiB  # held while the client stalls
+    p.send(request(NbdCmd.READ, 7, 0, 512) + request(NbdCmd.READ, 8, 0, 512))
+    await settle()
+    assert len(p.export.reads) == 6
+    p.transport.drain()  # the client reads again
+    await settle()
+    assert len(p.export.reads) == 8 and p.transport.reading
+    lengths = {c: MiB for c in range(1, 7)} | {7: 512, 8: 512}
+    assert set(replies(p, lengths)) == set(range(1, 9))
+    assert p.server.reply_bytes == 0
+
+
+async def test_protocol_error_drops_the_connection() -> None:
+    p = Peer()
+    p.handshake()
+    p.send(request(NbdCmd.READ, 1, 0, 512, magic=0xDEADBEEF))
+    assert p.transport.closing
+    await asyncio.wait_for(p.conn.closed, 1)
+    assert p.server.connection_count == 0
+
+
+async def test_disconnect_closes_once_idle() -> None:
+    p = Peer()
+    p.handshake()
+    p.export.hold = True
+    p.send(request(NbdCmd.READ, 1, 0, 512) + request(NbdCmd.DISC, 2))
+    assert not p.transport.closing
+    p.export.complete(0)
+    await settle()
+    assert replies(p, {1: 512})[1][0] == 0
+    assert p.transport.closing
+    await asyncio.wait_for(p.conn.closed, 1)
