@@ -17,7 +17,6 @@ Must not import asyncio machinery beyond what :mod:`fleeced.app` brings.
 
 from __future__ import annotations
 
-import grp
 import logging
 import os
 import re
@@ -26,7 +25,7 @@ from typing import Any, Final
 
 from fleeced.control.args import parse_size
 from fleeced.errors import CliError, CommandError
-from fleeced.paths import default_control, default_state_dir, ensure_private_dir
+from fleeced.paths import default_control, default_state_dir, ensure_private_dir, group_id
 from fleeced.settings import (
     DaemonConfig,
     DiskSpec,
@@ -352,11 +351,10 @@ def _group(value: object, where: str) -> str:
         return str(value)
     if not isinstance(value, str) or not value:
         raise _Bad(where, f"must be a group name or gid, not {_type_name(value)}")
-    if not value.isdigit():
-        try:
-            grp.getgrnam(value)
-        except KeyError:
-            raise _Bad(where, f"no group named {value!r}") from None
+    try:
+        group_id(value)
+    except KeyError:
+        raise _Bad(where, f"no group named {value!r}") from None
     return value
 
 

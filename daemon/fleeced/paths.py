@@ -5,7 +5,9 @@ Imports nothing of fleeced but :mod:`fleeced.errors`.
 
 from __future__ import annotations
 
+import grp
 import os
+import socket
 import stat
 
 from fleeced.errors import CliError
@@ -91,3 +93,24 @@ def default_state_dir() -> str:
         return "/var/lib/fleeced"
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return os.path.join(base, "fleeced")
+
+
+def unix_socket_in_use(path: str) -> bool:
+    """Whether something accepts connections on the Unix socket at PATH (so
+    the file is not stale and must not be replaced)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def group_id(group: str) -> int:
+    """The gid of GROUP, a name or a number.
+
+    :raise KeyError: when no group has that name.
+    """
+    if group.isdigit():
+        return int(group)
+    return grp.getgrnam(group).gr_gid

@@ -32,6 +32,7 @@ from typing import Any, Final
 from fleeced import __version__
 from fleeced.control.framing import MAX_DEPTH, JsonSplitter, MessageTooLong, nesting_depth
 from fleeced.errors import CommandError
+from fleeced.paths import unix_socket_in_use
 
 log = logging.getLogger(__name__)
 
@@ -275,19 +276,8 @@ def _prepare_socket_path(path: str) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise OSError(errno.EEXIST, "exists and is not a socket; refusing to replace it")
-    if _in_use(path):
+    if unix_socket_in_use(path):
         raise OSError(errno.EADDRINUSE,
                       "a daemon is already listening there (stop it, or use another "
                       "--control PATH or --no-control)")
     os.unlink(path)
-
-
-def _in_use(path: str) -> bool:
-    import socket
-
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True

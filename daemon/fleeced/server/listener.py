@@ -37,6 +37,7 @@ from typing import Final
 
 from fleeced.exports import Export
 from fleeced.nbd import ExportInfo
+from fleeced.paths import group_id, unix_socket_in_use
 from fleeced.server.connection import NbdConnection
 from fleeced.tls import TlsConfig
 
@@ -289,7 +290,7 @@ class NbdServer:
         else:
             if not stat.S_ISSOCK(st.st_mode):
                 raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-            if _unix_in_use(path):
+            if unix_socket_in_use(path):
                 raise OSError(errno.EADDRINUSE, f"{path}: address already in use")
             os.unlink(path)
         loop = asyncio.get_running_loop()
@@ -297,7 +298,11 @@ class NbdServer:
         self._servers.append(server)
         self._unix_paths.append(path)
         if group is not None:
-            os.chown(path, -1, _gid(group))
+            try:
+                gid = group_id(group)
+            except KeyError:
+                raise OSError(errno.EINVAL, f"no group named {group!r}") from None
+            os.chown(path, -1, gid)
         if mode is not None:
             os.chmod(path, mode)
         log.info("listening on unix:%s", path)
@@ -362,27 +367,3 @@ class NbdServer:
             except OSError:
                 pass
         self._unix_paths.clear()
-
-
-def _gid(group: str) -> int:
-    """The gid of GROUP (a name or a number).
-
-    :raise OSError: when no such group exists.
-    """
-    import grp
-
-    if group.isdigit():
-        return int(group)
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise OSError(errno.EINVAL, f"no group named {group!r}") from None
-
-
-def _unix_in_use(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True
