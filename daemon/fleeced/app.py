@@ -78,8 +78,8 @@ class Daemon:
         #: Sessions that were active when an earlier daemon died: reported
         #: broken until fleece-stop, never served.  Keyed by (disk, name).
         self.lost_sessions: dict[tuple[str, str], dict[str, Any]] = {}
-        #: Hand-off records without a state dir (see _handoff_record).
-        self._handoffs: dict[str, dict[str, Any]] = {}
+        #: Hand-off bitmaps left in VMs at detach, by disk (state dir: handoffs).
+        self.handoffs: dict[str, dict[str, Any]] = {}
         #: Disks added with disk-add (remembered in the state dir).
         self._runtime_disks: set[str] = set()
         #: Unix sockets of inherited (socket-activated) listeners.
@@ -277,6 +277,8 @@ class Daemon:
             self.attachments[att.disk] = att
             log.info("state: %s is attached to %s (%s), state %s", att.disk, att.qmp,
                      att.device, att.state)
+        for rec in st.handoffs:
+            self.handoffs[str(rec.get("disk"))] = rec
         for rec in st.sessions:
             disk_name, name = str(rec.get("disk")), str(rec.get("name"))
             self.lost_sessions[(disk_name, name)] = {"export": str(rec.get("export", ""))}
@@ -296,6 +298,7 @@ class Daemon:
                 sessions.append({"disk": disk.name, "name": session.name,
                                  "export": session.export_name})
         st.sessions = sessions
+        st.handoffs = list(self.handoffs.values())
         kept = [r for r in st.bitmaps if r.get("disk") not in self.disks]
         st.bitmaps = kept + [bm.record() for bm in self._all_bitmaps() if bm.persistent]
 
@@ -1073,24 +1076,6 @@ class Daemon:
 
     # -- dirty bitmaps across detached periods ----------------------------------
 
-    def _handoff_record(self, disk: str) -> dict[str, Any] | None:
-        if self.state is None:
-            return self._handoffs.get(disk)
-        for rec in self.state.state.handoffs:
-            if rec.get("disk") == disk:
-                return rec
-        return None
-
-    def _set_handoff_record(self, disk: str, rec: dict[str, Any] | None) -> None:
-        if self.state is None:
-            if rec is None:
-                self._handoffs.pop(disk, None)
-            else:
-                self._handoffs[disk] = rec
-            return
-        others = [r for r in self.state.state.handoffs if r.get("disk") != disk]
-        self.state.state.handoffs = others + ([rec] if rec is not None else [])
-
     async def _leave_handoff(self, mon: Monitor, disk: Disk, att: vm.Attachment) -> None:
         """Before switching back: a transient dirty bitmap on the VM's own node
         records the writes that will bypass the daemon (read at the next
@@ -1106,18 +1091,17 @@ class Daemon:
         except (CommandError, ValueError) as exc:
             log.error("disk %s: no hand-off bitmap in the VM (%s); its bitmaps go all "
                       "dirty at the next attach", disk.name, getattr(exc, "desc", exc))
-            self._set_handoff_record(disk.name, None)
+            self.handoffs.pop(disk.name, None)
             return
-        self._set_handoff_record(disk.name, {
+        self.handoffs[disk.name] = {
             "disk": disk.name, "qmp": att.qmp, "device": att.device, "node": att.original,
-            "bitmap": name, "granularity": granularity})
+            "bitmap": name, "granularity": granularity}
 
     async def _take_handoff(self, mon: Monitor, disk: Disk, att: vm.Attachment) -> None:
         """After the switch to the daemon: merge what the VM wrote while
         detached into every enabled bitmap, or set them all dirty when that is
         unknown (no hand-off, the VM restarted, QEMU's NBD server busy)."""
-        rec = self._handoff_record(disk.name)
-        self._set_handoff_record(disk.name, None)
+        rec = self.handoffs.pop(disk.name, None)
         enabled = [bm for bm in disk.bitmaps.values()
                    if isinstance(bm, bmap.Bitmap) and bm.enabled]
         if not enabled:
