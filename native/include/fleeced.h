@@ -338,7 +338,9 @@ typedef struct fl_queue fl_queue;
 #define FL_OP_SESSION_OPEN 11  /* fl_session_open (fl_queue_submit_open) */
 #define FL_OP_SESSION_CLOSE 12 /* fl_session_close (fl_queue_submit_close) */
 
-/* Start NTHREADS (1..64) workers and a completion eventfd. */
+/* Start NTHREADS (1..64) guest workers, NTHREADS - NTHREADS/4 snapshot
+ * workers at a lower scheduling priority (queue.c) and a completion
+ * eventfd. */
 int fl_queue_open(unsigned nthreads, fl_queue **out);
 /* The eventfd: readable when completions wait in fl_queue_reap. */
 int fl_queue_fd(const fl_queue *q);

@@ -1,9 +1,11 @@
 /* fl_queue: submit from one thread, reap by polling the eventfd; every
  * operation completes exactly once with the right result, including
  * errors, and close() finishes what was queued. */
+#include <dirent.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #include "check.h"
 #include "fleeced.h"
@@ -443,6 +445,58 @@ static void test_closed_file_ops(void)
     unlink(path);
 }
 
+/* Issue 9: snapshot ops run in a pool of their own at nice 19, so a
+ * backup loses every CPU contention with guest writes; the guest pool
+ * keeps the caller's priority.  Counts this process's threads by nice. */
+static unsigned threads_at_nice(long nice)
+{
+    DIR *d = opendir("/proc/self/task");
+    struct dirent *e;
+    unsigned n = 0;
+
+    CHECK(d != NULL);
+    while ((e = readdir(d)) != NULL) {
+        char path[300], buf[1024], *p;
+        FILE *f;
+        long v = 0;
+        size_t len;
+
+        if (e->d_name[0] == '.')
+            continue;
+        snprintf(path, sizeof path, "/proc/self/task/%s/stat", e->d_name);
+        f = fopen(path, "r");
+        if (f == NULL)
+            continue;           /* a thread that just exited */
+        len = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[len] = 0;
+        p = strrchr(buf, ')');  /* fields after the command name */
+        CHECK(p != NULL);
+        /* state is field 3; nice is field 19: 16 fields after state */
+        CHECK(sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u "
+                     "%*u %*u %*d %*d %*d %ld", &v) == 1);
+        n += v == nice;
+    }
+    closedir(d);
+    return n;
+}
+
+static void test_snapshot_pool_priority(void)
+{
+    fl_queue *q;
+    unsigned base19 = threads_at_nice(19), low = 0;
+    struct timespec ts = { 0, 10000000 };
+
+    CHECK_RC(fl_queue_open(8, &q), 0);
+    for (int i = 0; i < 500 && low < 6; i++) {   /* workers start async */
+        low = threads_at_nice(19) - base19;
+        nanosleep(&ts, NULL);
+    }
+    CHECK(low == 6);            /* 8 - 8/4 snapshot workers, all niced */
+    fl_queue_close(q);
+    CHECK(threads_at_nice(19) == base19);
+}
+
 int main(void)
 {
     fprintf(stderr, "test_queue\n");
@@ -454,6 +508,7 @@ int main(void)
     RUN(test_close_with_ops_queued);
     RUN(test_control_ops);
     RUN(test_closed_file_ops);
+    RUN(test_snapshot_pool_priority);
     fprintf(stderr, "test_queue: OK\n");
     return 0;
 }
