@@ -582,6 +582,7 @@ class Daemon:
                         "temp": st.read_temp_bytes,
                         "cache": st.read_cache_bytes,
                         "source": st.read_source_bytes,
+                        "source-retries": st.read_retries,
                     },
                     "temp-dir": session.temp_dir,
                 }

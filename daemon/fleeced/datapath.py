@@ -103,6 +103,12 @@ def _einval(what: str) -> OSError:
     return OSError(errno.EINVAL, f"{os.strerror(errno.EINVAL)}: {what}")
 
 
+def _check_header(header: bytes) -> None:
+    """A reply header a worker may send: 1..32 bytes (C copies it)."""
+    if not isinstance(header, bytes) or not 0 < len(header) <= 32:
+        raise _einval("header must be 1..32 bytes")
+
+
 def _uint(name: str, value: object) -> int:
     """Police one integer argument: a real int (not bool), ``0 <= value < 2**64``."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -468,6 +474,7 @@ class SessionStats:
     read_temp_bytes: int
     read_cache_bytes: int
     read_source_bytes: int
+    read_retries: int
     discarded_bytes: int
     broken: bool
     broken_errno: int
@@ -662,6 +669,7 @@ class NativeSession(_Handle):
             read_temp_bytes=int(st.read_temp_bytes),
             read_cache_bytes=int(st.read_cache_bytes),
             read_source_bytes=int(st.read_source_bytes),
+            read_retries=int(st.read_retries),
             discarded_bytes=int(st.discarded_bytes),
             broken=bool(st.broken),
             broken_errno=int(st.broken_errno),
@@ -1052,8 +1060,7 @@ class NativeQueue(_Handle):
         th = target._handle()
         sh = sock._handle()
         o, n = _range(off, length, target.size)
-        if not isinstance(header, bytes) or not 0 < len(header) <= 32:
-            raise _einval("header must be 1..32 bytes")
+        _check_header(header)
         cbuf = _alloc_uninit("uint8_t[]", n)
         kind = lib.FL_OP_READ if isinstance(target, NativeFile) else lib.FL_OP_SNAP_READ
         _check(lib.fl_queue_submit_send(h, op_id, kind, th, cbuf, n, o, sh, header,
@@ -1062,11 +1069,16 @@ class NativeQueue(_Handle):
         return memoryview(ffi.buffer(cbuf))
 
     def submit_write(self, op_id: int, file: NativeFile, off: int, data: Buffer,
-                     flags: int = 0) -> None:
+                     flags: int = 0, sock: NativeSock | None = None,
+                     header: bytes = b"") -> None:
         """Queue a guest write (copy-before-write runs in the worker).
 
-        :raise OSError: ``EINVAL`` out of range, ``EROFS`` read-only file,
-            ``EBADF`` closed, ``ESHUTDOWN`` closing.
+        With SOCK, the worker writes the reply (HEADER alone) to SOCK once
+        the write succeeded, never waiting on it; the completion bits say
+        what was sent, as for :meth:`submit_read_send`.
+
+        :raise OSError: ``EINVAL`` out of range, bad flags or header,
+            ``EROFS`` read-only file, ``EBADF`` closed, ``ESHUTDOWN`` closing.
         """
         h = self._handle()
         fh = file._handle()
@@ -1077,7 +1089,13 @@ class NativeQueue(_Handle):
         if flags & ~int(lib.FL_FUA):
             raise _einval(f"write flags {flags:#x}")
         cbuf = ffi.from_buffer("uint8_t[]", view)
-        _check(lib.fl_queue_submit(h, op_id, lib.FL_OP_WRITE, fh, cbuf, n, o, flags))
+        if sock is None:
+            _check(lib.fl_queue_submit(h, op_id, lib.FL_OP_WRITE, fh, cbuf, n, o, flags))
+        else:
+            sh = sock._handle()
+            _check_header(header)
+            _check(lib.fl_queue_submit_send(h, op_id, lib.FL_OP_WRITE, fh, cbuf, n, o, sh,
+                                            header, len(header), flags))
         self._keep[op_id] = (cbuf, view)
 
     def submit(self, op_id: int, kind: int, target: NativeFile | NativeSession, off: int = 0,

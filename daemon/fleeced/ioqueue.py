@@ -115,8 +115,8 @@ class _Pending:
         raise NotImplementedError
 
 
-def _settle_failure(fut: asyncio.Future[ReadResult] | asyncio.Future[None], rc: int,
-                    done: int) -> bool:
+def _settle_failure(fut: asyncio.Future[ReadResult] | asyncio.Future[int] | asyncio.Future[None],
+                    rc: int, done: int) -> bool:
     """Fail FUT when RC is an error; return whether FUT needs no result."""
     if fut.done():  # cancelled waiter
         return True
@@ -162,6 +162,25 @@ class _Read(_Pending):
             self.fut.set_result(ReadResult(self.buf, False, rc or self.total))
         else:
             self.fut.set_result(ReadResult(self.buf, bool(done & DONE_HOLE)))
+
+    def fail(self, exc: OSError) -> None:
+        if not self.fut.done():
+            self.fut.set_exception(exc)
+
+
+class _Write(_Pending):
+    """A guest write; with TOTAL > 0, one whose reply (TOTAL header bytes)
+    a worker may have written.  The result is the reply bytes sent."""
+
+    __slots__ = ("fut", "total")
+
+    def __init__(self, fut: asyncio.Future[int], total: int) -> None:
+        self.fut = fut
+        self.total = total
+
+    def complete(self, rc: int, done: int) -> None:
+        if not _settle_failure(self.fut, rc, done):
+            self.fut.set_result((rc or self.total) if done & DONE_SENT else 0)
 
     def fail(self, exc: OSError) -> None:
         if not self.fut.done():
@@ -251,12 +270,24 @@ class IoQueue:
         return fut
 
     def submit_write(self, file: NativeFile, off: int, data: bytes | memoryview,
-                     flags: int) -> asyncio.Future[None]:
-        """Submit a guest write.
+                     flags: int, reply_to: ReplySocket | None = None,
+                     header: bytes = b"") -> asyncio.Future[int]:
+        """Submit a guest write; with REPLY_TO, a worker writes HEADER (the
+        whole reply) to that socket once the write succeeded, never waiting
+        on it.  The future's result is the reply bytes the worker sent: 0
+        (none: the caller replies), ``len(HEADER)``, or fewer -- the socket
+        is then stalled, as for a read (:class:`ReadResult`).
 
         :raise OSError: when the submission is refused (range, read-only).
+        :raise ReplyTorn: (from the future) when the worker's write failed
+            part way.
         """
-        return self._submit(self._native.submit_write, file, off, data, flags)[1]
+        op_id = self._new_id()
+        sock = None if reply_to is None else reply_to._native
+        self._native.submit_write(op_id, file, off, data, flags, sock, header)
+        fut: asyncio.Future[int] = self._started_loop().create_future()
+        self._ops[op_id] = _Write(fut, len(header) if sock is not None else 0)
+        return fut
 
     async def read(self, target: NativeFile | NativeSession, off: int,
                    length: int) -> ReadResult:

@@ -263,6 +263,8 @@ struct fl_session_stats {
     uint64_t cache_bytes;         /* bytes currently held in memory */
     uint64_t cbw_count, cbw_bytes; /* clusters/bytes copied (holes not) */
     uint64_t read_temp_bytes, read_cache_bytes, read_source_bytes;
+    uint64_t read_retries;        /* source reads done again: a guest write
+                                     got in (cbw.c invariant 2) */
     uint64_t discarded_bytes;
     int      broken;              /* 1 once the snapshot is broken */
     int      broken_errno;        /* positive errno that broke it */
@@ -313,6 +315,9 @@ int fl_session_cluster_state(fl_session *s, uint64_t off, int *state);
  * outside the lock, after reading the source and before storing the data
  * (so a late copy has data to drop), so timeouts can be provoked. */
 int fl_session_inject_delay(fl_session *s, int ms);
+/* Test hook: every snapshot read of S from the source sleeps MS (0..60000)
+ * after its read, outside the lock, so guest writes can race it. */
+int fl_session_inject_read_delay(fl_session *s, int ms);
 /* Test hook: make the next N temp-store writes of S fail with -err
  * (err > 0), n = 0 disables.  A failing temp-file write first writes
  * the first half of its run (a torn write); hole-only runs store nothing
@@ -367,7 +372,7 @@ int fl_queue_submit_close(fl_queue *q, uint64_t id, fl_session *s);
 /* Test hook: every operation of KIND first sleeps MS (0..60000) in its
  * worker, so slow disks can be imitated. */
 int fl_queue_inject_delay(fl_queue *q, int kind, int ms);
-/* A connection socket that workers may write READ replies to (a dup of
+/* A connection socket that workers may write replies to (a dup of
  * FD).  Workers never wait on it: a reply that does not fit in the socket
  * buffer is left to the caller (see fl_queue_submit_send). */
 typedef struct fl_sock fl_sock;
@@ -385,8 +390,11 @@ void fl_sock_close(fl_sock *s);
 
 /* Queue a read (FL_OP_READ or FL_OP_SNAP_READ, FLAGS 0) whose reply the
  * worker writes itself, HDR (up to 32 bytes, copied) then the LEN bytes
- * read, as one reply on SOCK, if the socket takes it without waiting.
- * Completion: read error -> rc < 0, nothing sent; hole -> FL_DONE_HOLE,
+ * read, as one reply on SOCK, if the socket takes it without waiting; or
+ * a guest write (FL_OP_WRITE, FLAGS 0 or FL_FUA) whose reply, HDR alone,
+ * the worker writes once the write succeeded, so the acknowledgement
+ * does not wait for the caller's thread.
+ * Completion: I/O error -> rc < 0, nothing sent; hole -> FL_DONE_HOLE,
  * nothing sent; socket full or stalled -> 0 bits, nothing sent (the data
  * is in BUF); whole reply sent -> FL_DONE_SENT, rc 0; part sent ->
  * FL_DONE_SENT with rc = bytes sent (> 0): the socket is stalled and the

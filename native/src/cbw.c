@@ -25,12 +25,21 @@
  *    write reaches it (writers wait, or fail, or break the session), so the
  *    copier may classify and read it without the mutex.
  * 2. A snapshot read of a COPIED cluster reads the cache/temp, of a ZERO
- *    one yields zeros.  A read of a NEEDED cluster registers a "frozen read"
- *    of its range under the mutex and reads the source outside it; every
- *    guest write waits until no frozen read overlaps its range before
- *    touching the source (QEMU frozen_read_reqs).  Once a write has made
- *    its clusters non-NEEDED no new frozen read can start there, so the
- *    wait is bounded.
+ *    one yields zeros.  A read of a NEEDED run reads the source outside
+ *    the mutex *optimistically*: guest writes never wait for it (QEMU's
+ *    frozen_read_reqs make them wait; with the backup's workers at a low
+ *    priority, queue.c, that wait was a priority inversion and the tail
+ *    of guest write latency during a backup).  Back under the mutex the
+ *    reader checks that every cluster of the run is still NEEDED; if one
+ *    is not, the run is read again from the top (COPYING waits, COPIED
+ *    comes from the cache/temp).  Why that is enough: a write reaches the
+ *    source only after claiming its clusters (NEEDED -> COPYING) under the
+ *    mutex (invariant 1), so if the source read saw any of its bytes, the
+ *    claim came before the check, and the check sees the cluster not
+ *    NEEDED -- it can be NEEDED again only when the copy failed and the
+ *    write did not reach the source (break-guest-write), or the session
+ *    broke (the read fails -EIO).  Block status of NEEDED runs follows
+ *    the same rule.
  * 3. The copy-failure policy is explicit (s->policy):
  *    FL_BREAK_SNAPSHOT: the session breaks (sticky, with errno), its temp
  *      data is dropped, COPIED/ZERO clusters go back to NEEDED, waiters
@@ -78,16 +87,17 @@
  *
  * Locking: lock order is fl_file.sessions_lock (rwlock, held shared by
  * guest writes across CBW and source I/O), then fl_session.lock (mutex).
- * The mutex guards the map, the cache table, the frozen-read list, the
- * job queue, the job fields, `stopping`, the stats, the broken flag and
- * the fault hooks; it is never held across I/O (only memcpy/memset into
- * caller buffers, which cannot block).  Condvars, both used with the
- * mutex: `cond` (CLOCK_MONOTONIC, for deadlines) is broadcast on every
- * COPYING exit, job completion, frozen-read exit and break; `work` wakes
- * copiers (a job queued, or stopping).  A copier never waits while it
- * runs a job; a writer waits on its own job's claims only through the
- * job, and otherwise never waits while owning a COPYING claim or a frozen
- * read, so waits cannot form a cycle.
+ * The mutex guards the map, the cache table, the job queue, the job
+ * fields, `stopping`, the stats, the broken flag and the fault hooks; it
+ * is never held across I/O (only memcpy/memset into caller buffers, which
+ * cannot block).  Condvars, both used with the mutex: `cond`
+ * (CLOCK_MONOTONIC, for deadlines) is broadcast on every COPYING exit,
+ * job completion and break; `work` wakes copiers (a job queued, or
+ * stopping).  A copier never waits while it runs a job; a writer waits
+ * on its own job's claims only through the job, and otherwise never
+ * waits while owning a COPYING claim; snapshot readers wait only for
+ * COPYING claims and hold nothing anyone waits for, so waits cannot form
+ * a cycle, and no guest write ever waits for a snapshot read.
  *
  * Storage: cluster C of the temp file lives at C * cluster_size (a sparse
  * unlinked file sized like the disk; O_TMPFILE, else mkostemp + unlink, so
@@ -155,11 +165,6 @@
 #define N_STATES    5
 #define COPIERS     4u                  /* copier threads per session */
 
-struct frozen {                /* a snapshot source read in flight */
-    uint64_t off, end;
-    struct frozen *prev, *next;
-};
-
 struct cent {                  /* one cached cluster */
     uint64_t idx;
     struct cent *next;
@@ -193,22 +198,22 @@ struct fl_session {
 
     /* Guards everything below (see "Locking"). */
     pthread_mutex_t lock;
-    pthread_cond_t cond;       /* broadcast: COPYING exit, job done, frozen
-                                  exit, break */
+    pthread_cond_t cond;       /* broadcast: COPYING exit, job done, break */
     pthread_cond_t work;       /* copiers: a job queued, or stopping */
     uint8_t *state;            /* n_clusters bytes, FL_* */
     uint64_t n_state[N_STATES];/* clusters per state */
     struct cent **buckets;
-    struct frozen *frozen;     /* doubly linked list */
     struct job *jobs, *jobs_tail; /* queued, not yet running (FIFO) */
     int stopping;              /* closed: copiers exit when jobs is empty */
     uint64_t temp_bytes, temp_written, cache_used;
     uint64_t cbw_count, cbw_bytes;
     uint64_t read_temp, read_cache, read_source;
+    uint64_t read_retries;     /* optimistic source reads done again */
     uint64_t discarded_clusters, discarded_bytes;
     int broken, broken_errno;
     int inject_err, inject_n;  /* test fault hook */
     int inject_delay_ms;       /* test hook: slow copies down */
+    int inject_read_delay_ms;  /* test hook: slow source reads down */
 };
 
 /* ---- helpers (call with s->lock held unless noted) ------------------ */
@@ -287,35 +292,14 @@ static void cache_free_all(fl_session *s)
     }
 }
 
-static void frozen_add(fl_session *s, struct frozen *fr, uint64_t off,
-                       uint64_t end)
+/* Whether every cluster of [c0, c1) is still NEEDED (invariant 2: an
+ * optimistic source read of them is then valid). */
+static int still_needed(const fl_session *s, uint64_t c0, uint64_t c1)
 {
-    fr->off = off;
-    fr->end = end;
-    fr->prev = NULL;
-    fr->next = s->frozen;
-    if (s->frozen != NULL)
-        s->frozen->prev = fr;
-    s->frozen = fr;
-}
-
-static void frozen_del(fl_session *s, struct frozen *fr)
-{
-    if (fr->prev != NULL)
-        fr->prev->next = fr->next;
-    else
-        s->frozen = fr->next;
-    if (fr->next != NULL)
-        fr->next->prev = fr->prev;
-    pthread_cond_broadcast(&s->cond);
-}
-
-static int frozen_overlaps(const fl_session *s, uint64_t off, uint64_t end)
-{
-    for (const struct frozen *fr = s->frozen; fr != NULL; fr = fr->next)
-        if (fr->off < end && off < fr->end)
-            return 1;
-    return 0;
+    for (uint64_t c = c0; c < c1; c++)
+        if (s->state[c] != FL_NEEDED)
+            return 0;
+    return 1;
 }
 
 /* Wait on the condvar until START + cbw_timeout (no deadline without
@@ -795,14 +779,6 @@ int fl__session_before_write(fl_session *s, uint64_t off, uint64_t len,
         }
         c = c1;
     }
-    /* Invariant 2: no source write under an in-flight frozen read. */
-    while (!s->broken && frozen_overlaps(s, off, off + len)) {
-        rc = wait_cond(s, start);
-        if (rc < 0) {
-            rc = fail_locked(s, rc, &need_punch);
-            goto out;
-        }
-    }
 out:
     pthread_mutex_unlock(&s->lock);
     if (need_punch)
@@ -1153,8 +1129,7 @@ int fl_session_read(fl_session *s, uint8_t *buf, size_t len, uint64_t off,
         uint64_t c = pos >> s->shift, c1, seg_end;
         uint8_t st = s->state[c];
         struct cent *e;
-        struct frozen fr;
-        int r, hole = 0;
+        int r, hole = 0, nap_ms;
 
         if (s->broken) {
             rc = -EIO;
@@ -1205,11 +1180,11 @@ int fl_session_read(fl_session *s, uint8_t *buf, size_t len, uint64_t off,
             pos = seg_end;
             continue;
         }
-        /* NEEDED: read the source under a frozen read. */
+        /* NEEDED: read the source optimistically (invariant 2). */
         for (c1 = c + 1; c1 <= last && s->state[c1] == FL_NEEDED; c1++)
             ;
         seg_end = (c1 << s->shift) < end ? (c1 << s->shift) : end;
-        frozen_add(s, &fr, pos, seg_end);
+        nap_ms = s->inject_read_delay_ms;
         pthread_mutex_unlock(&s->lock);
         r = 0;
         if (is_hole != NULL)
@@ -1220,11 +1195,16 @@ int fl_session_read(fl_session *s, uint8_t *buf, size_t len, uint64_t off,
         else
             r = fl__full_pread(s->file->fd, buf + (pos - off),
                                (size_t)(seg_end - pos), pos);
+        if (nap_ms > 0)
+            nap(nap_ms);
         pthread_mutex_lock(&s->lock);
-        frozen_del(s, &fr);
         if (r < 0) {
             rc = r;
             break;
+        }
+        if (!still_needed(s, c, c1)) {
+            s->read_retries++;
+            continue;           /* a write got in: read the run again */
         }
         s->read_source += seg_end - pos;
         if (!hole)
@@ -1328,13 +1308,23 @@ int fl_session_extents(fl_session *s, uint64_t off, uint64_t len,
         if (kind == EXT_ZERO) {
             full = fl__ext_add(&e, seg_end - pos, FL_EXT_HOLE | FL_EXT_ZERO);
         } else if (kind == EXT_SOURCE) {
-            struct frozen fr;
-            frozen_add(s, &fr, pos, seg_end);
+            /* Optimistic, as a read (invariant 2): a write that got in
+             * may have changed the source's allocation; then drop what
+             * was added and look at the run again. */
+            size_t n0 = e.n;
+            uint64_t last_len = n0 > 0 ? e.lens[n0 - 1] : 0;
+
             pthread_mutex_unlock(&s->lock);
             full = fl__fd_extents(s->file->fd, s->file->is_blk, pos,
                                   seg_end - pos, &e);
             pthread_mutex_lock(&s->lock);
-            frozen_del(s, &fr);
+            if (!still_needed(s, c, c1)) {
+                e.n = n0;
+                if (n0 > 0)
+                    e.lens[n0 - 1] = last_len;
+                s->read_retries++;
+                continue;
+            }
         } else {
             full = fl__ext_add(&e, seg_end - pos, 0);
         }
@@ -1373,6 +1363,7 @@ int fl_session_stats(fl_session *s, struct fl_session_stats *out)
     out->read_temp_bytes = s->read_temp;
     out->read_cache_bytes = s->read_cache;
     out->read_source_bytes = s->read_source;
+    out->read_retries = s->read_retries;
     out->discarded_bytes = s->discarded_bytes;
     out->broken = s->broken;
     out->broken_errno = s->broken_errno;
@@ -1407,6 +1398,16 @@ int fl_session_inject_delay(fl_session *s, int ms)
         return -EINVAL;
     pthread_mutex_lock(&s->lock);
     s->inject_delay_ms = ms;
+    pthread_mutex_unlock(&s->lock);
+    return 0;
+}
+
+int fl_session_inject_read_delay(fl_session *s, int ms)
+{
+    if (ms < 0 || ms > 60000)
+        return -EINVAL;
+    pthread_mutex_lock(&s->lock);
+    s->inject_read_delay_ms = ms;
     pthread_mutex_unlock(&s->lock);
     return 0;
 }

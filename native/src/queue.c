@@ -90,7 +90,7 @@ struct op {
     uint64_t len, off;
     unsigned flags;
     int rc, done;             /* done: FL_DONE_* bits */
-    fl_sock *sock;            /* READ/SNAP_READ: send header + data here */
+    fl_sock *sock;            /* send the reply here (header [+ data]) */
     uint8_t hdr[HDR_MAX];
     size_t hdr_len;
     /* EXTENTS / SNAP_EXTENTS outputs, SESSION_OPEN params and result */
@@ -217,7 +217,7 @@ static ssize_t send_some(fl_sock *s, struct iovec *iov, int iovcnt)
     return total;
 }
 
-/* After a successful read: put the reply on the wire if that can be done
+/* After a successful read or write: put the reply on the wire if that can be done
  * without waiting.  Outcomes (o->done bits, o->rc):
  *   hole, not sent        FL_DONE_HOLE, rc 0 (the caller describes it)
  *   sent whole            FL_DONE_SENT, rc 0
@@ -231,7 +231,9 @@ static void send_reply(struct op *o, int hole)
 {
     struct iovec iov[2];
     ssize_t n;
-    size_t total = o->hdr_len + (size_t)o->len;
+    /* A READ reply carries the data read; a WRITE reply is HDR alone. */
+    int with_data = o->kind != FL_OP_WRITE;
+    size_t total = o->hdr_len + (with_data ? (size_t)o->len : 0);
 
     if (hole) {
         o->done = FL_DONE_HOLE;
@@ -247,7 +249,7 @@ static void send_reply(struct op *o, int hole)
         o->done = 0;
         return;
     }
-    n = send_some(o->sock, iov, 2);
+    n = send_some(o->sock, iov, with_data ? 2 : 1);
     if (n > 0 && (size_t)n < total)
         o->sock->stalled = 1;
     pthread_mutex_unlock(&o->sock->lock);
@@ -540,9 +542,12 @@ int fl_queue_submit_send(fl_queue *q, uint64_t id, int kind, void *obj,
 {
     struct op *o;
 
-    if (obj == NULL || sock == NULL || buf == NULL || len == 0 ||
-        len > SIZE_MAX || hdr_len == 0 || hdr_len > HDR_MAX ||
-        (kind != FL_OP_READ && kind != FL_OP_SNAP_READ) || flags != 0)
+    if (obj == NULL || sock == NULL || buf == NULL || len > SIZE_MAX ||
+        hdr_len == 0 || hdr_len > HDR_MAX)
+        return -EINVAL;
+    if (kind == FL_OP_WRITE ? (flags & ~FL_FUA) != 0
+        : (kind != FL_OP_READ && kind != FL_OP_SNAP_READ) || flags != 0 ||
+          len == 0)
         return -EINVAL;
     o = new_op(id, kind, obj);
     if (o == NULL)
@@ -550,6 +555,7 @@ int fl_queue_submit_send(fl_queue *q, uint64_t id, int kind, void *obj,
     o->buf = buf;
     o->len = len;
     o->off = off;
+    o->flags = flags;
     o->sock = sock;
     o->hdr_len = hdr_len;
     memcpy(o->hdr, hdr, hdr_len);

@@ -207,8 +207,28 @@ static void test_send(void)
     reap_one(q, 4, &rc, &bits);
     CHECK(rc == -EINVAL && bits == 0);
     CHECK(recv(sv[1], got, 1, 0) < 0 && errno == EAGAIN);
+    /* a write's reply is the header alone, sent once the write is done */
+    memset(buf[1], 0x5a, 4096);
+    CHECK_RC(fl_queue_submit_send(q, 7, FL_OP_WRITE, f, buf[1], 4096, 8192,
+                                  sk, hdr, sizeof hdr, FL_FUA), 0);
+    reap_one(q, 7, &rc, &bits);
+    CHECK(rc == 0 && bits == FL_DONE_SENT);
+    have = drain(sv[1], got, sizeof got);
+    CHECK(have == 16 && memcmp(got, hdr, 16) == 0);
+    CHECK_RC(fl_file_read(f, got, 4096, 8192, NULL), 0);
+    CHECK(got[0] == 0x5a && got[4095] == 0x5a);
+    /* a failed write sends nothing (the caller answers the error) */
+    CHECK_RC(fl_queue_submit_send(q, 8, FL_OP_WRITE, f, buf[1], 4096,
+                                  1 << 20, sk, hdr, sizeof hdr, 0), 0);
+    reap_one(q, 8, &rc, &bits);
+    CHECK(rc == -EINVAL && bits == 0);
+    CHECK(recv(sv[1], got, 1, 0) < 0 && errno == EAGAIN);
     /* bad arguments */
     CHECK_RC(fl_queue_submit_send(q, 5, FL_OP_WRITE, f, buf[1], 1, 0, sk,
+                                  hdr, sizeof hdr, FL_MAY_TRIM), -EINVAL);
+    CHECK_RC(fl_queue_submit_send(q, 5, FL_OP_ZERO, f, buf[1], 1, 0, sk,
+                                  hdr, sizeof hdr, 0), -EINVAL);
+    CHECK_RC(fl_queue_submit_send(q, 5, FL_OP_READ, f, buf[1], 0, 0, sk,
                                   hdr, sizeof hdr, 0), -EINVAL);
     CHECK_RC(fl_queue_submit_send(q, 5, FL_OP_READ, f, buf[1], 1, 0, sk,
                                   hdr, 33, 0), -EINVAL);

@@ -18,7 +18,7 @@ import pytest
 
 from fleeced.exports import ExportStats, ReadResult, ReplyTorn
 from fleeced.nbd import ExportInfo, NbdCmd, NbdErrno, NbdOpt, NbdRep
-from fleeced.server.connection import SEND_MIN, NbdConnection
+from fleeced.server.connection import SEND_MIN, WORKER_ACK_MAX_IN_FLIGHT, NbdConnection
 from fleeced.server.listener import NbdServer
 from tests.helpers import Reader, client_flags, name_info_payload, option, request
 from tests.unit.test_replies import FakeReplySocket, FakeTransport, Wire
@@ -43,6 +43,10 @@ class FakeExport:
         self.log: list[str] = []
         self.gate: asyncio.Event | None = None  # writes wait for it when set
         self.fail: OSError | None = None
+        # queue_writes: WRITEs are submitted (and held like reads) instead
+        # of taking the task path; each entry: offset, data, socket, header.
+        self.queue_writes = False
+        self.writes: list[tuple[int, bytes, object, bytes, asyncio.Future[int]]] = []
 
     @property
     def info(self) -> ExportInfo:
@@ -81,9 +85,29 @@ class FakeExport:
     async def read(self, offset: int, length: int) -> ReadResult:
         return self._result(offset, length)
 
-    def submit_write(self, offset: int, data: bytes | memoryview,
-                     fua: bool) -> asyncio.Future[None] | None:
-        return None  # the task path: write()
+    def submit_write(self, offset: int, data: bytes | memoryview, fua: bool,
+                     reply_to: object = None, header: bytes = b"",
+                     ) -> asyncio.Future[int] | None:
+        if not self.queue_writes:
+            return None  # the task path: write()
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.writes.append((offset, bytes(data), reply_to, header, fut))
+        if not self.hold:
+            self.complete_write(len(self.writes) - 1)
+        return fut
+
+    def complete_write(self, i: int, sent: int | None = None) -> None:
+        """Finish write I; with a worker handle it writes SENT bytes of the
+        reply (all by default)."""
+        offset, data, sock, header, fut = self.writes[i]
+        if self.fail is not None:
+            fut.set_exception(self.fail)
+            return
+        self.data[offset:offset + len(data)] = data
+        n = 0
+        if isinstance(sock, FakeReplySocket):
+            n = sock.worker_write(header, b"", sent)
+        fut.set_result(n)
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         self.log.append(f"write {offset}")
@@ -369,3 +393,77 @@ async def test_disconnect_closes_once_idle() -> None:
     assert replies(p, {1: 512})[1][0] == 0
     assert p.transport.closing
     await asyncio.wait_for(p.conn.closed, 1)
+
+
+async def test_write_acknowledged_by_the_worker_that_wrote() -> None:
+    p = Peer(native=True)
+    p.export.queue_writes = True
+    p.handshake()
+    p.send(request(NbdCmd.WRITE, 1, 4096, 3, data=b"abc"))
+    assert p.export.writes[0][2] is p.socks[0]  # the reply went to a worker
+    await settle()
+    assert replies(p, {1: 0}) == {1: (0, b"")}  # once, by the worker
+    assert p.export.data[4096:4099] == b"abc"
+    assert p.export.stats.bytes_written == 3 and p.conn.in_flight == 0
+
+
+async def test_write_reply_sent_in_part_rest_goes_first() -> None:
+    p = Peer(native=True)
+    p.export.queue_writes = True
+    p.export.hold = True
+    p.handshake()
+    p.send(request(NbdCmd.WRITE, 1, 0, 2, data=b"xy")
+           + request(NbdCmd.WRITE, 2, 2, 2, data=b"zw"))
+    p.export.complete_write(0, sent=5)  # the socket filled up mid-header
+    p.export.complete_write(1, sent=0)  # C saw it stalled: nothing sent
+    await settle()
+    assert replies(p, {1: 0, 2: 0}) == {1: (0, b""), 2: (0, b"")}
+
+
+async def test_failed_write_is_answered_by_the_loop() -> None:
+    p = Peer(native=True)
+    p.export.queue_writes = True
+    p.export.fail = OSError(errno.ENOSPC, "full")
+    p.handshake()
+    p.send(request(NbdCmd.WRITE, 1, 0, 2, data=b"xy"))
+    await settle()
+    assert replies(p, {1: 0}) == {1: (NbdErrno.ENOSPC, b"")}
+
+
+async def test_loop_replies_are_not_held_back_by_a_stream_of_worker_replies() -> None:
+    # While workers own the socket the loop's replies wait; new requests
+    # must then stop going to workers, or a client that keeps writes in
+    # flight would never see the loop's replies (here an inline read).
+    p = Peer(FakeExport(inline=True), native=True)
+    p.export.queue_writes = True
+    p.export.hold = True
+    p.handshake()
+    p.send(request(NbdCmd.WRITE, 1, 0, 2, data=b"xy"))
+    p.send(request(NbdCmd.READ, 2, 0, 8))  # answered inline: queued behind 1
+    p.send(request(NbdCmd.WRITE, 3, 2, 2, data=b"zw"))
+    assert p.export.writes[0][2] is p.socks[0]
+    assert p.export.writes[1][2] is None  # the loop answers it
+    p.export.complete_write(0)
+    await settle()
+    got = replies(p, {1: 0, 2: 8})
+    assert got[1] == (0, b"") and got[2][0] == 0
+    p.export.complete_write(1)
+    await settle()
+    assert replies(p, {3: 0}) == {3: (0, b"")}
+
+
+async def test_deep_write_queues_are_acknowledged_by_the_loop() -> None:
+    # Worker acknowledgements pay off at queue depth 1; with requests in
+    # flight the loop's batched replies are faster (WORKER_ACK_MAX_IN_FLIGHT).
+    p = Peer(native=True)
+    p.export.queue_writes = True
+    p.export.hold = True
+    p.handshake()
+    p.send(b"".join(request(NbdCmd.WRITE, i, 2 * i, 2, data=b"ab") for i in range(4)))
+    socks = [w[2] for w in p.export.writes]
+    assert socks[:WORKER_ACK_MAX_IN_FLIGHT] == [p.socks[0]] * WORKER_ACK_MAX_IN_FLIGHT
+    assert socks[WORKER_ACK_MAX_IN_FLIGHT:] == [None] * (4 - WORKER_ACK_MAX_IN_FLIGHT)
+    for i in range(4):
+        p.export.complete_write(i)
+    await settle()
+    assert replies(p, dict.fromkeys(range(4), 0)) == dict.fromkeys(range(4), (0, b""))

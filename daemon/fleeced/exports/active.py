@@ -50,10 +50,11 @@ class ActiveExport(ExportBase):
         return self._io.submit_read(self.disk.file, offset, length, reply_to, header)
 
     def submit_write(
-        self, offset: int, data: bytes | memoryview, fua: bool
-    ) -> asyncio.Future[None] | None:
+        self, offset: int, data: bytes | memoryview, fua: bool,
+        reply_to: ReplySocket | None = None, header: bytes = b"",
+    ) -> asyncio.Future[int] | None:
         return self._io.submit_write(
-            self.disk.file, offset, data, datapath.FLAG_FUA if fua else 0
+            self.disk.file, offset, data, datapath.FLAG_FUA if fua else 0, reply_to, header
         )
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:

@@ -74,12 +74,17 @@ class Export(Protocol):
         """
 
     def submit_write(
-        self, offset: int, data: bytes | memoryview, fua: bool
-    ) -> asyncio.Future[None] | None:
+        self, offset: int, data: bytes | memoryview, fua: bool,
+        reply_to: ReplySocket | None = None, header: bytes = b"",
+    ) -> asyncio.Future[int] | None:
         """Submit a write (no task needed), or None to use :meth:`write`.
+        With REPLY_TO a worker writes HEADER (the whole reply) to that
+        socket once the write is done; the future's result is the bytes of
+        it sent (0: none, the caller replies).
 
         :raise OSError: when the submission is refused; from the future, the
-            write's error.
+            write's error (:class:`~fleeced.ioqueue.ReplyTorn` when a
+            worker's write failed part way).
         """
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None: ...

@@ -122,8 +122,9 @@ class SnapshotExport(ExportBase):
         return self._io.submit_read(self.session.native, offset, length, reply_to, header)
 
     def submit_write(
-        self, offset: int, data: bytes | memoryview, fua: bool
-    ) -> asyncio.Future[None] | None:
+        self, offset: int, data: bytes | memoryview, fua: bool,
+        reply_to: ReplySocket | None = None, header: bytes = b"",
+    ) -> asyncio.Future[int] | None:
         return None  # refused by write(): EPERM
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:

@@ -840,6 +840,21 @@ class ServerConnection:
             offset,
         )
 
+    def ok_reply(self, cookie: int) -> bytes:
+        """The bytes of the success reply :meth:`reply_ok` would queue.
+
+        For a server that writes the reply itself (e.g. from the thread that
+        did the write).  Nothing is queued here.
+
+        :raise LocalProtocolError: before transmission started.
+        """
+        self._require_transmission()
+        return _simple_pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+
+    def has_data_to_send(self) -> bool:
+        """Whether replies are queued (:meth:`data_to_send` would return any)."""
+        return bool(self._out)
+
     def reply_block_status(
         self, cookie: int, contexts: Sequence[tuple[int, Sequence[tuple[int, int]]]]
     ) -> None:

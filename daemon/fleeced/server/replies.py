@@ -1,9 +1,12 @@
 """The reply path of one connection, with one owner: :class:`ReplyWriter`.
 
 Replies leave a connection two ways.  Most are encoded by the sans-IO engine
-and written by the event loop through the transport.  Large READ replies may
-instead be written by a native worker straight to the socket (header + data,
-never waiting on it), which takes the copy into the socket off the loop.
+and written by the event loop through the transport.  Large READ replies and
+WRITE acknowledgements may instead be written by the native worker that did
+the I/O, straight to the socket (header [+ data], never waiting on it): that
+takes the copy into the socket off the loop, and a guest write's reply no
+longer waits for the loop's turn (during a backup the loop is busy with the
+backup's requests).
 The two writers must never interleave bytes, so the writer keeps the
 hand-off state:
 
@@ -11,7 +14,7 @@ hand-off state:
   buffered in the transport, and not while the socket is *stalled*;
 * while worker replies are in flight the loop writes nothing (the engine
   keeps its output; :meth:`ReplyWriter.flush` is a no-op until the last one
-  is back);
+  is back), and while the engine keeps output no new worker reply starts;
 * a worker reply that went out only in part stalls the socket for workers
   (C refuses further worker writes); its rest is written through the
   transport at once, ahead of anything else, and workers get the socket back
@@ -58,12 +61,18 @@ class ReplyWriter:
     :param pending: drains the engine's encoded replies (in order).
     :param open_socket: makes the workers' handle for a socket descriptor;
         None: workers never write (nothing is native, e.g. in tests).
+    :param backlog: whether the engine holds replies (without draining
+        them); while it does, no new worker reply starts, so that the ones
+        in flight drain and the loop's replies go out (a steady stream of
+        worker replies would otherwise hold them back for ever).
     """
 
     def __init__(self, pending: Callable[[], Buffers],
-                 open_socket: Callable[[int], ReplySocket] | None = None) -> None:
+                 open_socket: Callable[[int], ReplySocket] | None = None,
+                 backlog: Callable[[], bool] | None = None) -> None:
         self._pending = pending
         self._open_socket = open_socket
+        self._backlog = backlog
         self._transport: asyncio.Transport | None = None
         self._sock: ReplySocket | None = None
         self._sends = 0  # worker-written replies in flight
@@ -149,8 +158,11 @@ class ReplyWriter:
             return None
         if self._sends:
             # Workers hold the socket already: they may go on unless one
-            # stalled it (its rest is in the transport now).
-            return None if self._stalled else self._sock
+            # stalled it (its rest is in the transport now) or replies of
+            # the loop wait for them to finish.
+            if self._stalled or (self._backlog is not None and self._backlog()):
+                return None
+            return self._sock
         self.flush()
         if self.buffered():
             return None  # never interleave with our own unsent bytes

@@ -142,3 +142,19 @@ def test_read_reply_header_matches_reply_read() -> None:
         conn.reply_read(7, 4096, b"\x01" * 512)
         queued = b"".join(bytes(x) for x in conn.data_to_send())
         assert conn.read_reply_header(7, 4096, 512) + b"\x01" * 512 == queued
+
+
+def test_ok_reply_matches_reply_ok() -> None:
+    """The success reply written elsewhere: a simple reply (proto.md allows
+    it with structured replies for every command but READ and BLOCK_STATUS),
+    byte for byte what reply_ok queues; nothing is queued by ok_reply."""
+    for structured in (False, True):
+        conn = opened(structured=structured)
+        assert conn.ok_reply(0x0102030405060708) == (
+            b"\x67\x44\x66\x98" + b"\x00" * 4 + b"\x01\x02\x03\x04\x05\x06\x07\x08")
+        assert not conn.has_data_to_send()
+        conn.reply_ok(0x0102030405060708)
+        assert conn.has_data_to_send()
+        assert b"".join(bytes(x) for x in conn.data_to_send()) == conn.ok_reply(
+            0x0102030405060708)
+        assert not conn.has_data_to_send()
