@@ -347,10 +347,18 @@ def nbd_uri(sock: Path, export: str) -> str:
 # -- clients -----------------------------------------------------------------
 
 
-def nbdcopy_read(uri: str, size: int, *, timeout: float = 600) -> dict[str, float]:
-    """``nbdcopy URI null:``; returns seconds and MB/s (10^6 bytes)."""
+def nbdcopy_read(uri: str, size: int, *, timeout: float = 600,
+                 connections: int | None = None) -> dict[str, float]:
+    """``nbdcopy URI null:``; returns seconds and MB/s (10^6 bytes).
+
+    ``connections`` is passed as ``--connections=N``; None keeps nbdcopy's default
+    (multi-conn, up to 4 connections, when the server advertises it).
+    """
+    cmd = ["nbdcopy", uri, "null:"]
+    if connections is not None:
+        cmd.insert(1, f"--connections={connections}")
     t0 = time.monotonic()
-    run(["nbdcopy", uri, "null:"], timeout=timeout)
+    run(cmd, timeout=timeout)
     secs = time.monotonic() - t0
     return {"seconds": secs, "mb_s": size / MB / secs}
 

@@ -13,6 +13,9 @@ Runs per configuration and round (configurations alternate, order rotating):
 * ``both``       the 4k writer and back-to-back snapshot backups at once for
   ``--runtime`` seconds (at least one full backup pass): backup MB/s, writer
   IOPS and p99, server CPU seconds, CPU s per GB backed up, temp bytes.
+* ``both-64k``   the same with the 64k writer.
+
+After the table, one MET/MISSED line per target of issue 9 (fleeced / qsd).
 
 Temp bytes: for qemu-storage-daemon the allocated size of its target file; for
 fleeced ``fleeced fleece list --json`` ("temp-bytes-written"), falling back to
@@ -38,7 +41,7 @@ from typing import Any
 import benchlib as bl
 
 CONFIGS = ("qsd", "fleeced", "fleeced-cache")
-RUNS = ("backup", "write-4k", "write-64k", "both")
+RUNS = ("backup", "write-4k", "write-64k", "both", "both-64k")
 
 
 def qsd_command(src: Path, tmp: Path, sock: Path) -> list[str]:
@@ -142,11 +145,13 @@ def run_writer(setup: Setup, srv: bl.Server, args: argparse.Namespace, bs: str
     return res
 
 
-def run_both(setup: Setup, srv: bl.Server, args: argparse.Namespace) -> dict[str, Any]:
-    """4k writer for as long as back-to-back backup passes take >= --runtime."""
+def run_both(setup: Setup, srv: bl.Server, args: argparse.Namespace, bs: str
+             ) -> dict[str, Any]:
+    """QD16 writer of ``bs`` blocks for as long as back-to-back backup passes take
+    >= --runtime."""
     active = bl.nbd_uri(setup.sock, setup.active)
     snap = bl.nbd_uri(setup.sock, setup.snapshot)
-    cmd = bl.fio_cmd(active, rw="randwrite", bs="4k", iodepth=16,
+    cmd = bl.fio_cmd(active, rw="randwrite", bs=bs, iodepth=16,
                      runtime=args.runtime + args.timeout, size=args.size)
     cpu0 = srv.cpu_seconds()
     writer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -186,8 +191,24 @@ def run_both(setup: Setup, srv: bl.Server, args: argparse.Namespace) -> dict[str
     return res
 
 
+Metric = tuple[str, str, str, bool, float]
+
+
+def both_metrics(run: str, prefix: str, bs: str) -> tuple[Metric, ...]:
+    """The rows of a writer-during-backup run (``both``, ``both-64k``)."""
+    return (
+        (f"{prefix}: backup MB/s ↑", run, "backup_mb_s", True, 1),
+        (f"{prefix}: first backup pass MB/s ↑", run, "first_pass_mb_s", True, 1),
+        (f"{prefix}: writer {bs} IOPS ↑", run, "writer_iops", True, 1),
+        (f"{prefix}: writer {bs} p99 µs ↓", run, "writer_p99_us", False, 1),
+        (f"{prefix}: server CPU s ↓", run, "cpu_s", False, 1),
+        (f"{prefix}: server CPU s per GB backed up ↓", run, "cpu_s_per_gb", False, 1),
+        (f"{prefix}: temp MiB written ↓", run, "temp_bytes", False, 2**-20),
+    )
+
+
 # label, run, field, higher-is-better, scale
-METRICS: tuple[tuple[str, str, str, bool, float], ...] = (
+METRICS: tuple[Metric, ...] = (
     ("backup alone: MB/s ↑", "backup", "mb_s", True, 1),
     ("backup alone: server CPU s/GB ↓", "backup", "cpu_s_per_gb", False, 1),
     ("writer alone 4k QD16: IOPS ↑", "write-4k", "iops", True, 1),
@@ -198,30 +219,42 @@ METRICS: tuple[tuple[str, str, str, bool, float], ...] = (
     ("writer alone 64k QD16: p99 µs ↓", "write-64k", "p99_us", False, 1),
     ("writer alone 64k QD16: server CPU s ↓", "write-64k", "cpu_s", False, 1),
     ("writer alone 64k QD16: temp MiB written ↓", "write-64k", "temp_bytes", False, 2**-20),
-    ("both: backup MB/s ↑", "both", "backup_mb_s", True, 1),
-    ("both: first backup pass MB/s ↑", "both", "first_pass_mb_s", True, 1),
-    ("both: writer 4k IOPS ↑", "both", "writer_iops", True, 1),
-    ("both: writer 4k p99 µs ↓", "both", "writer_p99_us", False, 1),
-    ("both: server CPU s ↓", "both", "cpu_s", False, 1),
-    ("both: server CPU s per GB backed up ↓", "both", "cpu_s_per_gb", False, 1),
-    ("both: temp MiB written ↓", "both", "temp_bytes", False, 2**-20),
+    *both_metrics("both", "both", "4k"),
+    *both_metrics("both-64k", "both 64k", "64k"),
 )
 
+# Issue 9's fleecing targets, config / qsd:
 # (run, field, kind, threshold, config-that-must-meet-it)
-TARGETS = (
+TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
     ("backup", "mb_s", ">=", 1.5, "fleeced"),
     ("both", "backup_mb_s", ">=", 1.5, "fleeced"),
     ("write-4k", "iops", ">=", 1.0, "fleeced"),
     ("write-64k", "iops", ">=", 1.0, "fleeced"),
     ("both", "writer_iops", ">=", 1.0, "fleeced"),
+    ("both-64k", "writer_iops", ">=", 1.0, "fleeced"),
     ("write-4k", "p99_us", "<=", 1.0, "fleeced"),
     ("write-64k", "p99_us", "<=", 1.0, "fleeced"),
     ("both", "writer_p99_us", "<=", 1.0, "fleeced"),
+    ("both-64k", "writer_p99_us", "<=", 1.0, "fleeced"),
     ("backup", "cpu_s_per_gb", "<=", 1.0, "fleeced"),
     ("both", "cpu_s_per_gb", "<=", 1.0, "fleeced"),
+    ("both-64k", "cpu_s_per_gb", "<=", 1.0, "fleeced"),
     ("write-4k", "temp_bytes", "<", 1.0, "fleeced-cache"),
     ("both", "temp_bytes", "<", 1.0, "fleeced-cache"),
 )
+
+
+def run_one(run: str, setup: Setup, srv: bl.Server, args: argparse.Namespace
+            ) -> dict[str, Any]:
+    if run == "backup":
+        return run_backup(setup, srv, args)
+    if run in ("write-4k", "write-64k"):
+        return run_writer(setup, srv, args, run.removeprefix("write-"))
+    if run == "both":
+        return run_both(setup, srv, args, "4k")
+    if run == "both-64k":
+        return run_both(setup, srv, args, "64k")
+    raise ValueError(run)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,14 +323,7 @@ def bench(args: argparse.Namespace, configs: list[str], runs: list[str]) -> int:
                 srv = bl.Server(config, setup.cmd, setup.sock, work / f"fleece-{config}.log")
                 try:
                     srv.start()
-                    if run_name == "backup":
-                        res = run_backup(setup, srv, args)
-                    elif run_name == "write-4k":
-                        res = run_writer(setup, srv, args, "4k")
-                    elif run_name == "write-64k":
-                        res = run_writer(setup, srv, args, "64k")
-                    else:
-                        res = run_both(setup, srv, args)
+                    res = run_one(run_name, setup, srv, args)
                     res["rss_mib_end"] = srv.rss_bytes() / 2**20
                 finally:
                     srv.stop()
@@ -313,9 +339,9 @@ def bench(args: argparse.Namespace, configs: list[str], runs: list[str]) -> int:
     for c in configs:
         medians[c] = {}
         for r in runs:
-            rows = samples[c][r]
-            numeric = [k for k, v in rows[0].items() if isinstance(v, int | float)]
-            medians[c][r] = {k: bl.median([row[k] for row in rows]) for k in numeric}
+            got = samples[c][r]
+            numeric = [k for k, v in got[0].items() if isinstance(v, int | float)]
+            medians[c][r] = {k: bl.median([row[k] for row in got]) for k in numeric}
 
     def value(c: str, r: str, field: str) -> float | None:
         return medians.get(c, {}).get(r, {}).get(field)
@@ -346,12 +372,13 @@ def bench(args: argparse.Namespace, configs: list[str], runs: list[str]) -> int:
         for r, field, op, thr, c in TARGETS:
             if r not in runs or c not in configs:
                 continue
+            head = f"target {c} {r} {field} {op} {thr:.1f}x qsd"
             q = bl.ratio(value(c, r, field), value("qsd", r, field))
             if q is None:
+                targets.append(f"{head}: n/a (no value)")
                 continue
             ok = {">=": q >= thr, "<=": q <= thr, "<": q < thr}[op]
-            targets.append(f"target {c} {r} {field} {op} {thr:.1f}x qsd: {q:.2f}x "
-                           f"{'MET' if ok else 'MISSED'}")
+            targets.append(f"{head}: {q:.2f}x {'MET' if ok else 'MISSED'}")
     notes = [f"{c}: {s.temp_note}" for c, s in setups.items() if s.temp_note]
 
     print(f"## fleecing benchmark — {args.rounds} round(s), {args.runtime:g} s runs, "
