@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -355,3 +356,56 @@ except nbd.Error as e:
     proc.wait(30)
     # the active export still works
     qemu_io(d.url("disk"), "read -P 0x5d 0 64k", read_only=True)
+
+
+def test_snapshot_reply_still_in_the_socket_keeps_the_old_data(start_daemon, fleece_image,
+                                                              tmp_path: Path) -> None:
+    """Issue 9: a snapshot READ reply the client has not read yet must not
+    change when the guest overwrites the range afterwards.  Replies of the
+    active export go out with sendfile(2), which queues references to
+    page-cache pages, not copies (a later write to the file changes what
+    the peer reads); the snapshot export must copy (its reply is the old
+    data, whatever the guest does next)."""
+    py = requires_libnbd_python()
+    img, ref = fleece_image
+    d = start_daemon(str(img), "--fleece")
+    script = f"""
+import sys, nbd
+h = nbd.NBD()
+h.set_export_name("disk@fleece")
+h.connect_unix({d.sock!r})
+buf = nbd.Buffer(1 << 20)
+cookie = h.aio_pread(buf, 0)
+print("sent", flush=True)
+sys.stdin.readline()           # the guest has overwritten the range
+while not h.aio_command_completed(cookie):
+    h.poll(-1)
+sys.stdout.buffer.write(buf.to_bytearray())
+"""
+    proc = subprocess.Popen([py, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == b"sent\n"
+        # Wait until the daemon has answered the read (it is then in the
+        # socket, unread), then overwrite the range through the active export.
+        deadline = time.monotonic() + 20
+        while True:
+            stats = qmp(d, "query-stats")
+            assert isinstance(stats, dict)
+            snap = next(e for e in stats["exports"] if e["name"] == "disk@fleece")
+            if snap["bytes-read"] >= 1 << 20:
+                break
+            assert time.monotonic() < deadline, "the snapshot read was never answered"
+            time.sleep(0.01)
+        qemu_io(d.url("disk"), "write -P 0x5a 0 1M")
+        qemu_io(d.url("disk"), "read -P 0x5a 0 1M", read_only=True)
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        got = proc.stdout.read()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert got == ref.read_bytes()[: 1 << 20]
+    assert d.stop() == 0
