@@ -1392,24 +1392,25 @@ int fl_session_cluster_state(fl_session *s, uint64_t off, int *state)
     return 0;
 }
 
-int fl_session_inject_delay(fl_session *s, int ms)
+/* Set one of S's test-hook delays (a field guarded by s->lock). */
+static int set_delay(fl_session *s, int *field, int ms)
 {
     if (ms < 0 || ms > 60000)
         return -EINVAL;
     pthread_mutex_lock(&s->lock);
-    s->inject_delay_ms = ms;
+    *field = ms;
     pthread_mutex_unlock(&s->lock);
     return 0;
 }
 
+int fl_session_inject_delay(fl_session *s, int ms)
+{
+    return set_delay(s, &s->inject_delay_ms, ms);
+}
+
 int fl_session_inject_read_delay(fl_session *s, int ms)
 {
-    if (ms < 0 || ms > 60000)
-        return -EINVAL;
-    pthread_mutex_lock(&s->lock);
-    s->inject_read_delay_ms = ms;
-    pthread_mutex_unlock(&s->lock);
-    return 0;
+    return set_delay(s, &s->inject_read_delay_ms, ms);
 }
 
 int fl_session_inject_error(fl_session *s, int err, int n)

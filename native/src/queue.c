@@ -597,7 +597,9 @@ static int enqueue(fl_queue *q, struct op *o)
     return 0;
 }
 
-static struct op *new_op(uint64_t id, int kind, void *obj)
+/* A zeroed op on OBJ for [OFF, OFF+LEN), or NULL (out of memory). */
+static struct op *new_op(uint64_t id, int kind, void *obj, uint64_t off,
+                         uint64_t len)
 {
     struct op *o = calloc(1, sizeof *o);
 
@@ -605,6 +607,8 @@ static struct op *new_op(uint64_t id, int kind, void *obj)
         o->id = id;
         o->kind = kind;
         o->obj = obj;
+        o->off = off;
+        o->len = len;
     }
     return o;
 }
@@ -619,12 +623,10 @@ int fl_queue_submit(fl_queue *q, uint64_t id, int kind, void *obj,
     if ((kind == FL_OP_READ || kind == FL_OP_WRITE || kind == FL_OP_SNAP_READ)
         && (buf == NULL || len > SIZE_MAX))
         return -EINVAL;
-    o = new_op(id, kind, obj);
+    o = new_op(id, kind, obj, off, len);
     if (o == NULL)
         return -ENOMEM;
     o->buf = buf;
-    o->len = len;
-    o->off = off;
     o->flags = flags;
     return enqueue(q, o);
 }
@@ -643,12 +645,10 @@ int fl_queue_submit_send(fl_queue *q, uint64_t id, int kind, void *obj,
         : (kind != FL_OP_READ && kind != FL_OP_SNAP_READ) || flags != 0 ||
           len == 0)
         return -EINVAL;
-    o = new_op(id, kind, obj);
+    o = new_op(id, kind, obj, off, len);
     if (o == NULL)
         return -ENOMEM;
     o->buf = buf;
-    o->len = len;
-    o->off = off;
     o->flags = flags;
     o->sock = sock;
     o->hdr_len = hdr_len;
@@ -665,11 +665,9 @@ int fl_queue_submit_extents(fl_queue *q, uint64_t id, int kind, void *obj,
     if (obj == NULL || lens == NULL || flags == NULL || n == NULL ||
         max == 0 || (kind != FL_OP_EXTENTS && kind != FL_OP_SNAP_EXTENTS))
         return -EINVAL;
-    o = new_op(id, kind, obj);
+    o = new_op(id, kind, obj, off, len);
     if (o == NULL)
         return -ENOMEM;
-    o->off = off;
-    o->len = len;
     o->ext_lens = lens;
     o->ext_flags = flags;
     o->ext_max = max;
@@ -685,7 +683,7 @@ int fl_queue_submit_open(fl_queue *q, uint64_t id, fl_file *f,
     if (f == NULL || p == NULL || out == NULL)
         return -EINVAL;
     *out = NULL;
-    o = new_op(id, FL_OP_SESSION_OPEN, f);
+    o = new_op(id, FL_OP_SESSION_OPEN, f, 0, 0);
     if (o == NULL)
         return -ENOMEM;
     o->params = p;
@@ -699,7 +697,7 @@ int fl_queue_submit_close(fl_queue *q, uint64_t id, fl_session *s)
 
     if (s == NULL)
         return -EINVAL;
-    o = new_op(id, FL_OP_SESSION_CLOSE, s);
+    o = new_op(id, FL_OP_SESSION_CLOSE, s, 0, 0);
     if (o == NULL)
         return -ENOMEM;
     return enqueue(q, o);

@@ -63,6 +63,16 @@ def qmp(d: Daemon, cmd: str, args: dict[str, object] | None = None) -> object:
     return asyncio.run(go())
 
 
+def snapshot_client(d: Daemon) -> str:
+    """The start of a libnbd script: `h` connected to the snapshot export."""
+    return f"""
+import nbd, sys
+h = nbd.NBD()
+h.set_export_name("disk@fleece")
+h.connect_unix({d.sock!r})
+"""
+
+
 def fleece_list(d: Daemon) -> list[dict[str, object]]:
     result = qmp(d, "query-fleece")
     assert isinstance(result, list)
@@ -331,11 +341,7 @@ def test_fleece_stop_disconnects_snapshot_clients(start_daemon, fleece_image) ->
     img, _ = fleece_image
     d = start_daemon(str(img), "--fleece")
     # a client holds the snapshot export open while the session stops
-    script = f"""
-import nbd, sys
-h = nbd.NBD()
-h.set_export_name("disk@fleece")
-h.connect_unix({d.sock!r})
+    script = snapshot_client(d) + """
 assert len(h.pread(4096, 0)) == 4096
 sys.stdout.write("connected\\n"); sys.stdout.flush()
 sys.stdin.readline()
@@ -369,11 +375,7 @@ def test_snapshot_reply_still_in_the_socket_keeps_the_old_data(start_daemon, fle
     py = requires_libnbd_python()
     img, ref = fleece_image
     d = start_daemon(str(img), "--fleece")
-    script = f"""
-import sys, nbd
-h = nbd.NBD()
-h.set_export_name("disk@fleece")
-h.connect_unix({d.sock!r})
+    script = snapshot_client(d) + """
 buf = nbd.Buffer(1 << 20)
 cookie = h.aio_pread(buf, 0)
 print("sent", flush=True)
