@@ -308,6 +308,10 @@ static void sendfile_reply(struct op *o)
         if (n == (ssize_t)o->hdr_len) {
             off_t pos = (off_t)o->off;
             sent = o->hdr_len;
+            /* Any stop, a full socket or an error (a file system
+             * without splice support says EINVAL), hands the rest to the
+             * caller as a partial reply: it is read into o->buf below,
+             * and a dead socket then fails the caller's write. */
             while (sent < total) {
                 n = sendfile(o->sock->fd, f->fd, &pos, total - sent);
                 if (n < 0 && errno == EINTR)
@@ -315,12 +319,6 @@ static void sendfile_reply(struct op *o)
                 if (n <= 0)
                     break;
                 sent += (size_t)n;
-            }
-            if (n < 0 && errno != EAGAIN) {
-                pthread_mutex_unlock(&o->sock->lock);
-                o->done = FL_DONE_SENT;         /* the stream is torn */
-                o->rc = -errno;
-                return;
             }
         } else if (n > 0) {
             sent = (size_t)n;
