@@ -1046,7 +1046,9 @@ class NativeQueue(_Handle):
 
         The worker sends only what the socket takes without waiting.  The
         completion says what happened: ``rc < 0`` without :data:`DONE_SENT`, a
-        read error; :data:`DONE_HOLE`, a hole, nothing sent; no bits, nothing
+        read error; :data:`DONE_HOLE`, a hole, nothing sent; :data:`DONE_DEFER`,
+        SOCK was stalled when the read started: nothing read or sent (submit
+        it again once resumed); no bits, nothing
         sent (the data is in the returned buffer); :data:`DONE_SENT` with
         ``rc == 0``, all sent; :data:`DONE_SENT` with ``rc > 0``, only ``rc``
         bytes of HEADER + data were sent and SOCK is stalled until
@@ -1200,7 +1202,7 @@ class NativeQueue(_Handle):
 
         :return: ``(op_id, rc, done)`` per completion, ``rc`` being ``0`` or
             ``-errno`` (see :func:`error_from_rc`) and ``done`` the
-            :data:`DONE_HOLE` / :data:`DONE_SENT` bits.
+            :data:`DONE_HOLE` / :data:`DONE_SENT` / :data:`DONE_DEFER` bits.
         """
         h = self._handle()
         out: list[tuple[int, int, int]] = []
@@ -1229,6 +1231,7 @@ class NativeQueue(_Handle):
 #: Completion bits of :meth:`NativeQueue.reap` (the third field, as int).
 DONE_HOLE: int = lib.FL_DONE_HOLE
 DONE_SENT: int = lib.FL_DONE_SENT
+DONE_DEFER: int = lib.FL_DONE_DEFER
 
 
 class NativeSock(_Handle):

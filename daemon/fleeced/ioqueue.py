@@ -5,8 +5,8 @@ Each operation gets an id and a future; the queue's eventfd is watched with
 No Python thread is involved on this path: C workers do the I/O and only
 the eventfd wakes the loop.
 
-This module is where the C completion bits (``DONE_HOLE``, ``DONE_SENT``)
-end: callers get plain results (:class:`ReadResult`, ``None``) or an
+This module is where the C completion bits (``DONE_HOLE``, ``DONE_SENT``,
+``DONE_DEFER``) end: callers get plain results (:class:`ReadResult`, ``None``) or an
 :class:`OSError` (:class:`ReplyTorn` for a worker-written reply that failed
 part way).  The NBD server never sees the data path's names: it gets a
 :class:`ReplySocket` from :func:`open_reply_socket` and hands it back with
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from fleeced.datapath import (
+    DONE_DEFER,
     DONE_HOLE,
     DONE_SENT,
     OP_FLUSH,
@@ -56,11 +57,15 @@ class ReadResult:
         when all, anything between when the socket filled up -- it is then
         stalled for workers, and the caller writes the rest before anything
         else and resumes it (:meth:`ReplySocket.resume`).
+    :param deferred: nothing was read or sent: the socket was stalled when
+        the worker started (``data`` is garbage).  Submit the read again once
+        the socket is resumed.
     """
 
     data: bytes | bytearray | memoryview
     hole: bool = False
     sent: int = 0
+    deferred: bool = False
 
 
 class ReplyTorn(OSError):
@@ -160,6 +165,8 @@ class _Read(_Pending):
             return
         if done & DONE_SENT:  # rc > 0: only that much went out, else all
             self.fut.set_result(ReadResult(self.buf, False, rc or self.total))
+        elif done & DONE_DEFER:
+            self.fut.set_result(ReadResult(self.buf, deferred=True))
         else:
             self.fut.set_result(ReadResult(self.buf, bool(done & DONE_HOLE)))
 

@@ -387,6 +387,8 @@ void fl_sock_close(fl_sock *s);
 /* Completion bits reported in bits[] by fl_queue_reap. */
 #define FL_DONE_HOLE  1  /* the range read as a hole (zeros); not sent */
 #define FL_DONE_SENT  2  /* (part of) the reply went to the socket */
+#define FL_DONE_DEFER 4  /* a read found its socket stalled: nothing was
+                            read or sent; submit it again once resumed */
 
 /* Queue a read (FL_OP_READ or FL_OP_SNAP_READ, FLAGS 0) whose reply the
  * worker writes itself, HDR (up to 32 bytes, copied) then the LEN bytes
@@ -395,8 +397,11 @@ void fl_sock_close(fl_sock *s);
  * the worker writes once the write succeeded, so the acknowledgement
  * does not wait for the caller's thread.
  * Completion: I/O error -> rc < 0, nothing sent; hole -> FL_DONE_HOLE,
- * nothing sent; socket full or stalled -> 0 bits, nothing sent (the data
- * is in BUF); whole reply sent -> FL_DONE_SENT, rc 0; part sent ->
+ * nothing sent; a read that finds SOCK stalled when it starts ->
+ * FL_DONE_DEFER, rc 0, nothing read or sent (the caller submits it again
+ * once it resumed the socket: no copy is made only to wait in memory);
+ * socket full or stalled later -> 0 bits, nothing sent (the data is in
+ * BUF); a write is never deferred (its reply then has 0 bits); whole reply sent -> FL_DONE_SENT, rc 0; part sent ->
  * FL_DONE_SENT with rc = bytes sent (> 0): the socket is stalled and the
  * caller writes the rest first; send error -> FL_DONE_SENT, rc < 0: the
  * stream is torn. */

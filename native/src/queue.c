@@ -226,6 +226,8 @@ static ssize_t send_some(fl_sock *s, struct iovec *iov, int iovcnt)
  *   hole, not sent        FL_DONE_HOLE, rc 0 (the caller describes it)
  *   sent whole            FL_DONE_SENT, rc 0
  *   not sent at all       0, rc 0 (socket full or stalled: caller sends)
+ *   (a read that finds the socket stalled before it starts is deferred
+ *   unread instead: FL_DONE_DEFER, see run_op)
  *   sent in part          FL_DONE_SENT, rc = bytes sent > 0; the socket is
  *                         now stalled: no worker writes to it until
  *                         fl_sock_resume, and the caller must write the
@@ -371,6 +373,18 @@ static void run_op(struct op *o, int delay_ms)
     if (obj_closed(o)) {
         o->rc = -ESHUTDOWN;
         o->done = 0;
+        return;
+    }
+    if (o->sock != NULL && o->kind != FL_OP_WRITE
+        && __atomic_load_n(&o->sock->stalled, __ATOMIC_ACQUIRE)) {
+        /* The caller is still writing the rest of a partial reply, so
+         * this one could not go out now: reading it into o->buf only to
+         * have the caller send it later costs a copy for nothing (and
+         * the caller's thread the send).  Hand it back unread; it is
+         * submitted again once the socket is resumed.  A stall that
+         * starts after this check is handled by the send as before. */
+        o->rc = 0;
+        o->done = FL_DONE_DEFER;
         return;
     }
     switch (o->kind) {

@@ -153,8 +153,9 @@ static size_t drain(int fd, uint8_t *to, size_t max)
 }
 
 /* Worker-written replies: a reply that fits goes out whole; one that does
- * not goes out in part and stalls the socket (later ones are left to the
- * caller) until fl_sock_resume; a hole or a failed read sends nothing;
+ * not goes out in part and stalls the socket until fl_sock_resume (later
+ * reads come back deferred, unread; later writes are done and leave their
+ * reply to the caller); a hole or a failed read sends nothing;
  * a dead peer tears the stream. */
 static void test_send(void)
 {
@@ -186,7 +187,7 @@ static void test_send(void)
     for (unsigned j = 0; j < 8192; j++)
         CHECK(got[16 + j] == pat(4096 + j));
 
-    /* does not fit: partial, stalled; the next one is left unsent.  The
+    /* does not fit: partial, stalled; the next read is deferred.  The
      * part sent comes from the file (sendfile), the rest is in the buffer
      * for the caller, and the two make the whole data. */
     CHECK(setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &small, sizeof small) == 0);
@@ -194,11 +195,12 @@ static void test_send(void)
                                   hdr, sizeof hdr, 0), 0);
     reap_one(q, 2, &rc, &bits);
     CHECK(bits == FL_DONE_SENT && rc > 16 && rc < 16 + (1 << 20));
+    memset(buf[2], 0xcc, sizeof buf[2]);
     CHECK_RC(fl_queue_submit_send(q, 3, FL_OP_READ, f, buf[2], 65536, 0, sk,
                                   hdr, sizeof hdr, 0), 0);
     reap_one(q, 3, &rc3, &bits);
-    CHECK(rc3 == 0 && bits == 0);         /* read done, nothing sent */
-    CHECK(buf[2][100] == pat(100));
+    CHECK(rc3 == 0 && bits == FL_DONE_DEFER);  /* deferred: not even read */
+    CHECK(buf[2][100] == 0xcc);
     have = drain(sv[1], got, sizeof got);
     CHECK(have == (size_t)rc);            /* only reply 2's part */
     CHECK(memcmp(got, hdr, 16) == 0);
@@ -206,6 +208,16 @@ static void test_send(void)
         CHECK(got[j] == pat(j - 16));
     for (size_t j = have - 16; j < (1 << 20); j++)
         CHECK(big[j] == pat(j));
+    /* (after the data check: the socket held page references to it) */
+    /* a write is never deferred: it is done, its ack left to the caller */
+    memset(buf[1], 0x77, 4096);
+    CHECK_RC(fl_queue_submit_send(q, 9, FL_OP_WRITE, f, buf[1], 4096,
+                                  12288, sk, hdr, sizeof hdr, 0), 0);
+    reap_one(q, 9, &rc3, &bits);
+    CHECK(rc3 == 0 && bits == 0);
+    CHECK_RC(fl_file_read(f, buf[2], 4096, 12288, NULL), 0);
+    CHECK(buf[2][0] == 0x77 && buf[2][4095] == 0x77);
+    CHECK(recv(sv[1], got, 1, 0) < 0 && errno == EAGAIN);
     fl_sock_resume(sk);
 
     /* read errors send nothing */

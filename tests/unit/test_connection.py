@@ -60,7 +60,8 @@ class FakeExport:
         return ReadResult(bytes(self.data[offset:offset + length]))
 
     def read_now(self, offset: int, length: int) -> ReadResult | None:
-        return self._result(offset, length) if self.inline else None
+        # like the image: only small reads are tried inline
+        return self._result(offset, length) if self.inline and length < SEND_MIN else None
 
     def submit_read(self, offset: int, length: int, reply_to: object = None,
                     header: bytes = b"") -> asyncio.Future[ReadResult]:
@@ -70,11 +71,17 @@ class FakeExport:
             self.complete(len(self.reads) - 1)
         return fut
 
-    def complete(self, i: int, sent: int | None = None) -> None:
-        """Finish read I; with a worker handle it writes SENT bytes (all by default)."""
+    def complete(self, i: int, sent: int | None = None, deferred: bool = False) -> None:
+        """Finish read I; with a worker handle it writes SENT bytes (all by
+        default), or with DEFERRED hands the read back unread (C found the
+        socket stalled)."""
         offset, length, sock, header, fut = self.reads[i]
         if self.fail is not None:
             fut.set_exception(self.fail)
+            return
+        if deferred:
+            assert isinstance(sock, FakeReplySocket)
+            fut.set_result(ReadResult(bytearray(length), deferred=True))
             return
         result = self._result(offset, length)
         if isinstance(sock, FakeReplySocket):
@@ -295,6 +302,69 @@ async def test_big_read_sent_in_part_rest_goes_first() -> None:
     await settle()
     assert p.socks[0].resumed == 1
     assert replies(p, {3: SEND_MIN})[3][0] == 0
+
+
+async def test_read_handed_back_unread_goes_to_a_worker_once_the_rest_is_out() -> None:
+    # A worker that finds the socket stalled hands its read back unread
+    # (no copy into memory only to wait there); it is submitted again, to
+    # a worker, once the partial reply's rest has left the transport.
+    p = Peer(native=True)
+    p.handshake()
+    p.export.hold = True
+    p.send(request(NbdCmd.READ, 1, 0, SEND_MIN) + request(NbdCmd.READ, 2, SEND_MIN, SEND_MIN))
+    p.transport.held = True  # the client is slow to read
+    p.export.complete(0, sent=1000)  # the socket filled up: stalled
+    p.export.complete(1, deferred=True)
+    await settle()
+    assert len(p.export.reads) == 2  # waits: nothing read, nothing sent
+    assert p.conn.in_flight == 1 and p.conn.paused_since > 0  # parsing paused
+    p.transport.drain()  # the rest of reply 1 is out
+    await settle()
+    assert len(p.export.reads) == 3 and p.export.reads[2][2] is p.socks[0]
+    assert p.socks[0].resumed == 1 and p.conn.paused_since == 0
+    p.export.complete(2)
+    await settle()
+    got = replies(p, {1: SEND_MIN, 2: SEND_MIN})
+    assert got == {1: (0, bytes(p.export.data[:SEND_MIN])),
+                   2: (0, bytes(p.export.data[SEND_MIN:2 * SEND_MIN]))}
+    assert p.conn.in_flight == 0 and p.server.reply_bytes == 0
+    assert p.transport.limits["high"] > 0  # normal limits again
+
+
+async def test_big_read_waits_unread_while_loop_bytes_are_buffered() -> None:
+    p = Peer(FakeExport(inline=True), native=True)
+    p.handshake()
+    p.transport.held = True
+    p.send(request(NbdCmd.READ, 1, 0, 512))  # inline: the loop's bytes, buffered
+    p.send(request(NbdCmd.READ, 2, 0, SEND_MIN) + request(NbdCmd.READ, 3, 0, 512))
+    await settle()
+    assert p.export.reads == []  # not read into memory to wait there
+    assert not p.transport.reading and p.conn.paused_since > 0
+    p.transport.drain()
+    await settle()
+    assert [r[2] for r in p.export.reads] == [p.socks[0]]  # a worker sends it
+    got = replies(p, {1: 512, 2: SEND_MIN, 3: 512})
+    assert set(got) == {1, 2, 3} and got[2] == (0, bytes(p.export.data[:SEND_MIN]))
+    assert p.conn.in_flight == 0 and p.transport.reading
+
+
+async def test_waiting_reads_are_answered_by_the_loop_when_workers_never_write() -> None:
+    # The connection goes while reads wait for the socket: they take the
+    # loop's path (nobody reads the replies) and `closed` waits for them.
+    p = Peer(FakeExport(inline=True), native=True)
+    p.handshake()
+    p.transport.held = True
+    p.send(request(NbdCmd.READ, 1, 0, 512) + request(NbdCmd.READ, 2, 0, SEND_MIN))
+    await settle()
+    assert p.export.reads == [] and p.conn.in_flight == 1
+    p.export.hold = True
+    p.transport.abort()
+    await settle()
+    assert [r[2] for r in p.export.reads] == [None]
+    assert not p.conn.closed.done()
+    p.export.complete(0)
+    await asyncio.wait_for(p.conn.closed, 1)
+    assert p.server.reply_bytes == 0
 
 
 async def test_torn_worker_reply_drops_the_connection() -> None:

@@ -68,7 +68,8 @@ class FakeTransport:
             self.wire.data += data
 
     def _check_high(self) -> None:
-        high = self.limits.get("high", WRITE_BUFFER_HIGH)
+        high = self.limits.get("high")
+        high = WRITE_BUFFER_HIGH if high is None else high
         if self.protocol is not None and not self._paused and len(self.buffer) > high:
             self._paused = True
             self.protocol.pause_writing()
@@ -95,6 +96,7 @@ class FakeTransport:
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self.limits = {"high": high, "low": low}
+        self._check_high()  # as asyncio and uvloop do
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {"socket": self.sock, "peername": None}.get(name, default)
@@ -334,3 +336,58 @@ def test_tls_means_no_worker_replies_for_good() -> None:
     rig.engine.out = [b"<reply>"]
     rig.writer.flush()
     assert rig.wire.data == b"<starttls ack><reply>"
+
+
+class Protocol:
+    """Records the flow-control calls a transport makes."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pause_writing(self) -> None:
+        self.calls.append("pause")
+
+    def resume_writing(self) -> None:
+        self.calls.append("resume")
+
+
+def test_notify_when_drained_pauses_now_and_resumes_once_empty() -> None:
+    rig = Rig()
+    proto = Protocol()
+    rig.transport.protocol = proto
+    rig.writer.notify_when_drained()  # nothing buffered: nothing to wait for
+    assert proto.calls == [] and rig.transport.limits["high"] == WRITE_BUFFER_HIGH
+    rig.transport.held = True
+    rig.engine.out = [b"abc"]
+    rig.writer.flush()
+    rig.writer.notify_when_drained()
+    assert proto.calls == ["pause"] and rig.transport.limits["high"] == 0
+    rig.writer.notify_when_drained()  # once
+    assert proto.calls == ["pause"]
+    rig.transport.drain()
+    assert proto.calls == ["pause", "resume"]
+    rig.writer.drained()
+    assert rig.transport.limits["high"] == WRITE_BUFFER_HIGH
+
+
+def test_a_deferred_read_keeps_the_socket_from_workers_until_handed_back() -> None:
+    rig = Rig()
+    sock = rig.writer.worker_socket()
+    assert sock is not None
+    rig.writer.worker_started()
+    rig.writer.worker_started()
+    rig.writer.worker_deferred()  # C saw the socket stalled
+    assert rig.writer.worker_socket() is None  # one still out: wait for it
+    rig.writer.worker_done(HDR, b"", len(HDR))
+    assert rig.writer.worker_socket() is sock and rig.socks[0].resumed == 1
+    assert rig.writer.may_wait()
+
+
+def test_may_wait_only_while_workers_may_write_again() -> None:
+    assert not Rig(native=False).writer.may_wait()
+    refused = Rig(refuse_open=True)
+    assert refused.writer.worker_socket() is None
+    assert not refused.writer.may_wait()
+    closing = Rig()
+    closing.transport.closing = True
+    assert not closing.writer.may_wait()

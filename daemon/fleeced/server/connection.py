@@ -43,6 +43,7 @@ import errno
 import logging
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
 
@@ -130,6 +131,9 @@ class NbdConnection(asyncio.Protocol):
         self.negotiated = False
         self.reply_bytes = 0  # READ bytes admitted, reply not yet handed over
         self.paused_bytes = 0  # write buffer held while writing is paused
+        # READs (admitted, counted in flight) waiting unread for the socket
+        # to be free for workers again; see _defer().
+        self._deferred: deque[Command] = deque()
         loop = asyncio.get_running_loop()
         self.closed = loop.create_future()
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -201,6 +205,7 @@ class NbdConnection(asyncio.Protocol):
         self._cancel_timers()
         self._replies.close()
         self._set_paused_bytes(0)
+        self._send_deferred()  # no worker writes now: the loop's path
         self._maybe_closed()
 
     def _cancel_timers(self) -> None:
@@ -217,9 +222,11 @@ class NbdConnection(asyncio.Protocol):
         self._update_reading()
 
     def resume_writing(self) -> None:
+        self._replies.drained()
         self._writing_paused = False
         self.paused_since = 0.0
         self._set_paused_bytes(0)
+        self._send_deferred()
         self.resume_parsing()
 
     def resume_parsing(self) -> None:
@@ -426,23 +433,70 @@ class NbdConnection(asyncio.Protocol):
     # Submission errors fall back to the task path, which reports them.
 
     def _submit_read(self, cmd: Command) -> bool:
+        if cmd.length >= SEND_MIN:
+            # Behind those already waiting, or wait for the socket.
+            sock = None if self._deferred else self._replies.worker_socket()
+            if sock is None:
+                if self._defer(cmd):
+                    return True
+            elif self._submit_send(cmd, sock):
+                self._inflight += 1
+                return True
+        if not self._submit_plain_read(cmd):
+            return False
+        self._inflight += 1
+        return True
+
+    def _submit_plain_read(self, cmd: Command) -> bool:
+        """Submit a READ answered by the loop (not counted in flight here)."""
         export = self.export
         assert export is not None
-        if cmd.length >= SEND_MIN and self._submit_send(cmd):
-            return True
         try:
             fut = export.submit_read(cmd.offset, cmd.length)
         except OSError:
             return False
-        self._inflight += 1
         fut.add_done_callback(lambda f: self._read_done(cmd, f))
         return True
 
-    def _submit_send(self, cmd: Command) -> bool:
-        """Submit a READ whose reply a native worker may write itself."""
-        sock = self._replies.worker_socket()
-        if sock is None:
+    def _defer(self, cmd: Command) -> bool:
+        """Have a large READ wait, unread, until workers may write its reply
+        (the socket is busy: stalled, or the loop's bytes still buffered).
+
+        Read now, its data would only wait in memory and then cost the loop
+        a send -- the copy sendfile saves.  It stays admitted and in flight;
+        :meth:`_send_deferred` submits it once the socket is free, and the
+        wait is bounded like any full buffer: parsing pauses meanwhile, and a
+        client that stops reading is timed as stalled.
+
+        :return: False when no worker will write again (the loop must).
+        """
+        if not self._replies.may_wait():
             return False
+        self._deferred.append(cmd)
+        self._inflight += 1
+        self._replies.notify_when_drained()
+        return True
+
+    def _send_deferred(self) -> None:
+        """Submit the READs that wait for the socket, while workers may
+        write; when they never will again (closing), on the loop's path."""
+        while self._deferred:
+            sock = self._replies.worker_socket()
+            if sock is None and self._replies.may_wait():
+                self._replies.notify_when_drained()
+                return
+            cmd = self._deferred.popleft()
+            if sock is not None and self._submit_send(cmd, sock):
+                continue
+            self._inflight -= 1
+            if not self._submit_plain_read(cmd):
+                self._start(cmd)  # the task path reports the error
+            else:
+                self._inflight += 1
+
+    def _submit_send(self, cmd: Command, sock: ReplySocket) -> bool:
+        """Submit a READ whose reply a native worker may write itself to SOCK
+        (not counted in flight here)."""
         export = self.export
         assert export is not None
         header = self._engine.read_reply_header(cmd.cookie, cmd.offset, cmd.length)
@@ -451,13 +505,18 @@ class NbdConnection(asyncio.Protocol):
         except OSError:
             return False
         self._replies.worker_started()
-        self._inflight += 1
         fut.add_done_callback(lambda f: self._send_done(cmd, header, f))
         return True
 
     def _send_done(self, cmd: Command, header: bytes,
                    fut: asyncio.Future[ReadResult]) -> None:
         result = None if fut.cancelled() or fut.exception() else fut.result()
+        if result is not None and result.deferred:
+            # Handed back unread: still admitted and in flight.
+            self._replies.worker_deferred()
+            self._deferred.append(cmd)
+            self._send_deferred()
+            return
         self._replies.worker_done(header, result.data if result else b"",
                                   result.sent if result else 0)
         if not self._reply_torn(fut) and self._complete(cmd, fut) is not None:
@@ -572,6 +631,7 @@ class NbdConnection(asyncio.Protocol):
         self._inflight -= 1
         self._maybe_closed()
         self._flush()
+        self._send_deferred()
         if self._held and not self._disconnect_requested:
             # An op finished: in-flight count and reply bytes went down, so a
             # hold on either may be over.  Parse what is buffered.
