@@ -200,6 +200,10 @@ class _Handle:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._exit(failed=exc_type is not None)
+
+    def _exit(self, failed: bool) -> None:
+        """Leaving a ``with`` block (FAILED: by an exception): close."""
         self.close()
 
 
@@ -952,13 +956,8 @@ class NativeBitmap(_Handle):
         return [(ln, bool(fl & EXT_DIRTY))
                 for ln, fl in _extents(lib.fl_bitmap_extents, h, o, n, max_extents)]
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close(clean=exc_type is None)  # an exception: put away not clean
+    def _exit(self, failed: bool) -> None:
+        self.close(clean=not failed)  # an exception: put away not clean
 
 
 _alloc_uninit = ffi.new_allocator(should_clear_after_alloc=False)
