@@ -32,12 +32,19 @@
  * needs no privilege, and lowering it back would (the service runs with
  * no capabilities), hence fixed pools rather than re-nicing per op.
  *
- * Wake-ups, one rule per pool: after every change to a pool's pending
- * list or to `stopping`, wake_locked() makes sure that every op waiting
- * there has an idle worker of that pool woken for it (or that every idle
- * worker is already woken), and when stopping, that every idle worker
- * wakes to see it.  A worker never relies on a busy worker to pick an op
- * up later: that busy worker may sit in a slow op for seconds.
+ * Wake-ups, one rule per pool: every op waiting there has an idle worker
+ * of that pool woken for it (or every idle worker is woken already), or
+ * a woken worker is on its way that will see to it.  A worker that gets
+ * up, and every change to `stopping`, run wake_locked(), which wakes a
+ * worker for each op still waiting (when stopping: every idle worker); a
+ * submission only wakes one worker when none is on its way
+ * (wake_one_locked()), so that the event loop pays for one futex wake-up
+ * per burst of requests, not one per request (4k QD16 writes: +20-45 %
+ * IOPS; guest writes during a backup: 17k instead of 11k IOPS at a p99 of
+ * 6.5 instead of 9-11 ms).  A worker never relies on a busy worker to
+ * pick an op up later: that busy worker may sit in a slow op for seconds.
+ * The wake-ups are counted under the lock and signalled after it is
+ * released (see wake_locked()).
  *
  * Locking: q->lock guards the pending lists, the done list, `stopping`,
  * the counters and the test hook; it is never held across I/O.  Workers
@@ -477,16 +484,47 @@ static struct pool *pool_of(fl_queue *q, int kind)
  * an idle worker of P woken for it, or every idle worker of P is woken
  * already; when stopping, every idle worker wakes.  Called with q->lock
  * held after every change to P's list or to `stopping`. */
-static void wake_locked(struct pool *p)
+/* Count the idle workers to wake (under q->lock); returns how many to
+ * signal, which the caller does with signal_work() once it released the
+ * lock: a worker signalled while the lock is held would wake only to block
+ * on it (measured: workers spent a quarter of their samples in
+ * lll_lock_wait at 4k QD16 writes).  Safe: a worker counted here is still
+ * waiting, or left the wait on a spurious wake-up and took an op itself;
+ * a signal that then finds a different or no waiter costs nothing, since
+ * a worker never waits while ops are pending. */
+static unsigned wake_locked(struct pool *p)
 {
     uint64_t want = p->q->stopping ? p->idle : p->pending.n;
+    unsigned n = 0;
 
     if (want > p->idle)
         want = p->idle;
     while (p->woken < want) {
         p->woken++;
-        pthread_cond_signal(&p->work);
+        n++;
     }
+    return n;
+}
+
+/* The submitter's share of the rule: wake one idle worker, unless one is
+ * woken already (signalled, not yet up).  That worker, on getting up,
+ * runs wake_locked() for whatever else is pending by then, so the
+ * remaining wake-ups cost a worker's time instead of the event loop's
+ * (a futex wake of a thread on another CPU costs the waker several
+ * microseconds on a VM: at 4k QD16 writes the loop spent half its time
+ * in fl_queue_submit).  Returns how many to signal (0 or 1). */
+static unsigned wake_one_locked(struct pool *p)
+{
+    if (p->pending.n == 0 || p->woken > 0 || p->idle == 0)
+        return 0;
+    p->woken++;
+    return 1;
+}
+
+static void signal_work(struct pool *p, unsigned n)
+{
+    while (n-- > 0)
+        pthread_cond_signal(&p->work);
 }
 
 static void *worker(void *arg)
@@ -497,6 +535,7 @@ static void *worker(void *arg)
     uint64_t one = 1;
     ssize_t n;
     int was_empty, delay;
+    unsigned wake;
 
     if (p == &q->pool[POOL_SNAP])   /* best effort: no error is fatal */
         (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), SNAP_NICE);
@@ -513,9 +552,10 @@ static void *worker(void *arg)
             if (p->woken > 0)   /* a spurious wake only over-signals later */
                 p->woken--;
         }
-        wake_locked(p);         /* more pending ops: more workers */
+        wake = wake_locked(p);  /* more pending ops: more workers */
         delay = o->kind == q->delay_kind ? q->delay_ms : 0;
         pthread_mutex_unlock(&q->lock);
+        signal_work(p, wake);
 
         run_op(o, delay);
         obj_unref(o);           /* may free the object: last use of it */
@@ -596,6 +636,9 @@ int fl_queue_fd(const fl_queue *q)
 /* Take O's references and queue it; frees O on refusal. */
 static int enqueue(fl_queue *q, struct op *o)
 {
+    struct pool *p = pool_of(q, o->kind);
+    unsigned wake;
+
     pthread_mutex_lock(&q->lock);
     if (q->stopping) {
         pthread_mutex_unlock(&q->lock);
@@ -603,9 +646,10 @@ static int enqueue(fl_queue *q, struct op *o)
         return -ESHUTDOWN;
     }
     obj_ref(o);
-    opq_push(&pool_of(q, o->kind)->pending, o);
-    wake_locked(pool_of(q, o->kind));
+    opq_push(&p->pending, o);
+    wake = wake_one_locked(p);
     pthread_mutex_unlock(&q->lock);
+    signal_work(p, wake);
     return 0;
 }
 
@@ -799,15 +843,17 @@ int fl_queue_reap(fl_queue *q, uint64_t *ids, int32_t *rcs, int32_t *bits,
 void fl_queue_close(fl_queue *q)
 {
     struct op *o;
-    unsigned i;
+    unsigned i, wake[POOLS];
 
     if (q == NULL)
         return;
     pthread_mutex_lock(&q->lock);
     q->stopping = 1;
     for (i = 0; i < POOLS; i++)
-        wake_locked(&q->pool[i]);
+        wake[i] = wake_locked(&q->pool[i]);
     pthread_mutex_unlock(&q->lock);
+    for (i = 0; i < POOLS; i++)
+        signal_work(&q->pool[i], wake[i]);
     for (i = 0; i < q->nthreads; i++)
         pthread_join(q->threads[i], NULL);
     while ((o = q->done_head) != NULL) {
