@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,14 +64,35 @@ def qmp(d: Daemon, cmd: str, args: dict[str, object] | None = None) -> object:
     return asyncio.run(go())
 
 
-def snapshot_client(d: Daemon) -> str:
-    """The start of a libnbd script: `h` connected to the snapshot export."""
+def snapshot_client(d: Daemon, export: str = "disk@fleece") -> str:
+    """The start of a libnbd script: `h` connected to EXPORT (the snapshot)."""
     return f"""
 import nbd, sys
 h = nbd.NBD()
-h.set_export_name("disk@fleece")
+h.set_export_name({export!r})
 h.connect_unix({d.sock!r})
 """
+
+
+def held_reads(script: str, meanwhile: Callable[[], None], timeout: float = 60) -> bytes:
+    """Run a libnbd SCRIPT that sends its reads, prints "sent", waits for a
+    line on stdin before it reads any reply, then writes its data to stdout;
+    MEANWHILE runs between the two.  Returns the data."""
+    py = requires_libnbd_python()
+    proc = subprocess.Popen([py, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == b"sent\n"
+        meanwhile()
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        got = proc.stdout.read()
+        assert proc.wait(timeout) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return got
 
 
 def fleece_list(d: Daemon) -> list[dict[str, object]]:
@@ -372,7 +394,6 @@ def test_snapshot_reply_still_in_the_socket_keeps_the_old_data(start_daemon, fle
     page-cache pages, not copies (a later write to the file changes what
     the peer reads); the snapshot export must copy (its reply is the old
     data, whatever the guest does next)."""
-    py = requires_libnbd_python()
     img, ref = fleece_image
     d = start_daemon(str(img), "--fleece")
     script = snapshot_client(d) + """
@@ -384,10 +405,8 @@ while not h.aio_command_completed(cookie):
     h.poll(-1)
 sys.stdout.buffer.write(buf.to_bytearray())
 """
-    proc = subprocess.Popen([py, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        assert proc.stdout.readline() == b"sent\n"
+
+    def overwrite_once_answered() -> None:
         # Wait until the daemon has answered the read (it is then in the
         # socket, unread), then overwrite the range through the active export.
         deadline = time.monotonic() + 20
@@ -401,14 +420,8 @@ sys.stdout.buffer.write(buf.to_bytearray())
             time.sleep(0.01)
         qemu_io(d.url("disk"), "write -P 0x5a 0 1M")
         qemu_io(d.url("disk"), "read -P 0x5a 0 1M", read_only=True)
-        proc.stdin.write(b"go\n")
-        proc.stdin.flush()
-        got = proc.stdout.read()
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    got = held_reads(script, overwrite_once_answered, timeout=30)
     assert got == ref.read_bytes()[: 1 << 20]
     assert d.stop() == 0
 
@@ -422,17 +435,12 @@ def test_pipelined_big_reads_to_a_client_that_reads_late(start_daemon, tmp_path:
     workers as the client drains.  Every reply must arrive whole and right;
     for the snapshot, even though the guest overwrote the range (and was
     acknowledged) before the reads waiting in the daemon were done."""
-    py = requires_libnbd_python()
     img = tmp_path / "disk.img"
     data = make_image(img, 64 * MiB, seed=9)
     d = start_daemon(str(img), "--fleece")
-    script = f"""
-import nbd, sys
-h = nbd.NBD()
-h.set_export_name({export!r})
-h.connect_unix({d.sock!r})
+    script = snapshot_client(d, export) + """
 bufs = [nbd.Buffer(1 << 20) for _ in range(48)]
-pending = {{h.aio_pread(b, i << 20): i for i, b in enumerate(bufs)}}
+pending = {h.aio_pread(b, i << 20): i for i, b in enumerate(bufs)}
 print("sent", flush=True)
 sys.stdin.readline()
 while pending:
@@ -442,19 +450,11 @@ while pending:
 for b in bufs:
     sys.stdout.buffer.write(b.to_bytearray())
 """
-    proc = subprocess.Popen([py, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        assert proc.stdout.readline() == b"sent\n"
+
+    def overwrite() -> None:
         if export == "disk@fleece":
             qemu_io(d.url("disk"), "write -P 0x5a 0 48M")
-        proc.stdin.write(b"go\n")
-        proc.stdin.flush()
-        got = proc.stdout.read()
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    got = held_reads(script, overwrite)
     assert got == data[: 48 * MiB]
     assert d.stop() == 0
