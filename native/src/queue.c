@@ -480,11 +480,11 @@ static struct pool *pool_of(fl_queue *q, int kind)
     return &q->pool[is_lo_kind(kind) ? POOL_SNAP : POOL_GUEST];
 }
 
-/* The one wake-up rule (see the design notes): every op pending in P has
- * an idle worker of P woken for it, or every idle worker of P is woken
- * already; when stopping, every idle worker wakes.  Called with q->lock
- * held after every change to P's list or to `stopping`. */
-/* Count the idle workers to wake (under q->lock); returns how many to
+/* The full wake-up rule (see the design notes): every op pending in P
+ * gets an idle worker of P woken for it, or every idle worker of P is
+ * woken already; when stopping, every idle worker wakes.  Run with q->lock
+ * held by a worker that got up and on every change to `stopping`
+ * (submissions use wake_one_locked()).  Only counts: returns how many to
  * signal, which the caller does with signal_work() once it released the
  * lock: a worker signalled while the lock is held would wake only to block
  * on it (measured: workers spent a quarter of their samples in
