@@ -295,12 +295,12 @@ class NbdConnection(asyncio.Protocol):
                 continue
             if isinstance(event, Command):
                 if event.cmd == NbdCmd.READ:
-                    self._admit(event)
                     if self._read_inline(event):
                         inline += 1
                         if inline % 16 == 0:
                             self._flush()  # may pause_writing() -> _hold()
                         continue
+                    self._admit(event)
                     if self._submit_read(event):
                         continue
                 elif event.cmd == NbdCmd.WRITE and self._submit_write(event):
@@ -410,6 +410,9 @@ class NbdConnection(asyncio.Protocol):
     def _read_inline(self, cmd: Command) -> bool:
         """Answer a READ from the page cache without a task or thread hop.
 
+        Not admitted against the reply budget: the reply is handed over at
+        once (the engine's output is flushed every 16 of them).
+
         :return: False when the read would block (or failed): the task path
             then does it, and reports any error.
         """
@@ -425,7 +428,6 @@ class NbdConnection(asyncio.Protocol):
         stats.requests += 1
         stats.bytes_read += cmd.length
         self._engine.reply_read(cmd.cookie, cmd.offset, got.data, got.hole)
-        self._release(cmd)
         return True
 
     # The hot path submits READ/WRITE straight to the native queue and
