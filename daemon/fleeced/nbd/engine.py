@@ -126,6 +126,10 @@ _MAX_ERROR_MESSAGE: Final = 4096
 _REQ_SIZE: Final = REQUEST.size
 _req_unpack_from = REQUEST.unpack_from
 _simple_pack = SIMPLE_REPLY.pack
+_data_chunk_pack = CHUNK_OFFSET_DATA.pack
+_DONE: Final = int(NbdReplyFlag.DONE)
+_OFFSET_DATA: Final = int(NbdReplyType.OFFSET_DATA)
+_BYTES_OR_VIEW: Final = (bytes, memoryview)  # a tuple: `bytes | memoryview` is built per call
 _CMD_READ: Final = int(NbdCmd.READ)
 _CMD_WRITE: Final = int(NbdCmd.WRITE)
 _CMD_DISC: Final = int(NbdCmd.DISC)
@@ -692,7 +696,7 @@ class ServerConnection:
             return Command(
                 cookie, _CMDS[cmd], _FLAG_VALUES[flags], offset, length, buf.take_view(length)
             )
-        buf.skip(_REQ_SIZE)
+        buf.pos = pos + _REQ_SIZE  # buf.skip(), inlined
         if error is not None:
             self.reply_error(cookie, error, message)
             return Rejected(cookie, cmd, error)
@@ -790,7 +794,7 @@ class ServerConnection:
             raise LocalProtocolError("reply_read() with no data")
         if not self._structured:
             self._out.append(_simple_pack(SIMPLE_REPLY_MAGIC, 0, cookie))
-            self._out.append(data if isinstance(data, bytes | memoryview) else memoryview(data))
+            self._out.append(data if isinstance(data, _BYTES_OR_VIEW) else memoryview(data))
             return
         if is_hole:
             self._out.append(
@@ -806,16 +810,9 @@ class ServerConnection:
             )
             return
         self._out.append(
-            CHUNK_OFFSET_DATA.pack(
-                STRUCTURED_REPLY_MAGIC,
-                NbdReplyFlag.DONE,
-                NbdReplyType.OFFSET_DATA,
-                cookie,
-                8 + n,
-                offset,
-            )
+            _data_chunk_pack(STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, 8 + n, offset)
         )
-        self._out.append(data if isinstance(data, bytes | memoryview) else memoryview(data))
+        self._out.append(data if isinstance(data, _BYTES_OR_VIEW) else memoryview(data))
 
     def read_reply_header(self, cookie: int, offset: int, length: int) -> bytes:
         """The bytes that precede LENGTH bytes of data in a successful READ reply.
@@ -831,13 +828,8 @@ class ServerConnection:
             raise LocalProtocolError("read_reply_header() with no data")
         if not self._structured:
             return _simple_pack(SIMPLE_REPLY_MAGIC, 0, cookie)
-        return CHUNK_OFFSET_DATA.pack(
-            STRUCTURED_REPLY_MAGIC,
-            NbdReplyFlag.DONE,
-            NbdReplyType.OFFSET_DATA,
-            cookie,
-            8 + length,
-            offset,
+        return _data_chunk_pack(
+            STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, 8 + length, offset
         )
 
     def ok_reply(self, cookie: int) -> bytes:
