@@ -124,6 +124,39 @@ int fl_file_cache(fl_file *f, uint64_t off, uint64_t len);
 int fl_file_extents(fl_file *f, uint64_t off, uint64_t len,
                     uint64_t *lens, uint32_t *flags, size_t max, size_t *n);
 
+/* ---- runs of NBD READs from the page cache (readrun.c) -------------- */
+
+/* The NBD engine's rule for READ requests (engine.py _build_rules). */
+struct fl_read_rule {
+    uint64_t size;          /* export size */
+    uint32_t allowed_flags; /* NBD_CMD_FLAG_* bits accepted on a READ */
+    uint32_t max_length;    /* longest READ answered here */
+    uint32_t min_block;     /* a power of two; 1 when there is none */
+    uint32_t structured;    /* 1: one OFFSET_DATA chunk with DONE; 0: simple */
+};
+
+/* What fl_file_read_run did. */
+struct fl_read_run {
+    uint64_t consumed;      /* request bytes used (28 per READ) */
+    uint64_t out_len;       /* reply bytes written to OUT (or needed) */
+    uint64_t data;          /* data bytes among them */
+    uint32_t count;         /* READs answered */
+};
+
+/* Answer up to MAX_COUNT consecutive NBD READ requests from REQ[0..LEN)
+ * out of the page cache (preadv2 RWF_NOWAIT; never blocks on I/O, safe on
+ * an event loop): each reply (simple, or one structured OFFSET_DATA chunk
+ * with DONE, per RULE) goes to OUT, in order.  Stops before the first
+ * request that is incomplete, not a READ RULE accepts, not cached, failing,
+ * or does not fit in CAP bytes; that one and the rest stay unread (the
+ * caller's engine parses them).  With OUT == NULL, no I/O: *run says how
+ * many requests would be answered and the reply bytes they need.  -EINVAL
+ * for NULL arguments, a min_block that is not a power of two, or
+ * structured > 1; otherwise 0, also when nothing was answered. */
+int fl_file_read_run(fl_file *f, const uint8_t *req, size_t len,
+                     const struct fl_read_rule *rule, uint32_t max_count,
+                     uint8_t *out, size_t cap, struct fl_read_run *run);
+
 /* Attach bitmap B to F: from then on every guest write, write-zeroes and
  * trim of F that changes data marks B before it returns (file.c has the
  * ordering).  Takes F's session lock exclusive, so it waits for guest
