@@ -219,7 +219,8 @@ class NativeFile(_Handle):
     :class:`NativeSession` on it before touching the image.
     """
 
-    __slots__ = ("_size", "_readonly", "_sessions", "__weakref__")
+    __slots__ = ("_size", "_readonly", "_sessions", "_rule_key", "_rule", "_run",
+                 "__weakref__")
 
     def __init__(self, handle: Any, readonly: bool) -> None:
         """Wrap an ``fl_file *``; use :meth:`open` instead."""
@@ -227,6 +228,10 @@ class NativeFile(_Handle):
         self._size: int = int(lib.fl_file_size(handle))
         self._readonly = readonly
         self._sessions: weakref.WeakSet[NativeSession] = weakref.WeakSet()
+        # read_run's last rule as C reads it, and its result struct
+        self._rule_key: tuple[int, int, int, int, bool] | None = None
+        self._rule: Any = None
+        self._run: Any = ffi.new("struct fl_read_run *")
 
     @classmethod
     def open(cls, path: str, *, readonly: bool) -> NativeFile:
@@ -286,6 +291,65 @@ class NativeFile(_Handle):
             return None
         _check(rc)
         return buf, False
+
+    def read_run(self, req: bytes | bytearray, pos: int, *, size: int, allowed_flags: int,
+                 max_length: int, min_block: int, structured: bool,
+                 max_count: int) -> tuple[int, int, int, memoryview] | None:
+        """Answer consecutive NBD READ requests of ``REQ[POS:]`` from the page
+        cache (``fl_file_read_run``: never blocks, safe on the event loop).
+
+        The rest of the arguments are the NBD engine's READ rule
+        (:class:`fleeced.nbd.ReadRule`; a SIZE beyond this file's counts as
+        this file's) and the most requests to answer.  It stops before the first request that is
+        incomplete, not an acceptable READ, or not all in the page cache.
+
+        :raise TypeError: REQ is not bytes or a bytearray.
+        :raise OSError: ``EINVAL`` for a bad POS or rule, ``EBADF`` closed.
+        :return: ``(consumed, count, data_bytes, replies)``: request bytes
+            used, READs answered, data bytes in their replies, and the
+            replies in order; ``None`` when not even the first was answered.
+        """
+        h = self._handle()
+        if not isinstance(req, bytes | bytearray):
+            raise TypeError(f"req must be bytes or bytearray, not {type(req).__name__}")
+        if type(pos) is not int or not 0 <= pos <= len(req):
+            raise _einval(f"pos={pos!r}")
+        key = (size, allowed_flags, max_length, min_block, structured)
+        rule = self._rule if key == self._rule_key else self._read_rule(key)
+        run = self._run
+        view = ffi.from_buffer("uint8_t[]", req)
+        src = view + pos
+        n = len(req) - pos
+        count = _uint("max_count", max_count)
+        # First how much room the replies need (no I/O), then the reads.
+        _check(lib.fl_file_read_run(h, src, n, rule, count, ffi.NULL, 0, run))
+        if run.count == 0:
+            return None
+        need = int(run.out_len)
+        out = _alloc_uninit("uint8_t[]", need)
+        _check(lib.fl_file_read_run(h, src, n, rule, count, out, need, run))
+        if run.count == 0:
+            return None
+        done = int(run.out_len)
+        replies = memoryview(ffi.buffer(out, done))
+        if 2 * done < need:  # stopped early: do not pin the unused room
+            replies = memoryview(bytes(replies))
+        return int(run.consumed), int(run.count), int(run.data), replies
+
+    def _read_rule(self, key: tuple[int, int, int, int, bool]) -> Any:
+        """The C copy of a READ rule (kept: it changes once per connection)."""
+        size, allowed_flags, max_length, min_block, structured = key
+        for name, value in (("allowed_flags", allowed_flags), ("max_length", max_length),
+                            ("min_block", min_block)):
+            if _uint(name, value) > 0xFFFFFFFF:
+                raise _einval(f"{name}={value}")
+        self._rule = ffi.new("struct fl_read_rule *", {
+            "size": min(_uint("size", size), self._size), "allowed_flags": allowed_flags,
+            "max_length": max_length,
+            "min_block": min_block, "structured": int(bool(structured)),
+        })
+        self._rule_key = key
+        return self._rule
 
     def write(self, off: int, data: Buffer, *, fua: bool = False) -> None:
         """Guest write: copy-before-write for every session, then write DATA at OFF.

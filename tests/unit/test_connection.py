@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pytest
 
 from fleeced.exports import ExportStats, ReadResult, ReplyTorn
-from fleeced.nbd import ExportInfo, NbdCmd, NbdErrno, NbdOpt, NbdRep
+from fleeced.nbd import ExportInfo, NbdCmd, NbdErrno, NbdOpt, NbdRep, ReadRule
 from fleeced.server.connection import SEND_MIN, WORKER_ACK_MAX_IN_FLIGHT, NbdConnection
 from fleeced.server.listener import NbdServer
 from tests.helpers import Reader, client_flags, name_info_payload, option, request
@@ -33,8 +33,11 @@ class FakeExport:
     """An export in memory.  Reads and writes complete when the test says so
     (``hold``) or on the next loop iteration."""
 
-    def __init__(self, size: int = SIZE, inline: bool = False) -> None:
+    def __init__(self, size: int = SIZE, inline: bool = False, runs: bool = False) -> None:
         self._info = ExportInfo(name="disk", size=size)
+        # runs: answer runs of small READs itself, as the image does in C
+        self.read_runs = runs
+        self.run_counts: list[int] = []
         self._stats = ExportStats()
         self.data = bytearray((bytes(range(251)) * (size // 251 + 1))[:size])
         self.inline = inline
@@ -62,6 +65,26 @@ class FakeExport:
     def read_now(self, offset: int, length: int) -> ReadResult | None:
         # like the image: only small reads are tried inline
         return self._result(offset, length) if self.inline and length < SEND_MIN else None
+
+    def read_run(self, rule: ReadRule, data: bytes | bytearray, pos: int,
+                 max_count: int) -> tuple[int, int, int, memoryview] | None:
+        """fl_file_read_run in short: simple replies, small READs only."""
+        assert not rule.structured
+        out, consumed, count, nbytes = bytearray(), 0, 0, 0
+        while count < max_count and len(data) - pos - consumed >= 28:
+            _magic, flags, cmd, cookie, offset, length = struct.unpack_from(
+                ">IHHQQI", data, pos + consumed)
+            if cmd != NbdCmd.READ or flags & ~rule.allowed_flags or not 0 < length < SEND_MIN \
+                    or offset + length > rule.size:
+                break
+            out += struct.pack(">IIQ", 0x67446698, 0, cookie) + self.data[offset:offset + length]
+            consumed += 28
+            count += 1
+            nbytes += length
+        if not count:
+            return None
+        self.run_counts.append(count)
+        return consumed, count, nbytes, memoryview(bytes(out))
 
     def submit_read(self, offset: int, length: int, reply_to: object = None,
                     header: bytes = b"") -> asyncio.Future[ReadResult]:
@@ -231,6 +254,52 @@ async def test_inline_read_needs_no_loop_turn() -> None:
     p.send(request(NbdCmd.READ, 7, 0, 100))
     assert replies(p, {7: 100}) == {7: (0, bytes(p.export.data[:100]))}
     assert p.export.reads == []
+
+
+async def test_reads_answered_in_runs_around_other_requests() -> None:
+    p = Peer(FakeExport(inline=True, runs=True))
+    p.handshake()
+    reads = {1: (0, 512), 2: (4096, 100), 3: (8192, 4096), 5: (0, 7), 6: (100, 200)}
+    wire = b"".join(request(NbdCmd.READ, c, o, n) for c, (o, n) in reads.items() if c < 4)
+    wire += request(NbdCmd.FLUSH, 4)
+    wire += b"".join(request(NbdCmd.READ, c, o, n) for c, (o, n) in reads.items() if c > 4)
+    wire += request(NbdCmd.READ, 7, SIZE, 512)  # past the end: the engine's EINVAL
+    p.send(wire)
+    await settle()
+    got = replies(p, {**{c: n for c, (_o, n) in reads.items()}, 4: 0, 7: 0})
+    assert got == {**{c: (0, bytes(p.export.data[o:o + n])) for c, (o, n) in reads.items()},
+                   4: (0, b""), 7: (NbdErrno.EINVAL, b"")}
+    assert p.export.run_counts == [3, 2]
+    assert p.export.reads == []
+    assert p.export.stats.requests == 7 and p.export.stats.bytes_read == 512 + 100 + 4096 + 207
+    assert p.conn.reply_bytes == 0 and p.conn.in_flight == 0
+
+
+async def test_a_run_stops_at_the_reply_budget_like_any_read() -> None:
+    # Runs are answered while parsing; parsing stops where the client stops
+    # reading its replies (the write buffer is over the high-water mark).
+    p = Peer(FakeExport(inline=True, runs=True))
+    p.handshake()
+    p.transport.held = True
+    p.send(b"".join(request(NbdCmd.READ, c, 0, 60000) for c in range(1, 200)))
+    assert sum(p.export.run_counts) < 199  # held: the rest stays unparsed
+    held = sum(p.export.run_counts)
+    p.transport.drain()
+    p.conn.resume_writing()
+    p.transport.held = False
+    await settle()
+    assert sum(p.export.run_counts) == 199 > held
+
+
+async def test_replay_shutdown_drops_reads_a_run_would_answer() -> None:
+    p = Peer(FakeExport(inline=True, runs=True))
+    p.handshake()
+    p.conn.shutdown(replay=True)
+    p.send(request(NbdCmd.READ, 2, 0, 512) + request(NbdCmd.READ, 3, 512, 512))
+    await settle()
+    assert p.conn.dropped == 2
+    assert replies(p, {}) == {}
+    assert p.export.run_counts == []
 
 
 async def test_write_then_flush() -> None:

@@ -6,9 +6,16 @@ from __future__ import annotations
 import asyncio
 
 from fleeced import datapath
-from fleeced.exports.base import INLINE_READ_MAX, DirtyBitmap, Disk, ExportBase, ExportStats
+from fleeced.exports.base import (
+    INLINE_READ_MAX,
+    DirtyBitmap,
+    Disk,
+    ExportBase,
+    ExportStats,
+    ReadRun,
+)
 from fleeced.ioqueue import IoQueue, ReadResult, ReplySocket
-from fleeced.nbd import ExportInfo
+from fleeced.nbd import ExportInfo, ReadRule
 
 
 class ActiveExport(ExportBase):
@@ -44,6 +51,16 @@ class ActiveExport(ExportBase):
             return None
         got = self.disk.file.read_nowait(offset, length)
         return None if got is None else ReadResult(got[0], got[1])
+
+    read_runs = True
+
+    def read_run(self, rule: ReadRule, data: bytes | bytearray, pos: int,
+                 max_count: int) -> ReadRun | None:
+        return self.disk.file.read_run(
+            data, pos, size=rule.size, allowed_flags=rule.allowed_flags,
+            max_length=min(rule.max_length, INLINE_READ_MAX), min_block=rule.min_block,
+            structured=rule.structured, max_count=max_count,
+        )
 
     def submit_read(self, offset: int, length: int, reply_to: ReplySocket | None = None,
                     header: bytes = b"") -> asyncio.Future[ReadResult]:

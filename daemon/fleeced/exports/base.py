@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 from fleeced import datapath
 from fleeced.datapath import NativeFile
 from fleeced.ioqueue import ReadResult, ReplySocket
-from fleeced.nbd import ExportInfo
+from fleeced.nbd import ExportInfo, ReadRule
 
 if TYPE_CHECKING:
     from fleeced.exports.snapshot import Session
@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 #: Largest read tried inline on the event loop from the page cache; larger
 #: ones go to the thread pool, where two cores copy in parallel.
 INLINE_READ_MAX = 128 * 1024
+
+#: What :meth:`Export.read_run` answered: request bytes consumed, READs
+#: answered, data bytes, and their replies in order.
+ReadRun = tuple[int, int, int, memoryview]
 
 #: Message sent with EPERM for snapshot reads outside the preserved set.
 OUTSIDE_SCOPE = "outside the snapshot's scope or already discarded"
@@ -61,6 +65,21 @@ class Export(Protocol):
         """Serve a read without blocking (page cache only), or return None.
 
         :raise OSError: the read's error.
+        """
+
+    #: Whether :meth:`read_run` may answer anything (else it always returns
+    #: None, and the server does not ask).
+    read_runs: bool
+
+    def read_run(self, rule: ReadRule, data: bytes | bytearray, pos: int,
+                 max_count: int) -> ReadRun | None:
+        """Answer up to MAX_COUNT consecutive READ requests of ``data[pos:]``
+        that RULE accepts, without blocking (page cache only).
+
+        :return: ``(consumed, count, data_bytes, replies)`` (see
+            :meth:`~fleeced.datapath.NativeFile.read_run`), or None when none
+            was answered: the engine's path takes the first request.
+        :raise OSError: a bad rule.
         """
 
     def submit_read(self, offset: int, length: int, reply_to: ReplySocket | None = None,
@@ -209,6 +228,11 @@ class ExportBase:
 
     _info: ExportInfo
     _stats: ExportStats
+    read_runs = False
+
+    def read_run(self, rule: ReadRule, data: bytes | bytearray, pos: int,
+                 max_count: int) -> ReadRun | None:
+        return None
 
     @property
     def info(self) -> ExportInfo:

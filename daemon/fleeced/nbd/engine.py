@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Final
 
@@ -75,7 +76,7 @@ from .wire import (
     U32,
 )
 
-__all__ = ["ServerConnection", "TlsMode"]
+__all__ = ["ReadRule", "ServerConnection", "TlsMode"]
 
 Lookup = Callable[[str], ExportInfo | None]
 ListExports = Callable[[], Sequence[ExportInfo]]
@@ -161,6 +162,20 @@ def _decode_string(raw: bytes) -> str | None:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class ReadRule:
+    """What the engine accepts in a READ, for a caller that answers runs of
+    READs itself (:meth:`ServerConnection.read_run`): the fields of
+    ``_rules[READ]`` plus the export's size and minimum block, and whether
+    replies are structured (one ``OFFSET_DATA`` chunk with ``DONE``)."""
+
+    size: int
+    allowed_flags: int
+    max_length: int
+    min_block: int
+    structured: bool
+
+
 def _build_rules(export: ExportInfo, structured: bool, has_contexts: bool) -> tuple[_Rule, ...]:
     """Precompute validation for each command (nbdkit ``validate_request``, in table form)."""
     tflags = export.transmission_flags(structured)
@@ -236,6 +251,7 @@ class ServerConnection:
         self._export: ExportInfo | None = None
         self._meta_contexts: dict[int, str] = {}
         self._rules: tuple[_Rule, ...] = ()
+        self._read_rule: ReadRule | None = None
         self._size = 0
         self._min_block = 1
         self._drain = 0  # payload bytes of a rejected WRITE still to discard
@@ -612,6 +628,9 @@ class ServerConnection:
         self._rules = _build_rules(export, self._structured, bool(self._meta_contexts))
         self._size = export.size
         self._min_block = export.min_block
+        read_flags, _error, _range_error, read_max = self._rules[_CMD_READ]
+        self._read_rule = ReadRule(export.size, int(read_flags), read_max, export.min_block,
+                                   self._structured)
         self._state = _State.TRANSMISSION
         return ExportChosen(export)
 
@@ -701,6 +720,44 @@ class ServerConnection:
             self.reply_error(cookie, error, message)
             return Rejected(cookie, cmd, error)
         return Command(cookie, _CMDS[cmd], _FLAG_VALUES[flags], offset, length, None)
+
+    def read_run(self) -> tuple[ReadRule, bytes | bytearray, int] | None:
+        """Offer the buffered requests to a caller that answers READs itself.
+
+        When the next buffered request is complete and a READ (by its type
+        alone), return ``(rule, data, pos)``: the engine's READ rule, and the
+        receive buffer with the request's offset in it.  The caller may
+        answer any prefix of consecutive requests that :class:`ReadRule`
+        accepts (checked exactly as :meth:`next_event` would), then reports
+        it with :meth:`reads_answered`; anything else it leaves to
+        :meth:`next_event`.  ``None`` whenever :meth:`next_event` must go
+        first: not in transmission, a protocol error, a WRITE payload being
+        discarded, shutting down, or the next request is not a READ.
+        Nothing is consumed here.
+        """
+        if self._state is not _State.TRANSMISSION or self._error is not None \
+                or self._drain or self._shutting_down:
+            return None
+        buf = self._buf
+        data = buf.data
+        pos = buf.pos
+        if len(data) - pos < _REQ_SIZE or data[pos + 6] or data[pos + 7] != _CMD_READ:
+            return None
+        assert self._read_rule is not None
+        return self._read_rule, data, pos
+
+    def reads_answered(self, consumed: int, replies: bytes | memoryview) -> None:
+        """Consume CONSUMED bytes of READ requests the caller answered
+        (:meth:`read_run`), and queue REPLIES, their replies in order.
+
+        :raise LocalProtocolError: not in transmission, or CONSUMED is not a
+            positive multiple of the request size within the buffer.
+        """
+        self._require_transmission()
+        if consumed <= 0 or consumed % _REQ_SIZE or consumed > len(self._buf) or self._drain:
+            raise LocalProtocolError(f"reads_answered({consumed}) does not match the buffer")
+        self._buf.pos += consumed
+        self._out.append(replies)
 
     def _continue_drain(self) -> Event | type[NEED_DATA]:
         buf = self._buf
