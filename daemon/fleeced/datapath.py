@@ -219,8 +219,7 @@ class NativeFile(_Handle):
     :class:`NativeSession` on it before touching the image.
     """
 
-    __slots__ = ("_size", "_readonly", "_sessions", "_rule_key", "_rule", "_run",
-                 "__weakref__")
+    __slots__ = ("_size", "_readonly", "_sessions", "_rules", "_run", "__weakref__")
 
     def __init__(self, handle: Any, readonly: bool) -> None:
         """Wrap an ``fl_file *``; use :meth:`open` instead."""
@@ -228,10 +227,10 @@ class NativeFile(_Handle):
         self._size: int = int(lib.fl_file_size(handle))
         self._readonly = readonly
         self._sessions: weakref.WeakSet[NativeSession] = weakref.WeakSet()
-        # read_run's last rule as C reads it, and its result struct
-        self._rule_key: tuple[int, int, int, int, bool] | None = None
-        self._rule: Any = None
-        self._run: Any = ffi.new("struct fl_read_run *")
+        # the NBD rules of read_run/write_run_check as C reads them, and
+        # their result struct
+        self._rules: dict[tuple[int, int, int, int, bool], Any] = {}
+        self._run: Any = ffi.new("struct fl_run *")
 
     @classmethod
     def open(cls, path: str, *, readonly: bool) -> NativeFile:
@@ -299,7 +298,7 @@ class NativeFile(_Handle):
         cache (``fl_file_read_run``: never blocks, safe on the event loop).
 
         The rest of the arguments are the NBD engine's READ rule
-        (:class:`fleeced.nbd.ReadRule`; a SIZE beyond this file's counts as
+        (:class:`fleeced.nbd.RunRule`; a SIZE beyond this file's counts as
         this file's) and the most requests to answer.  It stops before the first request that is
         incomplete, not an acceptable READ, or not all in the page cache.
 
@@ -314,8 +313,7 @@ class NativeFile(_Handle):
             raise TypeError(f"req must be bytes or bytearray, not {type(req).__name__}")
         if type(pos) is not int or not 0 <= pos <= len(req):
             raise _einval(f"pos={pos!r}")
-        key = (size, allowed_flags, max_length, min_block, structured)
-        rule = self._rule if key == self._rule_key else self._read_rule(key)
+        rule = self._c_rule((size, allowed_flags, max_length, min_block, structured))
         run = self._run
         view = ffi.from_buffer("uint8_t[]", req)
         src = view + pos
@@ -336,20 +334,57 @@ class NativeFile(_Handle):
             replies = memoryview(bytes(replies))
         return int(run.consumed), int(run.count), int(run.data), replies
 
-    def _read_rule(self, key: tuple[int, int, int, int, bool]) -> Any:
-        """The C copy of a READ rule (kept: it changes once per connection)."""
+    def write_run_check(self, req: bytes | bytearray, pos: int, *, size: int,
+                        allowed_flags: int, max_length: int, min_block: int,
+                        max_count: int) -> tuple[int, int, int, bytes] | None:
+        """Check consecutive NBD WRITE requests of ``REQ[POS:]`` with their
+        payload complete, under the engine's WRITE rule (as for
+        :meth:`read_run`), for :meth:`NativeQueue.submit_write_run`; no I/O.
+
+        :raise TypeError: REQ is not bytes or a bytearray.
+        :raise OSError: ``EINVAL`` for a bad POS or rule, ``EBADF`` closed.
+        :return: ``(consumed, count, data_bytes, acks)``: request bytes
+            accepted (headers and payloads), their count, payload bytes, and
+            their success replies in order; ``None`` when not even the first
+            was accepted.
+        """
+        self._handle()
+        if not isinstance(req, bytes | bytearray):
+            raise TypeError(f"req must be bytes or bytearray, not {type(req).__name__}")
+        if type(pos) is not int or not 0 <= pos <= len(req):
+            raise _einval(f"pos={pos!r}")
+        rule = self._c_rule((size, allowed_flags, max_length, min_block, False))
+        count = _uint("max_count", max_count)
+        acks = bytearray(16 * count)
+        run = self._run
+        view = ffi.from_buffer("uint8_t[]", req)
+        _check(lib.fl_write_run_check(view + pos, len(req) - pos, rule, count,
+                                      ffi.from_buffer("uint8_t[]", acks, require_writable=True),
+                                      len(acks), run))
+        if run.count == 0:
+            return None
+        return (int(run.consumed), int(run.count), int(run.data),
+                bytes(acks[:int(run.out_len)]))
+
+    def _c_rule(self, key: tuple[int, int, int, int, bool]) -> Any:
+        """The C copy of an NBD rule (kept: one or two per connection)."""
+        rule = self._rules.get(key)
+        if rule is not None:
+            return rule
         size, allowed_flags, max_length, min_block, structured = key
         for name, value in (("allowed_flags", allowed_flags), ("max_length", max_length),
                             ("min_block", min_block)):
             if _uint(name, value) > 0xFFFFFFFF:
                 raise _einval(f"{name}={value}")
-        self._rule = ffi.new("struct fl_read_rule *", {
+        rule = ffi.new("struct fl_run_rule *", {
             "size": min(_uint("size", size), self._size), "allowed_flags": allowed_flags,
-            "max_length": max_length,
-            "min_block": min_block, "structured": int(bool(structured)),
+            "max_length": max_length, "min_block": min_block,
+            "structured": int(bool(structured)),
         })
-        self._rule_key = key
-        return self._rule
+        if len(self._rules) >= 8:  # connections to exports of other shapes
+            self._rules.clear()
+        self._rules[key] = rule
+        return rule
 
     def write(self, off: int, data: Buffer, *, fua: bool = False) -> None:
         """Guest write: copy-before-write for every session, then write DATA at OFF.
@@ -1167,6 +1202,29 @@ class NativeQueue(_Handle):
             _check(lib.fl_queue_submit_send(h, op_id, lib.FL_OP_WRITE, fh, cbuf, n, o, sh,
                                             header, len(header), flags))
         self._keep[op_id] = (cbuf, view)
+
+    def submit_write_run(self, op_id: int, file: NativeFile, req: bytes, count: int) -> Any:
+        """Queue COUNT WRITE requests (headers and payloads, as
+        :meth:`NativeFile.write_run_check` accepted them): a worker writes
+        each (copy-before-write runs there), in order.
+
+        :raise OSError: ``EINVAL`` bad count, ``EROFS`` read-only file,
+            ``EBADF`` closed, ``ESHUTDOWN`` closing.
+        :return: the ``int32_t[COUNT]`` results, valid once OP_ID is reaped:
+            0 or ``-errno`` each, 1 where the operation never ran (its rc
+            says why).
+        """
+        h = self._handle()
+        fh = file._handle()
+        if not isinstance(req, bytes):
+            raise TypeError(f"req must be bytes, not {type(req).__name__}")
+        n = _uint("count", count)
+        if file.readonly:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        rcs = ffi.new("int32_t[]", [1] * n) if n else ffi.NULL
+        _check(lib.fl_queue_submit_write_run(h, op_id, fh, req, len(req), n, rcs))
+        self._keep[op_id] = (req, rcs)
+        return rcs
 
     def submit(self, op_id: int, kind: int, target: NativeFile | NativeSession, off: int = 0,
                length: int = 0, flags: int = 0) -> None:

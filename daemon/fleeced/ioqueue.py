@@ -19,7 +19,7 @@ import asyncio
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from fleeced.datapath import (
     DONE_DEFER,
@@ -194,6 +194,28 @@ class _Write(_Pending):
             self.fut.set_exception(exc)
 
 
+class _WriteRun(_Pending):
+    """A run of guest writes: the result is one rc per request (0 or
+    ``-errno``; the operation's rc where a request never ran)."""
+
+    __slots__ = ("fut", "rcs", "count")
+
+    def __init__(self, fut: asyncio.Future[list[int]], rcs: Any, count: int) -> None:
+        self.fut = fut
+        self.rcs = rcs  # ours: the queue drops its reference when reaping
+        self.count = count
+
+    def complete(self, rc: int, done: int) -> None:
+        if not self.fut.done():
+            rcs = self.rcs
+            self.fut.set_result([rc if (r := int(rcs[i])) == 1 else r
+                                 for i in range(self.count)])
+
+    def fail(self, exc: OSError) -> None:
+        if not self.fut.done():
+            self.fut.set_exception(exc)
+
+
 class IoQueue:
     """Awaitable block operations over a :class:`NativeQueue`."""
 
@@ -294,6 +316,21 @@ class IoQueue:
         self._native.submit_write(op_id, file, off, data, flags, sock, header)
         fut: asyncio.Future[int] = self._started_loop().create_future()
         self._ops[op_id] = _Write(fut, len(header) if sock is not None else 0)
+        return fut
+
+    def submit_write_run(self, file: NativeFile, req: bytes,
+                         count: int) -> asyncio.Future[list[int]]:
+        """Submit COUNT WRITE requests that :meth:`NativeFile.write_run_check`
+        accepted (REQ: their headers and payloads); a worker writes them in
+        order.  The future's result is one rc per request (0 or ``-errno``);
+        it fails only when the queue closes.
+
+        :raise OSError: when the submission is refused (read-only, closed).
+        """
+        op_id = self._new_id()
+        rcs = self._native.submit_write_run(op_id, file, req, count)
+        fut: asyncio.Future[list[int]] = self._started_loop().create_future()
+        self._ops[op_id] = _WriteRun(fut, rcs, count)
         return fut
 
     async def read(self, target: NativeFile | NativeSession, off: int,

@@ -124,10 +124,11 @@ int fl_file_cache(fl_file *f, uint64_t off, uint64_t len);
 int fl_file_extents(fl_file *f, uint64_t off, uint64_t len,
                     uint64_t *lens, uint32_t *flags, size_t max, size_t *n);
 
-/* ---- runs of NBD READs from the page cache (readrun.c) -------------- */
+/* ---- runs of NBD READs and WRITEs (runs.c) ---------------------------- */
 
-/* The NBD engine's rule for READ requests (engine.py _build_rules). */
-struct fl_read_rule {
+/* The NBD engine's rule for READ or WRITE requests (engine.py
+ * _build_rules). */
+struct fl_run_rule {
     uint64_t size;          /* export size */
     uint32_t allowed_flags; /* NBD_CMD_FLAG_* bits accepted on a READ */
     uint32_t max_length;    /* longest READ answered here */
@@ -135,9 +136,10 @@ struct fl_read_rule {
     uint32_t structured;    /* 1: one OFFSET_DATA chunk with DONE; 0: simple */
 };
 
-/* What fl_file_read_run did. */
-struct fl_read_run {
-    uint64_t consumed;      /* request bytes used (28 per READ) */
+/* What fl_file_read_run or fl_write_run_check did. */
+struct fl_run {
+    uint64_t consumed;      /* request bytes used (28 per READ, 28 + the
+                               payload per WRITE) */
     uint64_t out_len;       /* reply bytes written to OUT (or needed) */
     uint64_t data;          /* data bytes among them */
     uint32_t count;         /* READs answered */
@@ -154,8 +156,18 @@ struct fl_read_run {
  * for NULL arguments, a min_block that is not a power of two, or
  * structured > 1; otherwise 0, also when nothing was answered. */
 int fl_file_read_run(fl_file *f, const uint8_t *req, size_t len,
-                     const struct fl_read_rule *rule, uint32_t max_count,
-                     uint8_t *out, size_t cap, struct fl_read_run *run);
+                     const struct fl_run_rule *rule, uint32_t max_count,
+                     uint8_t *out, size_t cap, struct fl_run *run);
+/* Check up to MAX_COUNT consecutive NBD WRITE requests of REQ[0..LEN)
+ * whose payload is there in full, under RULE (structured is ignored), and
+ * write their success replies (16-byte simple replies) to ACKS; no I/O.
+ * Stops before the first request that is incomplete, not a WRITE RULE
+ * accepts, or whose reply does not fit in CAP.  Queue the accepted
+ * requests with fl_queue_submit_write_run.  -EINVAL for NULL arguments or
+ * a min_block that is not a power of two. */
+int fl_write_run_check(const uint8_t *req, size_t len,
+                       const struct fl_run_rule *rule, uint32_t max_count,
+                       uint8_t *acks, size_t cap, struct fl_run *run);
 
 /* Attach bitmap B to F: from then on every guest write, write-zeroes and
  * trim of F that changes data marks B before it returns (file.c has the
@@ -375,6 +387,7 @@ typedef struct fl_queue fl_queue;
 #define FL_OP_SNAP_EXTENTS 10  /* fl_session_extents (same) */
 #define FL_OP_SESSION_OPEN 11  /* fl_session_open (fl_queue_submit_open) */
 #define FL_OP_SESSION_CLOSE 12 /* fl_session_close (fl_queue_submit_close) */
+#define FL_OP_WRITE_RUN    13  /* fl_file_write per request (below) */
 
 /* Start NTHREADS (1..64) guest workers, NTHREADS - NTHREADS/4 snapshot
  * workers at a lower scheduling priority (queue.c) and a completion
@@ -399,11 +412,21 @@ int fl_queue_submit_extents(fl_queue *q, uint64_t id, int kind, void *obj,
  * *OUT is the session once it completed with rc 0. */
 int fl_queue_submit_open(fl_queue *q, uint64_t id, fl_file *f,
                          const struct fl_session_params *p, fl_session **out);
+/* Queue the COUNT WRITE requests at REQ[0..LEN) that fl_write_run_check
+ * accepted: a worker writes each with fl_file_write (FUA when the request
+ * has NBD_CMD_FLAG_FUA), in order, and stores each result in RCS[i]; a
+ * failure does not stop the rest.  The op's rc is the first failure or 0
+ * (-ESHUTDOWN and RCS untouched when F was closed before it ran).  REQ and
+ * RCS must stay valid until ID is reaped. */
+int fl_queue_submit_write_run(fl_queue *q, uint64_t id, fl_file *f,
+                              const uint8_t *req, size_t len, uint32_t count,
+                              int32_t *rcs);
 /* Queue fl_session_close(S); the caller's reference passes to the
  * operation, so the caller must not use S after this call returns 0. */
 int fl_queue_submit_close(fl_queue *q, uint64_t id, fl_session *s);
 /* Test hook: every operation of KIND first sleeps MS (0..60000) in its
- * worker, so slow disks can be imitated. */
+ * worker, so slow disks can be imitated; with FL_OP_WRITE, a write run
+ * sleeps MS per write. */
 int fl_queue_inject_delay(fl_queue *q, int kind, int ms);
 /* A connection socket that workers may write replies to (a dup of
  * FD).  Workers never wait on it: a reply that does not fit in the socket

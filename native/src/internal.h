@@ -74,6 +74,14 @@ void fl__session_unref(fl_session *s);
 int fl__file_closed(const fl_file *f);
 int fl__session_closed(const fl_session *s);
 
+/* ---- runs.c --------------------------------------------------------- */
+
+/* The worker half of a write run (fl_queue_submit_write_run): COUNT WRITE
+ * requests at REQ[0..LEN), each written with fl_file_write, its result in
+ * RCS[i].  Returns the first failure, or 0. */
+int fl__file_write_run(fl_file *f, const uint8_t *req, size_t len,
+                       uint32_t count, int32_t *rcs);
+
 /* ---- io.c ----------------------------------------------------------- */
 
 /* 0 if [off, off+len) lies within [0, size) without overflow, else -EINVAL. */

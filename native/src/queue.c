@@ -110,6 +110,7 @@ struct op {
     size_t ext_max, *ext_n;
     const struct fl_session_params *params;
     fl_session **session_out;
+    int32_t *rcs;             /* WRITE_RUN: one result per request */
     struct op *next;
 };
 
@@ -405,6 +406,10 @@ static void run_op(struct op *o, int delay_ms)
     case FL_OP_WRITE:
         o->rc = fl_file_write(o->obj, o->buf, (size_t)o->len, o->off, o->flags);
         break;
+    case FL_OP_WRITE_RUN: /* off: the request count */
+        o->rc = fl__file_write_run(o->obj, o->buf, (size_t)o->len, (uint32_t)o->off,
+                                   o->rcs);
+        break;
     case FL_OP_ZERO:
         o->rc = fl_file_zero(o->obj, o->off, o->len, o->flags);
         break;
@@ -554,6 +559,10 @@ static void *worker(void *arg)
         }
         wake = wake_locked(p);  /* more pending ops: more workers */
         delay = o->kind == q->delay_kind ? q->delay_ms : 0;
+        if (o->kind == FL_OP_WRITE_RUN && q->delay_kind == FL_OP_WRITE) {
+            uint64_t d = (uint64_t)q->delay_ms * o->off; /* each write */
+            delay = d > 3600000u ? 3600000 : (int)d;
+        }
         pthread_mutex_unlock(&q->lock);
         signal_work(p, wake);
 
@@ -709,6 +718,22 @@ int fl_queue_submit_send(fl_queue *q, uint64_t id, int kind, void *obj,
     o->sock = sock;
     o->hdr_len = hdr_len;
     memcpy(o->hdr, hdr, hdr_len);
+    return enqueue(q, o);
+}
+
+int fl_queue_submit_write_run(fl_queue *q, uint64_t id, fl_file *f,
+                              const uint8_t *req, size_t len, uint32_t count,
+                              int32_t *rcs)
+{
+    struct op *o;
+
+    if (f == NULL || req == NULL || rcs == NULL || count == 0 || len > SIZE_MAX)
+        return -EINVAL;
+    o = new_op(id, FL_OP_WRITE_RUN, f, count, len);
+    if (o == NULL)
+        return -ENOMEM;
+    o->buf = (uint8_t *)req; /* only read */
+    o->rcs = rcs;
     return enqueue(q, o);
 }
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pytest
 
 from fleeced.exports import ExportStats, ReadResult, ReplyTorn
-from fleeced.nbd import ExportInfo, NbdCmd, NbdErrno, NbdOpt, NbdRep, ReadRule
+from fleeced.nbd import ExportInfo, NbdCmd, NbdErrno, NbdOpt, NbdRep, RunRule
 from fleeced.server.connection import SEND_MIN, WORKER_ACK_MAX_IN_FLIGHT, NbdConnection
 from fleeced.server.listener import NbdServer
 from tests.helpers import Reader, client_flags, name_info_payload, option, request
@@ -38,6 +38,8 @@ class FakeExport:
         # runs: answer runs of small READs itself, as the image does in C
         self.read_runs = runs
         self.run_counts: list[int] = []
+        self.write_runs: list[tuple[bytes, int, asyncio.Future[list[int]]]] = []
+        self.write_rcs: dict[int, int] = {}  # offset -> rc of a write there
         self._stats = ExportStats()
         self.data = bytearray((bytes(range(251)) * (size // 251 + 1))[:size])
         self.inline = inline
@@ -66,7 +68,7 @@ class FakeExport:
         # like the image: only small reads are tried inline
         return self._result(offset, length) if self.inline and length < SEND_MIN else None
 
-    def read_run(self, rule: ReadRule, data: bytes | bytearray, pos: int,
+    def read_run(self, rule: RunRule, data: bytes | bytearray, pos: int,
                  max_count: int) -> tuple[int, int, int, memoryview] | None:
         """fl_file_read_run in short: simple replies, small READs only."""
         assert not rule.structured
@@ -85,6 +87,44 @@ class FakeExport:
             return None
         self.run_counts.append(count)
         return consumed, count, nbytes, memoryview(bytes(out))
+
+    def write_run(self, rule: RunRule, data: bytes | bytearray, pos: int, max_count: int
+                  ) -> tuple[int, int, int, bytes, bytes, asyncio.Future[list[int]]] | None:
+        """fl_write_run_check + one queued op in short: WRITEs whose payload
+        is here; they land (each rc from ``write_rcs``, 0 by default) when
+        the op completes (next loop turn, or ``complete_write_run``)."""
+        acks, consumed, count, nbytes = bytearray(), 0, 0, 0
+        while count < max_count and len(data) - pos - consumed >= 28:
+            _magic, flags, cmd, cookie, offset, length = struct.unpack_from(
+                ">IHHQQI", data, pos + consumed)
+            if cmd != NbdCmd.WRITE or flags & ~rule.allowed_flags or length == 0 \
+                    or offset + length > rule.size \
+                    or len(data) - pos - consumed - 28 < length:
+                break
+            acks += struct.pack(">IIQ", 0x67446698, 0, cookie)
+            consumed += 28 + length
+            count += 1
+            nbytes += length
+        if not count:
+            return None
+        req = bytes(data[pos:pos + consumed])
+        fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self.write_runs.append((req, count, fut))
+        if not self.hold:
+            self.complete_write_run(len(self.write_runs) - 1)
+        return consumed, count, nbytes, bytes(acks), req, fut
+
+    def complete_write_run(self, i: int) -> None:
+        req, count, fut = self.write_runs[i]
+        rcs, pos = [], 0
+        for _k in range(count):
+            *_, offset, length = struct.unpack_from(">IHHQQI", req, pos)
+            rc = self.write_rcs.get(offset, 0)
+            if rc == 0:
+                self.data[offset:offset + length] = req[pos + 28:pos + 28 + length]
+            rcs.append(rc)
+            pos += 28 + length
+        fut.set_result(rcs)
 
     def submit_read(self, offset: int, length: int, reply_to: object = None,
                     header: bytes = b"") -> asyncio.Future[ReadResult]:
@@ -300,6 +340,50 @@ async def test_replay_shutdown_drops_reads_a_run_would_answer() -> None:
     assert p.conn.dropped == 2
     assert replies(p, {}) == {}
     assert p.export.run_counts == []
+
+
+async def test_writes_queued_in_runs_and_acknowledged_together() -> None:
+    p = Peer(FakeExport(runs=True))
+    p.handshake()
+    p.export.hold = True
+    # Two in flight first: a shallow queue keeps the worker-acked path.
+    first = request(NbdCmd.WRITE, 1, 0, 4, data=b"aaaa") + request(NbdCmd.WRITE, 2, 8, 4,
+                                                                    data=b"bbbb")
+    p.send(first)
+    assert p.export.write_runs == [] and p.conn.in_flight == 2
+    run = b"".join(request(NbdCmd.WRITE, c, 100 * c, 3, data=bytes([c]) * 3)
+                   for c in range(3, 8))
+    p.send(run + request(NbdCmd.READ, 9, 0, 4))  # then a READ run
+    assert len(p.export.write_runs) == 1 and p.export.write_runs[0][1] == 5
+    assert p.conn.in_flight == 2 + 5
+    assert replies(p, {9: 4}) == {9: (0, bytes(p.export.data[:4]))}
+    await settle()
+    assert replies(p, {1: 0, 2: 0}) == {1: (0, b""), 2: (0, b"")}  # the task path's
+    assert p.conn.in_flight == 5  # the run's, until its operation completes
+    p.export.complete_write_run(0)
+    await settle()
+    got = replies(p, {c: 0 for c in range(3, 8)})
+    assert got == {c: (0, b"") for c in range(3, 8)}
+    assert all(p.export.data[100 * c:100 * c + 3] == bytes([c]) * 3 for c in range(3, 8))
+    assert p.export.stats.bytes_written == 8 + 15
+    assert p.conn.in_flight == 0
+
+
+async def test_a_failed_write_in_a_run_fails_alone() -> None:
+    p = Peer(FakeExport(runs=True))
+    p.handshake()
+    p.export.hold = True
+    p.export.queue_writes = True
+    p.send(request(NbdCmd.WRITE, 1, 0, 4, data=b"aaaa") * 2)  # two in flight
+    p.export.write_rcs[300] = -errno.ENOSPC
+    p.export.write_rcs[400] = -errno.EIO
+    p.send(b"".join(request(NbdCmd.WRITE, c, 100 * c, 3, data=b"xyz") for c in range(3, 6)))
+    p.export.complete_write_run(0)
+    await settle()
+    got = replies(p, {3: 0, 4: 0, 5: 0})
+    assert got == {3: (NbdErrno.ENOSPC, b""), 4: (NbdErrno.EIO, b""), 5: (0, b"")}
+    assert p.export.stats.errors == 2 and p.export.stats.bytes_written == 3
+    assert p.export.data[500:503] == b"xyz" and p.export.data[300:303] != b"xyz"
 
 
 async def test_write_then_flush() -> None:

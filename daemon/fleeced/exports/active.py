@@ -13,9 +13,10 @@ from fleeced.exports.base import (
     ExportBase,
     ExportStats,
     ReadRun,
+    WriteRun,
 )
 from fleeced.ioqueue import IoQueue, ReadResult, ReplySocket
-from fleeced.nbd import ExportInfo, ReadRule
+from fleeced.nbd import ExportInfo, RunRule
 
 
 class ActiveExport(ExportBase):
@@ -54,13 +55,27 @@ class ActiveExport(ExportBase):
 
     read_runs = True
 
-    def read_run(self, rule: ReadRule, data: bytes | bytearray, pos: int,
+    def read_run(self, rule: RunRule, data: bytes | bytearray, pos: int,
                  max_count: int) -> ReadRun | None:
         return self.disk.file.read_run(
             data, pos, size=rule.size, allowed_flags=rule.allowed_flags,
             max_length=min(rule.max_length, INLINE_READ_MAX), min_block=rule.min_block,
             structured=rule.structured, max_count=max_count,
         )
+
+    def write_run(self, rule: RunRule, data: bytes | bytearray, pos: int,
+                  max_count: int) -> WriteRun | None:
+        file = self.disk.file
+        got = file.write_run_check(data, pos, size=rule.size, allowed_flags=rule.allowed_flags,
+                                   max_length=rule.max_length, min_block=rule.min_block,
+                                   max_count=max_count)
+        if got is None:
+            return None
+        consumed, count, nbytes, acks = got
+        with memoryview(data) as view:  # a copy: the receive buffer moves on
+            req = bytes(view[pos:pos + consumed])
+        fut = self._io.submit_write_run(file, req, count)
+        return consumed, count, nbytes, acks, req, fut
 
     def submit_read(self, offset: int, length: int, reply_to: ReplySocket | None = None,
                     header: bytes = b"") -> asyncio.Future[ReadResult]:

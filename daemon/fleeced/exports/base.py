@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 from fleeced import datapath
 from fleeced.datapath import NativeFile
 from fleeced.ioqueue import ReadResult, ReplySocket
-from fleeced.nbd import ExportInfo, ReadRule
+from fleeced.nbd import ExportInfo, RunRule
 
 if TYPE_CHECKING:
     from fleeced.exports.snapshot import Session
@@ -26,6 +26,9 @@ INLINE_READ_MAX = 128 * 1024
 #: What :meth:`Export.read_run` answered: request bytes consumed, READs
 #: answered, data bytes, and their replies in order.
 ReadRun = tuple[int, int, int, memoryview]
+#: What :meth:`Export.write_run` took: request bytes, count, payload bytes,
+#: success replies, a copy of the requests, and a future of one rc each.
+WriteRun = tuple[int, int, int, bytes, bytes, "asyncio.Future[list[int]]"]
 
 #: Message sent with EPERM for snapshot reads outside the preserved set.
 OUTSIDE_SCOPE = "outside the snapshot's scope or already discarded"
@@ -67,11 +70,11 @@ class Export(Protocol):
         :raise OSError: the read's error.
         """
 
-    #: Whether :meth:`read_run` may answer anything (else it always returns
-    #: None, and the server does not ask).
+    #: Whether :meth:`read_run` and :meth:`write_run` may take anything
+    #: (else they always return None, and the server does not ask).
     read_runs: bool
 
-    def read_run(self, rule: ReadRule, data: bytes | bytearray, pos: int,
+    def read_run(self, rule: RunRule, data: bytes | bytearray, pos: int,
                  max_count: int) -> ReadRun | None:
         """Answer up to MAX_COUNT consecutive READ requests of ``data[pos:]``
         that RULE accepts, without blocking (page cache only).
@@ -80,6 +83,19 @@ class Export(Protocol):
             :meth:`~fleeced.datapath.NativeFile.read_run`), or None when none
             was answered: the engine's path takes the first request.
         :raise OSError: a bad rule.
+        """
+
+    def write_run(self, rule: RunRule, data: bytes | bytearray, pos: int,
+                  max_count: int) -> WriteRun | None:
+        """Submit up to MAX_COUNT consecutive WRITE requests of ``data[pos:]``
+        (payloads complete) that RULE accepts, as one queue operation.
+
+        :return: ``(consumed, count, data_bytes, acks, requests, future)``:
+            request bytes taken, their count, payload bytes, their success
+            replies in order, a copy of the requests, and a future of one
+            rc per request (0 or ``-errno``); None when none was taken (the
+            engine's path takes the first request).
+        :raise OSError: a bad rule, or the submission was refused.
         """
 
     def submit_read(self, offset: int, length: int, reply_to: ReplySocket | None = None,
@@ -230,8 +246,12 @@ class ExportBase:
     _stats: ExportStats
     read_runs = False
 
-    def read_run(self, rule: ReadRule, data: bytes | bytearray, pos: int,
+    def read_run(self, rule: RunRule, data: bytes | bytearray, pos: int,
                  max_count: int) -> ReadRun | None:
+        return None
+
+    def write_run(self, rule: RunRule, data: bytes | bytearray, pos: int,
+                  max_count: int) -> WriteRun | None:
         return None
 
     @property

@@ -76,7 +76,7 @@ from .wire import (
     U32,
 )
 
-__all__ = ["ReadRule", "ServerConnection", "TlsMode"]
+__all__ = ["RunRule", "ServerConnection", "TlsMode"]
 
 Lookup = Callable[[str], ExportInfo | None]
 ListExports = Callable[[], Sequence[ExportInfo]]
@@ -126,6 +126,7 @@ _MAX_ERROR_MESSAGE: Final = 4096
 # Hot-path aliases: bound methods and plain ints avoid attribute and enum lookups.
 _REQ_SIZE: Final = REQUEST.size
 _req_unpack_from = REQUEST.unpack_from
+_u32_unpack_from = struct.Struct(">I").unpack_from
 _simple_pack = SIMPLE_REPLY.pack
 _data_chunk_pack = CHUNK_OFFSET_DATA.pack
 _DONE: Final = int(NbdReplyFlag.DONE)
@@ -163,11 +164,12 @@ def _decode_string(raw: bytes) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
-class ReadRule:
-    """What the engine accepts in a READ, for a caller that answers runs of
-    READs itself (:meth:`ServerConnection.read_run`): the fields of
-    ``_rules[READ]`` plus the export's size and minimum block, and whether
-    replies are structured (one ``OFFSET_DATA`` chunk with ``DONE``)."""
+class RunRule:
+    """What the engine accepts in a READ or a WRITE, for a caller that takes
+    runs of them itself (:meth:`ServerConnection.next_run`): the fields of
+    ``_rules[cmd]`` plus the export's size and minimum block, and whether
+    replies are structured (a READ's one ``OFFSET_DATA`` chunk with
+    ``DONE``; a WRITE's success reply is a simple reply either way)."""
 
     size: int
     allowed_flags: int
@@ -251,7 +253,8 @@ class ServerConnection:
         self._export: ExportInfo | None = None
         self._meta_contexts: dict[int, str] = {}
         self._rules: tuple[_Rule, ...] = ()
-        self._read_rule: ReadRule | None = None
+        # the rules next_run() offers, by command (None: never offered)
+        self._run_rules: tuple[RunRule | None, RunRule | None] = (None, None)
         self._size = 0
         self._min_block = 1
         self._drain = 0  # payload bytes of a rejected WRITE still to discard
@@ -629,8 +632,12 @@ class ServerConnection:
         self._size = export.size
         self._min_block = export.min_block
         read_flags, _error, _range_error, read_max = self._rules[_CMD_READ]
-        self._read_rule = ReadRule(export.size, int(read_flags), read_max, export.min_block,
-                                   self._structured)
+        write_flags, write_error, _range_error, write_max = self._rules[_CMD_WRITE]
+        self._run_rules = (
+            RunRule(export.size, int(read_flags), read_max, export.min_block, self._structured),
+            None if write_error is not None else
+            RunRule(export.size, int(write_flags), write_max, export.min_block, self._structured),
+        )
         self._state = _State.TRANSMISSION
         return ExportChosen(export)
 
@@ -721,19 +728,22 @@ class ServerConnection:
             return Rejected(cookie, cmd, error)
         return Command(cookie, _CMDS[cmd], _FLAG_VALUES[flags], offset, length, None)
 
-    def read_run(self) -> tuple[ReadRule, bytes | bytearray, int] | None:
-        """Offer the buffered requests to a caller that answers READs itself.
+    def next_run(self) -> tuple[int, RunRule, bytes | bytearray, int] | None:
+        """Offer the buffered requests to a caller that takes runs of READs
+        or WRITEs itself.
 
-        When the next buffered request is complete and a READ (by its type
-        alone), return ``(rule, data, pos)``: the engine's READ rule, and the
-        receive buffer with the request's offset in it.  The caller may
-        answer any prefix of consecutive requests that :class:`ReadRule`
-        accepts (checked exactly as :meth:`next_event` would), then reports
-        it with :meth:`reads_answered`; anything else it leaves to
-        :meth:`next_event`.  ``None`` whenever :meth:`next_event` must go
-        first: not in transmission, a protocol error, a WRITE payload being
-        discarded, shutting down, or the next request is not a READ.
-        Nothing is consumed here.
+        When the next buffered request is complete (a WRITE with its
+        payload) and a READ, or a WRITE on a writable export, by its type
+        alone, return ``(cmd, rule, data, pos)``: the command (0 READ, 1
+        WRITE), the engine's rule for it, and the receive buffer with the
+        request's offset in it.  The caller may take any prefix of
+        consecutive requests of that command that :class:`RunRule` accepts
+        (checked exactly as :meth:`next_event` would) and report it with
+        :meth:`take_run`; anything else it leaves to :meth:`next_event`.
+        ``None`` whenever :meth:`next_event` must go first: not in
+        transmission, a protocol error, a WRITE payload being discarded,
+        shutting down, or the next request is another command.  Nothing is
+        consumed here.
         """
         if self._state is not _State.TRANSMISSION or self._error is not None \
                 or self._drain or self._shutting_down:
@@ -741,22 +751,39 @@ class ServerConnection:
         buf = self._buf
         data = buf.data
         pos = buf.pos
-        if len(data) - pos < _REQ_SIZE or data[pos + 6] or data[pos + 7] != _CMD_READ:
+        have = len(data) - pos
+        if have < _REQ_SIZE or data[pos + 6]:
             return None
-        assert self._read_rule is not None
-        return self._read_rule, data, pos
+        cmd = data[pos + 7]
+        if cmd > _CMD_WRITE:
+            return None
+        rule = self._run_rules[cmd]
+        if rule is None or (cmd == _CMD_WRITE
+                            and have < _REQ_SIZE + _u32_unpack_from(data, pos + 24)[0]):
+            return None
+        return cmd, rule, data, pos
 
-    def reads_answered(self, consumed: int, replies: bytes | memoryview) -> None:
-        """Consume CONSUMED bytes of READ requests the caller answered
-        (:meth:`read_run`), and queue REPLIES, their replies in order.
+    def take_run(self, consumed: int, replies: bytes | memoryview | None = None) -> None:
+        """Consume CONSUMED bytes of requests the caller took (:meth:`next_run`)
+        and queue REPLIES, their replies in order, when it has them already
+        (else :meth:`reply_run` once it does).
 
-        :raise LocalProtocolError: not in transmission, or CONSUMED is not a
-            positive multiple of the request size within the buffer.
+        :raise LocalProtocolError: not in transmission, or CONSUMED is not
+            within the buffer (at least one request header).
         """
         self._require_transmission()
-        if consumed <= 0 or consumed % _REQ_SIZE or consumed > len(self._buf) or self._drain:
-            raise LocalProtocolError(f"reads_answered({consumed}) does not match the buffer")
+        if consumed < _REQ_SIZE or consumed > len(self._buf) or self._drain:
+            raise LocalProtocolError(f"take_run({consumed}) does not match the buffer")
         self._buf.pos += consumed
+        if replies is not None:
+            self._out.append(replies)
+
+    def reply_run(self, replies: bytes | memoryview) -> None:
+        """Queue REPLIES of requests taken with :meth:`take_run`, in order.
+
+        :raise LocalProtocolError: before transmission.
+        """
+        self._require_transmission()
         self._out.append(replies)
 
     def _continue_drain(self) -> Event | type[NEED_DATA]:

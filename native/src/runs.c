@@ -1,4 +1,5 @@
-/* fleeced native data path: runs of NBD READs answered from the page cache.
+/* fleeced native data path: runs of NBD READs answered from the page cache,
+ * and runs of NBD WRITEs checked on the event loop and written by a worker.
  *
  * Design notes:
  * - Why: at queue depth 16 a 4 KiB READ answered inline on the event loop
@@ -10,7 +11,7 @@
  * - What it is not: a second NBD engine.  It only *accepts* a request that
  *   the Python engine (daemon/fleeced/nbd/engine.py, _next_request) would
  *   accept and answer with data, under the engine's own READ rule passed
- *   in struct fl_read_rule (allowed flags, size, maximum length, minimum
+ *   in struct fl_run_rule (allowed flags, size, maximum length, minimum
  *   block, structured replies).  At the first request it does not accept
  *   for any reason -- another command, a bad magic, a flag, a range, an
  *   alignment, a length, no room left in OUT, data not in the page cache,
@@ -36,10 +37,26 @@
  * - Output: the caller sizes OUT with a first call with out == NULL, which
  *   only checks the requests and sums header + data of the ones it would
  *   answer (no I/O).  The second call may stop earlier (page cache).
+ * - WRITE runs, the same idea in two halves.  fl_write_run_check runs on
+ *   the event loop (no I/O): it accepts consecutive WRITEs whose payload
+ *   is complete in the buffer, under the engine's WRITE rule (same checks
+ *   as for a READ, with NBD_CMD_WRITE; an export the engine refuses writes
+ *   on is never offered), and writes their success replies (simple
+ *   replies: proto.md lets a server answer any command but a READ with
+ *   one, and the engine's reply_ok does).  The caller copies the requests
+ *   it accepted into a buffer of its own and queues one FL_OP_WRITE_RUN
+ *   (queue.c), whose worker runs fl__file_write_run: one fl_file_write
+ *   (copy-before-write, bitmaps, FUA) per request, in order, each result
+ *   in rcs[i].  A failed write does not stop the others: every request
+ *   gets its own reply, as if each had been queued alone (NBD orders no
+ *   two requests in flight).  The caller replies with the checked acks
+ *   when all succeeded, else per request.
  * - Lifetime: a direct call on the caller's reference to F; keeps no
- *   pointer after it returns.  No globals, no locks (the fd and size are
- *   immutable; the read takes none of the file's locks, like
- *   fl_file_read_nowait).
+ *   pointer after it returns (the write run is a queue op: queue.c holds
+ *   F, the caller keeps REQ and RCS until it is reaped).  No globals, no
+ *   locks of its own (the fd and size are immutable; the read takes none
+ *   of the file's locks, like fl_file_read_nowait; fl_file_write takes
+ *   its own).
  */
 #include <errno.h>
 #include <string.h>
@@ -51,6 +68,8 @@
 #define SIMPLE_REPLY_MAGIC 0x67446698u
 #define STRUCTURED_REPLY_MAGIC 0x668e33efu
 #define CMD_READ 0u
+#define CMD_WRITE 1u
+#define CMD_FLAG_FUA 1u
 #define REPLY_FLAG_DONE 1u
 #define REPLY_TYPE_OFFSET_DATA 1u
 #define REQ_SIZE 28u
@@ -92,15 +111,15 @@ static void put_be64(uint8_t *p, uint64_t v)
     put_be32(p + 4, (uint32_t)v);
 }
 
-/* 1 if the request at REQ (REQ_SIZE bytes) is a READ the engine accepts
- * under RULE; its offset and length then in *off, *len. */
-static int acceptable(const uint8_t *req, const struct fl_read_rule *rule,
+/* 1 if the request at REQ (REQ_SIZE bytes) is of TYPE and accepted by the
+ * engine under RULE; its offset and length then in *off, *len. */
+static int acceptable(const uint8_t *req, uint16_t want, const struct fl_run_rule *rule,
                       uint64_t *off, uint32_t *len)
 {
     uint16_t flags = get_be16(req + 4);
     uint16_t type = get_be16(req + 6);
 
-    if (get_be32(req) != REQUEST_MAGIC || type != CMD_READ)
+    if (get_be32(req) != REQUEST_MAGIC || type != want)
         return 0;
     if (flags & ~rule->allowed_flags)
         return 0;
@@ -115,13 +134,18 @@ static int acceptable(const uint8_t *req, const struct fl_read_rule *rule,
     return 1;
 }
 
+static void put_simple(uint8_t *p, const uint8_t *req)
+{
+    put_be32(p, SIMPLE_REPLY_MAGIC);
+    put_be32(p + 4, 0);
+    memcpy(p + 8, req + 8, 8);
+}
+
 static void put_header(uint8_t *p, const uint8_t *req, uint64_t off,
                        uint32_t len, int structured)
 {
     if (!structured) {
-        put_be32(p, SIMPLE_REPLY_MAGIC);
-        put_be32(p + 4, 0);
-        memcpy(p + 8, req + 8, 8);
+        put_simple(p, req);
         return;
     }
     put_be32(p, STRUCTURED_REPLY_MAGIC);
@@ -133,8 +157,8 @@ static void put_header(uint8_t *p, const uint8_t *req, uint64_t off,
 }
 
 int fl_file_read_run(fl_file *f, const uint8_t *req, size_t len,
-                     const struct fl_read_rule *rule, uint32_t max_count,
-                     uint8_t *out, size_t cap, struct fl_read_run *run)
+                     const struct fl_run_rule *rule, uint32_t max_count,
+                     uint8_t *out, size_t cap, struct fl_run *run)
 {
     size_t hdr;
 
@@ -152,7 +176,7 @@ int fl_file_read_run(fl_file *f, const uint8_t *req, size_t len,
         struct iovec iov;
         ssize_t got;
 
-        if (!acceptable(r, rule, &off, &n))
+        if (!acceptable(r, CMD_READ, rule, &off, &n))
             break;
         if (out == NULL) { /* sizing pass: no I/O */
             run->out_len += hdr + n;
@@ -174,4 +198,59 @@ int fl_file_read_run(fl_file *f, const uint8_t *req, size_t len,
         run->data += n;
     }
     return 0;
+}
+
+int fl_write_run_check(const uint8_t *req, size_t len,
+                       const struct fl_run_rule *rule, uint32_t max_count,
+                       uint8_t *acks, size_t cap, struct fl_run *run)
+{
+    if (rule == NULL || run == NULL || acks == NULL || (req == NULL && len > 0))
+        return -EINVAL;
+    if (rule->min_block == 0 || (rule->min_block & (rule->min_block - 1)))
+        return -EINVAL;
+    memset(run, 0, sizeof(*run));
+    while (run->count < max_count && len - run->consumed >= REQ_SIZE) {
+        const uint8_t *r = req + run->consumed;
+        uint64_t off;
+        uint32_t n;
+
+        if (!acceptable(r, CMD_WRITE, rule, &off, &n))
+            break;
+        if (len - run->consumed - REQ_SIZE < n || cap - run->out_len < SIMPLE_HDR)
+            break; /* payload not all here yet, or no room for the ack */
+        put_simple(acks + run->out_len, r);
+        run->out_len += SIMPLE_HDR;
+        run->consumed += REQ_SIZE + n;
+        run->count++;
+        run->data += n;
+    }
+    return 0;
+}
+
+int fl__file_write_run(fl_file *f, const uint8_t *req, size_t len,
+                       uint32_t count, int32_t *rcs)
+{
+    size_t pos = 0;
+    int first = 0;
+
+    for (uint32_t i = 0; i < count; i++) {
+        const uint8_t *r = req + pos;
+        uint32_t n;
+        int rc;
+
+        if (len - pos < REQ_SIZE || len - pos - REQ_SIZE < get_be32(r + 24)) {
+            /* Not what fl_write_run_check accepted: refuse the rest. */
+            for (; i < count; i++)
+                rcs[i] = -EINVAL;
+            return -EINVAL;
+        }
+        n = get_be32(r + 24);
+        rc = fl_file_write(f, r + REQ_SIZE, n, get_be64(r + 16),
+                           (get_be16(r + 4) & CMD_FLAG_FUA) ? FL_FUA : 0);
+        rcs[i] = rc;
+        if (rc < 0 && first == 0)
+            first = rc;
+        pos += REQ_SIZE + n;
+    }
+    return first;
 }

@@ -1,6 +1,8 @@
-/* Unit tests of native/src/readrun.c: byte vectors of NBD READ requests in,
- * the exact reply bytes out (proto.md "Simple reply message", "Structured
- * reply chunk message"), and where a run stops. */
+/* Unit tests of native/src/runs.c: byte vectors of NBD READ and WRITE
+ * requests in, the exact reply bytes out (proto.md "Simple reply message",
+ * "Structured reply chunk message"), where a run stops, and write runs
+ * through the queue. */
+#include <poll.h>
 #include <sys/mman.h>
 
 #include "check.h"
@@ -57,9 +59,9 @@ static void request(uint8_t *r, uint8_t k, uint16_t flags, uint16_t type,
     put32(r + 24, len);
 }
 
-static struct fl_read_rule rule(int structured)
+static struct fl_run_rule rule(int structured)
 {
-    struct fl_read_rule r = {
+    struct fl_run_rule r = {
         .size = SZ, .allowed_flags = 0x1 | 0x4, /* FUA | DF */
         .max_length = 8192, .min_block = 1, .structured = (uint32_t)structured,
     };
@@ -71,8 +73,8 @@ static void test_reply_bytes(void)
     char path[4096];
     fl_file *f;
     uint8_t out[64];
-    struct fl_read_run run;
-    struct fl_read_rule simple = rule(0), chunked = rule(1);
+    struct fl_run run;
+    struct fl_run_rule simple = rule(0), chunked = rule(1);
 
     make_image(path, SZ, pat);
     CHECK_RC(fl_file_open(path, 1, &f), 0);
@@ -101,11 +103,11 @@ static void test_reply_bytes(void)
 }
 
 /* A run of answerable READs, then one request that must stop it. */
-static void expect_stop(fl_file *f, const struct fl_read_rule *r,
+static void expect_stop(fl_file *f, const struct fl_run_rule *r,
                         const uint8_t *bad, size_t bad_len)
 {
     uint8_t req[4 * 28], out[3 * (28 + 512)];
-    struct fl_read_run run, sized;
+    struct fl_run run, sized;
 
     request(req, 1, 0, 0, 0, 512);
     request(req + 28, 2, 0x1 | 0x4, 0, SZ - 512, 512);
@@ -127,7 +129,7 @@ static void test_stops_where_the_engine_decides(void)
     char path[4096];
     fl_file *f;
     uint8_t bad[28];
-    struct fl_read_rule r = rule(1);
+    struct fl_run_rule r = rule(1);
 
     make_image(path, SZ, pat);
     CHECK_RC(fl_file_open(path, 1, &f), 0);
@@ -164,7 +166,7 @@ static void test_stops_where_the_engine_decides(void)
     request(bad, 9, 0x4, 0, 0, 512);
     {
         uint8_t req[28 + 28], out[64];
-        struct fl_read_run run;
+        struct fl_run run;
 
         request(req, 1, 0, 0, 0, 8);
         memcpy(req + 28, bad, 28);
@@ -181,8 +183,8 @@ static void test_bounds_of_a_run(void)
     char path[4096];
     fl_file *f;
     uint8_t req[4 * 28], out[4 * (28 + 512)];
-    struct fl_read_run run;
-    struct fl_read_rule r = rule(1);
+    struct fl_run run;
+    struct fl_run_rule r = rule(1);
 
     make_image(path, SZ, pat);
     CHECK_RC(fl_file_open(path, 1, &f), 0);
@@ -221,8 +223,8 @@ static void test_uncached_data_stops_the_run(void)
     fl_file *f;
     uint8_t req[28], out[28 + 4096];
     unsigned char resident[1];
-    struct fl_read_run run;
-    struct fl_read_rule r = rule(1);
+    struct fl_run run;
+    struct fl_run_rule r = rule(1);
     void *map;
     int fd;
 
@@ -247,13 +249,135 @@ static void test_uncached_data_stops_the_run(void)
     unlink(path);
 }
 
+/* NBD_CMD_WRITE, flags FUA, cookie 01..08, offset 0x200, length 4, payload
+ * "wxyz". */
+static const uint8_t WRITE_200_4[32] = {
+    0x25, 0x60, 0x95, 0x13, 0x00, 0x01, 0x00, 0x01,
+    0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08,
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00,
+    0x00, 0x00, 0x00, 0x04, 'w', 'x', 'y', 'z',
+};
+
+static void test_write_run_check(void)
+{
+    uint8_t req[4 * 32], acks[4 * 16];
+    struct fl_run run;
+    struct fl_run_rule r = rule(0);
+
+    memcpy(req, WRITE_200_4, 32);
+    memcpy(req + 32, WRITE_200_4, 32);
+    req[32 + 15] = 9; /* second cookie */
+    memset(acks, 0xee, sizeof(acks));
+    CHECK_RC(fl_write_run_check(req, 64, &r, 16, acks, sizeof(acks), &run), 0);
+    CHECK(run.count == 2 && run.consumed == 64 && run.data == 8 && run.out_len == 32);
+    CHECK(memcmp(acks, SIMPLE_1000_10, 16) == 0); /* same cookie: same reply */
+    CHECK(memcmp(acks + 16, SIMPLE_1000_10, 15) == 0 && acks[31] == 9);
+    CHECK(acks[32] == 0xee);
+
+    /* Stops: payload incomplete, no room for the ack, max_count, a READ,
+     * a flag, past the end, unaligned (the engine's WRITE errors). */
+    CHECK_RC(fl_write_run_check(req, 63, &r, 16, acks, sizeof(acks), &run), 0);
+    CHECK(run.count == 1 && run.consumed == 32);
+    CHECK_RC(fl_write_run_check(req, 64, &r, 16, acks, 31, &run), 0);
+    CHECK(run.count == 1);
+    CHECK_RC(fl_write_run_check(req, 64, &r, 1, acks, sizeof(acks), &run), 0);
+    CHECK(run.count == 1);
+    memcpy(req + 32, READ_1000_10, 28);
+    CHECK_RC(fl_write_run_check(req, 60, &r, 16, acks, sizeof(acks), &run), 0);
+    CHECK(run.count == 1 && run.consumed == 32);
+    memcpy(req + 32, WRITE_200_4, 32);
+    req[32 + 5] = 0x2; /* NO_HOLE: not a WRITE flag */
+    CHECK_RC(fl_write_run_check(req, 64, &r, 16, acks, sizeof(acks), &run), 0);
+    CHECK(run.count == 1);
+    r.size = 0x203; /* the first ends past it */
+    CHECK_RC(fl_write_run_check(req, 64, &r, 16, acks, sizeof(acks), &run), 0);
+    CHECK(run.count == 0 && run.consumed == 0);
+    r.size = SZ;
+    r.min_block = 512; /* length 4 is not aligned */
+    CHECK_RC(fl_write_run_check(req, 64, &r, 16, acks, sizeof(acks), &run), 0);
+    CHECK(run.count == 0);
+    r.min_block = 1;
+    r.max_length = 3;
+    CHECK_RC(fl_write_run_check(req, 64, &r, 16, acks, sizeof(acks), &run), 0);
+    CHECK(run.count == 0);
+    CHECK_RC(fl_write_run_check(req, 64, &r, 16, NULL, 0, &run), -EINVAL);
+    r.min_block = 6;
+    CHECK_RC(fl_write_run_check(req, 64, &r, 16, acks, sizeof(acks), &run), -EINVAL);
+}
+
+static void reap(fl_queue *q, uint64_t want, int32_t *rc)
+{
+    uint64_t id;
+    int32_t bits;
+    size_t n = 0;
+    struct pollfd p = { .fd = fl_queue_fd(q), .events = POLLIN };
+
+    while (n == 0) {
+        CHECK(poll(&p, 1, 10000) == 1);
+        CHECK_RC(fl_queue_reap(q, &id, rc, &bits, 1, &n), 0);
+    }
+    CHECK(id == want);
+}
+
+static void test_write_run_in_a_worker(void)
+{
+    char path[4096];
+    fl_file *f;
+    fl_queue *q;
+    uint8_t req[3 * 32], back[4];
+    int32_t rcs[3] = { 99, 99, 99 }, rc;
+
+    make_image(path, SZ, pat);
+    CHECK_RC(fl_file_open(path, 0, &f), 0);
+    CHECK_RC(fl_queue_open(2, &q), 0);
+    for (int i = 0; i < 3; i++) {
+        memcpy(req + 32 * i, WRITE_200_4, 32);
+        req[32 * i + 23] = (uint8_t)(0x10 * i); /* offsets 0x200, 0x210, 0x220 */
+        req[32 * i + 28] = (uint8_t)('a' + i);
+    }
+    CHECK_RC(fl_queue_submit_write_run(q, 7, f, req, sizeof(req), 3, rcs), 0);
+    reap(q, 7, &rc);
+    CHECK(rc == 0 && rcs[0] == 0 && rcs[1] == 0 && rcs[2] == 0);
+    for (int i = 0; i < 3; i++) {
+        CHECK_RC(fl_file_read(f, back, 4, 0x200 + 0x10 * (uint64_t)i, NULL), 0);
+        CHECK(back[0] == 'a' + i && memcmp(back + 1, "xyz", 3) == 0);
+    }
+
+    /* A failing write (past the end: the check would never pass it) does
+     * not stop the others; a request cut short refuses the rest. */
+    req[32 + 16] = 0x7f;
+    req[28] = 'A';
+    req[64 + 28] = 'C';
+    CHECK_RC(fl_queue_submit_write_run(q, 8, f, req, sizeof(req), 3, rcs), 0);
+    reap(q, 8, &rc);
+    CHECK(rc == -EINVAL && rcs[0] == 0 && rcs[1] == -EINVAL && rcs[2] == 0);
+    CHECK_RC(fl_file_read(f, back, 1, 0x200, NULL), 0);
+    CHECK(back[0] == 'A');
+    CHECK_RC(fl_file_read(f, back, 1, 0x220, NULL), 0);
+    CHECK(back[0] == 'C');
+    rcs[0] = rcs[1] = rcs[2] = 99;
+    req[32 + 16] = 0;
+    CHECK_RC(fl_queue_submit_write_run(q, 9, f, req, 32 + 31, 3, rcs), 0);
+    reap(q, 9, &rc);
+    CHECK(rc == -EINVAL && rcs[0] == 0 && rcs[1] == -EINVAL && rcs[2] == -EINVAL);
+
+    CHECK_RC(fl_queue_submit_write_run(q, 10, f, req, sizeof(req), 0, rcs), -EINVAL);
+    CHECK_RC(fl_queue_submit_write_run(q, 10, f, NULL, sizeof(req), 1, rcs), -EINVAL);
+    CHECK_RC(fl_queue_submit_write_run(q, 10, f, req, sizeof(req), 1, NULL), -EINVAL);
+    fl_queue_close(q);
+    fl_file_close(f);
+    unlink(path);
+}
+
 int main(void)
 {
-    fprintf(stderr, "test_readrun\n");
+    fprintf(stderr, "test_runs\n");
     RUN(test_reply_bytes);
     RUN(test_stops_where_the_engine_decides);
     RUN(test_bounds_of_a_run);
     RUN(test_uncached_data_stops_the_run);
-    fprintf(stderr, "test_readrun: OK\n");
+    RUN(test_write_run_check);
+    RUN(test_write_run_in_a_worker);
+    fprintf(stderr, "test_runs: OK\n");
     return 0;
 }

@@ -1,12 +1,15 @@
-"""READ runs answered in C (``NativeFile.read_run``) against the sans-IO
-engine: the same request stream, cut into the same chunks, must give the
-same reply bytes whether every request goes through
-``ServerConnection.next_event`` or the runs answer what they accept first.
+"""READ and WRITE runs checked in C (``NativeFile.read_run``,
+``NativeFile.write_run_check``) against the sans-IO engine: the same request
+stream, cut into the same chunks, must give the same reply bytes whether
+every request goes through ``ServerConnection.next_event`` or the runs take
+what they accept first (a WRITE's reply is its success ack here: the write
+itself is the queue's, tested in C).
 
-The streams mix READs the engine accepts with every kind it refuses (past
-the end, zero length, unknown or non-READ flags, unaligned, over the
-maximum block) and with other commands, so a run that answers one request
-the engine would refuse, or answers it differently, shows up as a diff.
+The streams mix READs and WRITEs the engine accepts with every kind it
+refuses (past the end, zero length, unknown or foreign flags, unaligned,
+over the maximum block) and with other commands, so a run that takes one
+request the engine would refuse, or answers it differently, shows up as a
+diff.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pytest
 from tests.helpers import DISK, opened, request
 
 from fleeced.datapath import NativeFile
-from fleeced.nbd import NEED_DATA, Command, NbdCmd, ReadRule, ServerConnection
+from fleeced.nbd import NEED_DATA, Command, NbdCmd, RunRule, ServerConnection
 
 SIZE = DISK.size
 MAX_BLOCK = 64 * 1024
@@ -57,10 +60,17 @@ def stream(seed: int, min_block: int) -> bytes:
             out.append(request(NbdCmd.READ, cookie, 0, MAX_BLOCK + min_block))  # too long
         elif kind < 0.92:
             out.append(request(NbdCmd.FLUSH, cookie))
-        elif kind < 0.96:
+        elif kind < 0.86:
             out.append(request(NbdCmd.CACHE, cookie, off, 512))
-        else:
-            out.append(request(NbdCmd.WRITE, cookie, off, 512, data=rnd.randbytes(512)))
+        elif kind < 0.95:
+            flags = rnd.choice((0, 0, 1))  # FUA is a WRITE flag
+            n = min(length, SIZE - off, 8192)
+            out.append(request(NbdCmd.WRITE, cookie, off, n, flags=flags,
+                               data=rnd.randbytes(n)))
+        else:  # refused WRITEs: past the end, a READ-only flag, unaligned
+            bad = rnd.choice(((SIZE - 100, 512, 0), (off, 512, 4), (off + 1, 511, 0)))
+            out.append(request(NbdCmd.WRITE, cookie, bad[0], bad[1], flags=bad[2],
+                               data=bytes(bad[1])))
     return b"".join(out)
 
 
@@ -88,15 +98,16 @@ def answer_events(engine: ServerConnection, f: NativeFile) -> None:
 def run_then_events(engine: ServerConnection, f: NativeFile, counts: list[int]) -> None:
     """What the connection does: runs first, the engine for the rest."""
     while True:
-        offered = engine.read_run()
+        offered = engine.next_run()
         if offered is not None:
-            rule, data, pos = offered
-            got = f.read_run(data, pos, size=rule.size, allowed_flags=rule.allowed_flags,
-                             max_length=rule.max_length, min_block=rule.min_block,
-                             structured=rule.structured, max_count=5)
+            cmd, rule, data, pos = offered
+            got = (f.read_run if cmd == 0 else f.write_run_check)(  # type: ignore[operator]
+                data, pos, size=rule.size, allowed_flags=rule.allowed_flags,
+                max_length=rule.max_length, min_block=rule.min_block,
+                **({"structured": rule.structured} if cmd == 0 else {}), max_count=5)
             if got is not None:
                 consumed, count, _n, replies = got
-                engine.reads_answered(consumed, replies)
+                engine.take_run(consumed, replies)  # WRITE: acks now (not written here)
                 counts.append(count)
                 continue
         ev = engine.next_event()
@@ -131,39 +142,55 @@ def test_runs_answer_exactly_what_the_engine_would(image: Path, structured: bool
             answer_events(plain, f)
             run_then_events(fast, f, counts)
             assert wire(fast) == wire(plain)
-    # The runs did the work (not only the fallback): many READs, some in
+    # The runs did the work (not only the fallback): many requests, some in
     # runs of more than one, none over max_count.
     assert sum(counts) > 150 and max(counts) == 5
 
 
-def test_run_offered_only_for_a_complete_read() -> None:
+def test_run_offered_only_for_a_complete_read_or_write() -> None:
     engine = opened()
-    assert engine.read_run() is None  # nothing buffered
+    assert engine.next_run() is None  # nothing buffered
     read = request(NbdCmd.READ, 1, 0, 512)
     engine.receive_data(read[:27])
-    assert engine.read_run() is None  # incomplete
+    assert engine.next_run() is None  # incomplete
     engine.receive_data(read[27:])
-    offered = engine.read_run()
+    offered = engine.next_run()
     assert offered is not None
-    rule, data, pos = offered
-    assert rule == ReadRule(SIZE, 1 | 4, DISK.max_block, 1, True)  # FUA | DF
+    cmd, rule, data, pos = offered
+    assert cmd == 0 and rule == RunRule(SIZE, 1 | 4, DISK.max_block, 1, True)  # FUA | DF
     assert bytes(data[pos:pos + 28]) == read
-    engine.reads_answered(28, b"reply")
-    assert engine.read_run() is None
+    engine.take_run(28, b"reply")
+    assert engine.next_run() is None
     assert wire(engine) == b"reply"
-    engine.receive_data(request(NbdCmd.FLUSH, 2))
-    assert engine.read_run() is None  # not a READ: next_event first
+    write = request(NbdCmd.WRITE, 2, 0, 512, data=bytes(512))
+    engine.receive_data(write[:-1])
+    assert engine.next_run() is None  # payload incomplete
+    engine.receive_data(write[-1:])
+    offered = engine.next_run()
+    assert offered is not None and offered[:2] == (1, RunRule(SIZE, 1, DISK.max_block, 1, True))
+    engine.take_run(len(write))
+    engine.reply_run(b"ack")
+    assert wire(engine) == b"ack"
+    engine.receive_data(request(NbdCmd.FLUSH, 3))
+    assert engine.next_run() is None  # another command: next_event first
+    assert engine.next_event() is not NEED_DATA
     engine.shutting_down()
     engine.receive_data(read)
-    assert engine.read_run() is None
+    assert engine.next_run() is None
 
 
-def test_reads_answered_must_match_the_buffer() -> None:
+def test_no_write_runs_on_a_read_only_export() -> None:
+    engine = opened(replace(DISK, read_only=True))
+    engine.receive_data(request(NbdCmd.WRITE, 2, 0, 512, data=bytes(512)))
+    assert engine.next_run() is None  # the engine's EPERM
+
+
+def test_take_run_must_match_the_buffer() -> None:
     engine = opened()
     engine.receive_data(request(NbdCmd.READ, 1, 0, 512))
     for bad in (0, 27, 56):
         with pytest.raises(Exception, match="does not match"):
-            engine.reads_answered(bad, b"")
+            engine.take_run(bad, b"")
 
 
 def test_read_run_checks_its_arguments(image: Path) -> None:
