@@ -8,6 +8,7 @@ import asyncio
 from fleeced import datapath
 from fleeced.exports.base import (
     INLINE_READ_MAX,
+    RUN_WRITE_MAX,
     DirtyBitmap,
     Disk,
     ExportBase,
@@ -67,8 +68,8 @@ class ActiveExport(ExportBase):
                   max_count: int) -> WriteRun | None:
         file = self.disk.file
         got = file.write_run_check(data, pos, size=rule.size, allowed_flags=rule.allowed_flags,
-                                   max_length=rule.max_length, min_block=rule.min_block,
-                                   max_count=max_count)
+                                   max_length=min(rule.max_length, RUN_WRITE_MAX),
+                                   min_block=rule.min_block, max_count=max_count)
         if got is None:
             return None
         consumed, count, nbytes, acks = got

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 #: Largest read tried inline on the event loop from the page cache; larger
 #: ones go to the thread pool, where two cores copy in parallel.
 INLINE_READ_MAX = 128 * 1024
+#: Largest WRITE taken into a write run (Export.write_run copies the run's
+#: requests at once); larger ones go alone, as the engine parses them.
+RUN_WRITE_MAX = 128 * 1024
 
 #: What :meth:`Export.read_run` answered: request bytes consumed, READs
 #: answered, data bytes, and their replies in order.
