@@ -68,32 +68,35 @@ static struct fl_run_rule rule(int structured)
     return r;
 }
 
+/* READ_1000_10 under R: its reply is HDR (HLEN bytes), then the data, and
+ * nothing after it. */
+static void check_read_reply(fl_file *f, const struct fl_run_rule *r,
+                             const uint8_t *hdr, size_t hlen)
+{
+    uint8_t out[64];
+    struct fl_run run;
+
+    memset(out, 0xee, sizeof(out));
+    CHECK_RC(fl_file_read_run(f, READ_1000_10, 28, r, 16, out, sizeof(out), &run), 0);
+    CHECK(run.count == 1 && run.consumed == 28 && run.out_len == hlen + 16 && run.data == 16);
+    CHECK(memcmp(out, hdr, hlen) == 0);
+    for (size_t i = 0; i < 16; i++)
+        CHECK(out[hlen + i] == pat(0x1000 + i));
+    CHECK(out[hlen + 16] == 0xee);
+}
+
 static void test_reply_bytes(void)
 {
     char path[4096];
     fl_file *f;
-    uint8_t out[64];
     struct fl_run run;
     struct fl_run_rule simple = rule(0), chunked = rule(1);
 
     make_image(path, SZ, pat);
     CHECK_RC(fl_file_open(path, 1, &f), 0);
 
-    memset(out, 0xee, sizeof(out));
-    CHECK_RC(fl_file_read_run(f, READ_1000_10, 28, &simple, 16, out, sizeof(out), &run), 0);
-    CHECK(run.count == 1 && run.consumed == 28 && run.out_len == 16 + 16 && run.data == 16);
-    CHECK(memcmp(out, SIMPLE_1000_10, 16) == 0);
-    for (int i = 0; i < 16; i++)
-        CHECK(out[16 + i] == pat(0x1000 + (uint64_t)i));
-    CHECK(out[32] == 0xee); /* nothing past the reply */
-
-    memset(out, 0xee, sizeof(out));
-    CHECK_RC(fl_file_read_run(f, READ_1000_10, 28, &chunked, 16, out, sizeof(out), &run), 0);
-    CHECK(run.count == 1 && run.consumed == 28 && run.out_len == 28 + 16 && run.data == 16);
-    CHECK(memcmp(out, CHUNK_1000_10, 28) == 0);
-    for (int i = 0; i < 16; i++)
-        CHECK(out[28 + i] == pat(0x1000 + (uint64_t)i));
-    CHECK(out[44] == 0xee);
+    check_read_reply(f, &simple, SIMPLE_1000_10, 16);
+    check_read_reply(f, &chunked, CHUNK_1000_10, 28);
 
     /* The sizing pass: same counts, no output. */
     CHECK_RC(fl_file_read_run(f, READ_1000_10, 28, &chunked, 16, NULL, 0, &run), 0);

@@ -84,15 +84,21 @@ def chunks(data: bytes, seed: int) -> list[bytes]:
     return out
 
 
+def answer(engine: ServerConnection, f: NativeFile, ev: object) -> None:
+    """A READ answered from F, any other command OK (a Rejected one is
+    answered by the engine already)."""
+    if isinstance(ev, Command):
+        if ev.cmd == NbdCmd.READ:
+            data, _hole = f.read(ev.offset, ev.length)
+            engine.reply_read(ev.cookie, ev.offset, data)
+        else:
+            engine.reply_ok(ev.cookie)
+
+
 def answer_events(engine: ServerConnection, f: NativeFile) -> None:
-    """next_event until NEED_DATA; READs answered from F, others OK."""
+    """next_event until NEED_DATA, each answered."""
     while (ev := engine.next_event()) is not NEED_DATA:
-        if isinstance(ev, Command):
-            if ev.cmd == NbdCmd.READ:
-                data, _hole = f.read(ev.offset, ev.length)
-                engine.reply_read(ev.cookie, ev.offset, data)
-            else:
-                engine.reply_ok(ev.cookie)
+        answer(engine, f, ev)
 
 
 def run_then_events(engine: ServerConnection, f: NativeFile, counts: list[int]) -> None:
@@ -113,12 +119,7 @@ def run_then_events(engine: ServerConnection, f: NativeFile, counts: list[int]) 
         ev = engine.next_event()
         if ev is NEED_DATA:
             return
-        if isinstance(ev, Command):
-            if ev.cmd == NbdCmd.READ:
-                data, _hole = f.read(ev.offset, ev.length)
-                engine.reply_read(ev.cookie, ev.offset, data)
-            else:
-                engine.reply_ok(ev.cookie)
+        answer(engine, f, ev)
 
 
 def wire(engine: ServerConnection) -> bytes:
