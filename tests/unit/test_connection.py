@@ -18,7 +18,12 @@ import pytest
 
 from fleeced.exports import ExportStats, ReadResult, ReplyTorn
 from fleeced.nbd import ExportInfo, NbdCmd, NbdErrno, NbdOpt, NbdRep, RunRule
-from fleeced.server.connection import SEND_MIN, WORKER_ACK_MAX_IN_FLIGHT, NbdConnection
+from fleeced.server.connection import (
+    SEND_MIN,
+    WORKER_ACK_MAX_IN_FLIGHT,
+    WRITE_RUN_MAX,
+    NbdConnection,
+)
 from fleeced.server.listener import NbdServer
 from tests.helpers import Reader, client_flags, name_info_payload, option, request
 from tests.unit.test_replies import FakeReplySocket, FakeTransport, Wire
@@ -354,13 +359,14 @@ async def test_writes_queued_in_runs_and_acknowledged_together() -> None:
     run = b"".join(request(NbdCmd.WRITE, c, 100 * c, 3, data=bytes([c]) * 3)
                    for c in range(3, 8))
     p.send(run + request(NbdCmd.READ, 9, 0, 4))  # then a READ run
-    assert len(p.export.write_runs) == 1 and p.export.write_runs[0][1] == 5
+    assert [count for _req, count, _fut in p.export.write_runs] == [WRITE_RUN_MAX, 1]
     assert p.conn.in_flight == 2 + 5
     assert replies(p, {9: 4}) == {9: (0, bytes(p.export.data[:4]))}
     await settle()
     assert replies(p, {1: 0, 2: 0}) == {1: (0, b""), 2: (0, b"")}  # the task path's
-    assert p.conn.in_flight == 5  # the run's, until its operation completes
+    assert p.conn.in_flight == 5  # the runs', until their operations complete
     p.export.complete_write_run(0)
+    p.export.complete_write_run(1)
     await settle()
     got = replies(p, {c: 0 for c in range(3, 8)})
     assert got == {c: (0, b"") for c in range(3, 8)}
