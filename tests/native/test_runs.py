@@ -24,7 +24,7 @@ import pytest
 from tests.helpers import DISK, opened, request
 
 from fleeced.datapath import NativeFile
-from fleeced.nbd import NEED_DATA, Command, NbdCmd, RunRule, ServerConnection
+from fleeced.nbd import NEED_DATA, Command, NbdCmd, NbdProtocolError, RunRule, ServerConnection
 
 SIZE = DISK.size
 MAX_BLOCK = 64 * 1024
@@ -146,6 +146,37 @@ def test_runs_answer_exactly_what_the_engine_would(image: Path, structured: bool
     # The runs did the work (not only the fallback): many requests, some in
     # runs of more than one, none over max_count.
     assert sum(counts) > 150 and max(counts) == 5
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_garbage_after_good_requests_ends_the_same_way(image: Path, seed: int) -> None:
+    """Bad input: random bytes after a run of good READs and WRITEs.  Both
+    paths answer the good requests alike and then raise the engine's
+    protocol error (or, when the garbage happens to parse, agree on it)."""
+    rnd = random.Random(seed)
+    good = b"".join(request(NbdCmd.READ, c, 4096 * c, 4096) for c in range(1, 6))
+    good += b"".join(request(NbdCmd.WRITE, c, 4096 * c, 512, data=bytes(512))
+                     for c in range(6, 9))
+    garbage = rnd.randbytes(rnd.randrange(1, 200))
+    if rnd.random() < 0.5:  # a READ header with a wrong magic
+        garbage = b"\x26" + request(NbdCmd.READ, 99, 0, 512)[1:] + garbage
+    outcome = []
+    with open(image, "rb") as fh:
+        fh.read()
+    with NativeFile.open(str(image), readonly=True) as f:
+        for serve in (answer_events, lambda e, f: run_then_events(e, f, [])):
+            engine = opened()
+            error = None
+            for piece in chunks(good + garbage, seed):
+                engine.receive_data(piece)
+                try:
+                    serve(engine, f)
+                except NbdProtocolError as exc:
+                    error = str(exc)
+                    break
+            outcome.append((wire(engine), error))
+    assert outcome[0] == outcome[1]
+    assert outcome[0][0].count(struct.pack(">I", 0x668E33EF)) >= 5  # the READs answered
 
 
 def test_run_offered_only_for_a_complete_read_or_write() -> None:
