@@ -40,8 +40,8 @@ class FakeExport:
 
     def __init__(self, size: int = SIZE, inline: bool = False, runs: bool = False) -> None:
         self._info = ExportInfo(name="disk", size=size)
-        # runs: answer runs of small READs itself, as the image does in C
-        self.read_runs = runs
+        # runs: take runs of small READs and WRITEs itself, as the image does in C
+        self.takes_runs = runs
         self.run_counts: list[int] = []
         self.write_runs: list[tuple[bytes, int, asyncio.Future[list[int]]]] = []
         self.write_rcs: dict[int, int] = {}  # offset -> rc of a write there

@@ -54,7 +54,7 @@ class ActiveExport(ExportBase):
         got = self.disk.file.read_nowait(offset, length)
         return None if got is None else ReadResult(got[0], got[1])
 
-    read_runs = True
+    takes_runs = True
 
     def read_run(self, rule: RunRule, data: bytes | bytearray, pos: int,
                  max_count: int) -> ReadRun | None:

@@ -75,7 +75,7 @@ class Export(Protocol):
 
     #: Whether :meth:`read_run` and :meth:`write_run` may take anything
     #: (else they always return None, and the server does not ask).
-    read_runs: bool
+    takes_runs: bool
 
     def read_run(self, rule: RunRule, data: bytes | bytearray, pos: int,
                  max_count: int) -> ReadRun | None:
@@ -247,7 +247,7 @@ class ExportBase:
 
     _info: ExportInfo
     _stats: ExportStats
-    read_runs = False
+    takes_runs = False
 
     def read_run(self, rule: RunRule, data: bytes | bytearray, pos: int,
                  max_count: int) -> ReadRun | None:

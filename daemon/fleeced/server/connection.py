@@ -73,6 +73,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_CMD_READ: Final = int(NbdCmd.READ)
+
 #: Requests in flight per connection before reading pauses.
 MAX_IN_FLIGHT: Final = 64
 
@@ -89,7 +91,6 @@ RUN_MAX: Final = 16
 #: 14.7-15.8k IOPS, p99 7.2-7.3 ms; with 4, 17.3-19.7k at 6.3-6.7 ms (the
 #: same 4k QD16 IOPS when serving, 2 pairs each; 2 per run lost 20 %).
 WRITE_RUN_MAX: Final = 4
-_CMD_READ: Final = int(NbdCmd.READ)
 #: A WRITE is acknowledged by the worker that wrote it only while fewer
 #: requests than this are in flight on the connection: at queue depth 1 that
 #: saves the trip back through the loop (+35 % 4k IOPS at QD1, issue 9);
@@ -141,8 +142,9 @@ class NbdConnection(asyncio.Protocol):
         self._eof = False  # the client half-closed (or closed) its side
         self._held = False  # parsing stopped at _hold(); an op completion retries
         self.negotiated = False
-        # The export answers runs of READs itself (Export.read_run); off
-        # once shut down: a replay drops requests instead of answering them.
+        # The export takes runs of READs and WRITEs itself (Export.read_run,
+        # write_run); off once shut down: a replay drops requests instead of
+        # answering them.
         self._runs = False
         self.reply_bytes = 0  # READ bytes admitted, reply not yet handed over
         self.paused_bytes = 0  # write buffer held while writing is paused
@@ -342,7 +344,7 @@ class NbdConnection(asyncio.Protocol):
                     self._handshake_timer.cancel()
                     self._handshake_timer = None
                 self.export = export
-                self._runs = export.read_runs and not self._replay
+                self._runs = export.takes_runs and not self._replay
                 export.stats.connections += 1
                 export.stats.connections_total += 1
                 log.info("client %s: export %r", self.peer, event.export.name)
