@@ -20,6 +20,10 @@ from fleeced.tls import TlsConfig
 #: (tests/native checks), kept here so configuration needs no data path.
 CLUSTER_MIN: Final = 4096
 CLUSTER_MAX: Final = 16 << 20
+#: Longest cbw-timeout, seconds (0: no limit).  A guest write that waits
+#: longer than an hour for its copy is a hung temp store, not a slow one,
+#: and the C side takes the value in milliseconds.
+CBW_TIMEOUT_MAX: Final = 3600.0
 
 __all__ = ["DaemonConfig", "DiskSpec", "Listener", "SessionOptions", "session_option_args",
            "session_options_from_args", "image_export_name"]
@@ -127,8 +131,9 @@ def session_options_from_args(args: dict[str, Any]) -> SessionOptions:
             f"on-cbw-error must be 'break-snapshot' or 'break-guest-write', not '{policy}'"
         )
     timeout = get(args, "cbw-timeout", float, 45.0)
-    if timeout < 0:
-        raise CommandError("cbw-timeout must not be negative")
+    if not 0 <= timeout <= CBW_TIMEOUT_MAX:
+        raise CommandError(f"cbw-timeout {timeout:g} must be between 0 (no limit) and "
+                           f"{CBW_TIMEOUT_MAX:g} seconds")
     temp_dir = get(args, "temp-dir", str, None) if "temp-dir" in args else None
     if temp_dir is not None and not os.path.isdir(temp_dir):
         raise CommandError(f"temp-dir '{temp_dir}' is not a directory")

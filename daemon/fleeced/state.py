@@ -38,11 +38,24 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from fleeced import strictjson
+
 log = logging.getLogger(__name__)
 
 STATE_FILE: Final = "state.json"
 LOCK_FILE: Final = "lock"
 VERSION: Final = 1
+
+#: Fields each kind of record must have, with their JSON types (records
+#: may carry more; their readers check those).  A document that breaks
+#: this was not written by a daemon of this version: it is corrupt.
+_REQUIRED: Final[dict[str, dict[str, type]]] = {
+    "disks": {"name": str, "path": str},
+    "attachments": {"disk": str, "qmp": str, "device": str},
+    "sessions": {"disk": str, "name": str},
+    "bitmaps": {"disk": str, "name": str, "granularity": int},
+    "handoffs": {"disk": str},
+}
 
 
 class StateError(Exception):
@@ -72,10 +85,16 @@ class State:
         if not isinstance(doc, dict) or doc.get("version") != VERSION:
             raise StateError(f"not a version {VERSION} state document")
         out = cls()
-        for key in ("disks", "attachments", "sessions", "bitmaps", "handoffs"):
+        for key, fields in _REQUIRED.items():
             items = doc.get(key, [])
             if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
                 raise StateError(f"{key!r} must be a list of objects")
+            for n, item in enumerate(items, 1):
+                for name, kind in fields.items():
+                    value = item.get(name)
+                    if not isinstance(value, kind) or isinstance(value, bool):
+                        raise StateError(f"{key}[{n}].{name} must be "
+                                         f"{'a string' if kind is str else 'an integer'}")
             setattr(out, key, items)
         return out
 
@@ -145,10 +164,11 @@ def _load(path: str) -> State:
     except OSError as exc:
         raise StateError(f"{path}: {exc.strerror}") from None
     try:
-        return State.from_json(json.loads(raw))
+        return State.from_json(strictjson.loads(raw))
     except (ValueError, StateError) as exc:
         raise StateError(f"{path}: corrupt state ({exc}); move it away to start "
                          "without it") from None
+
 
 
 def _write_atomically(directory: str, data: bytes) -> None:

@@ -262,7 +262,10 @@ def test_not_utf8(tmp_path: Path) -> None:
     ("[session]\nmax-temp = 1.5\n", r"session\.max-temp: must be a size .*not a float"),
     ("[session]\ncluster-size = '3K'\n", r"session: cluster-size 3072 must be a power of two"),
     ("[session]\non-cbw-error = 'panic'\n", r"session: on-cbw-error must be"),
-    ("[session]\ncbw-timeout = -1\n", r"session: cbw-timeout must not be negative"),
+    ("[session]\ncbw-timeout = -1\n", r"session: cbw-timeout -1 must be between 0 \(no limit\)"),
+    # accepted once, and then every fleece-start failed "Invalid argument"
+    ("[session]\ncbw-timeout = 1e300\n", r"session: cbw-timeout 1e\+300 must be between 0"),
+    ("[session]\ncbw-timeout = 3601\n", r"session: cbw-timeout 3601 must be between 0"),
     ("[session]\ncbw-timeout = '45'\n", r"session\.cbw-timeout: must be a number"),
     ("[session]\ntemp-dir = 'no-such-dir'\n", r"session: temp-dir '.*/no-such-dir' is not a dir"),
     # disks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,24 @@ def test_state_document_is_checked() -> None:
     for bad in ([], {"version": 2}, {"version": 1, "disks": {}}, {"version": 1, "sessions": [1]}):
         with pytest.raises(StateError):
             State.from_json(bad)
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ('{"version": 1, "disks": [', "Expecting value"),  # truncated
+    ('{"version": 1, "bitmaps": [{"disk": "a", "name": "b", "granularity": 1e400}]}',
+     "number 1e400 is out of range"),
+    ('{"version": 1, "sessions": [{"disk": "a", "name": "b", "x": NaN}]}', "NaN"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),  # a RecursionError before
+    ('{"version": 1, "disks": [{"name": "x", "path": 5}]}', r"disks\[1\]\.path must be a string"),
+    ('{"version": 1, "bitmaps": [{"disk": "a", "name": "b", "granularity": true}]}',
+     r"bitmaps\[1\]\.granularity must be an integer"),
+])
+def test_a_corrupt_state_file_is_named(tmp_path: Path, text: str, why: str) -> None:
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "state.json").write_text(text)
+    with pytest.raises(StateError) as info:
+        StateDir.open(str(tmp_path / "s"))
+    assert re.search(rf"^{tmp_path}/s/state\.json: corrupt state \(.*{why}", str(info.value))
 
 
 def test_state_dir_saves_atomically_and_locks(tmp_path: Path) -> None:

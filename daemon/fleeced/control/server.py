@@ -22,14 +22,13 @@ import asyncio
 import errno
 import json
 import logging
-import math
 import os
 import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
-from fleeced import __version__
+from fleeced import __version__, strictjson
 from fleeced.control.framing import MAX_DEPTH, JsonSplitter, MessageTooLong, nesting_depth
 from fleeced.errors import CommandError
 from fleeced.paths import unix_socket_in_use
@@ -161,8 +160,8 @@ class ControlServer:
             return _error("GenericError",
                           f"JSON parse error: nesting deeper than {MAX_DEPTH} levels")
         try:
-            msg = json.loads(line, parse_float=_finite_float, parse_constant=_no_constant)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            msg = strictjson.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
             return _error("GenericError", f"JSON parse error: {exc}")
         if not isinstance(msg, dict):
             return _error("GenericError", "QMP input must be a JSON object")
@@ -229,25 +228,6 @@ class _Client:
 
 def _error(cls: str, desc: str) -> dict[str, Any]:
     return {"error": {"class": cls, "desc": desc}}
-
-
-def _finite_float(text: str) -> float:
-    """``json.loads`` hook: ``1e400`` would silently become ``inf``.
-
-    :raise ValueError: when TEXT overflows a float.
-    """
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text} is out of range")
-    return value
-
-
-def _no_constant(name: str) -> Any:
-    """``json.loads`` hook: Python accepts ``NaN``/``Infinity``, JSON (and QEMU) do not.
-
-    :raise ValueError: always.
-    """
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def _reason(exc: OSError, path: str) -> str:
