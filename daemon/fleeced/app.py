@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 from dataclasses import asdict
 from typing import Any
 
@@ -84,6 +85,8 @@ class Daemon:
         self._runtime_disks: set[str] = set()
         #: Unix sockets of inherited (socket-activated) listeners.
         self._inherited_unix: list[str] = []
+        #: What our pid file is (no disk may be it), once written.
+        self._pid_identity: tuple[str, int, int] | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -117,7 +120,7 @@ class Daemon:
                 await self._start_session(self.disks[disk_name], options)
             await self._listen(inherited or [])
             if self.config.pid_file:
-                _write_pid_file(self.config.pid_file)
+                self._write_pid_file(self.config.pid_file)
         except BaseException:
             await self._close_everything()
             raise
@@ -211,11 +214,8 @@ class Daemon:
                 log.error("cannot save state in %s: %s", self.state.path, exc)
             self.state.close()
             self.state = None
-        if self.config.pid_file:
-            try:
-                os.unlink(self.config.pid_file)
-            except OSError:
-                pass
+        if self.config.pid_file and self._pid_identity is not None:
+            _remove_pid_file(self.config.pid_file, self._pid_identity)
 
     def _status(self, count: int) -> None:
         systemd.notify(f"STATUS=serving, {count} connection{'s' if count != 1 else ''}")
@@ -223,12 +223,23 @@ class Daemon:
     # -- disks and sessions --------------------------------------------------
 
     def _open_disk(self, spec: DiskSpec) -> Disk:
+        """Open and serve the disk SPEC describes (at start-up).
+
+        :raise ValueError: when its name is taken or its source already
+            served (:meth:`_check_source`).
+        :raise OSError: when the image cannot be opened.
+        """
         if spec.name in self.disks or self.server.get_export(spec.name) is not None:
             raise ValueError(f"export name {spec.name!r} is used twice")
         disk = Disk.open(
             spec.name, spec.path, read_only=spec.read_only, discard=spec.discard,
             description=spec.description,
         )
+        try:
+            self._check_source(disk)
+        except CommandError as exc:
+            disk.close()
+            raise ValueError(exc.desc) from None
         self._add_disk(disk)
         log.info("disk %s: %s (%d bytes)%s", spec.name, spec.path, disk.size,
                  " read-only" if spec.read_only else "")
@@ -321,6 +332,45 @@ class Daemon:
             await self._save_state()
         except CommandError as exc:
             log.error("%s", exc.desc)
+
+    def _check_source(self, disk: Disk) -> None:
+        """One source is one disk: a second disk on an image already served
+        (by any path: a symlink, a hard link, another device node) would
+        write it without the first disk's copy-before-write, and the first
+        disk's snapshots would silently take in those writes.
+
+        :raise CommandError: naming the disk that serves it already, or the
+            daemon's own file it is.
+        """
+        identity = disk.file.identity
+        for other in self.disks.values():
+            if other.file.identity == identity:
+                raise CommandError(f"{disk.path} is already served as disk '{other.name}' "
+                                   f"({other.path}); one source can only be one disk")
+        if identity == self._pid_identity:
+            raise CommandError(f"{disk.path} is the daemon's pid file")
+        if self.state is not None and _inside(disk.path, self.state.path):
+            raise CommandError(f"{disk.path} lies in the state directory {self.state.path}")
+
+    def _write_pid_file(self, path: str) -> None:
+        """Write our pid to PATH, which ``serve`` checked holds a pid or
+        nothing, unless it is a disk's image (a disk restored from the state
+        dir is only known now).
+
+        :raise ValueError: when PATH is a served disk's image.
+        """
+        try:
+            existing = _identity(os.stat(path))
+        except FileNotFoundError:
+            existing = None
+        for disk in self.disks.values():
+            if disk.file.identity == existing:
+                raise ValueError(f"--pid-file {path}: is the image of disk '{disk.name}' "
+                                 f"({disk.path}); refusing to replace it")
+        # A few bytes to a local file at start-up, before any client is served.
+        with open(path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+            self._pid_identity = _identity(os.fstat(f.fileno()))
 
     def _add_disk(self, disk: Disk) -> None:
         self.disks[disk.name] = disk
@@ -847,6 +897,11 @@ class Daemon:
         if name in self.disks or self.server.get_export(name) is not None:
             disk.close()
             raise CommandError(f"export name '{name}' is already used")
+        try:
+            self._check_source(disk)
+        except CommandError:
+            disk.close()
+            raise
         self._add_disk(disk)
         self._runtime_disks.add(name)
         if self.state is not None:
@@ -1203,7 +1258,24 @@ class Daemon:
         return {}
 
 
-def _write_pid_file(path: str) -> None:
-    # A few bytes to a local file at start-up, before any client is served.
-    with open(path, "w") as f:
-        f.write(f"{os.getpid()}\n")
+def _identity(st: os.stat_result) -> tuple[str, int, int]:
+    """What :attr:`~fleeced.datapath.NativeFile.identity` says of the file
+    STAT describes."""
+    if stat.S_ISBLK(st.st_mode):
+        return ("blk", st.st_rdev, 0)
+    return ("file", st.st_dev, st.st_ino)
+
+
+def _remove_pid_file(path: str, identity: tuple[str, int, int]) -> None:
+    """Remove our pid file, but not whatever may have replaced it."""
+    try:
+        if _identity(os.stat(path)) == identity:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _inside(path: str, directory: str) -> bool:
+    """Whether PATH (symlinks resolved) lies under DIRECTORY."""
+    real, top = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([real, top]) == top

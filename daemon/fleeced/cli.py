@@ -24,6 +24,8 @@ from fleeced.paths import (
     default_control,
     default_control_path,
     ensure_private_dir,
+    group_id,
+    parse_mode,
 )
 from fleeced.settings import session_option_args as _session_option_args
 
@@ -54,6 +56,13 @@ def _seconds(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
+
+
+def _mode(text: str) -> int:
+    try:
+        return parse_mode(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _session_options(p: argparse.ArgumentParser) -> None:
@@ -87,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep runtime state here (disks added at run time, VM "
                         "attachments, sessions) so a restart comes back serving them")
     s.add_argument("-k", "--socket", metavar="PATH", help="listen on a Unix socket")
+    s.add_argument("--socket-mode", type=_mode, metavar="MODE",
+                   help="permission bits of the --socket file, octal (default 0660, "
+                        "whatever the umask)")
+    s.add_argument("--socket-group", metavar="GROUP",
+                   help="group of the --socket file (a name or gid), e.g. the group "
+                        "QEMU runs in")
     s.add_argument("-p", "--port", type=int, metavar="N", help="TCP port (default 10809)")
     s.add_argument("-b", "--bind", metavar="ADDR", help="TCP address (default 0.0.0.0)")
     s.add_argument("-x", "--export-name", metavar="NAME", help="export name (one image)")
@@ -271,6 +286,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if args.config is not None:
             given = [flag for flag, value in (
                 ("IMAGE", args.images), ("--socket", args.socket), ("--port", args.port),
+                ("--socket-mode", args.socket_mode is not None),
+                ("--socket-group", args.socket_group),
                 ("--bind", args.bind), ("--export-name", args.export_name),
                 ("--read-only", args.read_only), ("--shared", args.shared),
                 ("--persistent", args.persistent), ("--description", args.description),
@@ -303,6 +320,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error("TLS is for TCP listeners; --socket is a Unix socket")
         if args.socket and (args.port is not None or args.bind):
             parser.error("--socket cannot be combined with --port/--bind")
+        if (args.socket_mode is not None or args.socket_group) and not args.socket \
+                and args.config is None:
+            parser.error("--socket-mode and --socket-group need --socket PATH")
+        if args.socket_group:
+            try:
+                group_id(args.socket_group)
+            except KeyError:
+                parser.error(f"--socket-group: no group named {args.socket_group!r}")
         if args.export_name is not None and len(args.images) > 1:
             parser.error("--export-name needs exactly one IMAGE")
         if args.port is not None and not 0 <= args.port <= 65535:

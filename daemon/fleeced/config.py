@@ -20,12 +20,20 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import tomllib
 from typing import Any, Final
 
 from fleeced.control.args import parse_size
 from fleeced.errors import CliError, CommandError
-from fleeced.paths import default_control, default_state_dir, ensure_private_dir, group_id
+from fleeced.paths import (
+    DEFAULT_SOCKET_MODE,
+    default_control,
+    default_state_dir,
+    ensure_private_dir,
+    group_id,
+    parse_mode,
+)
 from fleeced.settings import (
     DaemonConfig,
     DiskSpec,
@@ -118,11 +126,19 @@ def _build(doc: dict[str, Any], base: str) -> DaemonConfig:
     session = _session(_table(doc, "session"), base)
     disks = [_disk(t, base, f"disk[{i}]") for i, t in enumerate(_tables(doc, "disk"), 1)]
     seen: dict[str, int] = {}
+    sources: list[os.stat_result] = []
     for i, d in enumerate(disks, 1):
         if d.name in seen:
             raise _Bad(f"disk[{i}].name",
                        f"{d.name!r} is already the name of disk[{seen[d.name]}]")
         seen[d.name] = i
+        # The daemon refuses it too, once open; here the keys can be named.
+        st = os.stat(d.path)
+        for j, earlier in enumerate(sources, 1):
+            if _same_source(st, earlier):
+                raise _Bad(f"disk[{i}].path", f"{d.path} is the image of disk[{j}] "
+                           f"({disks[j - 1].path}); one source can only be one disk")
+        sources.append(st)
     if not listeners and "LISTEN_FDS" not in os.environ:
         log.warning("no [[listen]] in the configuration and no socket activation: "
                     "only the control socket is served")
@@ -157,7 +173,7 @@ def _listener(t: dict[str, Any], base: str, where: str) -> Listener:
     if (unix is None) == (tcp is None):
         raise _Bad(where, "give exactly one of unix = PATH or tcp = \"HOST:PORT\"")
     if unix is not None:
-        mode = _mode(t["mode"], f"{where}.mode") if "mode" in t else None
+        mode = _mode(t["mode"], f"{where}.mode") if "mode" in t else DEFAULT_SOCKET_MODE
         group = _group(t["group"], f"{where}.group") if "group" in t else None
         return Listener(unix=_path(unix, base, f"{where}.unix"), mode=mode, group=group)
     for key in ("mode", "group"):
@@ -243,6 +259,13 @@ def _disk(t: dict[str, Any], base: str, where: str) -> DiskSpec:
                     description=description)
 
 
+def _same_source(a: os.stat_result, b: os.stat_result) -> bool:
+    """Whether A and B are one image: one file, or one block device."""
+    if stat.S_ISBLK(a.st_mode) and stat.S_ISBLK(b.st_mode):
+        return a.st_rdev == b.st_rdev
+    return os.path.samestat(a, b)
+
+
 # -- values ------------------------------------------------------------------------
 
 _TYPE_NAMES: Final = {str: "a string", int: "an integer", bool: "a boolean (true/false)",
@@ -326,15 +349,13 @@ def _size(value: object, where: str) -> int:
     raise _Bad(where, f"must be a size (\"64K\" or a byte count), not {_type_name(value)}")
 
 
-_OCTAL: Final = re.compile(r"0?[0-7]{3}\Z")
-
-
 def _mode(value: object, where: str) -> int:
     """Permission bits: an octal string (``"0660"``) or a TOML integer (``0o660``)."""
     if isinstance(value, str):
-        if not _OCTAL.match(value):
-            raise _Bad(where, f"{value!r} is not an octal mode like \"0660\"")
-        return int(value, 8)
+        try:
+            return parse_mode(value)
+        except ValueError as exc:
+            raise _Bad(where, str(exc)) from None
     if isinstance(value, int) and not isinstance(value, bool):
         if not 0 <= value <= 0o777:
             raise _Bad(where, f"{value} is out of range (write \"0660\" or 0o660, "

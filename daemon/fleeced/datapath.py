@@ -259,6 +259,18 @@ class NativeFile(_Handle):
         """Whether the file was opened read-only."""
         return self._readonly
 
+    @property
+    def identity(self) -> tuple[str, int, int]:
+        """What was opened, as fstat saw it at open: ``("blk", st_rdev, 0)``
+        for a block device, ``("file", st_dev, st_ino)`` for a file.  Every
+        path to one source (symlinks, hard links, device nodes) gives the
+        same value."""
+        blk = ffi.new("int *")
+        dev = ffi.new("uint64_t *")
+        ino = ffi.new("uint64_t *")
+        lib.fl_file_identity(self._handle(), blk, dev, ino)
+        return ("blk" if blk[0] else "file", int(dev[0]), int(ino[0]))
+
 
     def read(self, off: int, length: int) -> tuple[bytearray, bool]:
         """Read LENGTH bytes at OFF.

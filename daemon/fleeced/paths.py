@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import grp
 import os
+import re
 import socket
 import stat
+from typing import Final
 
 from fleeced.errors import CliError
 
@@ -104,6 +106,24 @@ def unix_socket_in_use(path: str) -> bool:
         except OSError:
             return False
     return True
+
+
+#: Mode of an NBD Unix socket unless told otherwise: the owner and its
+#: group (QEMU running as another user, libvirt's ``libvirt-qemu``, is given
+#: access through the group), never others, whatever the umask.
+DEFAULT_SOCKET_MODE: Final = 0o660
+
+_OCTAL: Final = re.compile(r"0?[0-7]{3}\Z")
+
+
+def parse_mode(text: str) -> int:
+    """Permission bits written in octal, ``"0660"`` or ``"660"``.
+
+    :raise ValueError: for anything else (a decimal number, setuid bits, ...).
+    """
+    if not _OCTAL.match(text):
+        raise ValueError(f"{text!r} is not an octal mode like \"0660\"")
+    return int(text, 8)
 
 
 def group_id(group: str) -> int:

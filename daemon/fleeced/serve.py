@@ -18,7 +18,12 @@ from typing import Any
 from fleeced import systemd
 from fleeced.app import Daemon
 from fleeced.errors import CliError, CommandError
-from fleeced.paths import default_control, default_state_dir, ensure_private_dir
+from fleeced.paths import (
+    DEFAULT_SOCKET_MODE,
+    default_control,
+    default_state_dir,
+    ensure_private_dir,
+)
 from fleeced.settings import (
     DaemonConfig,
     DiskSpec,
@@ -33,6 +38,8 @@ from fleeced.tls import TlsConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 10809
+#: Largest file ``--pid-file`` may replace: a pid and a newline, with room.
+PID_FILE_MAX = 32
 
 
 def build_config(args: argparse.Namespace) -> DaemonConfig:
@@ -77,7 +84,9 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
             fleece.append((d.name, _session_options(args, args.fleece)))
     listeners = []
     if args.socket:
-        listeners.append(Listener(unix=args.socket))
+        listeners.append(Listener(unix=args.socket, group=args.socket_group,
+                                  mode=DEFAULT_SOCKET_MODE if args.socket_mode is None
+                                  else args.socket_mode))
     if args.port is not None or args.bind or (not args.socket and "LISTEN_FDS" not in os.environ):
         port = args.port if args.port is not None else DEFAULT_PORT
         listeners.append(Listener(tcp_host=args.bind, tcp_port=port))
@@ -140,10 +149,13 @@ def _session_option_args_of(args: argparse.Namespace) -> dict[str, Any]:
 def _check_pid_file(path: str, images: list[str]) -> None:
     """Refuse a ``--pid-file`` that writing the pid would damage.
 
-    Only a regular file (possibly through a symlink) may be replaced.  A
+    Only a regular file (possibly through a symlink) that holds a pid, or
+    nothing, may be replaced: anything else there is somebody's data (a
+    served image would be truncated to six bytes and deleted at exit).  A
     directory, FIFO (the open would block), socket or device is refused, and
     so is a dangling symlink (the write would create its target) and one of
-    the images being served.
+    the images being served.  Disks restored from the state directory are
+    checked once they are open (:meth:`fleeced.app.Daemon.start`).
 
     :raise CliError: when PATH is unusable.
     """
@@ -165,6 +177,21 @@ def _check_pid_file(path: str, images: list[str]) -> None:
     for image in images:
         if os.path.samestat(st, os.stat(image)):
             raise CliError(f"--pid-file {path}: is the image {image}")
+    if not _holds_a_pid(path, st):
+        raise CliError(f"--pid-file {path}: holds something other than a pid "
+                       f"({st.st_size} bytes); refusing to replace it")
+
+
+def _holds_a_pid(path: str, st: os.stat_result) -> bool:
+    """Whether the regular file PATH is empty or holds one decimal number."""
+    if st.st_size > PID_FILE_MAX:
+        return False
+    try:
+        with open(path, "rb") as f:
+            text = f.read(PID_FILE_MAX + 1)
+    except OSError:
+        return False
+    return len(text) <= PID_FILE_MAX and (not text.strip() or text.strip().isdigit())
 
 
 def _file_kind(mode: int) -> str:

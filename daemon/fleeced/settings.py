@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from fleeced.control.args import get, get_size
 from fleeced.errors import CommandError
+from fleeced.paths import DEFAULT_SOCKET_MODE
 from fleeced.tls import TlsConfig
 
 #: Session cluster size limits; fleeced.h's FL_CLUSTER_MIN/MAX say the same
@@ -61,8 +62,8 @@ class Listener:
     """One NBD listener: a Unix socket (with optional mode and group) or TCP."""
 
     unix: str | None = None
-    #: Permission bits of the Unix socket file (``None``: the umask decides).
-    mode: int | None = None
+    #: Permission bits of the Unix socket file, whatever the umask.
+    mode: int = DEFAULT_SOCKET_MODE
     #: Group name or number of the Unix socket file.
     group: str | None = None
     tcp_host: str | None = None

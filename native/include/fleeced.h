@@ -79,6 +79,10 @@ int fl_file_open(const char *path, int readonly, fl_file **out);
 void fl_file_close(fl_file *f);
 /* Size in bytes (from fstat or BLKGETSIZE64), fixed at open. */
 uint64_t fl_file_size(const fl_file *f);
+/* What was opened, from fstat at open: a block device's st_rdev (ino 0),
+ * or a file's st_dev and st_ino.  Two paths (symlinks, hard links, device
+ * nodes) to one source give the same triple. */
+void fl_file_identity(const fl_file *f, int *is_blk, uint64_t *dev, uint64_t *ino);
 
 /* Read LEN bytes at OFF.  If is_hole is non-NULL and the whole range is a
  * hole (SEEK_DATA), the buffer is zeroed, *is_hole = 1 and no read is

@@ -125,6 +125,8 @@ int fl_file_open(const char *path, int readonly, fl_file **out)
     f->readonly = readonly != 0;
     f->is_blk = S_ISBLK(st.st_mode);
     f->size = size;
+    f->id_dev = f->is_blk ? (uint64_t)st.st_rdev : (uint64_t)st.st_dev;
+    f->id_ino = f->is_blk ? 0 : (uint64_t)st.st_ino;
     rc = -pthread_rwlockattr_init(&attr);
     if (rc < 0)
         goto err_free;
@@ -179,6 +181,13 @@ void fl_file_close(fl_file *f)
         return;
     __atomic_store_n(&f->closed, 1, __ATOMIC_RELEASE);
     fl__file_unref(f);
+}
+
+void fl_file_identity(const fl_file *f, int *is_blk, uint64_t *dev, uint64_t *ino)
+{
+    *is_blk = f->is_blk;
+    *dev = f->id_dev;
+    *ino = f->id_ino;
 }
 
 uint64_t fl_file_size(const fl_file *f)

@@ -45,6 +45,9 @@ struct fl_file {
     int readonly;           /* immutable */
     int is_blk;             /* immutable: block device */
     uint64_t size;          /* immutable */
+    /* immutable: what the fd is (a file's st_dev/st_ino, a device's
+     * st_rdev and 0), so two paths to one source can be told apart */
+    uint64_t id_dev, id_ino;
     /* Guards `sessions` (the list itself, not the sessions' contents).
      * Guest write/zero/trim hold it shared for CBW + source I/O;
      * session open/close hold it exclusive.  Writer-preferring. */

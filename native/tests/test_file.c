@@ -18,6 +18,43 @@ static void test_open_errors(void)
     CHECK_RC(fl_file_open("/dev/null", 1, &f), -EINVAL);
 }
 
+/* One source, one identity: a symlink and a hard link to the same file
+ * give what the file gives, another file does not. */
+static void test_identity(void)
+{
+    char path[4096], sym[4200], hard[4200], other[4096];
+    fl_file *a, *b, *c, *d;
+    uint64_t dev[4], ino[4];
+    int blk[4];
+
+    make_image(path, SZ, pat);
+    make_image(other, 4096, pat);
+    snprintf(sym, sizeof(sym), "%s.sym", path);
+    snprintf(hard, sizeof(hard), "%s.hard", path);
+    CHECK(symlink(path, sym) == 0);
+    CHECK(link(path, hard) == 0);
+    CHECK_RC(fl_file_open(path, 1, &a), 0);
+    CHECK_RC(fl_file_open(sym, 0, &b), 0);
+    CHECK_RC(fl_file_open(hard, 1, &c), 0);
+    CHECK_RC(fl_file_open(other, 1, &d), 0);
+    fl_file_identity(a, &blk[0], &dev[0], &ino[0]);
+    fl_file_identity(b, &blk[1], &dev[1], &ino[1]);
+    fl_file_identity(c, &blk[2], &dev[2], &ino[2]);
+    fl_file_identity(d, &blk[3], &dev[3], &ino[3]);
+    CHECK(blk[0] == 0 && ino[0] != 0);
+    for (int i = 1; i < 3; i++)
+        CHECK(blk[i] == blk[0] && dev[i] == dev[0] && ino[i] == ino[0]);
+    CHECK(dev[3] != dev[0] || ino[3] != ino[0]);
+    fl_file_close(a);
+    fl_file_close(b);
+    fl_file_close(c);
+    fl_file_close(d);
+    unlink(sym);
+    unlink(hard);
+    unlink(path);
+    unlink(other);
+}
+
 static void test_read_write_bounds(void)
 {
     char path[4096];
@@ -173,6 +210,7 @@ int main(void)
 {
     fprintf(stderr, "test_file\n");
     RUN(test_open_errors);
+    RUN(test_identity);
     RUN(test_read_write_bounds);
     RUN(test_zero_trim_extents);
     RUN(test_sticky_flush_error);

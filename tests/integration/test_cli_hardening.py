@@ -107,7 +107,7 @@ def launch(scratch: Path) -> Iterator[Callable[..., Started]]:
     counter = [0]
 
     def start(*args: str, env: dict[str, str] | None = None, as_user: bool = False,
-              timeout: float = 30) -> Started:
+              timeout: float = 30, umask: int = -1) -> Started:
         counter[0] += 1
         n = counter[0]
         notify_path = scratch / f"notify{n}.sock"
@@ -118,7 +118,7 @@ def launch(scratch: Path) -> Iterator[Callable[..., Started]]:
             proc = subprocess.Popen(
                 _command(("serve", *args), as_user),
                 env=_env({**(env or {}), "NOTIFY_SOCKET": str(notify_path)}),
-                stdout=subprocess.DEVNULL, stderr=err,
+                stdout=subprocess.DEVNULL, stderr=err, umask=umask,
             )
         pidfd = os.pidfd_open(proc.pid)
         try:
@@ -267,11 +267,14 @@ def test_pid_file_not_a_regular_file_is_refused(launch, scratch: Path, kind: str
     assert not (scratch / "nbd.sock").exists()
 
 
+@pytest.mark.parametrize("content", ["4242\n", ""])
 @pytest.mark.parametrize("kind", ["regular", "symlink-to-regular"])
-def test_pid_file_regular_file_is_replaced(launch, scratch: Path, kind: str) -> None:
+def test_pid_file_regular_file_is_replaced(launch, scratch: Path, kind: str,
+                                           content: str) -> None:
+    """A stale pid file (or an empty one) is replaced, and removed at exit."""
     img, _ = _image(scratch)
     target = scratch / "pid"
-    target.write_text("stale\n")
+    target.write_text(content)
     pidf = target
     if kind == "symlink-to-regular":
         pidf = scratch / "pid-link"
@@ -281,6 +284,95 @@ def test_pid_file_regular_file_is_replaced(launch, scratch: Path, kind: str) -> 
     assert d.ready, d.stderr
     assert target.read_text() == f"{d.proc.pid}\n"
     assert d.stop() == 0
+    assert not os.path.lexists(pidf)
+
+
+@pytest.mark.parametrize("content", [b"stale\n", b"\x00" * 8, b"1" * 40, b"12 34\n"])
+def test_pid_file_holding_anything_but_a_pid_is_refused(launch, scratch: Path,
+                                                       content: bytes) -> None:
+    """Only a file that holds a pid may be replaced: anything else there is
+    somebody's data (an image of another daemon, a config...)."""
+    img, _ = _image(scratch)
+    pidf = scratch / "pid"
+    pidf.write_bytes(content)
+    d = launch(str(img), "-k", str(scratch / "nbd.sock"), "-t", "--no-control",
+               "--pid-file", str(pidf), timeout=20)
+    if d.ready:
+        d.stop()
+    assert not d.ready, "started over a file that holds no pid"
+    one_line_error(d.stderr, str(pidf), "holds something other than a pid")
+    assert pidf.read_bytes() == content
+
+
+def test_pid_file_is_no_disks_image(launch, scratch: Path) -> None:
+    """--pid-file naming the image of a disk restored from the state dir (not
+    on the command line) truncated it to six bytes and deleted it at exit.
+    The image here holds a pid-like text, so only the daemon's own check
+    (against every open disk) can catch it; at run time no disk may be
+    added on the pid file."""
+    img, data = _image(scratch)
+    other = scratch / "B.img"
+    other.write_bytes(b"12345\n")
+    state, ctl, nbd = scratch / "state", scratch / "ctl.sock", scratch / "nbd.sock"
+    d = launch(str(img), "-k", str(nbd), "-t", "--control", str(ctl), "--state-dir", str(state))
+    assert d.ready, d.stderr
+    proc = fleeced("disk", "add", "B", str(other), "--control", str(ctl))
+    assert proc.returncode == 0, proc.stderr
+    assert d.stop() == 0
+    d = launch(str(img), "-k", str(nbd), "-t", "--control", str(ctl), "--state-dir", str(state),
+               "--pid-file", str(other), timeout=20)
+    if d.ready:
+        d.stop()
+    assert not d.ready, "started with a disk's image as its pid file"
+    one_line_error(d.stderr, f"--pid-file {other}: is the image of disk 'B'")
+    assert other.read_bytes() == b"12345\n"
+    pidf = scratch / "pid"
+    d = launch(str(img), "-k", str(nbd), "-t", "--control", str(ctl), "--state-dir", str(state),
+               "--pid-file", str(pidf))
+    assert d.ready, d.stderr
+    proc = fleeced("disk", "add", "P", str(pidf), "--control", str(ctl))
+    one_line_error(proc.stderr, "is the daemon's pid file")
+    assert d.stop() == 0
+    assert other.read_bytes() == b"12345\n"
+    assert img.read_bytes() == data
+
+
+# -- 1c. the NBD socket's mode does not follow the umask -------------------------------
+
+
+def test_nbd_socket_is_0660_whatever_the_umask(launch, scratch: Path) -> None:
+    """With umask 000 the -k socket was 0777: any local user could read and
+    write every disk."""
+    img, _ = _image(scratch)
+    nbd = scratch / "nbd.sock"
+    d = launch(str(img), "-k", str(nbd), "-t", "--no-control", umask=0)
+    assert d.ready, d.stderr
+    assert stat.S_IMODE(os.stat(nbd).st_mode) == 0o660
+    assert d.stop() == 0
+
+
+def test_socket_mode_and_group(launch, scratch: Path) -> None:
+    """--socket-mode/--socket-group: QEMU running as another user (libvirt's
+    libvirt-qemu) is given access without a chmod by hand."""
+    import grp
+
+    img, _ = _image(scratch)
+    nbd = scratch / "nbd.sock"
+    group = next(g for g in grp.getgrall() if g.gr_gid != os.getegid())
+    d = launch(str(img), "-k", str(nbd), "-t", "--no-control", "--socket-mode", "0640",
+               "--socket-group", group.gr_name, umask=0)
+    assert d.ready, d.stderr
+    st = os.stat(nbd)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, group.gr_gid)
+    assert d.stop() == 0
+    sock = ["-k", str(scratch / "x.sock")]
+    for args, needle in ((["--socket-mode", "0999", *sock], "not an octal mode"),
+                         (["--socket-mode", "1777", *sock], "not an octal mode"),
+                         (["--socket-group", "no-such-group-xyz", *sock], "no group named"),
+                         (["--socket-mode", "0600", "-p", "10999"], "need --socket PATH")):
+        proc = fleeced("serve", str(img), "--no-control", *args, timeout=20)
+        assert proc.returncode == 2, proc.stderr
+        assert needle in proc.stderr, proc.stderr
 
 
 # -- 2. hostile control messages -----------------------------------------------------

@@ -37,7 +37,7 @@ from typing import Final
 
 from fleeced.exports import Export
 from fleeced.nbd import ExportInfo
-from fleeced.paths import group_id, unix_socket_in_use
+from fleeced.paths import DEFAULT_SOCKET_MODE, group_id, unix_socket_in_use
 from fleeced.server.connection import NbdConnection
 from fleeced.tls import TlsConfig
 
@@ -274,11 +274,15 @@ class NbdServer:
             log.info("TLS %s on TCP listeners", "required" if self.tls.mode == "require"
                      else "offered")
 
-    async def listen_unix(self, path: str, mode: int | None = None,
+    async def listen_unix(self, path: str, mode: int = DEFAULT_SOCKET_MODE,
                           group: str | None = None) -> None:
         """Listen on a Unix socket at PATH (a stale socket file is replaced).
 
-        :param mode: permission bits for the socket file (e.g. ``0o660``).
+        The socket file is created private (whatever the umask: a umask of
+        000 would otherwise let any local user read and write every disk),
+        then given GROUP and then MODE.
+
+        :param mode: permission bits for the socket file.
         :param group: group name or gid to give the socket file.
         :raise OSError: when PATH exists and is not a socket, bind fails, or
             the mode or group cannot be set.
@@ -294,7 +298,12 @@ class NbdServer:
                 raise OSError(errno.EADDRINUSE, f"{path}: address already in use")
             os.unlink(path)
         loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(self._factory, path, backlog=512)
+        # Start-up only: no other thread creates files meanwhile.
+        old = os.umask(0o177)
+        try:
+            server = await loop.create_unix_server(self._factory, path, backlog=512)
+        finally:
+            os.umask(old)
         self._servers.append(server)
         self._unix_paths.append(path)
         if group is not None:
@@ -303,8 +312,7 @@ class NbdServer:
             except KeyError:
                 raise OSError(errno.EINVAL, f"no group named {group!r}") from None
             os.chown(path, -1, gid)
-        if mode is not None:
-            os.chmod(path, mode)
+        os.chmod(path, mode)
         log.info("listening on unix:%s", path)
 
     async def listen_tcp(self, host: str | None, port: int) -> None:
