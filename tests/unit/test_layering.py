@@ -12,8 +12,8 @@ import pytest
 ALONE = {
     "fleeced.errors": set(),
     "fleeced.paths": {"fleeced.errors"},
-    "fleeced.settings": {"fleeced.errors", "fleeced.control", "fleeced.control.args",
-                         "fleeced.tls"},
+    "fleeced.settings": {"fleeced.errors", "fleeced.paths", "fleeced.control",
+                         "fleeced.control.args", "fleeced.tls"},
     "fleeced.config": {"fleeced.errors", "fleeced.paths", "fleeced.settings",
                        "fleeced.control", "fleeced.control.args", "fleeced.tls"},
 }
