@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import stat
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -118,6 +119,8 @@ class Daemon:
                 await self.state.save()
             for disk_name, options in self.config.fleece:
                 await self._start_session(self.disks[disk_name], options)
+            if self.config.fleece:
+                await self._save_state()
             await self._listen(inherited or [])
             if self.config.pid_file:
                 self._write_pid_file(self.config.pid_file)
@@ -333,6 +336,28 @@ class Daemon:
         except CommandError as exc:
             log.error("%s", exc.desc)
 
+    async def _record(self, done: str, undo: Callable[[], Awaitable[None]] | None = None,
+                      after_restart: str = "") -> None:
+        """Persist what a command just did, or fail the command.
+
+        A command whose effect a crash would forget must not report success:
+        with UNDO, the effect is rolled back (the state on disk still
+        describes the daemon as it was) and the command fails; without, the
+        effect stays (it cannot be undone) and the error says so, and what
+        a restart would then believe (AFTER_RESTART).
+
+        :param done: what the command did, for the message.
+        :raise CommandError: when the state cannot be written.
+        """
+        try:
+            await self._save_state()
+        except CommandError as exc:
+            if undo is not None:
+                await undo()
+                self._sync_state()
+                raise CommandError(f"{exc.desc}; {done} was undone") from None
+            raise CommandError(f"{done}, but {exc.desc}; {after_restart}") from None
+
     def _check_source(self, disk: Disk) -> None:
         """One source is one disk: a second disk on an image already served
         (by any path: a symlink, a hard link, another device node) would
@@ -424,15 +449,23 @@ class Daemon:
         self.server.add_export(session.export)
         self._watch(disk, session)
         log.info("session %s on %s started: export %r", options.name, disk.name, export_name)
-        await self._save_state_logged()
         return session
 
-    async def _stop_session(self, disk: Disk, name: str) -> None:
+    async def _stop_session(self, disk: Disk, name: str, record: bool = True) -> None:
+        """Stop session NAME of DISK (or forget a lost one).
+
+        :param record: persist the state now (else the caller does).
+        :raise CommandError: when there is no such session, or the stop
+            cannot be recorded (it happened all the same).
+        """
         if (disk.name, name) in self.lost_sessions:
             del self.lost_sessions[(disk.name, name)]
-            await self._save_state_logged()
             log.info("lost session %s on %s forgotten", name, disk.name)
             self._emit("FLEECE_STOPPED", {"disk": disk.name, "name": name})
+            if record:
+                await self._record(f"lost session '{name}' on '{disk.name}' forgotten",
+                                   after_restart="it is listed as lost again after a "
+                                   "restart")
             return
         session = disk.sessions.get(name)
         if session is None:
@@ -444,9 +477,11 @@ class Daemon:
         self._unwatch(session)
         # The detach waits for guest writes in flight, in a worker.
         await self._io.close_session(session.native)
-        await self._save_state_logged()
         log.info("session %s on %s stopped", name, disk.name)
         self._emit("FLEECE_STOPPED", {"disk": disk.name, "name": name})
+        if record:
+            await self._record(f"session '{name}' on '{disk.name}' stopped",
+                               after_restart="a restart lists it as lost until fleece-stop")
 
     def _watch(self, disk: Disk, session: Session) -> None:
         """Report the session when it breaks (CBW failed under break-snapshot):
@@ -581,7 +616,13 @@ class Daemon:
                 session.bitmaps[since.name] = bmap.Bitmap(
                     disk.name, since.name, since.granularity, False, frozen,
                     enabled=False, recovered=since.recovered)
-            await self._save_state_logged()
+
+            async def undo() -> None:
+                await self._stop_session(disk, options.name, record=False)
+                if new is not None:
+                    await self._undo_checkpoint(disk, since, new)
+
+            await self._record(f"starting session '{options.name}' on '{disk.name}'", undo)
         out: dict[str, Any] = {"export": session.export_name,
                                "cluster-size": options.cluster_size}
         if checkpoint is not None:
@@ -592,6 +633,20 @@ class Daemon:
             assert isinstance(frozen_bm, bmap.Bitmap)
             out["dirty-bytes"] = await asyncio.to_thread(frozen_bm.native.count)
         return out
+
+    async def _undo_checkpoint(self, disk: Disk, since: bmap.Bitmap | None,
+                               new: bmap.Bitmap) -> None:
+        """Take back a checkpoint: NEW goes, SINCE records again and keeps
+        what NEW recorded meanwhile (attached before the merge, so no write
+        falls between the two)."""
+        if since is not None:
+            await asyncio.to_thread(disk.file.attach_bitmap, since.native)
+            since.enabled = True
+            await asyncio.to_thread(since.native.merge_from, new.native)
+        await asyncio.to_thread(disk.file.detach_bitmap, new.native)
+        del disk.bitmaps[new.name]
+        new.native.close(clean=False)
+        await bmap.remove_file(new)
 
     async def cmd_fleece_stop(self, args: dict[str, Any]) -> Any:
         check_keys(args, {"disk", "name"})
@@ -770,23 +825,38 @@ class Daemon:
                     raise CommandError(f"cannot enable bitmap: {exc.strerror or exc}") from None
             bm.enabled = not disabled
             disk.bitmaps[name] = bm
-            await self._save_state_logged()
+
+            async def undo() -> None:
+                if bm.enabled:
+                    await asyncio.to_thread(disk.file.detach_bitmap, bm.native)
+                del disk.bitmaps[name]
+                bm.native.close(clean=False)
+                await bmap.remove_file(bm)
+
+            await self._record(f"adding bitmap '{name}' on '{disk.name}'", undo)
         return await asyncio.to_thread(bm.describe)
 
     async def cmd_bitmap_remove(self, args: dict[str, Any]) -> Any:
+        """Delete a bitmap: recorded first, so that a state that cannot be
+        written leaves the bitmap as it was."""
         check_keys(args, {"disk", "name"})
         disk, bm = self._bitmap(args)
         async with self._disk_locks[disk.name]:
+            self._still(disk, bm)
             for session in disk.sessions.values():
                 if bm.name in session.bitmaps and session.bitmaps[bm.name] is bm:
                     raise CommandError(f"bitmap '{bm.name}' is in use by session "
                                        f"'{session.name}'")
+            del disk.bitmaps[bm.name]
+
+            async def undo() -> None:
+                disk.bitmaps[bm.name] = bm
+
+            await self._record(f"removing bitmap '{bm.name}' on '{disk.name}'", undo)
             if bm.enabled:
                 await asyncio.to_thread(disk.file.detach_bitmap, bm.native)
-            del disk.bitmaps[bm.name]
             bm.native.close(clean=False)
             await bmap.remove_file(bm)
-            await self._save_state_logged()
         return {}
 
     async def cmd_bitmap_clear(self, args: dict[str, Any]) -> Any:
@@ -804,21 +874,43 @@ class Daemon:
         check_keys(args, {"disk", "name"})
         disk, bm = self._bitmap(args)
         async with self._disk_locks[disk.name]:
+            self._still(disk, bm)
             if not bm.enabled:
                 await asyncio.to_thread(disk.file.attach_bitmap, bm.native)
                 bm.enabled = True
-                await self._save_state_logged()
+
+                async def undo() -> None:
+                    await asyncio.to_thread(disk.file.detach_bitmap, bm.native)
+                    bm.enabled = False
+
+                await self._record(f"enabling bitmap '{bm.name}' on '{disk.name}'", undo)
         return {}
 
     async def cmd_bitmap_disable(self, args: dict[str, Any]) -> Any:
+        """Stop recording: recorded first, so that a state that cannot be
+        written leaves the bitmap recording (a detach and re-attach would
+        miss the writes in between)."""
         check_keys(args, {"disk", "name"})
         disk, bm = self._bitmap(args)
         async with self._disk_locks[disk.name]:
+            self._still(disk, bm)
             if bm.enabled:
-                await asyncio.to_thread(disk.file.detach_bitmap, bm.native)
                 bm.enabled = False
-                await self._save_state_logged()
+
+                async def undo() -> None:
+                    bm.enabled = True
+
+                await self._record(f"disabling bitmap '{bm.name}' on '{disk.name}'", undo)
+                await asyncio.to_thread(disk.file.detach_bitmap, bm.native)
         return {}
+
+    @staticmethod
+    def _still(disk: Disk, bm: bmap.Bitmap) -> None:
+        """:raise CommandError: unless BM is still DISK's (after waiting for
+        the disk's lock, another command may have removed it)."""
+        if disk.bitmaps.get(bm.name) is not bm:
+            raise CommandError(f"disk '{disk.name}' has no bitmap '{bm.name}'",
+                               "DeviceNotFound")
 
     async def cmd_bitmap_merge(self, args: dict[str, Any]) -> Any:
         """TARGET |= each of SOURCES (same granularity), e.g. NEW into OLD after
@@ -904,11 +996,18 @@ class Daemon:
             raise
         self._add_disk(disk)
         self._runtime_disks.add(name)
+        record = {"name": name, "path": path, "read-only": spec.read_only,
+                  "discard": spec.discard, "description": spec.description}
         if self.state is not None:
-            self.state.state.disks.append({
-                "name": name, "path": path, "read-only": spec.read_only,
-                "discard": spec.discard, "description": spec.description})
-        await self._save_state_logged()
+            self.state.state.disks.append(record)
+
+        async def undo() -> None:
+            if self.state is not None:
+                self.state.state.disks.remove(record)
+            self._runtime_disks.discard(name)
+            await self._drop_disk(disk)
+
+        await self._record(f"adding disk '{name}'", undo)
         return {"name": name, "size": disk.size}
 
     async def cmd_disk_remove(self, args: dict[str, Any]) -> Any:
@@ -919,6 +1018,8 @@ class Daemon:
         if disk is None:
             raise CommandError(f"disk '{name}' not found", "DeviceNotFound")
         async with self._disk_locks[name]:
+            if self.disks.get(name) is not disk:
+                raise CommandError(f"disk '{name}' not found", "DeviceNotFound")
             if name in self.attachments:
                 raise CommandError(f"disk '{name}' is attached to a VM; vm-detach it first")
             sessions = sorted(disk.sessions) + sorted(
@@ -930,21 +1031,32 @@ class Daemon:
                 raise CommandError(f"disk '{name}' has dirty bitmaps "
                                    f"({', '.join(sorted(disk.bitmaps))}); bitmap-remove "
                                    "them first")
-            await self.server.remove_export(name)
-            del self.disks[name]
-            del self.actives[name]
-            if not disk.read_only:
-                await self._flush_logged(disk, "at disk-remove")
-            disk.close()
-            if name in self._runtime_disks:
-                self._runtime_disks.discard(name)
-                if self.state is not None:
-                    self.state.state.disks = [d for d in self.state.state.disks
-                                              if d.get("name") != name]
-                await self._save_state_logged()
-        del self._disk_locks[name]
+            if name in self._runtime_disks and self.state is not None:
+                # Recorded first: a state that cannot be written leaves the
+                # disk served, as a restart would find it.
+                before = list(self.state.state.disks)
+                self.state.state.disks = [d for d in before if d.get("name") != name]
+
+                async def undo() -> None:
+                    assert self.state is not None
+                    self.state.state.disks = before
+
+                await self._record(f"removing disk '{name}'", undo)
+            self._runtime_disks.discard(name)
+            await self._drop_disk(disk)
         log.info("disk %s removed", name)
         return {}
+
+    async def _drop_disk(self, disk: Disk) -> None:
+        """Stop serving DISK (no sessions, bitmaps or attachment left): its
+        clients get --shutdown-timeout, then the image is flushed and closed."""
+        await self.server.remove_export(disk.name)
+        del self.disks[disk.name]
+        del self.actives[disk.name]
+        self._disk_locks.pop(disk.name, None)  # waiters find the disk gone
+        if not disk.read_only:
+            await self._flush_logged(disk, "at disk-remove")
+        disk.close()
 
     # -- VM attachments ----------------------------------------------------------
 
@@ -1011,7 +1123,7 @@ class Daemon:
                     # A session the frozen attach started must not outlive
                     # the switch back: its snapshot would miss guest writes.
                     for name in set(disk.sessions) - had_sessions:
-                        await self._stop_session(disk, name)
+                        await self._stop_session(disk, name, record=False)
                     await self._roll_back(att, exc, mon)
                     raise
                 # Writes now come through us: the VM's hand-off bitmap has
@@ -1103,7 +1215,7 @@ class Daemon:
                     "wrong. fleece-stop them first (or force)")
             # Forced: the sessions end before the first write can bypass them.
             for name in list(disk.sessions):
-                await self._stop_session(disk, name)
+                await self._stop_session(disk, name, record=False)
             if not disk.read_only:
                 # Flush while guest I/O still flows: blockdev-del of our node
                 # sends an NBD flush and holds QEMU's main loop until it is
@@ -1119,7 +1231,13 @@ class Daemon:
                 # The VM is gone (its QMP socket is dead): nothing to switch back.
                 log.warning("disk %s: %s; forgetting the attachment", disk.name, exc.desc)
             del self.attachments[disk.name]
-            await self._save_state_logged()
+            unrecorded = None
+            try:
+                await self._record(f"disk '{disk.name}' is detached",
+                                   after_restart="a restart lists it as attached until "
+                                   "vm-detach --force")
+            except CommandError as exc:
+                unrecorded = exc  # the detach is done: finish it, then say so
             if not disk.read_only:
                 await self._flush_logged(disk, "after detach")
             # No guest write comes through us until the next attach: the
@@ -1128,6 +1246,8 @@ class Daemon:
             await bmap.mark_clean([bm for bm in self._all_bitmaps() if bm.disk == disk.name])
         log.info("disk %s detached: %s %s is back on node %s", disk.name, att.qmp,
                  att.device, att.original)
+        if unrecorded is not None:
+            raise unrecorded
         return {}
 
     # -- dirty bitmaps across detached periods ----------------------------------

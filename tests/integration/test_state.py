@@ -130,3 +130,71 @@ def test_a_state_dir_serves_one_daemon(tmp_path: Path,
                           capture_output=True, text=True, timeout=60, env=daemon_env())
     assert proc.returncode == 1 and "corrupt state" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def _fails(d: Daemon, cmd: str, args: dict[str, object], *needles: str) -> str:
+    with pytest.raises(ExecuteError) as info:
+        qmp(d, cmd, args)
+    msg = str(info.value)
+    for needle in needles:
+        assert needle in msg, msg
+    return msg
+
+
+def test_a_change_that_cannot_be_recorded_is_refused(
+        tmp_path: Path, start_daemon: Callable[..., Daemon]) -> None:
+    """With the state dir unwritable, disk-add and fleece-start succeeded
+    without being recorded (a crash forgot them).  Now every command whose
+    effect cannot be recorded fails and is rolled back, and one that cannot
+    be rolled back (a stop) says that it was not recorded.  The state dir is
+    made unwritable by a directory where the new state file goes (the same
+    failure as a full file system, without needing one)."""
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    make_image(a, SIZE)
+    make_image(b, SIZE, seed=3)
+    state = tmp_path / "state"
+    d = start_daemon(str(a), "--state-dir", str(state))
+    qmp(d, "bitmap-add", {"disk": "a", "name": "old"})
+    blocker = state / "state.json.tmp"
+    blocker.mkdir()
+    why = f"cannot save state in {state}: Is a directory"
+
+    _fails(d, "disk-add", {"name": "b", "path": str(b)}, why, "adding disk 'b' was undone")
+    assert served(d) == {"a"}
+    _fails(d, "fleece-start", {"disk": "a"}, why, "starting session 'fleece' on 'a' was undone")
+    assert served(d) == {"a"} and qmp(d, "query-fleece") == []
+    _fails(d, "bitmap-add", {"disk": "a", "name": "x"}, why, "adding bitmap 'x'")
+    # A checkpoint taken back: OLD records again, NEW is gone (file too).
+    _fails(d, "fleece-start", {"disk": "a", "checkpoint": "new", "since": "old"}, why)
+    bitmaps = qmp(d, "query-bitmaps")
+    assert isinstance(bitmaps, list)
+    assert [(b["name"], b["recording"]) for b in bitmaps] == [("old", True)]
+    assert sorted(p.name for p in (state / "bitmaps").iterdir()) == ["a@old.fbm"]
+    _fails(d, "bitmap-disable", {"disk": "a", "name": "old"}, why)
+    bitmaps = qmp(d, "query-bitmaps")
+    assert isinstance(bitmaps, list) and bitmaps[0]["recording"] is True
+
+    blocker.rmdir()
+    qmp(d, "disk-add", {"name": "b", "path": str(b)})
+    qmp(d, "fleece-start", {"disk": "b"})
+    blocker.mkdir()
+    _fails(d, "bitmap-remove", {"disk": "a", "name": "old"}, why, "was undone")
+    _fails(d, "disk-remove", {"name": "b"}, "has sessions")
+    _fails(d, "fleece-stop", {"disk": "b"}, "session 'fleece' on 'b' stopped, but", why,
+           "a restart lists it as lost until fleece-stop")
+    assert served(d) == {"a", "b"}  # the stop happened
+    _fails(d, "disk-remove", {"name": "b"}, why, "removing disk 'b' was undone")
+    assert served(d) == {"a", "b"}
+
+    # What a crash now finds is what the daemon reported: b served, its
+    # session lost (the stop was not recorded), the bitmap there.
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    blocker.rmdir()
+    d2 = start_daemon(str(a), "--state-dir", str(state))
+    assert served(d2) == {"a", "b"}
+    sessions = qmp(d2, "query-fleece")
+    assert isinstance(sessions, list)
+    assert [(s["disk"], s["state"]) for s in sessions] == [("b", "broken")]
+    bitmaps = qmp(d2, "query-bitmaps")
+    assert isinstance(bitmaps, list) and [b["name"] for b in bitmaps] == ["old"]
