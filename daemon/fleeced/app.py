@@ -86,6 +86,9 @@ class Daemon:
         self._runtime_disks: set[str] = set()
         #: Unix sockets of inherited (socket-activated) listeners.
         self._inherited_unix: list[str] = []
+        #: Records of bitmaps of served disks that could not be loaded even
+        #: in memory: kept in the state for the next start.
+        self._unloaded_bitmaps: list[dict[str, Any]] = []
         #: What our pid file is (no disk may be it), once written.
         self._pid_identity: tuple[str, int, int] | None = None
 
@@ -314,7 +317,8 @@ class Daemon:
         st.sessions = sessions
         st.handoffs = list(self.handoffs.values())
         kept = [r for r in st.bitmaps if r.get("disk") not in self.disks]
-        st.bitmaps = kept + [bm.record() for bm in self._all_bitmaps() if bm.persistent]
+        st.bitmaps = (kept + self._unloaded_bitmaps
+                      + [bm.record() for bm in self._all_bitmaps() if bm.persistent])
 
     async def _save_state(self) -> None:
         """Persist the state now.
@@ -771,9 +775,10 @@ class Daemon:
                 continue  # the record stays for when the disk is served again
             try:
                 bm = await bmap.load(directory, rec, disk.size)
-            except (OSError, KeyError, TypeError, ValueError) as exc:
-                log.error("bitmap %s of %s cannot be loaded (%s); it is dropped",
-                          rec.get("name"), disk.name, getattr(exc, "strerror", None) or exc)
+            except OSError as exc:  # not even in memory (ENOMEM)
+                log.error("bitmap %s of %s cannot be loaded (%s); it stays recorded for "
+                          "the next start", rec["name"], disk.name, exc.strerror or exc)
+                self._unloaded_bitmaps.append(rec)
                 continue
             if bm.enabled:
                 await asyncio.to_thread(disk.file.attach_bitmap, bm.native)
@@ -802,8 +807,12 @@ class Daemon:
         if persistent and directory is None:
             raise CommandError("persistent bitmaps need a state dir (serve --state-dir DIR "
                                "or --config); add a transient one instead")
+        used = set() if self.state is None else {
+            str(r.get("file") or bmap.file_name(str(r["disk"]), str(r["name"])))
+            for r in self.state.state.bitmaps}
         return await bmap.create(directory if persistent else None, disk.name, name,
-                                 disk.size, granularity)
+                                 disk.size, granularity,
+                                 replace_stray=bmap.file_name(disk.name, name) not in used)
 
     async def cmd_bitmap_add(self, args: dict[str, Any]) -> Any:
         """A new dirty bitmap, recording from now on unless disabled."""

@@ -19,7 +19,11 @@ Rules:
   disk is detached loses nothing.
 - **All dirty, with a reason**, is also the answer when the daemon cannot
   know what changed: a VM wrote while detached and the hand-off bitmap is
-  gone, or QEMU's NBD server was busy.
+  gone, or QEMU's NBD server was busy.  A file that cannot be trusted (not
+  a bitmap, unknown flags, another granularity, unreadable) never makes a
+  bitmap disappear: the bitmap comes back all dirty with the reason shown,
+  and the bad file is kept beside it (``.bad``).  A disk resized while the
+  daemon was down resizes its bitmaps: the area past the old end is dirty.
 - Blocking calls (file creation, msync, attach/detach, which wait for guest
   writes in flight) run in a thread, never on the event loop.
 """
@@ -27,6 +31,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import urllib.parse
@@ -47,6 +52,11 @@ MAX_NAME: Final = 1023
 RECOVERED_CRASH: Final = ("the daemon stopped uncleanly while the bitmap was in use: "
                           "every cluster is reported dirty")
 RECOVERED_CORRUPT: Final = "the bitmap file failed its checksum: every cluster is reported dirty"
+RECOVERED_RESIZED: Final = ("the disk's size changed while no daemon had the bitmap open: "
+                            "it was resized, and the area past the old end is reported dirty")
+#: ``recovered`` of :meth:`NativeBitmap.open` for a file made for another
+#: disk size (it was resized).
+_RESIZED: Final = 3
 
 
 @dataclass(eq=False)
@@ -107,9 +117,12 @@ def file_name(disk: str, name: str) -> str:
 
 
 async def create(directory: str | None, disk: str, name: str, size: int,
-                 granularity: int) -> Bitmap:
+                 granularity: int, replace_stray: bool = False) -> Bitmap:
     """A new, clean bitmap: a file in DIRECTORY, or transient when None.
 
+    :param replace_stray: a file already at the bitmap's path belongs to no
+        bitmap (the caller checked the state): replace it.  It is left by
+        a daemon that died between creating a bitmap and recording it.
     :raise CommandError: when the file cannot be created.
     """
     path = None
@@ -118,7 +131,17 @@ async def create(directory: str | None, disk: str, name: str, size: int,
     try:
         if directory is not None:
             await asyncio.to_thread(os.makedirs, directory, 0o700, True)
-        native, _ = await asyncio.to_thread(NativeBitmap.open, path, size, granularity, True)
+        try:
+            native, _ = await asyncio.to_thread(NativeBitmap.open, path, size, granularity,
+                                                True)
+        except FileExistsError:
+            if not replace_stray or path is None:
+                raise
+            log.warning("bitmap %s of %s: replacing %s, which no bitmap uses", name, disk,
+                        path)
+            await asyncio.to_thread(os.unlink, path)
+            native, _ = await asyncio.to_thread(NativeBitmap.open, path, size, granularity,
+                                                True)
     except OSError as exc:
         raise CommandError(f"cannot create bitmap {name!r}: {exc.strerror or exc}") from None
     return Bitmap(disk, name, granularity, path is not None, native, path=path)
@@ -127,33 +150,72 @@ async def create(directory: str | None, disk: str, name: str, size: int,
 async def load(directory: str, rec: dict[str, Any], size: int) -> Bitmap:
     """Reopen a persistent bitmap listed in the state document.
 
-    A missing file comes back all dirty (with the reason).
-
-    :raise OSError: when the file exists but does not fit the disk
-        (other size or granularity) or cannot be read.
-    :raise KeyError, TypeError: on a malformed record.
+    Never fails and never loses the bitmap: whatever cannot be trusted
+    comes back all dirty, with the reason (:attr:`Bitmap.recovered`).  A
+    missing file is created again; a file that is not a bitmap of this
+    disk is moved aside (``FILE.bad``) and replaced; one that cannot be
+    opened at all leaves the bitmap in memory only (the next start tries
+    the file again).  A disk resized since keeps its bits where it kept its
+    data, the new area dirty.
     """
     disk, name = str(rec["disk"]), str(rec["name"])
     granularity = int(rec["granularity"])
     path = os.path.join(directory, str(rec.get("file") or file_name(disk, name)))
+    enabled = bool(rec.get("enabled", True))
     reason = None
+    try:
+        check_granularity(granularity)
+    except CommandError:
+        reason = (f"its recorded granularity {granularity} is not valid: every cluster "
+                  "is reported dirty")
+        granularity = DEFAULT_GRANULARITY
     try:
         native, recovered = await asyncio.to_thread(NativeBitmap.open, path, size,
                                                     granularity, False)
-    except FileNotFoundError:
-        native, _ = await asyncio.to_thread(NativeBitmap.open, path, size, granularity, True)
-        native.set_all()
+    except FileNotFoundError as exc:
+        native, reason = await _replace(path, size, granularity, exc)
         recovered = 0
-        reason = "the bitmap file was missing: every cluster is reported dirty"
+    except OSError as exc:
+        native, reason = await _replace(path, size, granularity, exc)
+        recovered = 0
     if recovered == 1:
-        reason = RECOVERED_CRASH
+        reason = RECOVERED_CRASH  # C loaded it all dirty
     elif recovered == 2:
-        reason = RECOVERED_CORRUPT
-    bm = Bitmap(disk, name, granularity, True, native, enabled=bool(rec.get("enabled", True)),
-                path=path, recovered=reason)
+        reason = RECOVERED_CORRUPT  # the same
+    elif reason is not None:
+        await asyncio.to_thread(native.set_all)
+    elif recovered == _RESIZED:
+        reason = RECOVERED_RESIZED
+    bm = Bitmap(disk, name, granularity, True, native, enabled=enabled, path=path,
+                recovered=reason)
     if reason:
         log.warning("bitmap %s of %s: %s", name, disk, reason)
     return bm
+
+
+async def _replace(path: str, size: int, granularity: int,
+                   exc: OSError) -> tuple[NativeBitmap, str]:
+    """A new, all-dirty bitmap for the file at PATH that could not be
+    loaded (EXC): the file moves to ``PATH.bad`` and a new one takes its
+    place; when even that fails, the bitmap lives in memory only."""
+    missing = isinstance(exc, FileNotFoundError)
+    why = ("it is missing" if missing
+           else "not a bitmap file of this disk (header, flags or granularity)"
+           if exc.errno == errno.EINVAL else exc.strerror or str(exc))
+    bad = path + ".bad"
+    try:
+        if not missing:
+            await asyncio.to_thread(os.replace, path, bad)
+        native, _ = await asyncio.to_thread(NativeBitmap.open, path, size, granularity, True)
+    except OSError as again:
+        native, _ = await asyncio.to_thread(NativeBitmap.open, None, size, granularity, True)
+        return native, (f"the bitmap file could not be loaded ({why}) nor replaced "
+                        f"({again.strerror or again}): every cluster is reported dirty, and "
+                        "the bitmap is kept in memory only until a restart can write it")
+    if missing:
+        return native, "the bitmap file was missing: every cluster is reported dirty"
+    return native, (f"the bitmap file could not be loaded ({why}); it was kept as {bad}, "
+                    "and every cluster is reported dirty")
 
 
 async def sync(bitmaps: list[Bitmap]) -> None:

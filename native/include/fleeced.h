@@ -195,11 +195,13 @@ int fl_file_bitmap_detach(fl_file *f, fl_bitmap *b);
  * (format and checksum: the notes in bitmap.c), mapped MAP_SHARED:
  * CREATE = 1 creates it (0600, -EEXIST if it exists) all clean;
  * CREATE = 0 opens an existing one, -EINVAL if it is not a bitmap file
- * (short header, magic, version) or was made for another SIZE or
+ * (short header, magic, version, unknown flags) or was made for another
  * GRANULARITY, -EBUSY if another open holds it (flock).  *RECOVERED (may
  * be NULL) gets 0; or 1 when the file was left in use (the daemon died
  * with it open) and 2 when its checksum or length is wrong: both load
- * ALL DIRTY.  Before returning, open marks the file in use and syncs its
+ * ALL DIRTY; or 3 when the file was made for a disk of another size: it
+ * is resized to SIZE, keeping the bits of the common part, with every
+ * granule past the old end dirty.  Before returning, open marks the file in use and syncs its
  * header, so a crash from then on is detected.  -EINVAL bad granularity
  * or SIZE > INT64_MAX; -ENOMEM when the bits do not fit in memory. */
 int fl_bitmap_open(const char *path, uint64_t size, uint64_t granularity,

@@ -29,9 +29,11 @@
  *   A file found with IN_USE set (the daemon died with it open) loads all
  *   dirty, *recovered = 1; a checksum mismatch or a wrong file length
  *   (torn or truncated file, header intact) loads all dirty, *recovered =
- *   2.  A short header, a bad magic/version/header size, a different disk
- *   size or granularity, or unknown flags are -EINVAL: the file is not
- *   ours to repair.  The clean close is: msync the words, write the
+ *   2.  A file made for a disk of another size (resized while no daemon
+ *   had it open) keeps the bits of the common part and gets every granule
+ *   past the old end set, *recovered = 3 (load_resized).  A short header,
+ *   a bad magic/version/header size, another granularity, or unknown
+ *   flags are -EINVAL: the file is not ours to repair.  The clean close is: msync the words, write the
  *   checksum, clear IN_USE, msync the header, unmap.  If the words' msync
  *   fails, IN_USE stays set, so the next load is all dirty.
  * - Clean mark (fl_bitmap_mark_clean; issue 8: "clears it after a clean
@@ -458,6 +460,69 @@ err:
     return rc;
 }
 
+/* Check the loaded words of a bitmap whose geometry B has: 0 when they
+ * can be trusted, 2 when not (checksum, or bits past the end). */
+static int words_trusted(const fl_bitmap *b, const struct hdr *h)
+{
+    if (fnv1a(b) != h->checksum)
+        return 2;
+    for (uint64_t i = 0; i < b->nwords; i++)
+        if (wload(b, i) & ~valid_mask(b, i))
+            return 2;                       /* bits past the end: corrupt */
+    return 0;
+}
+
+/* The file holds a bitmap of a disk of another size (the disk was resized
+ * while no daemon had it open): check its bits with the file's own
+ * geometry, then resize the file to B's.  Bits of the common part are
+ * kept; the granules that cover bytes past the old end are set (they were
+ * never recorded, and an incremental backup of the old size never read
+ * them); bits past the new end go.  *REC as for an open (1 or 2: all
+ * dirty), else 3.  B's fd is open and locked; on success B is mapped. */
+static int load_resized(fl_bitmap *b, const struct hdr *h, uint64_t file_len, int *rec)
+{
+    fl_bitmap old = { .fd = b->fd };
+    uint64_t total = HDR_SIZE + b->nwords * 8;
+    int rc;
+
+    rc = geometry(&old, h->disk_size, h->granularity);
+    if (rc < 0 || h->word_bytes != old.nwords * 8)
+        return -EINVAL;
+    if (file_len != HDR_SIZE + old.nwords * 8)
+        *rec = 2;                           /* torn: nothing to keep */
+    else if (h->flags & F_IN_USE)
+        *rec = 1;
+    if (*rec == 0) {
+        rc = map_file(&old);
+        if (rc < 0)
+            return rc;
+        *rec = words_trusted(&old, h);
+        munmap(old.map, old.map_len);
+    }
+    if (ftruncate(b->fd, (off_t)total) < 0)
+        return -errno;
+    rc = reserve(b->fd, total);
+    if (rc < 0)
+        return rc;
+    rc = map_file(b);
+    if (rc < 0)
+        return rc;
+    if (*rec != 0) {
+        fill(b, 1);
+    } else {
+        if (b->nwords > 0)                  /* shrunk: drop the tail's rest */
+            __atomic_store_n(&b->words[b->nwords - 1],
+                             wload(b, b->nwords - 1) & valid_mask(b, b->nwords - 1),
+                             __ATOMIC_SEQ_CST);
+        if (h->disk_size < b->size)
+            set_bits(b, h->disk_size >> b->shift, b->nbits);
+        *rec = 3;
+    }
+    header(b)->disk_size = b->size;
+    header(b)->word_bytes = b->nwords * 8;
+    return 0;
+}
+
 static int load_file(fl_bitmap *b, const char *path, int *recovered)
 {
     uint64_t total = HDR_SIZE + b->nwords * 8;
@@ -487,34 +552,40 @@ static int load_file(fl_bitmap *b, const char *path, int *recovered)
     }
     if (memcmp(h.magic, MAGIC, sizeof(h.magic)) != 0 ||
         h.version != HDR_VERSION || h.hdr_size != HDR_SIZE ||
-        h.disk_size != b->size || h.granularity != b->gran ||
-        (h.flags & ~F_IN_USE) != 0 || h.word_bytes != b->nwords * 8 ||
+        h.granularity != b->gran || (h.flags & ~F_IN_USE) != 0 ||
         (uint64_t)st.st_size < HDR_SIZE) {
         rc = -EINVAL;
         goto err;
     }
-    if ((uint64_t)st.st_size != total) {  /* torn: repair the length */
-        if (ftruncate(b->fd, (off_t)total) < 0) {
-            rc = -errno;
+    if (h.disk_size != b->size) {
+        rc = load_resized(b, &h, (uint64_t)st.st_size, &rec);
+        if (rc < 0)
+            goto err;
+    } else {
+        if (h.word_bytes != b->nwords * 8) {
+            rc = -EINVAL;
             goto err;
         }
-        rec = 2;
+        if ((uint64_t)st.st_size != total) {  /* torn: repair the length */
+            if (ftruncate(b->fd, (off_t)total) < 0) {
+                rc = -errno;
+                goto err;
+            }
+            rec = 2;
+        }
+        rc = reserve(b->fd, total);
+        if (rc < 0)
+            goto err;
+        rc = map_file(b);
+        if (rc < 0)
+            goto err;
+        if (h.flags & F_IN_USE)
+            rec = 1;
+        else if (rec == 0)
+            rec = words_trusted(b, &h);
+        if (rec != 0)
+            fill(b, 1);
     }
-    rc = reserve(b->fd, total);
-    if (rc < 0)
-        goto err;
-    rc = map_file(b);
-    if (rc < 0)
-        goto err;
-    if (h.flags & F_IN_USE)
-        rec = 1;
-    else if (rec == 0 && fnv1a(b) != h.checksum)
-        rec = 2;
-    for (uint64_t i = 0; rec == 0 && i < b->nwords; i++)
-        if (wload(b, i) & ~valid_mask(b, i))
-            rec = 2;                        /* bits past the end: corrupt */
-    if (rec != 0)
-        fill(b, 1);
     header(b)->flags |= F_IN_USE;
     rc = sync_range(b, 0, (size_t)HDR_SIZE);
     if (rc < 0) {

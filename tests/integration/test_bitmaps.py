@@ -237,6 +237,111 @@ def test_kill_9_leaves_bitmaps_all_dirty_and_the_next_incremental_correct(
     assert not bitmaps(d3)["c2"]["in-use-recovered"]
 
 
+def _restart(tmp_path: Path, start_daemon: Callable[..., Daemon], image: Path,
+             prepare: Callable[[], None]) -> Daemon:
+    """A daemon with bitmap c1 (granules 1 and 3 dirty) stopped cleanly,
+    PREPARE run while it is down, and a new daemon on the same state dir."""
+    state = str(tmp_path / "state")
+    sock, ctl = str(tmp_path / "nbd.sock"), str(tmp_path / "ctl.sock")
+    d = start_daemon(str(image), "--state-dir", state, sock=sock, control=ctl)
+    qmp(d, "bitmap-add", {"disk": "disk", "name": "c1"})
+    qemu_io(d, f"write -P 0x61 {G} 10", f"write -P 0x62 {3 * G + 7} 5")
+    assert d.stop() == 0
+    prepare()
+    return start_daemon(str(image), "--state-dir", state, sock=sock, control=ctl)
+
+
+def test_a_resized_disk_resizes_its_bitmaps(tmp_path: Path,
+                                            start_daemon: Callable[..., Daemon]) -> None:
+    """qemu-img resize while the daemon was down: the bitmap was dropped and
+    its name blocked ("File exists").  Now it follows the disk: the bits it
+    had stay, the new area is dirty, the reason is shown."""
+    image = tmp_path / "disk.img"
+    make_image(image, SIZE)
+    grown = SIZE + 20 * G
+    d = _restart(tmp_path, start_daemon, image, lambda: run(
+        requires("qemu-img"), "resize", "-f", "raw", str(image), str(grown)))
+    c1 = bitmaps(d)["c1"]
+    assert "size changed" in c1["reason"], c1
+    # Granules 1 and 3 kept; every granule that holds bytes past the old
+    # end (the old partial last one included) is dirty.
+    assert dirty_ranges(d, "c1") == granules((G, 1), (3 * G, 1), (SIZE, grown - SIZE),
+                                             size=grown)
+    assert c1["dirty-bytes"] == 2 * G + grown - SIZE // G * G
+    with pytest.raises(ExecuteError, match="already has a bitmap 'c1'"):
+        qmp(d, "bitmap-add", {"disk": "disk", "name": "c1"})
+    # It records as before.
+    qemu_io(d, f"write -P 0x63 {6 * G} 1")
+    assert (6 * G, G) in dirty_ranges(d, "c1")
+    # Shrunk: the bits past the new end go, the rest stays.
+    assert d.stop() == 0
+    d2 = start_daemon(str(image), "--state-dir", str(tmp_path / "state"),
+                      sock=d.sock, control=d.control)
+    assert not bitmaps(d2)["c1"]["in-use-recovered"]
+    assert d2.stop() == 0
+    run(requires("qemu-img"), "resize", "-f", "raw", "--shrink", str(image), str(5 * G))
+    d3 = start_daemon(str(image), "--state-dir", str(tmp_path / "state"),
+                      sock=d.sock, control=d.control)
+    assert dirty_ranges(d3, "c1") == [(G, G), (3 * G, G)]
+
+
+@pytest.mark.parametrize("damage", ["flag", "magic", "granularity", "directory", "unmovable"])
+def test_a_bitmap_file_that_cannot_be_trusted_comes_back_all_dirty(
+        tmp_path: Path, start_daemon: Callable[..., Daemon], damage: str) -> None:
+    """A bad header or an unknown flag made the daemon drop the bitmap at
+    start and block its name.  Now the bitmap stays, all dirty, with the
+    reason; the bad file is kept beside it."""
+    image = tmp_path / "disk.img"
+    make_image(image, SIZE)
+    path = tmp_path / "state" / "bitmaps" / "disk@c1.fbm"
+
+    def spoil() -> None:
+        with open(path, "r+b") as f:
+            if damage == "flag":
+                f.seek(32)
+                f.write((1 << 7).to_bytes(8, "little"))  # a flag we do not know
+            elif damage == "magic":
+                f.write(b"NOTDIRTY")
+            elif damage == "granularity":
+                f.seek(24)
+                f.write((4 * G).to_bytes(8, "little"))
+        if damage in ("directory", "unmovable"):
+            path.unlink()
+            path.mkdir()
+        if damage == "unmovable":  # nor can it be moved aside
+            (path.parent / "disk@c1.fbm.bad" / "x").mkdir(parents=True)
+
+    d = _restart(tmp_path, start_daemon, image, spoil)
+    c1 = bitmaps(d)["c1"]
+    assert c1["in-use-recovered"] and c1["dirty-bytes"] == SIZE, c1
+    if damage == "unmovable":
+        assert "kept in memory only" in c1["reason"], c1
+    else:
+        assert f"kept as {path}.bad" in c1["reason"], c1
+        assert (path.parent / "disk@c1.fbm.bad").exists()
+    qemu_io(d, f"write -P 0x63 {6 * G} 1")
+    assert dirty_ranges(d, "c1") == [(0, SIZE)]
+    assert d.stop() == 0
+    if damage != "unmovable":  # the new file is good: the next start is clean
+        d2 = start_daemon(str(image), "--state-dir", str(tmp_path / "state"),
+                          sock=d.sock, control=d.control)
+        assert not bitmaps(d2)["c1"]["in-use-recovered"]
+        assert bitmaps(d2)["c1"]["dirty-bytes"] == SIZE
+
+
+def test_a_stray_bitmap_file_does_not_block_its_name(disk: tuple[Daemon, Path],
+                                                     tmp_path: Path) -> None:
+    """A file left by a daemon that died between creating a bitmap and
+    recording it made bitmap-add of that name fail "File exists"."""
+    d, _ = disk
+    stray = tmp_path / "state" / "bitmaps" / "disk@b1.fbm"
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"left over")
+    qmp(d, "bitmap-add", {"disk": "disk", "name": "b1"})
+    assert bitmaps(d)["b1"]["dirty-bytes"] == 0
+    assert stray.read_bytes()[:8] == b"FLDIRTY\0"
+
+
 def test_bad_bitmap_input_changes_nothing(disk: tuple[Daemon, Path]) -> None:
     d, _ = disk
     qmp(d, "bitmap-add", {"disk": "disk", "name": "b1"})
