@@ -10,6 +10,7 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -105,6 +106,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        _raise_fd_limit()
         self._io.start()
         try:
             if self.config.state_dir is not None:
@@ -148,7 +150,8 @@ class Daemon:
             elif listener.tcp_port is not None:
                 await self.server.listen_tcp(listener.tcp_host, listener.tcp_port)
         if cfg.control_path:
-            self.control = ControlServer(self._handlers())
+            self.control = ControlServer(self._handlers(),
+                                         message_limit=self.config.handshake_limit)
             try:
                 await self.control.listen(cfg.control_path)
             except OSError as exc:
@@ -1408,3 +1411,17 @@ def _inside(path: str, directory: str) -> bool:
     """Whether PATH (symlinks resolved) lies under DIRECTORY."""
     real, top = os.path.realpath(path), os.path.realpath(directory)
     return os.path.commonpath([real, top]) == top
+
+
+def _raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every NBD client holds
+    descriptors, and the event loop has no select() limit to keep under."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the file descriptor limit from %d to %d: %s",
+                        soft, hard, exc)
+        else:
+            log.info("file descriptor limit raised from %d to %d", soft, hard)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import select
 import shutil
 import socket
@@ -107,7 +108,8 @@ def launch(scratch: Path) -> Iterator[Callable[..., Started]]:
     counter = [0]
 
     def start(*args: str, env: dict[str, str] | None = None, as_user: bool = False,
-              timeout: float = 30, umask: int = -1) -> Started:
+              timeout: float = 30, umask: int = -1,
+              nofile: tuple[int, int] | None = None) -> Started:
         counter[0] += 1
         n = counter[0]
         notify_path = scratch / f"notify{n}.sock"
@@ -119,6 +121,8 @@ def launch(scratch: Path) -> Iterator[Callable[..., Started]]:
                 _command(("serve", *args), as_user),
                 env=_env({**(env or {}), "NOTIFY_SOCKET": str(notify_path)}),
                 stdout=subprocess.DEVNULL, stderr=err, umask=umask,
+                preexec_fn=None if nofile is None else (
+                    lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)),
             )
         pidfd = os.pidfd_open(proc.pid)
         try:
@@ -403,6 +407,117 @@ class RawQmp:
     def close(self) -> None:
         self.rfile.close()
         self.sock.close()
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    """Whether the peer closes SOCK within TIMEOUT (what it sends is read)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_control_connections_are_capped(launch, scratch: Path) -> None:
+    """1,000 connections each holding ~1 MiB of JSON without an end took
+    1.07 GiB.  At most 16 are served at once; one more gets a QMP error;
+    a partial message must end within the handshake limit."""
+    img, _ = _image(scratch)
+    ctl = scratch / "ctl.sock"
+    d = launch(str(img), "-k", str(scratch / "nbd.sock"), "-t", "--control", str(ctl),
+               "--handshake-limit", "2")
+    assert d.ready, d.stderr
+    held = [RawQmp(str(ctl)) for _ in range(16)]
+    extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    extra.connect(str(ctl))
+    extra.settimeout(30)
+    refusal = extra.makefile("rb").readline()
+    assert json.loads(refusal)["error"]["desc"].startswith("too many control connections")
+    assert _closed_by_peer(extra, 30)
+    extra.close()
+    # Negotiated and idle: they stay (a backup tool waits for events).
+    assert held[0].call(b'{"execute": "query-disks"}')["return"][0]["name"] == "disk"
+    held.pop().close()
+    again = RawQmp(str(ctl))
+    # A message begun and not ended: closed after the limit.
+    again.sock.sendall(b'{"execute": "query-disks"')
+    assert _closed_by_peer(again.sock, 30)
+    # Connected and never negotiated: closed too.
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.connect(str(ctl))
+    assert _closed_by_peer(silent, 30)
+    silent.close()
+    for q in held:
+        assert q.call(b'{"execute": "query-disks"}')["return"][0]["name"] == "disk"
+        q.close()
+    # Many clients trickling a megabyte each: memory stays bounded.
+    rss = _rss_kib(d.proc.pid)
+    clients = []
+    for _ in range(200):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(str(ctl))
+        c.setblocking(False)
+        try:
+            c.send(b'{"execute": "' + b"x" * (1 << 20))
+        except OSError:
+            pass
+        clients.append(c)
+    peak = _rss_kib(d.proc.pid)
+    for c in clients:
+        c.close()
+    assert peak - rss < 64 * 1024, f"RSS grew by {peak - rss} KiB"
+    assert d.stop() == 0
+
+
+def test_nbd_clients_leave_file_descriptors_for_the_operator(launch, scratch: Path) -> None:
+    """At a limit of 256 descriptors, NBD connections took them all and the
+    control socket could not accept.  The soft limit is raised to the hard
+    one, and NBD clients never take the last FD_RESERVE (64)."""
+    img, _ = _image(scratch)
+    ctl, nbd = scratch / "ctl.sock", scratch / "nbd.sock"
+    d = launch(str(img), "-k", str(nbd), "-t", "--control", str(ctl),
+               "--handshake-limit", "120", nofile=(128, 256))
+    assert d.ready, d.stderr
+    with open(f"/proc/{d.proc.pid}/limits") as f:
+        line = next(x for x in f if x.startswith("Max open files"))
+    assert line.split()[3:5] == ["256", "256"], line
+    conns = []
+    served = 0
+    for _ in range(300):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(str(nbd))
+        c.settimeout(30)
+        # Served: the handshake greeting comes; refused: EOF at once.
+        if c.recv(8) == b"NBDMAGIC":
+            served += 1
+        conns.append(c)
+    try:
+        q = RawQmp(str(ctl))
+        stats = q.call(b'{"execute": "query-stats"}')["return"]
+        assert 100 < served == stats["connections"] <= 256 - 64, (served, stats)
+        # A control command that opens files still can.
+        other = scratch / "b.img"
+        make_image(other, MiB, seed=2)
+        reply = q.call(json.dumps({"execute": "disk-add", "arguments": {
+            "name": "b", "path": str(other)}}).encode())
+        assert "return" in reply, reply
+        q.close()
+    finally:
+        for c in conns:
+            c.close()
+    assert d.stop() == 0
 
 
 DEEP = b"[" * 100000 + b"]" * 100000

@@ -55,3 +55,16 @@ def test_parse_size(text: str, value: int) -> None:
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+def test_pending_says_a_message_is_half_way() -> None:
+    """What the control server times: a message begun and not finished."""
+    sp = JsonSplitter()
+    assert not sp.pending
+    assert sp.feed(b"  \r\n") == [] and not sp.pending  # white space starts nothing
+    assert sp.feed(b'{"execute": ') == [] and sp.pending
+    assert sp.feed(b'"x"}') == [b'{"execute": "x"}'] and not sp.pending
+    assert sp.feed(b'{"a": 1}{"b"') == [b'{"a": 1}'] and sp.pending
+    assert sp.feed(b": 2}\n") == [b'{"b": 2}'] and not sp.pending
+    assert sp.feed(b"garbage") == [] and sp.pending
+    assert sp.feed(b"\n") == [b"garbage"] and not sp.pending

@@ -33,6 +33,7 @@ _NOT_BRACKET: Final = bytes(b for b in range(256) if b not in b"[]{}")
 _STEP: Final = [1 if b in b"[{" else -1 if b in b"]}" else 0 for b in range(256)]
 
 _OPEN = frozenset(b"{[")
+_SPACE = frozenset(b" \t\r\n")
 _CLOSE = frozenset(b"}]")
 
 
@@ -48,7 +49,13 @@ class JsonSplitter:
         self._depth = 0
         self._in_string = False
         self._escape = False
+        self._started = False  # a byte other than white space is buffered
         self._limit = limit
+
+    @property
+    def pending(self) -> bool:
+        """Whether part of a message is buffered (more bytes must finish it)."""
+        return self._started
 
     def feed(self, data: bytes) -> list[bytes]:
         """Consume DATA; return the messages it completed.
@@ -58,6 +65,8 @@ class JsonSplitter:
         out: list[bytes] = []
         for byte in data:
             self._buf.append(byte)
+            if not self._started and byte not in _SPACE:
+                self._started = True
             if self._in_string:
                 if self._escape:
                     self._escape = False
@@ -85,6 +94,7 @@ class JsonSplitter:
         self._depth = 0
         self._in_string = False
         self._escape = False
+        self._started = False
         if text:
             out.append(text)
 

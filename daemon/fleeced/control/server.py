@@ -8,6 +8,11 @@ against it unchanged.
 
 A client sending garbage gets a ``GenericError`` and stays connected; a line
 over :data:`MAX_LINE` bytes or a non-object greeting reply disconnects it.
+So does one that takes longer than ``message_limit`` (the NBD handshake
+limit, 10 s by default) to finish a message it started, or to negotiate
+capabilities after connecting: a peer cannot hold a slot and a megabyte by
+trickling.  At most :data:`MAX_CLIENTS` clients are connected at once; one
+more is told so in a QMP error and closed.
 Garbage includes JSON nested deeper than
 :data:`~fleeced.control.framing.MAX_DEPTH` and numbers JSON cannot carry
 (``NaN``, ``Infinity``, ``1e400``).  Nothing a client sends can stop the daemon.
@@ -37,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: Longest accepted command line, bytes.
 MAX_LINE: Final = 1024 * 1024
+#: Control clients connected at once (each may buffer up to MAX_LINE).
+MAX_CLIENTS: Final = 16
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -57,8 +64,14 @@ class ControlServer:
     :param handlers: command name -> coroutine taking the arguments dict.
     """
 
-    def __init__(self, handlers: Mapping[str, Handler]) -> None:
+    def __init__(self, handlers: Mapping[str, Handler], *, max_clients: int = MAX_CLIENTS,
+                 message_limit: float = 10.0) -> None:
+        """:param max_clients: clients connected at once.
+        :param message_limit: seconds a client has to finish a message it
+            started, and to negotiate capabilities after connecting."""
         self._handlers = dict(handlers)
+        self._max_clients = max_clients
+        self._message_limit = message_limit
         self._handlers["query-commands"] = self._query_commands
         self._clients: set[_Client] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -126,13 +139,30 @@ class ControlServer:
             self._ident = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._clients) >= self._max_clients:
+            log.warning("control client refused: %d clients already", self._max_clients)
+            writer.write(json.dumps(_error(
+                "GenericError", f"too many control connections ({self._max_clients}); "
+                "try again later")).encode() + b"\r\n")
+            writer.close()
+            return
         client = _Client(writer)
         self._clients.add(client)
+        loop = asyncio.get_running_loop()
         try:
             client.send({"QMP": {"version": _version(), "capabilities": []}})
             splitter = JsonSplitter(MAX_LINE)
+            # Until capabilities are negotiated, the connection itself is
+            # the message that must finish in time.
+            deadline: float | None = loop.time() + self._message_limit
             while True:
-                data = await reader.read(65536)
+                timeout = None if deadline is None else max(deadline - loop.time(), 0.0)
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), timeout)
+                except TimeoutError:
+                    log.warning("control client: no complete message within %gs; closing",
+                                self._message_limit)
+                    break
                 if not data:
                     break
                 try:
@@ -146,6 +176,10 @@ class ControlServer:
                     if reply is not None:
                         client.send(reply)
                     await writer.drain()
+                if client.negotiated and not splitter.pending:
+                    deadline = None
+                elif splitter.pending and (deadline is None or messages):
+                    deadline = loop.time() + self._message_limit  # one starts now
         except (ConnectionError, OSError) as exc:
             log.debug("control client gone: %s", exc)
         finally:

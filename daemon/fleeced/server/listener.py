@@ -28,6 +28,7 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import socket
 import ssl
 import stat
@@ -51,6 +52,10 @@ REPLY_BUDGET: Final = 192 * 1024 * 1024
 #: Seconds a connection may keep reply bytes pinned without reading while
 #: other connections wait for the reply budget.
 STALL_TIMEOUT: Final = 30.0
+#: File descriptors no NBD client may take: the operator's control
+#: connections, and what control commands open (images, bitmaps, temp
+#: stores, QMP sockets), must never find the table full.
+FD_RESERVE: Final = 64
 
 
 class NbdServer:
@@ -165,11 +170,17 @@ class NbdServer:
     def connection_opened(self, conn: NbdConnection) -> bool:
         """Register a new connection (it stays until ``conn.closed``).
 
-        :return: False when ``-e`` negotiated clients are connected already.
+        :return: False when ``-e`` negotiated clients are connected already,
+            or when the connection ate into :data:`FD_RESERVE`.
         """
         if self.shared and len(self._negotiated) >= self.shared:
             log.warning("refusing client: %d clients already (-e %d)",
                         len(self._negotiated), self.shared)
+            return False
+        left = _fds_left(len(self._connections))
+        if left < FD_RESERVE:
+            log.warning("refusing client: %d file descriptors left, kept for the control "
+                        "socket", left)
             return False
         self._connections.add(conn)
         self._ever_connected = True
@@ -375,3 +386,19 @@ class NbdServer:
             except OSError:
                 pass
         self._unix_paths.clear()
+
+
+def _fds_left(connections: int) -> int:
+    """File descriptors left under the soft RLIMIT_NOFILE.
+
+    Counting /proc/self/fd costs a directory read, so it is only done once
+    CONNECTIONS (each holds a socket, and a duplicate for worker replies)
+    could bring the table near the limit.
+    """
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if limit == resource.RLIM_INFINITY or 2 * connections + 4 * FD_RESERVE < limit // 2:
+        return FD_RESERVE * 4
+    try:
+        return limit - len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return FD_RESERVE * 4
