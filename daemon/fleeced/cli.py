@@ -412,7 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        print(f"fleeced: {exc}", file=sys.stderr)
+        # Some errors carry no text (a connection reset, an EOF): name them.
+        print(f"fleeced: {str(exc) or type(exc).__name__}", file=sys.stderr)
         return EXIT_FAILURE
 
 

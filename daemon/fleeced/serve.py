@@ -272,6 +272,6 @@ def serve(args: argparse.Namespace) -> int:
     try:
         code = run(_amain(config, wfd))
     except Exception as exc:
-        print(f"fleeced: {exc}", file=sys.stderr)
+        print(f"fleeced: {str(exc) or type(exc).__name__}", file=sys.stderr)
         code = 1
     os._exit(code)

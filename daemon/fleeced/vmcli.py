@@ -13,11 +13,12 @@ import urllib.parse
 from typing import Any
 
 from fleeced.cli import EXIT_FAILURE, EXIT_OK
+from fleeced.control.client import ConnectionLost, ControlClient
 from fleeced.errors import CliError
 from fleeced.settings import session_option_args as _session_option_args
 
 
-async def vm_command(client: Any, args: argparse.Namespace) -> int:
+async def vm_command(client: ControlClient, args: argparse.Namespace) -> int:
     """Run one of the VM/disk commands over the control connection CLIENT."""
     if args.command == "attach" and args.list:
         items = await client.execute("query-attachments", {})
@@ -27,7 +28,10 @@ async def vm_command(client: Any, args: argparse.Namespace) -> int:
             _print_attachments(items)
         return EXIT_OK
     if args.command == "attach":
-        result = await client.execute("vm-attach", _attach_args(args))
+        try:
+            result = await client.execute("vm-attach", _attach_args(args))
+        except ConnectionLost as exc:
+            result = await _attach_outcome(client, args, exc)
         if args.json:
             print(json.dumps(result, indent=2))
         else:
@@ -36,8 +40,13 @@ async def vm_command(client: Any, args: argparse.Namespace) -> int:
                   f"({result['method']}){extra}")
         return EXIT_OK
     if args.command == "detach":
-        await client.execute("vm-detach", {"disk": args.disk, **({"force": True}
-                                                                   if args.force else {})})
+        detach = {"disk": args.disk, **({"force": True} if args.force else {})}
+        try:
+            await client.execute("vm-detach", detach)
+        except ConnectionLost as exc:
+            _warn(f"{exc}; reconnecting to finish the detach")
+            await client.reconnect()
+            await _detach_again(client, detach)
         print(f"{args.disk}: detached; the VM uses its own node again")
         return EXIT_OK
     if args.command == "bitmap":
@@ -54,7 +63,7 @@ async def vm_command(client: Any, args: argparse.Namespace) -> int:
     return await _backup_window(client, args)
 
 
-async def _bitmap_command(client: Any, args: argparse.Namespace) -> int:
+async def _bitmap_command(client: ControlClient, args: argparse.Namespace) -> int:
     action = args.bitmap_command
     if action == "list":
         items = await client.execute("query-bitmaps", {"disk": args.disk} if args.disk else {})
@@ -130,14 +139,56 @@ def _print_attachments(items: list[dict[str, Any]]) -> None:
         print(f"{a['disk']:<12} {a['device']:<12} {a['method']:<8} {a['state']:<10} {a['qmp']}")
 
 
-async def _backup_window(client: Any, args: argparse.Namespace) -> int:
+async def _attach_outcome(client: ControlClient, args: argparse.Namespace,
+                          lost: ConnectionLost) -> dict[str, Any]:
+    """The daemon went away during vm-attach: find out, once it is back,
+    whether the attach completed; undo a half-done one.
+
+    :return: the attachment, when it completed.
+    :raise CliError: when it did not (it is undone, or the undo's error).
+    """
+    _warn(f"{lost}; reconnecting to find out whether {args.disk} is attached")
+    await client.reconnect()
+    for att in await client.execute("query-attachments", {}):
+        if att.get("disk") == args.disk and att.get("state") == "attached":
+            return dict(att)
+        if att.get("disk") == args.disk:
+            await client.execute("vm-detach", {"disk": args.disk, "force": True})
+            raise CliError(f"the daemon restarted during the attach of {args.disk}; the "
+                           "half-done attach was undone (run attach again)")
+    raise CliError(f"the daemon restarted during the attach of {args.disk}, which did not "
+                   "take place (run attach again)")
+
+
+async def _detach_again(client: ControlClient, detach: dict[str, Any]) -> None:
+    """vm-detach once more after a reconnect: done already is done."""
+    try:
+        await client.execute("vm-detach", detach)
+    except CliError as exc:
+        if "is not attached" not in str(exc):
+            raise
+
+
+async def _backup_window(client: ControlClient, args: argparse.Namespace) -> int:
     """attach -> fleece start -> COMMAND -> fleece stop -> detach.
 
     Cleanup runs whatever failed: the session is stopped if it started and
-    the disk is detached if it was attached.  The exit code is COMMAND's, or
-    1 when the window itself (attach, start or cleanup) failed.
+    the disk is detached if it was attached -- also when the daemon
+    restarted in between (killed and restarted by systemd): the connection
+    is made again (bounded), the session lost with the old daemon is
+    forgotten and the disk detached, and the window fails, since its
+    snapshot did not survive.  The exit code is COMMAND's, or 1 when the
+    window itself (attach, start, cleanup, a restart) failed.
     """
-    attach = await client.execute("vm-attach", _attach_args(args))
+    window = _Window(client, args)
+    try:
+        attach = await client.execute("vm-attach", _attach_args(args))
+    except ConnectionLost as exc:
+        window.lost(exc)
+        await client.reconnect()
+        await window.clean_up(session=True)
+        raise CliError(f"backup-window: the daemon restarted during the attach of "
+                       f"{args.disk}; it was undone, no backup was made") from None
     print(f"backup-window: {args.disk}: device {args.device} attached ({attach['method']})",
           flush=True)
     code = EXIT_FAILURE
@@ -147,28 +198,72 @@ async def _backup_window(client: Any, args: argparse.Namespace) -> int:
             export = attach["export"]
         else:
             start = {"disk": args.disk, "name": args.name, **_session_option_args(args)}
+            started = True  # a session lost with the connection is stopped too
             export = (await client.execute("fleece-start", start))["export"]
-            started = True
         print(f"backup-window: snapshot export {export}; running {args.argv[0]}", flush=True)
         code = await _run_command(args.argv, attach["socket"], export)
+    except ConnectionLost as exc:
+        window.lost(exc)
+        await client.reconnect()
     finally:
-        failed = False
-        if started:
-            try:
-                await client.execute("fleece-stop", {"disk": args.disk, "name": args.name})
-            except CliError as exc:
-                print(f"fleeced: backup-window: fleece-stop: {exc}", file=sys.stderr)
-                failed = True
-        try:
-            await client.execute("vm-detach", {"disk": args.disk, "force": True})
-        except CliError as exc:
-            print(f"fleeced: backup-window: detach: {exc}", file=sys.stderr)
-            failed = True
-        if failed:
-            code = EXIT_FAILURE
-        else:
-            print(f"backup-window: {args.disk}: session stopped, device detached", flush=True)
+        await window.clean_up(started)
+    if window.restarted:
+        _warn(f"backup-window: the daemon restarted while the window was open: the "
+              f"snapshot of {args.disk} was lost with it, so the backup cannot be "
+              "trusted; the session was stopped and the disk detached")
+        return EXIT_FAILURE
+    if window.failed:
+        return EXIT_FAILURE
+    print(f"backup-window: {args.disk}: session stopped, device detached", flush=True)
     return code
+
+
+class _Window:
+    """The cleanup of a backup window, across a daemon restart."""
+
+    def __init__(self, client: ControlClient, args: argparse.Namespace) -> None:
+        self._client = client
+        self._args = args
+        self.failed = False
+        self.restarted = False
+
+    def lost(self, exc: ConnectionLost) -> None:
+        self.restarted = True
+        _warn(f"backup-window: {exc}; reconnecting to clean up")
+
+    async def clean_up(self, session: bool) -> None:
+        """Stop the session (when SESSION) and detach the disk, each retried
+        once on a new connection when the daemon went away under it."""
+        args = self._args
+        steps = [("fleece-stop", {"disk": args.disk, "name": args.name})] if session else []
+        steps.append(("vm-detach", {"disk": args.disk, "force": True}))
+        for cmd, cmd_args in steps:
+            for attempt in (1, 2):
+                try:
+                    await self._client.execute(cmd, cmd_args)
+                except ConnectionLost as exc:
+                    if attempt == 2:
+                        _warn(f"backup-window: {cmd}: {exc}")
+                        self.failed = True
+                        break
+                    self.lost(exc)
+                    try:
+                        await self._client.reconnect()
+                    except CliError as again:
+                        _warn(f"backup-window: {cmd}: {again}")
+                        self.failed = True
+                        return
+                    continue
+                except CliError as exc:
+                    # Nothing to stop: the session never started, or is done.
+                    if not (cmd == "fleece-stop" and "has no session" in str(exc)):
+                        _warn(f"backup-window: {cmd}: {exc}")
+                        self.failed = True
+                break
+
+
+def _warn(text: str) -> None:
+    print(f"fleeced: {text}", file=sys.stderr, flush=True)
 
 
 async def _run_command(argv: list[str], sock: str, export: str) -> int:

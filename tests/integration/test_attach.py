@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -290,6 +293,52 @@ def test_backup_window_detaches_when_the_command_fails(
         "vda@fleece")
     assert qmp(d, "query-attachments") == [] and qmp(d, "query-fleece") == []
     assert vm.drive() == "disk0" and "fleeced-vda" not in vm.node_names()
+
+
+def test_backup_window_cleans_up_after_a_daemon_restart(
+        tmp_path: Path, start_daemon: Callable[..., Daemon], vms: Callable[..., Vm]) -> None:
+    """kill -9 and a restart of the daemon while the backup command ran: the
+    CLI printed "fleeced:" with nothing after it and exited 1, leaving the
+    session broken and the VM attached.  Now it reconnects, forgets the lost
+    session, detaches, and says what happened."""
+    image = tmp_path / "vda.img"
+    model = make_image(image, SIZE)
+    sock, ctl = str(tmp_path / "nbd.sock"), str(tmp_path / "ctl.sock")
+    state = str(tmp_path / "state")
+    d = start_daemon(str(image), "-x", "vda", "--state-dir", state, sock=sock, control=ctl)
+    vm = vms(image)
+    running, go = tmp_path / "running", tmp_path / "go"
+    script = tmp_path / "backup.sh"
+    script.write_text(f"#!/bin/sh\ntouch {running}\n"
+                      f"while [ ! -e {go} ]; do sleep 0.05; done\nexit 0\n")
+    script.chmod(0o755)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleeced", "backup-window", "vda", "--qmp", vm.qmp,
+         "--device", "vda", "--control", ctl, "--", str(script)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not running.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the backup command never ran"
+            time.sleep(0.05)
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait()
+        d2 = start_daemon(str(image), "-x", "vda", "--state-dir", state, sock=sock,
+                          control=ctl)
+        go.touch()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, (out, err)
+    assert "the daemon restarted while the window was open" in err, err
+    assert "snapshot of vda was lost" in err, err
+    assert not [line for line in err.splitlines() if line.strip() == "fleeced:"], err
+    assert qmp(d2, "query-attachments") == [] and qmp(d2, "query-fleece") == []
+    assert vm.drive() == "disk0" and "fleeced-vda" not in vm.node_names()
+    vm.write(3 * K64, K64, 0x5a)
+    assert image.read_bytes() == patterned(model, 3 * K64, K64, 0x5a)
 
 
 def test_backup_window_backs_up_while_the_guest_writes(
