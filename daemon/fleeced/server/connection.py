@@ -40,9 +40,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
 import os
 import ssl
+import sys
+import termios
 import time
 from collections import deque
 from collections.abc import Callable
@@ -357,6 +360,8 @@ class NbdConnection(asyncio.Protocol):
                 return
         self._flush()
         self._update_reading()
+        if self._shutdown:
+            self._close_when_idle()
 
     # -- TLS upgrade ---------------------------------------------------------
 
@@ -837,8 +842,30 @@ class NbdConnection(asyncio.Protocol):
     def _close_when_idle(self) -> None:
         if self._inflight:
             return
+        if self._shutdown and not self._closing and self._unread():
+            # Requests the client sent before the shutdown may still sit in
+            # the socket, unread because parsing was held: they were
+            # received, so they are answered (ESHUTDOWN) first.  Closing a
+            # socket with unread bytes also resets it, and the client loses
+            # the replies it has not read yet.  Reading goes on at shutdown
+            # (_update_reading); what arrives is parsed, then we get here
+            # again.  A client that never stops sending is aborted at the
+            # server's drain bound.
+            self._update_reading()
+            return
         self._flush()
         self._close_transport()
+
+    def _unread(self) -> int:
+        """Bytes the client sent that sit unread in the socket."""
+        sock = self._transport.get_extra_info("socket") if self._transport else None
+        if sock is None:
+            return 0
+        try:
+            buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return int.from_bytes(buf, sys.byteorder, signed=True)
 
     def _close_transport(self) -> None:
         """Close after the buffered replies went out, or abort if they cannot
