@@ -297,6 +297,7 @@ class Daemon:
             self.attachments[att.disk] = att
             log.info("state: %s is attached to %s (%s), state %s", att.disk, att.qmp,
                      att.device, att.state)
+        self._sync_guests()
         for rec in st.handoffs:
             self.handoffs[str(rec.get("disk"))] = rec
         for rec in st.sessions:
@@ -305,6 +306,11 @@ class Daemon:
             log.error("session %s on %s was lost when the previous daemon stopped "
                       "uncleanly; reported broken until fleece-stop", name, disk_name)
         self._sync_state()
+
+    def _sync_guests(self) -> None:
+        """The NBD server's list of guest exports: the active exports of the
+        attached disks, whose clients never wait for others' reply budget."""
+        self.server.guest_exports = {name for name in self.attachments if name in self.disks}
 
     def _sync_state(self) -> None:
         """Mirror attachments, runtime disks and sessions into the state document."""
@@ -328,6 +334,7 @@ class Daemon:
 
         :raise CommandError: when it cannot be written.
         """
+        self._sync_guests()
         if self.state is None:
             return
         self._sync_state()

@@ -38,6 +38,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Final
 
+from fleeced import datapath
 from fleeced.datapath import NativeBitmap
 from fleeced.errors import CommandError
 
@@ -54,9 +55,6 @@ RECOVERED_CRASH: Final = ("the daemon stopped uncleanly while the bitmap was in 
 RECOVERED_CORRUPT: Final = "the bitmap file failed its checksum: every cluster is reported dirty"
 RECOVERED_RESIZED: Final = ("the disk's size changed while no daemon had the bitmap open: "
                             "it was resized, and the area past the old end is reported dirty")
-#: ``recovered`` of :meth:`NativeBitmap.open` for a file made for another
-#: disk size (it was resized).
-_RESIZED: Final = 3
 
 
 @dataclass(eq=False)
@@ -184,7 +182,7 @@ async def load(directory: str, rec: dict[str, Any], size: int) -> Bitmap:
         reason = RECOVERED_CORRUPT  # the same
     elif reason is not None:
         await asyncio.to_thread(native.set_all)
-    elif recovered == _RESIZED:
+    elif recovered == datapath.RECOVERED_RESIZED:
         reason = RECOVERED_RESIZED
     bm = Bitmap(disk, name, granularity, True, native, enabled=enabled, path=path,
                 recovered=reason)

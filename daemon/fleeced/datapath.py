@@ -53,6 +53,7 @@ __all__ = [
     "NOT_NEEDED",
     "RECOVERED_CORRUPT",
     "RECOVERED_IN_USE",
+    "RECOVERED_RESIZED",
     "ZERO",
     "NativeBitmap",
     "NativeFile",
@@ -75,6 +76,9 @@ EXT_DIRTY: Final[int] = int(lib.FL_EXT_DIRTY)
 #: length was wrong.
 RECOVERED_IN_USE: Final[int] = 1
 RECOVERED_CORRUPT: Final[int] = 2
+#: ``recovered`` of a file made for a disk of another size: resized, the bits
+#: of the common part kept and the granules past the old end dirty.
+RECOVERED_RESIZED: Final[int] = 3
 
 #: Upper bound on one extents() answer, so allocation never follows the caller.
 MAX_EXTENTS: Final[int] = 1 << 20
@@ -103,10 +107,11 @@ def _einval(what: str) -> OSError:
     return OSError(errno.EINVAL, f"{os.strerror(errno.EINVAL)}: {what}")
 
 
-def _check_header(header: bytes) -> None:
-    """A reply header a worker may send: 1..32 bytes (C copies it)."""
-    if not isinstance(header, bytes) or not 0 < len(header) <= 32:
-        raise _einval("header must be 1..32 bytes")
+def _check_header(header: bytes, empty_ok: bool = False) -> None:
+    """A reply header a worker may send: 1..32 bytes (C copies it), or none
+    (EMPTY_OK) for a piece of a READ reply whose header went out before."""
+    if not isinstance(header, bytes) or not (0 if empty_ok else 1) <= len(header) <= 32:
+        raise _einval("header must be 1..32 bytes" + (" or none" if empty_ok else ""))
 
 
 def _uint(name: str, value: object) -> int:
@@ -808,6 +813,16 @@ class NativeSession(_Handle):
         _check(lib.fl_session_cluster_state(h, o, out))
         return int(out[0])
 
+    def check_read(self, off: int, length: int) -> None:
+        """Whether a read of the range would succeed as far as the session can
+        tell now (without I/O; safe on the event loop).
+
+        :raise OSError: ``EIO`` broken, ``EPERM`` a cluster outside the scope
+            or discarded, ``EINVAL`` out of range, ``EBADF`` closed.
+        """
+        o, n = _range(off, length, self._size)
+        _check(lib.fl_session_readable(self._handle(), o, n))
+
     def inject_error(self, err: int, n: int) -> None:
         """Test hook: the next N temp-store writes fail with ERR (N = 0 disables).
 
@@ -891,12 +906,13 @@ class NativeBitmap(_Handle):
             loading it.  Ignored for a transient bitmap.
         :raise TypeError: on wrongly typed arguments.
         :raise OSError: ``EINVAL`` bad granularity or size, or PATH is not a
-            bitmap of this size and granularity; ``EEXIST`` on create when PATH
+            bitmap of this granularity; ``EEXIST`` on create when PATH
             exists; ``EBUSY`` when another open holds PATH; ``ENOENT`` and other
             ``open(2)``/``mmap(2)`` errors.
         :return: ``(bitmap, recovered)``; ``recovered`` is 0, or
             :data:`RECOVERED_IN_USE` / :data:`RECOVERED_CORRUPT` when the file was
-            loaded all dirty.
+            loaded all dirty, :data:`RECOVERED_RESIZED` when it was made for a
+            disk of another size (resized, the new area dirty).
         """
         if path is not None and not isinstance(path, str):
             raise TypeError(f"path must be str or None, not {type(path).__name__}")
@@ -1177,7 +1193,7 @@ class NativeQueue(_Handle):
         th = target._handle()
         sh = sock._handle()
         o, n = _range(off, length, target.size)
-        _check_header(header)
+        _check_header(header, empty_ok=True)
         cbuf = _alloc_uninit("uint8_t[]", n)
         kind = lib.FL_OP_READ if isinstance(target, NativeFile) else lib.FL_OP_SNAP_READ
         _check(lib.fl_queue_submit_send(h, op_id, kind, th, cbuf, n, o, sh, header,

@@ -362,6 +362,13 @@ int fl_session_event_fd(const fl_session *s);
 int fl_session_frozen_bitmap(fl_session *s, fl_bitmap **out);
 /* Cluster state of the cluster containing OFF (FL_* state), for tests. */
 int fl_session_cluster_state(fl_session *s, uint64_t off, int *state);
+/* Whether a read of [OFF, OFF+LEN) of the snapshot would succeed as far as
+ * the session can tell now: -EIO when it is broken, -EPERM when a cluster
+ * in the range is NOT_NEEDED (outside the scope, or discarded), -EINVAL
+ * out of range, else 0.  Takes only the session's lock (never held across
+ * I/O), so it is safe on an event-loop thread: a large read that is sent a
+ * piece at a time is checked whole before its first piece. */
+int fl_session_readable(fl_session *s, uint64_t off, uint64_t len);
 /* Test hook: every copy-before-write copy of S sleeps MS (0..60000)
  * outside the lock, after reading the source and before storing the data
  * (so a late copy has data to drop), so timeouts can be provoked. */
@@ -453,8 +460,9 @@ void fl_sock_close(fl_sock *s);
                             read or sent; submit it again once resumed */
 
 /* Queue a read (FL_OP_READ or FL_OP_SNAP_READ, FLAGS 0) whose reply the
- * worker writes itself, HDR (up to 32 bytes, copied) then the LEN bytes
- * read, as one reply on SOCK, if the socket takes it without waiting; or
+ * worker writes itself, HDR (up to 32 bytes, copied; none for a piece of
+ * a reply whose header went out before) then the LEN bytes read, as one
+ * reply on SOCK, if the socket takes it without waiting; or
  * a guest write (FL_OP_WRITE, FLAGS 0 or FL_FUA) whose reply, HDR alone,
  * the worker writes once the write succeeded, so the acknowledgement
  * does not wait for the caller's thread.

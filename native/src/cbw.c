@@ -1392,6 +1392,27 @@ int fl_session_cluster_state(fl_session *s, uint64_t off, int *state)
     return 0;
 }
 
+int fl_session_readable(fl_session *s, uint64_t off, uint64_t len)
+{
+    int rc = fl__range_ok(off, len, s->size);
+
+    if (rc < 0 || len == 0)
+        return rc;
+    pthread_mutex_lock(&s->lock);
+    if (s->broken) {
+        rc = -EIO;
+    } else {
+        for (uint64_t c = off >> s->shift; c <= (off + len - 1) >> s->shift; c++) {
+            if (s->state[c] == FL_NOT_NEEDED) {
+                rc = -EPERM;
+                break;
+            }
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
+    return rc;
+}
+
 /* Set one of S's test-hook delays (a field guarded by s->lock). */
 static int set_delay(fl_session *s, int *field, int ms)
 {

@@ -214,7 +214,8 @@ static ssize_t send_some(fl_sock *s, struct iovec *iov, int iovcnt)
             return -errno;
         }
         total += n;
-        while (n > 0 && m.msg_iovlen > 0) {
+        /* (an empty iovec, a piece's missing header, is passed over too) */
+        while (m.msg_iovlen > 0 && (n > 0 || m.msg_iov->iov_len == 0)) {
             if ((size_t)n >= m.msg_iov->iov_len) {
                 n -= (ssize_t)m.msg_iov->iov_len;
                 m.msg_iov++;
@@ -704,7 +705,7 @@ int fl_queue_submit_send(fl_queue *q, uint64_t id, int kind, void *obj,
     struct op *o;
 
     if (obj == NULL || sock == NULL || buf == NULL || len > SIZE_MAX ||
-        hdr_len == 0 || hdr_len > HDR_MAX)
+        hdr_len > HDR_MAX || (hdr_len == 0 && kind == FL_OP_WRITE))
         return -EINVAL;
     if (kind == FL_OP_WRITE ? (flags & ~FL_FUA) != 0
         : (kind != FL_OP_READ && kind != FL_OP_SNAP_READ) || flags != 0 ||

@@ -217,6 +217,16 @@ static void test_discard_scope(void)
     CHECK_RC(fl_session_read(x.s, b, 16, 0, NULL), -EPERM);
     CHECK_RC(fl_session_stats(x.s, &st), 0);
     CHECK(st.cbw_count == 2 && st.temp_bytes == 2 * CS);
+    /* readable: the whole range is checked, as a read would find it. */
+    CHECK_RC(fl_session_readable(x.s, CS, CS), 0);
+    CHECK_RC(fl_session_readable(x.s, CS + 7, 10), 0);
+    CHECK_RC(fl_session_readable(x.s, 4 * CS, CS), 0);
+    CHECK_RC(fl_session_readable(x.s, CS, 2 * CS), -EPERM);    /* cluster 2 */
+    CHECK_RC(fl_session_readable(x.s, CS - 1, 2), -EPERM);     /* cluster 0 */
+    CHECK_RC(fl_session_readable(x.s, 4 * CS, CS + 1), -EPERM); /* cluster 5 */
+    CHECK_RC(fl_session_readable(x.s, 4 * CS, 0), 0);
+    CHECK_RC(fl_session_readable(x.s, SZ, 1), -EINVAL);
+    CHECK_RC(fl_session_readable(x.s, UINT64_MAX, 2), -EINVAL);
     fix_close(&x);
 }
 
@@ -247,6 +257,7 @@ static void test_policies(void)
             CHECK(st.temp_bytes == 0);
             CHECK_RC(fl_session_read(x.s, b, 16, 0, NULL), -EIO);
             CHECK_RC(fl_session_read(x.s, b, 16, 3 * CS, NULL), -EIO);
+            CHECK_RC(fl_session_readable(x.s, 0, SZ), -EIO);
             guest_write(x.f, 2 * CS, 10, 0x33, 0); /* no more CBW */
             CHECK_RC(fl_session_stats(x.s, &st), 0);
             CHECK(st.cbw_count == 1);

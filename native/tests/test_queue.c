@@ -220,6 +220,15 @@ static void test_send(void)
     CHECK(recv(sv[1], got, 1, 0) < 0 && errno == EAGAIN);
     fl_sock_resume(sk);
 
+    /* a piece of a reply whose header went out before: data alone */
+    CHECK_RC(fl_queue_submit_send(q, 10, FL_OP_READ, f, buf[1], 4096, 65536,
+                                  sk, hdr, 0, 0), 0);
+    reap_one(q, 10, &rc, &bits);
+    CHECK(rc == 0 && bits == FL_DONE_SENT);
+    have = drain(sv[1], got, sizeof got);
+    CHECK(have == 4096);
+    for (unsigned j = 0; j < 4096; j++)
+        CHECK(got[j] == pat(65536 + j));
     /* read errors send nothing */
     CHECK_RC(fl_queue_submit_send(q, 4, FL_OP_READ, f, buf[1], 4096,
                                   1 << 20, sk, hdr, sizeof hdr, 0), 0);
@@ -251,6 +260,8 @@ static void test_send(void)
                                   hdr, sizeof hdr, 0), -EINVAL);
     CHECK_RC(fl_queue_submit_send(q, 5, FL_OP_READ, f, buf[1], 1, 0, sk,
                                   hdr, 33, 0), -EINVAL);
+    CHECK_RC(fl_queue_submit_send(q, 5, FL_OP_WRITE, f, buf[1], 1, 0, sk,
+                                  hdr, 0, 0), -EINVAL);   /* an ack has a header */
     CHECK_RC(fl_queue_submit_send(q, 5, FL_OP_READ, f, buf[1], 1, 0, sk,
                                   hdr, 16, 1), -EINVAL);
     /* peer gone: the send fails with the SENT bit (stream torn) */

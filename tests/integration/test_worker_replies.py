@@ -84,12 +84,18 @@ def _reply_any(c: Raw, reqs: dict[int, tuple[int, int]],
         assert magic == 0x67446698
         off, length = reqs[cookie]
         return cookie, error, c.recv_exact(length) if not error else b""
-    magic, flags, typ, cookie, length = struct.unpack(">IHHQI", c.recv_exact(20))
-    assert magic == 0x668E33EF and flags & 1 and typ == 1  # one OFFSET_DATA, DONE
-    payload = c.recv_exact(length)
-    (off,) = struct.unpack_from(">Q", payload)
-    assert off == reqs[cookie][0]
-    return cookie, 0, payload[8:]
+    # Chunks until DONE: a READ larger than the server's piece comes as
+    # several, in order (data, or holes), each for its own offset.
+    data = bytearray()
+    while True:
+        magic, flags, typ, cookie, length = struct.unpack(">IHHQI", c.recv_exact(20))
+        assert magic == 0x668E33EF and typ in (1, 2), (typ, flags)  # OFFSET_DATA/HOLE
+        payload = c.recv_exact(length)
+        (off,) = struct.unpack_from(">Q", payload)
+        assert off == reqs[cookie][0] + len(data)
+        data += payload[8:] if typ == 1 else bytes(struct.unpack_from(">I", payload, 8)[0])
+        if flags & 1:
+            return cookie, 0, bytes(data)
 
 
 def test_mixed_traffic_replies_never_interleave(start_daemon, tmp_path: Path) -> None:
@@ -148,10 +154,17 @@ def test_big_read_of_a_hole(start_daemon, tmp_path: Path, structured: bool) -> N
         c.open("sparse", structured=structured)
         c.send(request(CMD_READ, 77, 4 * MiB, 2 * MiB))
         if structured:
-            magic, flags, typ, cookie, length = struct.unpack(">IHHQI", c.recv_exact(20))
-            assert (magic, flags & 1, typ, cookie, length) == (0x668E33EF, 1, 2, 77, 12)
-            off, n = struct.unpack(">QI", c.recv_exact(12))
-            assert (off, n) == (4 * MiB, 2 * MiB)
+            # OFFSET_HOLE chunks (one per piece the server reads) cover it all
+            pos = 4 * MiB
+            while True:
+                magic, flags, typ, cookie, length = struct.unpack(">IHHQI", c.recv_exact(20))
+                assert (magic, typ, cookie, length) == (0x668E33EF, 2, 77, 12)
+                off, n = struct.unpack(">QI", c.recv_exact(12))
+                assert off == pos
+                pos += n
+                if flags & 1:
+                    break
+            assert pos == 6 * MiB
         else:
             magic, error, cookie = struct.unpack(">IIQ", c.recv_exact(16))
             assert (magic, error, cookie) == (0x67446698, 0, 77)

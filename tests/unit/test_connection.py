@@ -69,6 +69,9 @@ class FakeExport:
     def _result(self, offset: int, length: int) -> ReadResult:
         return ReadResult(bytes(self.data[offset:offset + length]))
 
+    def check_read(self, offset: int, length: int) -> None:
+        return None
+
     def read_now(self, offset: int, length: int) -> ReadResult | None:
         # like the image: only small reads are tried inline
         return self._result(offset, length) if self.inline and length < SEND_MIN else None
@@ -587,13 +590,14 @@ async def test_client_that_stops_reading_stops_being_read() -> None:
     p.transport.held = True  # the client reads nothing from now on
     p.send(b"".join(request(NbdCmd.READ, c, 0, MiB) for c in range(1, 7)))
     await settle()
-    # 6 MiB of replies buffered, over the high-water mark: reading pauses
-    # and what arrives anyway stays unparsed.
+    # Two replies buffered, over the high-water mark: reading pauses and
+    # what arrives anyway stays unparsed.  A client that does not read
+    # costs the daemon about 2 MiB, however much it asked for.
     assert p.conn.paused_since > 0 and not p.transport.reading
-    assert p.server.reply_bytes >= 4 * MiB  # held while the client stalls
+    assert 2 * MiB <= p.server.reply_bytes <= 3 * MiB  # held while the client stalls
     p.send(request(NbdCmd.READ, 7, 0, 512) + request(NbdCmd.READ, 8, 0, 512))
     await settle()
-    assert len(p.export.reads) == 6
+    assert len(p.export.reads) == 2
     p.transport.drain()  # the client reads again
     await settle()
     assert len(p.export.reads) == 8 and p.transport.reading
@@ -696,3 +700,178 @@ async def test_deep_write_queues_are_acknowledged_by_the_loop() -> None:
         p.export.complete_write(i)
     await settle()
     assert replies(p, dict.fromkeys(range(4), 0)) == dict.fromkeys(range(4), (0, b""))
+
+
+# -- READs larger than a piece: streamed ------------------------------------------
+
+from fleeced.server.connection import CONN_REPLY_BUDGET, STREAM_PIECE  # noqa: E402
+
+
+def structured_peer(export: FakeExport | None = None, native: bool = False) -> Peer:
+    p = Peer(export, native=native)
+    assert p.reader().greeting()
+    p.send(client_flags() + option(NbdOpt.STRUCTURED_REPLY)
+           + option(NbdOpt.GO, name_info_payload("disk")))
+    assert p.reader().opt_replies()[-1].type == NbdRep.ACK
+    return p
+
+
+def chunks(p: Peer) -> list[tuple[int, int, int, bytes]]:
+    """(flags, type, cookie, payload) of every chunk on the wire since last time."""
+    r = p.reader()
+    out = []
+    while not r.empty():
+        c = r.chunk()
+        out.append((c.flags, c.type, c.cookie, c.payload))
+    return out
+
+
+@pytest.mark.parametrize("native", [False, True])
+async def test_a_large_read_is_sent_a_piece_at_a_time(native: bool) -> None:
+    """Simple replies: one header, then the data, read and sent a piece at a
+    time (through a worker's socket when there is one): the same bytes as one
+    whole reply, and never more than a piece read at once."""
+    p = Peer(native=native)
+    p.handshake()
+    p.export.hold = True
+    length = 3 * STREAM_PIECE + 1000
+    p.send(request(NbdCmd.READ, 9, 4096, length))
+    for i in range(4):
+        await settle()
+        assert len(p.export.reads) == i + 1  # one piece at a time
+        offset, n, sock, header, _ = p.export.reads[i]
+        assert offset == 4096 + i * STREAM_PIECE
+        assert n == min(STREAM_PIECE, length - i * STREAM_PIECE)
+        assert (sock is not None) == native
+        assert p.server.reply_bytes == n and p.conn.reply_bytes == 0
+        p.export.complete(i)
+    await settle()
+    assert replies(p, {9: length}) == {9: (0, bytes(p.export.data[4096:4096 + length]))}
+    assert p.conn.in_flight == 0 and p.conn.reply_bytes == 0
+    assert p.export.stats.requests == 1 and p.export.stats.bytes_read == length
+
+
+async def test_structured_pieces_are_chunks_holes_included() -> None:
+    p = structured_peer()
+    p.export.hold = True
+    p.send(request(NbdCmd.READ, 5, 0, 2 * STREAM_PIECE + 10))
+    await settle()
+    p.export.complete(0)
+    await settle()
+    offset, n, _, _, fut = p.export.reads[1]
+    fut.set_result(ReadResult(bytearray(n), hole=True))  # a hole: described, not sent
+    await settle()
+    p.export.complete(2)
+    await settle()
+    got = chunks(p)
+    data = bytes(p.export.data)
+    assert got == [
+        (0, 1, 5, struct.pack(">Q", 0) + data[:STREAM_PIECE]),  # OFFSET_DATA
+        (0, 2, 5, struct.pack(">QI", STREAM_PIECE, STREAM_PIECE)),  # OFFSET_HOLE
+        (1, 1, 5, struct.pack(">Q", 2 * STREAM_PIECE)  # OFFSET_DATA, DONE
+         + data[2 * STREAM_PIECE:2 * STREAM_PIECE + 10]),
+    ]
+
+
+async def test_structured_df_is_one_chunk() -> None:
+    p = structured_peer()
+    p.send(request(NbdCmd.READ, 5, 0, 2 * STREAM_PIECE, 4))  # NBD_CMD_FLAG_DF
+    await settle(10)
+    assert chunks(p) == [(1, 1, 5, struct.pack(">Q", 0) + bytes(p.export.data[:2 * STREAM_PIECE]))]
+
+
+async def test_a_stalled_client_costs_a_piece_or_two() -> None:
+    """A client asks for 64 x 32 MiB and reads nothing: the connection reads
+    about two pieces and stops; nothing else is parsed meanwhile."""
+    p = Peer(FakeExport(size=64 * MiB), native=True)
+    p.handshake()
+    p.transport.held = True
+    p.export.hold = True
+    p.send(b"".join(request(NbdCmd.READ, c, (c % 2) * 32 * MiB, 32 * MiB) for c in range(64)))
+    for i in range(8):
+        await settle()
+        if i < len(p.export.reads):
+            p.export.complete(i, sent=0)  # the socket is full: nothing went out
+    await settle()
+    assert len(p.export.reads) <= 2
+    assert p.conn.reply_bytes + p.conn.paused_bytes <= 2 * STREAM_PIECE + 4096
+    assert not p.transport.reading
+
+
+async def test_replies_wait_behind_a_stream_and_are_bounded() -> None:
+    """While a stream owns the socket, other replies wait, held and counted:
+    past the connection's budget, parsing stops."""
+    p = Peer()
+    p.handshake()
+    p.export.hold = True
+    p.send(request(NbdCmd.READ, 1, 0, 2 * STREAM_PIECE))
+    await settle()
+    p.export.complete(0)  # the first piece goes out
+    await settle()
+    first = len(p.wire.data)
+    assert first == p.read_at + 16 + STREAM_PIECE
+    # 60000-byte READs (loop-replied) arrive while the second piece is read.
+    p.send(b"".join(request(NbdCmd.READ, c, 0, 60000) for c in range(2, 40)))
+    done = 2
+    while done < len(p.export.reads):
+        p.export.complete(done)
+        done += 1
+        await settle()
+    assert len(p.wire.data) == first  # nothing may cut into the stream's reply
+    held = p.conn._replies.held_bytes
+    assert CONN_REPLY_BUDGET <= held <= CONN_REPLY_BUDGET + 60016
+    assert len(p.export.reads) < 39  # parsing stopped at the budget
+    p.export.hold = False
+    p.export.complete(1)
+    await settle(20)
+    lengths = {1: 2 * STREAM_PIECE, **{c: 60000 for c in range(2, 40)}}
+    got = replies(p, lengths)
+    assert set(got) == set(range(1, 40))
+    assert got[1] == (0, bytes(p.export.data[:2 * STREAM_PIECE]))
+    assert p.conn._replies.held_bytes == 0 and p.conn.in_flight == 0
+
+
+@pytest.mark.parametrize("structured", [False, True])
+async def test_a_failing_piece(structured: bool) -> None:
+    """The first piece fails: a plain error reply.  A later one: an error
+    chunk with structured replies; with simple ones, after a success header,
+    the connection must end."""
+    for failing in (0, 1):
+        p = structured_peer() if structured else Peer()
+        if not structured:
+            p.handshake()
+        p.export.hold = True
+        p.send(request(NbdCmd.READ, 3, 0, 2 * STREAM_PIECE))
+        await settle()
+        if failing == 1:
+            p.export.complete(0)
+            await settle()
+        p.export.reads[failing][4].set_exception(OSError(errno.EIO, "disk gone"))
+        await settle()
+        if failing == 0:
+            if structured:
+                assert chunks(p) == [(1, 0x8001, 3, struct.pack(">IH", 5, 9) + b"disk gone")]
+            else:
+                assert replies(p, {3: 0}) == {3: (NbdErrno.EIO, b"")}
+            assert not p.transport.closing
+        elif structured:
+            got = chunks(p)
+            assert [c[:3] for c in got] == [(0, 1, 3), (1, 0x8001, 3)]
+            assert not p.transport.closing
+        else:
+            assert p.transport.closing  # the header said success
+        assert p.conn.in_flight == 0
+
+
+async def test_a_read_the_export_refuses_is_answered_before_any_piece() -> None:
+    p = Peer()
+    p.handshake()
+
+    def refuse(offset: int, length: int) -> None:
+        raise OSError(errno.EPERM, "outside the scope")
+
+    p.export.check_read = refuse  # type: ignore[method-assign]
+    p.send(request(NbdCmd.READ, 4, 0, 4 * STREAM_PIECE))
+    await settle()
+    assert replies(p, {4: 0}) == {4: (NbdErrno.EPERM, b"")}
+    assert p.export.reads == []

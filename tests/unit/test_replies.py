@@ -26,7 +26,7 @@ class Wire:
 class FakeSock:
     """The object ``transport.get_extra_info("socket")`` returns."""
 
-    def __init__(self, fd: int = 7) -> None:
+    def __init__(self, fd: int = -1) -> None:  # -1: no real descriptor to ask about
         self.fd = fd
         self.options: list[tuple[int, int, int]] = []
 
@@ -196,6 +196,7 @@ def test_loop_replies_go_out_in_order() -> None:
 
 def test_worker_socket_opened_once_from_the_transport_fd() -> None:
     rig = Rig()
+    rig.transport.sock.fd = 7
     s1 = rig.writer.worker_socket()
     rig.writer.worker_started()
     s2 = rig.writer.worker_socket()

@@ -73,6 +73,14 @@ class Export(Protocol):
         :raise OSError: the read's error.
         """
 
+    def check_read(self, offset: int, length: int) -> None:
+        """Refuse now, without blocking, a read that cannot succeed as a
+        whole (a large READ is sent a piece at a time, and once its first
+        piece is out an error can no longer be answered on every wire form).
+
+        :raise OSError: the error the read would get.
+        """
+
     #: Whether :meth:`read_run` and :meth:`write_run` may take anything
     #: (else they always return None, and the server does not ask).
     takes_runs: bool
@@ -252,6 +260,9 @@ class ExportBase:
     def read_run(self, rule: RunRule, data: bytes | bytearray, pos: int,
                  max_count: int) -> ReadRun | None:
         return None
+
+    def check_read(self, offset: int, length: int) -> None:
+        return None  # the engine checked the range; nothing else is refused
 
     def write_run(self, rule: RunRule, data: bytes | bytearray, pos: int,
                   max_count: int) -> WriteRun | None:

@@ -117,6 +117,9 @@ class SnapshotExport(ExportBase):
     def read_now(self, offset: int, length: int) -> ReadResult | None:
         return None  # snapshot reads take cluster locks: always off the loop
 
+    def check_read(self, offset: int, length: int) -> None:
+        self.session.native.check_read(offset, length)
+
     def submit_read(self, offset: int, length: int, reply_to: ReplySocket | None = None,
                     header: bytes = b"") -> asyncio.Future[ReadResult]:
         return self._io.submit_read(self.session.native, offset, length, reply_to, header)

@@ -21,7 +21,7 @@ from .constants import (
     NbdState,
     TransmissionFlag,
 )
-from .engine import RunRule, ServerConnection, TlsMode
+from .engine import PieceReply, RunRule, ServerConnection, TlsMode
 from .errors import LocalProtocolError, NbdProtocolError, RequestRejected, to_nbd_errno
 from .events import NEED_DATA, Command, Disconnect, Event, ExportChosen, Rejected, StartTls
 from .export import ExportInfo
@@ -39,6 +39,7 @@ __all__ = [
     "NbdReplyFlag",
     "NbdReplyType",
     "NbdState",
+    "PieceReply",
     "RunRule",
     "TransmissionFlag",
     "ServerConnection",

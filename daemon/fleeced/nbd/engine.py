@@ -76,7 +76,7 @@ from .wire import (
     U32,
 )
 
-__all__ = ["RunRule", "ServerConnection", "TlsMode"]
+__all__ = ["PieceReply", "RunRule", "ServerConnection", "TlsMode"]
 
 Lookup = Callable[[str], ExportInfo | None]
 ListExports = Callable[[], Sequence[ExportInfo]]
@@ -217,6 +217,75 @@ def _build_rules(export: ExportInfo, structured: bool, has_contexts: bool) -> tu
         NbdCmd.BLOCK_STATUS: (common | _REQ_ONE, bs_err, einval, max_u32),
     }
     return tuple(rules[cmd] for cmd in _CMDS)
+
+
+class PieceReply:
+    """The bytes of one READ reply sent a piece of the data at a time, for a
+    server that reads and sends a large READ as the socket drains instead of
+    holding all of its data (see :meth:`ServerConnection.piece_reply`).
+
+    The pieces go out in order, each as ``header(pos, n)`` followed by its N
+    bytes of data -- or ``hole(pos, n)`` instead when it has one -- with
+    nothing of another reply in between.  The wire form (proto.md
+    "Structured reply chunk message types"):
+
+    - simple replies: the 16-byte header before the first piece, the data
+      raw after it; a failure after the first piece cannot be told (the
+      header said success): :meth:`error` is None, the connection must end;
+    - structured, with DF ("don't fragment": one chunk): one OFFSET_DATA
+      chunk with DONE covering the whole READ, then the data raw; holes are
+      sent as zeros, and a later failure cannot be told either;
+    - structured: one chunk per piece, OFFSET_DATA or OFFSET_HOLE, DONE on
+      the last; a failure is an ERROR chunk with DONE, ending the reply.
+
+    Pure: it only encodes.
+    """
+
+    __slots__ = ("cookie", "offset", "length", "_structured", "_df")
+
+    def __init__(self, cookie: int, offset: int, length: int, structured: bool,
+                 df: bool) -> None:
+        self.cookie = cookie
+        self.offset = offset
+        self.length = length
+        self._structured = structured
+        self._df = df
+
+    def _flags(self, pos: int, n: int) -> int:
+        return _DONE if pos + n == self.length else 0
+
+    def header(self, pos: int, n: int) -> bytes:
+        """What precedes the N bytes of data at POS (POS, N within the READ)."""
+        if not self._structured:
+            return _simple_pack(SIMPLE_REPLY_MAGIC, 0, self.cookie) if pos == 0 else b""
+        if self._df:
+            return (_data_chunk_pack(STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, self.cookie,
+                                     8 + self.length, self.offset) if pos == 0 else b"")
+        return _data_chunk_pack(STRUCTURED_REPLY_MAGIC, self._flags(pos, n), _OFFSET_DATA,
+                                self.cookie, 8 + n, self.offset + pos)
+
+    def hole(self, pos: int, n: int) -> bytes | None:
+        """The chunk that says "N bytes of zeros at POS", or None: send
+        :meth:`header` and N zero bytes."""
+        if not self._structured or self._df:
+            return None
+        return CHUNK_OFFSET_HOLE.pack(STRUCTURED_REPLY_MAGIC, self._flags(pos, n),
+                                      NbdReplyType.OFFSET_HOLE, self.cookie, 12,
+                                      self.offset + pos, n)
+
+    def error(self, error: NbdErrno, message: str = "") -> bytes | None:
+        """The chunk that ends the reply with ERROR once pieces went out, or
+        None when the wire form cannot carry it (the connection must end)."""
+        if not self._structured or self._df:
+            return None
+        return _error_chunk(self.cookie, error, message)
+
+
+def _error_chunk(cookie: int, error: NbdErrno, message: str) -> bytes:
+    """A structured ERROR chunk with DONE (proto.md NBD_REPLY_TYPE_ERROR)."""
+    raw = message.encode("utf-8", "replace")[:_MAX_ERROR_MESSAGE]
+    return CHUNK_ERROR.pack(STRUCTURED_REPLY_MAGIC, NbdReplyFlag.DONE, NbdReplyType.ERROR,
+                            cookie, 6 + len(raw), error, len(raw)) + raw
 
 
 class ServerConnection:
@@ -840,19 +909,7 @@ class ServerConnection:
         if not self._structured:
             self._out.append(_simple_pack(SIMPLE_REPLY_MAGIC, error, cookie))
             return
-        raw = message.encode("utf-8", "replace")[:_MAX_ERROR_MESSAGE]
-        self._out.append(
-            CHUNK_ERROR.pack(
-                STRUCTURED_REPLY_MAGIC,
-                NbdReplyFlag.DONE,
-                NbdReplyType.ERROR,
-                cookie,
-                6 + len(raw),
-                error,
-                len(raw),
-            )
-            + raw
-        )
+        self._out.append(_error_chunk(cookie, error, message))
 
     def reply_read(
         self,
@@ -915,6 +972,19 @@ class ServerConnection:
         return _data_chunk_pack(
             STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, 8 + length, offset
         )
+
+    def piece_reply(self, cookie: int, offset: int, length: int, flags: int) -> PieceReply:
+        """How to send a successful READ reply a piece at a time (see
+        :class:`PieceReply`).  Nothing is queued here: the caller writes the
+        pieces, with nothing else in between.
+
+        :param flags: the READ's flags (``NBD_CMD_FLAG_DF`` matters).
+        :raise LocalProtocolError: before transmission, or if *length* is 0.
+        """
+        self._require_transmission()
+        if length <= 0:
+            raise LocalProtocolError("piece_reply() with no data")
+        return PieceReply(cookie, offset, length, self._structured, bool(flags & _DF))
 
     def ok_reply(self, cookie: int) -> bytes:
         """The bytes of the success reply :meth:`reply_ok` would queue.

@@ -9,9 +9,13 @@ interleaved with another reply (STYLE.md §2.14.7).
 Flow control: parsing (and reading from the socket) pauses while too many
 requests are in flight, while the transport's write buffer is above its
 high-water mark (a client that never reads its replies), while this
-connection holds more than :data:`CONN_REPLY_BUDGET` bytes of READ replies, or
-while the daemon as a whole holds more than its reply budget (see
-:class:`~fleeced.server.NbdServer`), so memory stays bounded.
+connection holds more than :data:`CONN_REPLY_BUDGET` bytes of READ replies or
+of replies waiting for the socket, or while the daemon as a whole holds more
+than its reply budget (see :class:`~fleeced.server.NbdServer`; connections of
+attached VM disks never wait for it), so memory stays bounded.  A READ larger
+than :data:`STREAM_PIECE` is *streamed*: read and sent a piece at a time, each
+piece only once the last one has left the transport, so no reply is ever held
+whole and a client that stops reading costs the daemon about a piece.
 
 Every wait is bounded: the handshake (``handshake_limit``), the drain at
 shutdown and at fleece-stop (``shutdown_timeout``, then the transport is
@@ -49,6 +53,7 @@ import termios
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Final, cast
 
 from fleeced.exports import ReplyTorn, open_reply_socket
@@ -61,6 +66,7 @@ from fleeced.nbd import (
     NbdCmdFlag,
     NbdErrno,
     NbdProtocolError,
+    PieceReply,
     Rejected,
     ServerConnection,
     StartTls,
@@ -101,9 +107,27 @@ WRITE_RUN_MAX: Final = 4
 #: many; worker-written 16-byte replies cost 10-20 % IOPS at QD16).
 WORKER_ACK_MAX_IN_FLIGHT: Final = 2
 #: Bytes of READ replies one connection may hold (admitted and not yet handed
-#: to the socket) before it stops parsing requests.  One request is always
-#: admitted, so a connection holds at most this plus one maximum READ.
-CONN_REPLY_BUDGET: Final = 32 * 1024 * 1024
+#: to the socket), and bytes of replies held while the socket is a worker's or
+#: a stream's, before it stops parsing requests.  One request is always
+#: admitted, so a connection holds at most this plus one piece, plus its
+#: transport's buffer (WRITE_BUFFER_HIGH): what a client that stops reading
+#: costs, whatever it asked for.
+CONN_REPLY_BUDGET: Final = 1024 * 1024
+#: READs longer than this are streamed (a piece of this size at a time).
+STREAM_PIECE: Final = 1024 * 1024
+
+
+class _Stream:
+    """A READ being answered a piece at a time (see NbdConnection._pump)."""
+
+    __slots__ = ("cmd", "reply", "pos", "started", "busy")
+
+    def __init__(self, cmd: Command, reply: PieceReply) -> None:
+        self.cmd = cmd
+        self.reply = reply
+        self.pos = 0  # data bytes handed over (to a worker's send or the transport)
+        self.started = False  # owns the socket (ReplyWriter.begin_stream)
+        self.busy = False  # a piece is being read
 
 
 class NbdConnection(asyncio.Protocol):
@@ -154,6 +178,8 @@ class NbdConnection(asyncio.Protocol):
         # READs (admitted, counted in flight) waiting unread for the socket
         # to be free for workers again; see _defer().
         self._deferred: deque[Command] = deque()
+        # Streamed READs (counted in flight), the first one on the wire.
+        self._streams: deque[_Stream] = deque()
         loop = asyncio.get_running_loop()
         self.closed = loop.create_future()
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -262,12 +288,14 @@ class NbdConnection(asyncio.Protocol):
 
     def _admit(self, cmd: Command) -> None:
         """Charge a READ's reply bytes until the reply is handed over."""
-        self.reply_bytes += cmd.length
-        self._server.charge(cmd.length)
+        self._charge(cmd.length)
 
     def _release(self, cmd: Command) -> None:
-        self.reply_bytes -= cmd.length
-        self._server.charge(-cmd.length)
+        self._charge(-cmd.length)
+
+    def _charge(self, n: int) -> None:
+        self.reply_bytes += n
+        self._server.charge(n)
 
     # -- engine pump -------------------------------------------------------
 
@@ -282,7 +310,7 @@ class NbdConnection(asyncio.Protocol):
         return (
             self._writing_paused
             or self._inflight >= MAX_IN_FLIGHT
-            or self.reply_bytes >= CONN_REPLY_BUDGET
+            or self.reply_bytes + self._replies.held_bytes >= CONN_REPLY_BUDGET
             # the handshake needs no budget: only READ replies are charged
             or (self.negotiated and self._server.over_budget(self))
         )
@@ -321,6 +349,9 @@ class NbdConnection(asyncio.Protocol):
                         inline += 1
                         if inline % 16 == 0:
                             self._flush()  # may pause_writing() -> _hold()
+                        continue
+                    if event.length > STREAM_PIECE:
+                        self._stream(event)
                         continue
                     self._admit(event)
                     if self._submit_read(event):
@@ -582,8 +613,10 @@ class NbdConnection(asyncio.Protocol):
         return True
 
     def _send_deferred(self) -> None:
-        """Submit the READs that wait for the socket, while workers may
-        write; when they never will again (closing), on the loop's path."""
+        """Move the streamed reply along, and submit the READs that wait for
+        the socket, while workers may write; when they never will again
+        (closing), on the loop's path."""
+        self._pump()
         while self._deferred:
             sock = self._replies.worker_socket()
             if sock is None and self._replies.may_wait():
@@ -597,6 +630,141 @@ class NbdConnection(asyncio.Protocol):
                 self._start(cmd)  # the task path reports the error
             else:
                 self._inflight += 1
+
+    # -- streamed READs -----------------------------------------------------
+
+    def _stream(self, cmd: Command) -> None:
+        """Answer a READ too large to hold whole: a piece at a time (see
+        :meth:`_pump`), after the export said the whole range is readable
+        (once a piece is out, not every wire form can carry an error)."""
+        export = self.export
+        assert export is not None
+        try:
+            export.check_read(cmd.offset, cmd.length)
+        except OSError as exc:
+            export.stats.requests += 1
+            self._reply_oserror(export, cmd, exc)
+            return
+        reply = self._engine.piece_reply(cmd.cookie, cmd.offset, cmd.length, cmd.flags)
+        self._streams.append(_Stream(cmd, reply))
+        self._inflight += 1
+        self._pump()
+
+    def _pump(self) -> None:
+        """Move the streamed reply at the head along.
+
+        It takes the socket once no worker reply is in flight (its replies
+        are complete: they go first); then each piece is read only once the
+        last one has left the transport: through a worker that sends it
+        straight to the socket when it can, else through the transport.
+        Whatever frees the socket calls this again (a worker's reply coming
+        back, ``resume_writing``).  Streams nobody can be sent to any more
+        are dropped.
+        """
+        export = self.export
+        while self._streams:
+            st = self._streams[0]
+            if st.busy:
+                return
+            if self._closing:
+                self._streams.popleft()
+                if st.started:
+                    self._replies.end_stream()
+                self._inflight -= 1
+                continue
+            if not st.started:
+                if not self._replies.begin_stream():
+                    return
+                st.started = True
+            if self._writing_paused:
+                return
+            n = min(STREAM_PIECE, st.cmd.length - st.pos)
+            header = st.reply.header(st.pos, n)
+            sock = self._replies.worker_socket(stream=True)
+            if sock is None and self._replies.may_wait():
+                self._replies.notify_when_drained()  # our last piece is still leaving
+                return
+            assert export is not None
+            try:
+                fut = export.submit_read(st.cmd.offset + st.pos, n, sock, header)
+            except OSError as exc:
+                self._piece_failed(st, exc)
+                continue
+            st.busy = True
+            # Charged daemon-wide, not against this connection's budget: a
+            # stream reads one piece at a time anyway, and other requests
+            # go on meanwhile.
+            self._server.charge(n)
+            if sock is not None:
+                self._replies.worker_started()
+            fut.add_done_callback(partial(self._piece_done, st, n, header, sock is not None))
+            return
+
+    def _piece_done(self, st: _Stream, n: int, header: bytes, by_worker: bool,
+                    fut: asyncio.Future[ReadResult]) -> None:
+        st.busy = False
+        self._server.charge(-n)
+        result = None if fut.cancelled() or fut.exception() else fut.result()
+        if by_worker:
+            if result is not None and result.deferred:
+                self._replies.worker_deferred()  # the socket was stalled: again
+                self._send_deferred()
+                return
+            self._replies.worker_done(header, result.data if result else b"",
+                                      result.sent if result else 0)
+        if self._reply_torn(fut) or self._closing:
+            self._finish_stream()
+            return
+        if result is None:
+            exc = None if fut.cancelled() else fut.exception()
+            self._piece_failed(st, exc if isinstance(exc, OSError)
+                               else OSError(errno.ESHUTDOWN, "server shutting down"))
+            self._send_deferred()
+            return
+        if not result.sent:  # a hole, or the socket was full: the loop sends it
+            hole = st.reply.hole(st.pos, n) if result.hole else None
+            self._replies.stream_write([hole] if hole is not None else [header, result.data])
+        st.pos += n
+        if st.pos < st.cmd.length:
+            self._send_deferred()
+            return
+        export = self.export
+        assert export is not None
+        export.stats.requests += 1
+        export.stats.bytes_read += st.cmd.length
+        self._finish_stream()
+
+    def _piece_failed(self, st: _Stream, exc: OSError) -> None:
+        """A piece could not be read (nothing of it went out): the reply
+        ends with the error -- a plain error reply when no piece went out
+        yet, an error chunk when the wire form has one, else the connection
+        ends (a success header is out already)."""
+        export = self.export
+        assert export is not None
+        export.stats.requests += 1
+        if st.pos == 0:
+            self._finish_stream()
+            self._reply_oserror(export, st.cmd, exc)
+            self._flush()
+            return
+        export.stats.errors += 1
+        chunk = st.reply.error(to_nbd_errno(exc.errno or errno.EIO, st.cmd.flags),
+                               export.error_message(exc))
+        log.info("client %s: READ off=%d len=%d failed after %d bytes: %s%s", self.peer,
+                 st.cmd.offset, st.cmd.length, st.pos, exc.strerror or exc,
+                 "" if chunk is not None else " (simple reply begun: closing)")
+        if chunk is not None:
+            self._replies.stream_write([chunk])
+        else:
+            self._abort()
+        self._finish_stream()
+
+    def _finish_stream(self) -> None:
+        """The head stream is done (answered, or abandoned): the socket goes
+        back, the next stream or the held replies go out."""
+        self._streams.popleft()
+        self._replies.end_stream()
+        self._op_done()
 
     def _submit_send(self, cmd: Command, sock: ReplySocket) -> bool:
         """Submit a READ whose reply a native worker may write itself to SOCK
@@ -863,7 +1031,7 @@ class NbdConnection(asyncio.Protocol):
             return 0
         try:
             buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-        except OSError:
+        except (OSError, ValueError):  # ValueError: closed already (fd -1)
             return 0
         return int.from_bytes(buf, sys.byteorder, signed=True)
 

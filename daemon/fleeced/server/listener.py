@@ -8,10 +8,13 @@ One registry: a connection is counted from accept until its ``closed`` future
 resolves, i.e. until the peer is gone *and* its last operation has completed.
 Only negotiated connections count against ``-e``; a silent one is dropped
 after ``handshake_limit``.  Memory for READ replies is budgeted per connection
-(see :mod:`fleeced.server.connection`) and daemon-wide here: while the
-connections together hold more than ``reply_budget`` bytes, none parses new
-requests; a connection that keeps its bytes pinned by not reading its replies
-for ``stall_timeout`` while others wait for the budget is aborted.
+(see :mod:`fleeced.server.connection`: a client that does not read costs
+about 2 MiB, whatever it asked for) and daemon-wide here, against many such
+clients: while the connections together hold more than ``reply_budget``
+bytes, none parses new requests -- except those of attached VM disks
+(:attr:`NbdServer.guest_exports`), which never wait for others; a connection
+that keeps its bytes pinned by not reading its replies for ``stall_timeout``
+while others wait for the budget is aborted.
 
 TLS (``--tls``) applies to TCP listeners, bound or inherited, and never to
 Unix sockets: a Unix-socket client is a local peer whose access the file
@@ -98,6 +101,10 @@ class NbdServer:
         self._charged = 0
         self._budget_waiters: set[NbdConnection] = set()
         self._stall_timer: asyncio.TimerHandle | None = None
+        #: Exports whose clients never wait for the daemon-wide budget:
+        #: the active exports of attached VM disks (a guest's reads must
+        #: not stall behind anybody's unread replies).
+        self.guest_exports: set[str] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_paths: list[str] = []
         self.shared = shared
@@ -228,8 +235,11 @@ class NbdServer:
                 loop.call_soon(conn.resume_parsing)
 
     def over_budget(self, conn: NbdConnection) -> bool:
-        """Whether CONN must wait for the daemon-wide reply budget."""
+        """Whether CONN must wait for the daemon-wide reply budget (never
+        for a guest's connection: its own per-connection bound is enough)."""
         if self._charged < self.reply_budget:
+            return False
+        if conn.export is not None and conn.export.info.name in self.guest_exports:
             return False
         self._budget_waiters.add(conn)
         if self._stall_timer is None:

@@ -28,7 +28,16 @@ hand-off state:
   asking to be told (:meth:`ReplyWriter.notify_when_drained`) when that wait
   is for the transport's buffer.  Reading the data into memory only to wait
   there cost a copy and the loop's send for most bytes of a busy connection
-  (issue 9: 55 % of the replies of ``nbdcopy`` took that way).
+  (55 % of the replies of ``nbdcopy`` took that way);
+* a *streamed* reply (a large READ sent a piece at a time as the socket
+  drains, :meth:`ReplyWriter.begin_stream`) owns the socket until it ends:
+  workers write only its pieces, the loop only its pieces and the rest of
+  a piece a worker sent in part;
+* the engine's replies that wait meanwhile (worker replies in flight, or a
+  stream) are taken out of the engine and *held* here, counted
+  (:attr:`ReplyWriter.held_bytes`), so that the connection stops parsing
+  while they pile up: what a connection holds for a client that does not
+  read is bounded by its own budget, never by others' memory.
 
 This module must not import the data path, the native queue or the engine:
 it gets the engine's output as a callable and the socket handle from a
@@ -56,8 +65,9 @@ log = logging.getLogger(__name__)
 #: waiting.
 SOCKET_SNDBUF: Final = 4 * 1024 * 1024
 #: Unsent reply bytes in the transport before ``pause_writing``: room for one
-#: maximum read plus headers, bounded per connection.
-WRITE_BUFFER_HIGH: Final = 4 * 1024 * 1024
+#: piece of a streamed reply (the largest READ data held whole) plus headers,
+#: bounded per connection.
+WRITE_BUFFER_HIGH: Final = 1024 * 1024 + 4096
 
 Buffers = Sequence[bytes | bytearray | memoryview]
 
@@ -88,6 +98,10 @@ class ReplyWriter:
         self._tls = False
         self._refused = False  # no worker handle could be made: loop only
         self._draining = False  # limits lowered: resume_writing() = drained
+        self._streaming = False  # a streamed reply owns the socket
+        # the engine's replies waiting for the socket, and their size
+        self._held: list[bytes | bytearray | memoryview] = []
+        self._held_bytes = 0
 
     # -- the transport -------------------------------------------------------
 
@@ -106,6 +120,17 @@ class ReplyWriter:
     def worker_replies(self) -> int:
         """Worker-written replies in flight."""
         return self._sends
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the engine's replies held until the socket is the
+        loop's again (see :meth:`flush`)."""
+        return self._held_bytes
+
+    @property
+    def streaming(self) -> bool:
+        """Whether a streamed reply owns the socket."""
+        return self._streaming
 
     def attach(self, transport: asyncio.Transport) -> None:
         """Take TRANSPORT: the connection's, or the TLS one after STARTTLS."""
@@ -146,31 +171,43 @@ class ReplyWriter:
     # -- loop-written replies ----------------------------------------------
 
     def flush(self) -> None:
-        """Write the engine's replies, unless workers own the socket now
-        (their replies are in flight); the engine keeps them until then."""
-        if self._sends:
-            return
+        """Write the engine's replies, unless the socket is someone else's
+        now (worker replies in flight, or a streamed reply): they are held
+        here, counted, until then."""
         out = self._pending()
+        if self._sends or self._streaming:
+            for part in out:
+                self._held.append(part)
+                self._held_bytes += part.nbytes if isinstance(part, memoryview) else len(part)
+            return
+        if self._held:
+            out = self._held + list(out)
+            self._held = []
+            self._held_bytes = 0
         if out and self.writable():
             assert self._transport is not None
             self._transport.writelines(out)
 
     # -- worker-written replies --------------------------------------------
 
-    def worker_socket(self) -> ReplySocket | None:
+    def worker_socket(self, stream: bool = False) -> ReplySocket | None:
         """The handle a worker may write the next reply to, or None: the loop
         writes it (TLS, nothing native, closing, our bytes still buffered, or
         the socket stalled).
 
+        :param stream: for a piece of the streamed reply (no other reply
+            gets the socket while one streams).
         Call :meth:`worker_started` once the read is submitted with it.
         """
         if self._tls or self._open_socket is None or not self.writable():
+            return None
+        if self._streaming and not stream:
             return None
         if self._sends:
             # Workers hold the socket already: they may go on unless one
             # stalled it (its rest is in the transport now) or replies of
             # the loop wait for them to finish.
-            if self._stalled or (self._backlog is not None and self._backlog()):
+            if self._stalled or self._held or (self._backlog is not None and self._backlog()):
                 return None
             return self._sock
         self.flush()
@@ -192,6 +229,36 @@ class ReplyWriter:
             self._sock.resume()
             self._stalled = False
         return self._sock
+
+    # -- streamed replies --------------------------------------------------
+
+    def begin_stream(self) -> bool:
+        """Give the socket to a streamed reply, once no worker reply is in
+        flight: the replies before it go out first (they are complete), and
+        from now on nothing else is written until :meth:`end_stream`.
+
+        :return: False when worker replies are still in flight (try again
+            when one is back).
+        """
+        assert not self._streaming
+        if self._sends:
+            return False
+        self.flush()
+        self._streaming = True
+        return True
+
+    def stream_write(self, parts: Buffers) -> None:
+        """Write part of the streamed reply through the transport (only
+        while no piece of it is with a worker)."""
+        assert self._streaming and not self._sends
+        if self.writable():
+            assert self._transport is not None
+            self._transport.writelines(parts)
+
+    def end_stream(self) -> None:
+        """The streamed reply is whole (or abandoned): the held replies go out."""
+        self._streaming = False
+        self.flush()
 
     def may_wait(self) -> bool:
         """Whether a reply :meth:`worker_socket` refused now may wait for a

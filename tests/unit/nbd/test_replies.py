@@ -158,3 +158,65 @@ def test_ok_reply_matches_reply_ok() -> None:
         assert b"".join(bytes(x) for x in conn.data_to_send()) == conn.ok_reply(
             0x0102030405060708)
         assert not conn.has_data_to_send()
+
+
+# -- a READ reply sent a piece at a time -------------------------------------------
+
+
+def test_piece_reply_simple() -> None:
+    """The header before the first piece, raw data after; no error once begun."""
+    r = opened(structured=False).piece_reply(7, 4096, 3 << 20, 0)
+    assert r.header(0, 1 << 20) == bytes.fromhex("67446698" "00000000" "0000000000000007")
+    assert r.header(1 << 20, 1 << 20) == b"" and r.header(2 << 20, 1 << 20) == b""
+    assert r.hole(1 << 20, 1 << 20) is None  # zeros follow the header instead
+    assert r.error(NbdErrno.EIO, "x") is None  # the header said success
+
+
+def test_piece_reply_structured_chunks() -> None:
+    """One OFFSET_DATA (or OFFSET_HOLE) chunk per piece, DONE on the last."""
+    r = opened().piece_reply(7, 4096, 3 << 20, 0)
+    assert r.header(0, 1 << 20) == bytes.fromhex(
+        "668e33ef"  # magic
+        "0000"  # flags: not the last piece
+        "0001"  # type: OFFSET_DATA
+        "0000000000000007"  # cookie
+        "00100008"  # length: 8 + 1 MiB
+        "0000000000001000"  # offset 4096
+    )
+    assert r.hole(1 << 20, 1 << 20) == bytes.fromhex(
+        "668e33ef"  # magic
+        "0000"  # flags: not the last piece
+        "0002"  # type: OFFSET_HOLE
+        "0000000000000007"  # cookie
+        "0000000c"  # length 12
+        "0000000000101000"  # offset 4096 + 1 MiB
+        "00100000"  # hole size 1 MiB
+    )
+    assert r.header(2 << 20, 1 << 20) == bytes.fromhex(
+        "668e33ef" "0001" "0001" "0000000000000007" "00100008" "0000000000201000")
+    assert r.error(NbdErrno.EIO, "gone") == bytes.fromhex(
+        "668e33ef"  # magic
+        "0001"  # flags: DONE
+        "8001"  # type: ERROR
+        "0000000000000007"  # cookie
+        "0000000a"  # length 10
+        "00000005"  # error: EIO
+        "0004"  # message length
+        "676f6e65"  # "gone"
+    )
+
+
+def test_piece_reply_structured_df_is_one_chunk() -> None:
+    """DF (don't fragment): one OFFSET_DATA chunk for the whole READ."""
+    r = opened().piece_reply(7, 0, 2 << 20, 4)  # NBD_CMD_FLAG_DF
+    assert r.header(0, 1 << 20) == bytes.fromhex(
+        "668e33ef" "0001" "0001" "0000000000000007"
+        "00200008"  # length: 8 + 2 MiB
+        "0000000000000000")
+    assert r.header(1 << 20, 1 << 20) == b""
+    assert r.hole(1 << 20, 1 << 20) is None and r.error(NbdErrno.EIO) is None
+
+
+def test_piece_reply_needs_data() -> None:
+    with pytest.raises(LocalProtocolError):
+        opened().piece_reply(1, 0, 0, 0)
