@@ -15,6 +15,12 @@ segment).  Between and during segments it picks chaos actions at random:
 - ``abandon-stop``: the same, immediately followed by ``fleece-stop`` (over
   the control socket, QMP), then ``fleece-start``;
 - ``stall-stop``: clients that never read their replies, then ``fleece-stop``;
+- ``stall-reconnect``: eight clients at a time that ask for 64 large READs
+  and never read, replaced by new ones again and again while the guests run
+  (a guest op that waits for them past ``--op-timeout`` is a hang);
+- ``two-names``: ``disk-add`` of the served image through a symlink and a
+  hard link must be refused (one source is one disk); another image is
+  added and removed;
 - ``cycle``: ``fleeced fleece stop`` / ``fleeced fleece start`` (the CLI);
 - ``stop-mid``: ``fleece-stop`` while the snapshot readers are busy;
 - ``restart``: SIGTERM (sometimes with stalled clients connected), the daemon
@@ -514,15 +520,15 @@ class Soak:
             raise self.fail("error", f"client: {rep['errors'][0]}", **details)
         return rep
 
-    def spawn_abandon(self, export: str, style: str, count: int | None = None
-                      ) -> subprocess.Popen[bytes]:
+    def spawn_abandon(self, export: str, style: str, count: int | None = None,
+                      big: float = 0.3) -> subprocess.Popen[bytes]:
         d = self.daemon
         assert d is not None
         seed = self.rng.randrange(1 << 30)
         n = count if count is not None else self.rng.randint(8, 96)
         cmd = self.client_cmd("abandon", "--socket", d.sock, "--export", export,
                               "--count", str(n), "--seed", str(seed), "--style", style,
-                              "--stall", "120")
+                              "--stall", "120", "--big", str(big))
         self.note(f"abandon client on {export}: {n} reads, style {style}, seed {seed}")
         with open(self.rdir / "client.log", "ab") as logf:
             p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=logf,
@@ -722,6 +728,60 @@ class Soak:
         self.fleece_start_cli()
         self.run_client(self.seg())
 
+    def act_stall_reconnect(self) -> None:
+        """Stalled readers of large replies, eight at a time, come and go
+        while the guests run: nobody else's I/O may wait for them."""
+        def during(proc: subprocess.Popen[bytes], seconds: float) -> None:
+            t_end = time.monotonic() + seconds * 0.8
+            while time.monotonic() < t_end and proc.poll() is None:
+                batch = [self.spawn_abandon(self.rng.choice([SNAP, DISK]), "stall", count=64,
+                                            big=1.0) for _ in range(8)]
+                for p in batch:
+                    self.wait_pipelined(p)
+                time.sleep(max(0.0, min(self.rng.uniform(0.5, 2.0), t_end - time.monotonic())))
+                for p in batch:  # they go; the next batch comes back for more
+                    p.kill()
+                    p.wait()
+                self.note("stalled readers replaced")
+        self.run_client(max(self.seg(), 3.0), during=during)
+        self.reap_clients()
+        self.check_alive("stalled readers that reconnect")
+        self.check_sessions()
+
+    def act_two_names(self) -> None:
+        """The served image under other names must be refused; another
+        image is welcome (and goes again)."""
+        q = self.qmp()
+        try:
+            for kind in ("symlink", "hardlink"):
+                alias = self.rdir / f"alias-{kind}.img"
+                alias.unlink(missing_ok=True)
+                if kind == "symlink":
+                    alias.symlink_to(self.image)
+                else:
+                    os.link(self.image, alias)
+                try:
+                    q.execute("disk-add", {"name": f"alias-{kind}", "path": str(alias)})
+                except RuntimeError as e:
+                    if "already served as disk" not in str(e):
+                        raise self.fail("error", f"disk-add of a {kind}: {e}") from None
+                else:
+                    raise self.fail("wrong", f"the served image was added again through a "
+                                             f"{kind}: one source served as two disks")
+                finally:
+                    alias.unlink(missing_ok=True)
+            other = self.rdir / "other.img"
+            with open(other, "wb") as f:
+                f.truncate(MiB)
+            self.qmp_exec(q, "disk-add", {"name": "other", "path": str(other)})
+            self.qmp_exec(q, "disk-remove", {"name": "other"})
+            other.unlink()
+            self.note("two names refused, another image added and removed")
+        finally:
+            q.close()
+        self.check_alive("disk-add with two names")
+        self.run_client(self.seg())
+
     def act_cycle(self) -> None:
         self.run_client(self.seg())
         self.fleece_stop_cli()
@@ -771,8 +831,9 @@ class Soak:
         self.check_image_file("SIGTERM under load")
         self.restart_daemon()
 
-    ACTIONS = {"plain": 2, "abandon": 3, "abandon-stop": 3, "stall-stop": 1, "cycle": 2,
-               "stop-mid": 2, "restart": 1, "restart-mid": 1}
+    ACTIONS = {"plain": 2, "abandon": 3, "abandon-stop": 3, "stall-stop": 1,
+               "stall-reconnect": 2, "two-names": 1, "cycle": 2, "stop-mid": 2, "restart": 1,
+               "restart-mid": 1}
 
     # -- rounds ----------------------------------------------------------------------
 
