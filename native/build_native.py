@@ -48,7 +48,7 @@ ffibuilder.set_source(
     ),
     extra_compile_args=CFLAGS + (SAN_FLAGS if SANITIZE else []),
     extra_link_args=SAN_FLAGS if SANITIZE else [],
-    libraries=["pthread"],
+    libraries=["pthread", "nbd"],
 )
 
 if __name__ == "__main__":

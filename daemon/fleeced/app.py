@@ -19,7 +19,7 @@ from dataclasses import asdict
 from typing import Any
 
 from fleeced import bitmaps as bmap
-from fleeced import datapath, systemd
+from fleeced import datapath, sources, systemd
 from fleeced.control.args import check_keys, get, get_size
 from fleeced.control.server import ControlServer
 from fleeced.errors import CommandError
@@ -91,7 +91,7 @@ class Daemon:
         #: in memory: kept in the state for the next start.
         self._unloaded_bitmaps: list[dict[str, Any]] = []
         #: What our pid file is (no disk may be it), once written.
-        self._pid_identity: tuple[str, int, int] | None = None
+        self._pid_identity: tuple[str, ...] | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -115,10 +115,10 @@ class Daemon:
                 except StateError as exc:
                     raise ValueError(str(exc)) from None
             for spec in self.config.disks:
-                self._open_disk(spec)
+                await self._open_disk(spec)
             # Taken first: _restore_state re-syncs the document from memory.
             remembered = list(self.state.state.bitmaps) if self.state is not None else []
-            self._restore_state()
+            await self._restore_state()
             await self._restore_bitmaps(remembered)
             if self.state is not None:
                 await self.state.save()
@@ -204,7 +204,7 @@ class Daemon:
         # Joins the workers: operations of aborted clients finish first.
         self._io.close()
         for disk in self.disks.values():
-            disk.close()
+            await disk.aclose()  # its qemu-storage-daemon child, if any, last
             # After the final flush: bits synced, checksum written, in-use
             # cleared (C does it when the last reference goes).
             for bm in list(disk.bitmaps.values()):
@@ -231,30 +231,41 @@ class Daemon:
 
     # -- disks and sessions --------------------------------------------------
 
-    def _open_disk(self, spec: DiskSpec) -> Disk:
+    async def _open_disk(self, spec: DiskSpec) -> Disk:
         """Open and serve the disk SPEC describes (at start-up).
 
-        :raise ValueError: when its name is taken or its source already
-            served (:meth:`_check_source`).
-        :raise OSError: when the image cannot be opened.
+        :raise ValueError: when its name is taken, its source already
+            served (:meth:`_check_source`) or unusable.
         """
         if spec.name in self.disks or self.server.get_export(spec.name) is not None:
             raise ValueError(f"export name {spec.name!r} is used twice")
-        disk = Disk.open(
-            spec.name, spec.path, read_only=spec.read_only, discard=spec.discard,
-            description=spec.description,
-        )
+        try:
+            src = await self._probe(sources.parse(spec.source, spec.format))
+            disk = await Disk.open_source(spec.name, src, read_only=spec.read_only,
+                                          discard=spec.discard, description=spec.description)
+        except sources.SourceError as exc:
+            raise ValueError(str(exc)) from None
+        except CommandError as exc:
+            raise ValueError(exc.desc) from None
         try:
             self._check_source(disk)
         except CommandError as exc:
-            disk.close()
+            await disk.aclose()
             raise ValueError(exc.desc) from None
         self._add_disk(disk)
-        log.info("disk %s: %s (%d bytes)%s", spec.name, spec.path, disk.size,
-                 " read-only" if spec.read_only else "")
+        self._log_disk(disk)
         return disk
 
-    def _restore_state(self) -> None:
+    @staticmethod
+    def _log_disk(disk: Disk) -> None:
+        src = disk.source
+        how = "" if src is None or src.kind == "file" else (
+            f", {src.format} through qemu-storage-daemon" if src.needs_child
+            else ", an NBD upstream")
+        log.info("disk %s: %s (%d bytes%s)%s", disk.name, disk.path, disk.size, how,
+                 " read-only" if disk.read_only else "")
+
+    async def _restore_state(self) -> None:
         """Bring back what the state dir remembers: disks added at run time,
         attachments (QEMU still points at our socket), and the sessions an
         earlier daemon had (reported broken: their temp stores died with it)."""
@@ -263,25 +274,25 @@ class Daemon:
         st = self.state.state
         kept = []
         for rec in st.disks:
-            try:
-                spec = DiskSpec(path=str(rec["path"]), name=str(rec["name"]),
-                                read_only=bool(rec.get("read-only", False)),
-                                discard=str(rec.get("discard", "ignore")),
-                                description=str(rec.get("description", "")))
-            except KeyError as exc:
-                log.error("state: skipping a disk without %s", exc)
+            text = rec.get("source", rec.get("path"))
+            fmt = rec.get("format")
+            if not isinstance(text, str) or not (fmt is None or isinstance(fmt, str)):
+                log.error("state: skipping disk %s: no source", rec["name"])
                 continue
+            spec = DiskSpec(source=text, name=str(rec["name"]), format=fmt,
+                            read_only=bool(rec.get("read-only", False)),
+                            discard=str(rec.get("discard", "ignore")),
+                            description=str(rec.get("description", "")))
             if spec.name in self.disks:
                 log.warning("state: disk %s is configured; the remembered one is dropped",
                             spec.name)
                 continue
             kept.append(rec)
             try:
-                self._open_disk(spec)
-            except (OSError, ValueError) as exc:
+                await self._open_disk(spec)
+            except ValueError as exc:
                 # Keep serving the others; the record stays for a later restart.
-                log.error("state: cannot reopen disk %s (%s): %s", spec.name, spec.path,
-                          getattr(exc, "strerror", None) or exc)
+                log.error("state: cannot reopen disk %s (%s): %s", spec.name, spec.source, exc)
                 continue
             self._runtime_disks.add(spec.name)
         st.disks = kept
@@ -381,15 +392,32 @@ class Daemon:
         :raise CommandError: naming the disk that serves it already, or the
             daemon's own file it is.
         """
-        identity = disk.file.identity
+        self._check_identity(disk.identity, disk.path)
+        if (self.state is not None and disk.source is not None and disk.source.path is not None
+                and _inside(disk.source.path, self.state.path)):
+            raise CommandError(f"{disk.path} lies in the state directory {self.state.path}")
+
+    def _check_identity(self, identity: tuple[str, ...], text: str) -> None:
+        """:raise CommandError: when IDENTITY is a served disk's, or the pid file's."""
         for other in self.disks.values():
-            if other.file.identity == identity:
-                raise CommandError(f"{disk.path} is already served as disk '{other.name}' "
+            if other.identity == identity:
+                raise CommandError(f"{text} is already served as disk '{other.name}' "
                                    f"({other.path}); one source can only be one disk")
         if identity == self._pid_identity:
-            raise CommandError(f"{disk.path} is the daemon's pid file")
-        if self.state is not None and _inside(disk.path, self.state.path):
-            raise CommandError(f"{disk.path} lies in the state directory {self.state.path}")
+            raise CommandError(f"{text} is the daemon's pid file")
+
+    async def _probe(self, src: sources.Source) -> sources.Source:
+        """The source's format decided, and the one-source rule checked
+        before anything opens it where it can be (a second opener of an
+        image is also refused by QEMU's locks, with a less helpful message).
+
+        :raise sources.SourceError, CommandError: as they say.
+        """
+        src = await sources.probe(src)
+        identity = await asyncio.to_thread(src.identity)
+        if identity is not None:
+            self._check_identity(identity, src.text)
+        return src
 
     def _write_pid_file(self, path: str) -> None:
         """Write our pid to PATH, which ``serve`` checked holds a pid or
@@ -403,7 +431,7 @@ class Daemon:
         except FileNotFoundError:
             existing = None
         for disk in self.disks.values():
-            if disk.file.identity == existing:
+            if disk.identity == existing:
                 raise ValueError(f"--pid-file {path}: is the image of disk '{disk.name}' "
                                  f"({disk.path}); refusing to replace it")
         # A few bytes to a local file at start-up, before any client is served.
@@ -724,10 +752,20 @@ class Daemon:
                 "read-only": d.read_only,
                 "sessions": sorted(d.sessions),
             }
+            if d.source is not None:
+                info.update(d.source.describe())
             flush_errno = d.file.flush_error
             if flush_errno:
                 # Sticky: FLUSH/FUA fail EIO until the disk is reopened.
                 info["flush-error"] = os.strerror(flush_errno)
+            source_errno = d.file.source_error
+            if source_errno:
+                # The upstream (or its qemu-storage-daemon) does not answer:
+                # requests fail EIO within a bound until it is back.
+                info["source-error"] = os.strerror(source_errno)
+            if d.child is not None:
+                info["child"] = {"pid": d.child.pid, "running": d.child.running,
+                                 "restarts": d.child.restarts}
             out.append(info)
         return out
 
@@ -982,40 +1020,51 @@ class Daemon:
     # -- disks at run time ------------------------------------------------------
 
     async def cmd_disk_add(self, args: dict[str, Any]) -> Any:
-        """Serve another image; remembered in the state dir across restarts."""
-        check_keys(args, {"name", "path", "read-only", "discard", "description"})
+        """Serve another disk (a source: an image path, an NBD URI, ``rbd:``;
+        ``path`` is the older name of ``source``); remembered in the state
+        dir across restarts."""
+        check_keys(args, {"name", "source", "path", "format", "read-only", "discard",
+                          "description"})
         name = get(args, "name", str)
-        path = get(args, "path", str)
+        if ("source" in args) == ("path" in args):
+            raise CommandError("give the disk's source (or its older name, path)")
+        text = get(args, "source" if "source" in args else "path", str)
+        fmt = get(args, "format", str, None) if "format" in args else None
         if not name or "\0" in name or len(name.encode()) > 4096:
             raise CommandError(f"invalid disk name {name!r}")
         discard = get(args, "discard", str, "ignore")
         if discard not in ("ignore", "unmap"):
             raise CommandError("discard must be 'ignore' or 'unmap'")
-        spec = DiskSpec(path=path, name=name, read_only=get(args, "read-only", bool, False),
-                        discard=discard, description=get(args, "description", str, ""))
+        try:
+            src = sources.parse(text, fmt)
+        except sources.SourceError as exc:
+            raise CommandError(str(exc)) from None
+        spec = DiskSpec(source=text, name=name, read_only=get(args, "read-only", bool, False),
+                        discard=discard, description=get(args, "description", str, ""),
+                        format=fmt)
         if name in self.disks or self.server.get_export(name) is not None:
             raise CommandError(f"export name '{name}' is already used")
-        if not os.path.isabs(path):
-            raise CommandError(f"path '{path}' must be absolute (the daemon's working "
+        if src.path is not None and not os.path.isabs(src.path):
+            raise CommandError(f"path '{src.path}' must be absolute (the daemon's working "
                                "directory is not yours)")
         try:
-            # open(2) of a slow or remote path must not stall the event loop.
-            disk = await asyncio.to_thread(
-                Disk.open, spec.name, spec.path, read_only=spec.read_only,
-                discard=spec.discard, description=spec.description)
-        except OSError as exc:
-            raise CommandError(f"{path}: {exc.strerror or exc}") from None
+            src = await self._probe(src)
+            disk = await Disk.open_source(name, src, read_only=spec.read_only,
+                                          discard=spec.discard, description=spec.description)
+        except sources.SourceError as exc:
+            raise CommandError(str(exc)) from None
         if name in self.disks or self.server.get_export(name) is not None:
-            disk.close()
+            await disk.aclose()
             raise CommandError(f"export name '{name}' is already used")
         try:
             self._check_source(disk)
         except CommandError:
-            disk.close()
+            await disk.aclose()
             raise
         self._add_disk(disk)
+        self._log_disk(disk)
         self._runtime_disks.add(name)
-        record = {"name": name, "path": path, "read-only": spec.read_only,
+        record = {"name": name, **src.record(), "read-only": spec.read_only,
                   "discard": spec.discard, "description": spec.description}
         if self.state is not None:
             self.state.state.disks.append(record)
@@ -1075,7 +1124,7 @@ class Daemon:
         self._disk_locks.pop(disk.name, None)  # waiters find the disk gone
         if not disk.read_only:
             await self._flush_logged(disk, "at disk-remove")
-        disk.close()
+        await disk.aclose()
 
     # -- VM attachments ----------------------------------------------------------
 
@@ -1397,15 +1446,14 @@ class Daemon:
         return {}
 
 
-def _identity(st: os.stat_result) -> tuple[str, int, int]:
-    """What :attr:`~fleeced.datapath.NativeFile.identity` says of the file
-    STAT describes."""
+def _identity(st: os.stat_result) -> tuple[str, ...]:
+    """What :attr:`Disk.identity` says of the file STAT describes."""
     if stat.S_ISBLK(st.st_mode):
-        return ("blk", st.st_rdev, 0)
-    return ("file", st.st_dev, st.st_ino)
+        return ("blk", str(st.st_rdev), "0")
+    return ("file", str(st.st_dev), str(st.st_ino))
 
 
-def _remove_pid_file(path: str, identity: tuple[str, int, int]) -> None:
+def _remove_pid_file(path: str, identity: tuple[str, ...]) -> None:
     """Remove our pid file, but not whatever may have replaced it."""
     try:
         if _identity(os.stat(path)) == identity:

@@ -28,6 +28,7 @@ from fleeced.paths import (
     parse_mode,
 )
 from fleeced.settings import session_option_args as _session_option_args
+from fleeced.sources import FORMATS
 
 __all__ = ["CliError", "check_private_dir", "default_control", "default_control_path",
            "ensure_private_dir", "main", "parse_args"]
@@ -87,8 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="serve raw images over NBD (the daemon)")
-    s.add_argument("images", nargs="*", metavar="IMAGE")
+    s = sub.add_parser("serve", help="serve disks over NBD (the daemon)")
+    s.add_argument("images", nargs="*", metavar="SOURCE",
+                   help="an image file or block device, an NBD URI (nbd+unix:///EXPORT?"
+                        "socket=PATH, nbd://HOST:PORT/EXPORT) or rbd:POOL/IMAGE; none: "
+                        "a daemon for disks added later")
+    s.add_argument("-f", "--format", choices=FORMATS, metavar="FMT",
+                   help="the sources' format (default: probed, as qemu-nbd; raw "
+                        f"forces raw bytes): {', '.join(FORMATS)}")
     s.add_argument("--config", metavar="FILE",
                    help="service mode: listeners, disks and defaults from a TOML file "
                         "(no IMAGE arguments or listener options then)")
@@ -104,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
                         "QEMU runs in")
     s.add_argument("-p", "--port", type=int, metavar="N", help="TCP port (default 10809)")
     s.add_argument("-b", "--bind", metavar="ADDR", help="TCP address (default 0.0.0.0)")
-    s.add_argument("-x", "--export-name", metavar="NAME", help="export name (one image)")
+    s.add_argument("-x", "--export-name", metavar="NAME", help="export name (one source)")
     s.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
     s.add_argument("-e", "--shared", type=int, default=0, metavar="N",
                    help="at most N concurrent clients (default unlimited)")
@@ -212,9 +219,12 @@ def _parser() -> argparse.ArgumentParser:
 
     dk = sub.add_parser("disk", help="add or remove served disks at run time")
     dksub = dk.add_subparsers(dest="disk_command", metavar="ACTION")
-    dka = dksub.add_parser("add", help="serve another image")
+    dka = dksub.add_parser("add", help="serve another disk")
     dka.add_argument("name")
-    dka.add_argument("path")
+    dka.add_argument("path", metavar="SOURCE",
+                     help="an image file or block device, an NBD URI or rbd:POOL/IMAGE")
+    dka.add_argument("-f", "--format", choices=FORMATS, metavar="FMT",
+                     help=f"its format (default: probed): {', '.join(FORMATS)}")
     dka.add_argument("--read-only", action="store_true")
     dka.add_argument("--discard", choices=("ignore", "unmap"))
     dka.add_argument("--description", metavar="TEXT")
@@ -285,7 +295,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.command == "serve":
         if args.config is not None:
             given = [flag for flag, value in (
-                ("IMAGE", args.images), ("--socket", args.socket), ("--port", args.port),
+                ("SOURCE", args.images), ("--format", args.format),
+                ("--socket", args.socket), ("--port", args.port),
                 ("--socket-mode", args.socket_mode is not None),
                 ("--socket-group", args.socket_group),
                 ("--bind", args.bind), ("--export-name", args.export_name),
@@ -306,8 +317,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             if given:
                 parser.error(f"--config cannot be combined with {', '.join(given)} "
                              "(set them in the configuration file)")
-        elif not args.images:
-            parser.error("serve needs at least one IMAGE (or --config FILE)")
+        elif args.fleece is not None and not args.images:
+            parser.error("--fleece needs at least one SOURCE to fleece")
         if args.tls_cert and args.tls_psk:
             parser.error("--tls-cert and --tls-psk are alternatives; give one")
         if bool(args.tls_cert) != bool(args.tls_key):
@@ -328,8 +339,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 group_id(args.socket_group)
             except KeyError:
                 parser.error(f"--socket-group: no group named {args.socket_group!r}")
-        if args.export_name is not None and len(args.images) > 1:
-            parser.error("--export-name needs exactly one IMAGE")
+        if args.export_name is not None and len(args.images) != 1:
+            parser.error("--export-name needs exactly one SOURCE")
         if args.port is not None and not 0 <= args.port <= 65535:
             parser.error(f"--port {args.port} is out of range")
         if not 0 <= args.threads <= 64:

@@ -38,9 +38,10 @@ from fleeced.settings import (
     DaemonConfig,
     DiskSpec,
     Listener,
-    image_export_name,
     session_options_from_args,
 )
+from fleeced.sources import FORMATS, SourceError
+from fleeced.sources import parse as parse_source
 from fleeced.tls import TLS_MODES, TlsConfig
 
 __all__ = ["load_config"]
@@ -55,7 +56,8 @@ _LISTEN_KEYS: Final = frozenset({"unix", "mode", "group", "tcp"})
 _TLS_KEYS: Final = frozenset({"mode", "cert", "key", "ca", "psk-file"})
 _SIZE_KEYS: Final = ("cluster-size", "cache", "max-temp")
 _SESSION_KEYS: Final = frozenset({*_SIZE_KEYS, "temp-dir", "on-cbw-error", "cbw-timeout"})
-_DISK_KEYS: Final = frozenset({"name", "path", "read-only", "discard", "description"})
+_DISK_KEYS: Final = frozenset({"name", "source", "path", "format", "read-only", "discard",
+                               "description"})
 _MAX_NAME: Final = 4096  # NBD_MAX_STRING: longer export names cannot be asked for
 
 
@@ -126,19 +128,21 @@ def _build(doc: dict[str, Any], base: str) -> DaemonConfig:
     session = _session(_table(doc, "session"), base)
     disks = [_disk(t, base, f"disk[{i}]") for i, t in enumerate(_tables(doc, "disk"), 1)]
     seen: dict[str, int] = {}
-    sources: list[os.stat_result] = []
+    files: list[os.stat_result | None] = []
     for i, d in enumerate(disks, 1):
         if d.name in seen:
             raise _Bad(f"disk[{i}].name",
                        f"{d.name!r} is already the name of disk[{seen[d.name]}]")
         seen[d.name] = i
         # The daemon refuses it too, once open; here the keys can be named.
-        st = os.stat(d.path)
-        for j, earlier in enumerate(sources, 1):
-            if _same_source(st, earlier):
-                raise _Bad(f"disk[{i}].path", f"{d.path} is the image of disk[{j}] "
-                           f"({disks[j - 1].path}); one source can only be one disk")
-        sources.append(st)
+        # (An NBD URI or an rbd: name is no file: the daemon compares those.)
+        st = os.stat(d.source) if os.path.exists(d.source) else None
+        for j, earlier in enumerate(files, 1):
+            if st is not None and earlier is not None and _same_source(st, earlier):
+                key = "source" if "source" in _tables(doc, "disk")[i - 1] else "path"
+                raise _Bad(f"disk[{i}].{key}", f"{d.source} is the image of disk[{j}] "
+                           f"({disks[j - 1].source}); one source can only be one disk")
+        files.append(st)
     if not listeners and "LISTEN_FDS" not in os.environ:
         log.warning("no [[listen]] in the configuration and no socket activation: "
                     "only the control socket is served")
@@ -233,30 +237,47 @@ def _session(t: dict[str, Any], base: str) -> dict[str, Any]:
 
 
 def _disk(t: dict[str, Any], base: str, where: str) -> DiskSpec:
+    """``[[disk]]``: ``source`` (an image path, an NBD URI, ``rbd:...``; a
+    relative path is the file's directory's), or its older name ``path``,
+    and maybe ``format``."""
     _check_keys(t, _DISK_KEYS, where)
-    raw = _opt(t, "path", str, f"{where}.path")
+    key = "source" if "source" in t else "path"
+    if "source" in t and "path" in t:
+        raise _Bad(where, "give source or path (its older name), not both")
+    raw = _opt(t, key, str, f"{where}.{key}")
     if not raw:
-        raise _Bad(f"{where}.path", "missing (every [[disk]] needs path = IMAGE)")
-    path = _path(raw, base, f"{where}.path")
+        raise _Bad(f"{where}.source", "missing (every [[disk]] needs source = IMAGE, "
+                                      "an NBD URI or rbd:POOL/IMAGE)")
+    fmt = _opt(t, "format", str, f"{where}.format")
+    if fmt is not None and fmt not in FORMATS:
+        raise _Bad(f"{where}.format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
     read_only = _opt(t, "read-only", bool, f"{where}.read-only") or False
-    if not os.path.exists(path):
-        raise _Bad(f"{where}.path", f"{path}: no such file or device")
-    if os.path.isdir(path):
-        raise _Bad(f"{where}.path", f"{path}: is a directory, not an image")
-    if not os.access(path, os.R_OK if read_only else os.R_OK | os.W_OK):
-        raise _Bad(f"{where}.path", f"{path}: permission denied"
-                   + ("" if read_only else " (read-write)"))
+    if "://" not in raw and not raw.startswith("rbd:"):
+        raw = _path(raw, base, f"{where}.{key}")
+    try:
+        src = parse_source(raw, fmt)
+    except SourceError as exc:
+        raise _Bad(f"{where}.{key}", str(exc)) from None
+    if src.path is not None:
+        path = src.path
+        if not os.path.exists(path):
+            raise _Bad(f"{where}.{key}", f"{path}: no such file or device")
+        if os.path.isdir(path):
+            raise _Bad(f"{where}.{key}", f"{path}: is a directory, not an image")
+        if not os.access(path, os.R_OK if read_only else os.R_OK | os.W_OK):
+            raise _Bad(f"{where}.{key}", f"{path}: permission denied"
+                       + ("" if read_only else " (read-write)"))
     name = _opt(t, "name", str, f"{where}.name")
     if name is None:
-        name = image_export_name(path)
+        name = src.default_name()
     if not name or "\0" in name or len(name.encode()) > _MAX_NAME:
         raise _Bad(f"{where}.name", f"invalid disk name {name!r}")
     discard = _opt(t, "discard", str, f"{where}.discard") or "ignore"
     if discard not in ("ignore", "unmap"):
         raise _Bad(f"{where}.discard", f"{discard!r} is not one of ignore, unmap")
     description = _opt(t, "description", str, f"{where}.description") or ""
-    return DiskSpec(path=path, name=name, read_only=read_only, discard=discard,
-                    description=description)
+    return DiskSpec(source=raw, name=name, read_only=read_only, discard=discard,
+                    description=description, format=fmt)
 
 
 def _same_source(a: os.stat_result, b: os.stat_result) -> bool:

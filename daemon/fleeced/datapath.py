@@ -254,6 +254,25 @@ class NativeFile(_Handle):
         _check(lib.fl_file_open(os.fsencode(path), int(bool(readonly)), out))
         return cls(ffi.gc(out[0], lib.fl_file_close), bool(readonly))
 
+    @classmethod
+    def open_nbd(cls, uri: str, *, readonly: bool) -> NativeFile:
+        """Open the NBD export at URI as a disk's source (an *upstream*):
+        every operation goes to it over libnbd, each bounded in time.
+
+        :param uri: ``nbd+unix:///EXPORT?socket=PATH`` or ``nbd://HOST[:PORT]/EXPORT``.
+        :raise TypeError: when URI is not a str.
+        :raise OSError: ``EROFS`` when the export is read-only and READONLY
+            is false, ``EINVAL`` for a URI libnbd does not take, or the
+            connect's error (``ECONNREFUSED``, ``ENOENT``, ``ETIMEDOUT``...).
+        """
+        if not isinstance(uri, str):
+            raise TypeError(f"uri must be str, not {type(uri).__name__}")
+        if "\0" in uri:
+            raise _einval("uri has a NUL byte")
+        out = ffi.new("fl_file **")
+        _check(lib.fl_file_open_nbd(uri.encode(), int(bool(readonly)), out))
+        return cls(ffi.gc(out[0], lib.fl_file_close), bool(readonly))
+
     @property
     def size(self) -> int:
         """Size in bytes, fixed at open."""
@@ -263,6 +282,17 @@ class NativeFile(_Handle):
     def readonly(self) -> bool:
         """Whether the file was opened read-only."""
         return self._readonly
+
+    @property
+    def upstream(self) -> bool:
+        """Whether the source is an NBD upstream (no page cache, no sendfile)."""
+        return bool(lib.fl_file_is_upstream(self._handle()))
+
+    @property
+    def source_error(self) -> int:
+        """The errno of the upstream's last lost connection or timed-out
+        command, 0 while it answers (always 0 for a file)."""
+        return int(lib.fl_file_source_error(self._handle()))
 
     @property
     def identity(self) -> tuple[str, int, int]:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fleeced import systemd
+from fleeced import sources, systemd
 from fleeced.app import Daemon
 from fleeced.errors import CliError, CommandError
 from fleeced.paths import (
@@ -29,7 +29,6 @@ from fleeced.settings import (
     DiskSpec,
     Listener,
     SessionOptions,
-    image_export_name,
     session_option_args,
     session_options_from_args,
 )
@@ -59,25 +58,26 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
 
         config = load_config(args.config)
         if args.pid_file:
-            _check_pid_file(args.pid_file, [d.path for d in config.disks])
+            _check_pid_file(args.pid_file, [d.source for d in config.disks
+                                            if os.path.exists(d.source)])
             config.pid_file = args.pid_file
         return config
     disks = []
     seen: set[str] = set()
-    for path in args.images:
-        if not os.path.exists(path):
-            raise CliError(f"{path}: no such file or device")
-        if os.path.isdir(path):
-            raise CliError(f"{path}: is a directory, not an image")
-        mode = os.R_OK if args.read_only else os.R_OK | os.W_OK
-        if not os.access(path, mode):
-            raise CliError(f"{path}: permission denied")
-        name = args.export_name if args.export_name is not None else image_export_name(path)
+    for text in args.images:
+        try:
+            src = sources.parse(text, args.format)
+        except sources.SourceError as exc:
+            raise CliError(str(exc)) from None
+        if src.path is not None:
+            check_image_path(src.path, args.read_only)
+        name = args.export_name if args.export_name is not None else src.default_name()
         if name in seen:
-            raise CliError(f"two images would both be exported as {name!r}")
+            raise CliError(f"two sources would both be exported as {name!r}")
         seen.add(name)
-        disks.append(DiskSpec(path=path, name=name, read_only=args.read_only,
-                              discard=args.discard, description=args.description))
+        disks.append(DiskSpec(source=text, name=name, read_only=args.read_only,
+                              discard=args.discard, description=args.description,
+                              format=args.format))
     fleece = []
     if args.fleece is not None:
         for d in disks:
@@ -98,7 +98,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         if private is not None:
             ensure_private_dir(private)
     if args.pid_file:
-        _check_pid_file(args.pid_file, args.images)
+        _check_pid_file(args.pid_file, [d.source for d in disks if os.path.exists(d.source)])
     return DaemonConfig(
         disks=disks,
         listeners=listeners,
@@ -115,6 +115,20 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         session_defaults=_session_option_args_of(args),
         tls=_tls_config(args),
     )
+
+
+def check_image_path(path: str, read_only: bool) -> None:
+    """Refuse, at start, an image path that cannot be opened as asked.
+
+    :raise CliError: missing, a directory, or no permission.
+    """
+    if not os.path.exists(path):
+        raise CliError(f"{path}: no such file or device")
+    if os.path.isdir(path):
+        raise CliError(f"{path}: is a directory, not an image")
+    mode = os.R_OK if read_only else os.R_OK | os.W_OK
+    if not os.access(path, mode):
+        raise CliError(f"{path}: permission denied")
 
 
 def _state_dir(args: argparse.Namespace) -> str | None:

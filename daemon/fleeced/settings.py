@@ -48,13 +48,17 @@ class SessionOptions:
 
 @dataclass
 class DiskSpec:
-    """A disk to open at start: image path, export name and options."""
+    """A disk to open at start: its source (a path, an NBD URI, ``rbd:...``;
+    see :mod:`fleeced.sources`), its format when given, the export name and
+    options."""
 
-    path: str
+    source: str
     name: str
     read_only: bool = False
     discard: str = "ignore"
     description: str = ""
+    #: ``-f FMT`` (None: probe a path, as qemu-nbd does).
+    format: str | None = None
 
 
 @dataclass

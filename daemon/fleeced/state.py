@@ -50,7 +50,7 @@ VERSION: Final = 1
 #: may carry more; their readers check those).  A document that breaks
 #: this was not written by a daemon of this version: it is corrupt.
 _REQUIRED: Final[dict[str, dict[str, type]]] = {
-    "disks": {"name": str, "path": str},
+    "disks": {"name": str},  # and a "source" (or, written before, "path")
     "attachments": {"disk": str, "qmp": str, "device": str},
     "sessions": {"disk": str, "name": str},
     "bitmaps": {"disk": str, "name": str, "granularity": int},
@@ -95,6 +95,9 @@ class State:
                     if not isinstance(value, kind) or isinstance(value, bool):
                         raise StateError(f"{key}[{n}].{name} must be "
                                          f"{'a string' if kind is str else 'an integer'}")
+                if key == "disks" and not isinstance(item.get("source", item.get("path")),
+                                                     str):
+                    raise StateError(f"disks[{n}].source must be a string")
             setattr(out, key, items)
         return out
 

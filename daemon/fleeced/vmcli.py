@@ -55,7 +55,7 @@ async def vm_command(client: ControlClient, args: argparse.Namespace) -> int:
         if args.disk_command == "add":
             out = _disk_add_args(args)
             result = await client.execute("disk-add", out)
-            print(f"disk {args.name}: {out['path']} ({result['size']} bytes)")
+            print(f"disk {args.name}: {out['source']} ({result['size']} bytes)")
         else:
             await client.execute("disk-remove", {"name": args.name})
             print(f"disk {args.name} removed")
@@ -105,7 +105,14 @@ async def _bitmap_command(client: ControlClient, args: argparse.Namespace) -> in
 
 
 def _disk_add_args(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"name": args.name, "path": os.path.abspath(args.path)}
+    # A path is made absolute here (the daemon's working directory is not
+    # ours); URIs and rbd: names go as they are.
+    text = args.path
+    if "://" not in text and not text.startswith("rbd:"):
+        text = os.path.abspath(text)
+    out: dict[str, Any] = {"name": args.name, "source": text}
+    if args.format:
+        out["format"] = args.format
     if args.read_only:
         out["read-only"] = True
     if args.discard:

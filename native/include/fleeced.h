@@ -74,9 +74,21 @@ typedef struct fl_bitmap fl_bitmap;
  * directories (-EISDIR) and anything but regular files and block devices
  * (-EINVAL). */
 int fl_file_open(const char *path, int readonly, fl_file **out);
+/* Open the NBD export at URI (libnbd's URI syntax: nbd+unix:///EXPORT?
+ * socket=PATH, nbd://HOST[:PORT]/EXPORT) as a disk's source: every
+ * operation below then goes to that export over libnbd (upstream.c),
+ * each bounded in time.  -EROFS when it is read-only and READONLY is 0;
+ * a connect's -errno (-ETIMEDOUT, -ECONNREFUSED, -ENOENT...) else. */
+int fl_file_open_nbd(const char *uri, int readonly, fl_file **out);
 /* Give up the caller's reference (see Lifetimes): the descriptor closes
  * once no session and no queued operation uses the file any more. */
 void fl_file_close(fl_file *f);
+/* 1 when F's source is an NBD upstream (fl_file_open_nbd): no page
+ * cache, no sendfile, no read runs. */
+int fl_file_is_upstream(const fl_file *f);
+/* The errno of the upstream's last lost connection or timed-out command,
+ * 0 while it answers (always 0 for a file). */
+int fl_file_source_error(const fl_file *f);
 /* Size in bytes (from fstat or BLKGETSIZE64), fixed at open. */
 uint64_t fl_file_size(const fl_file *f);
 /* What was opened, from fstat at open: a block device's st_rdev (ino 0),

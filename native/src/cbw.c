@@ -406,7 +406,7 @@ static void classify(const fl_session *s, uint64_t c0, uint64_t c1,
     while (pos < end) {
         struct fl__ext e = { lens, flags, 16, 0 };
 
-        fl__fd_extents(s->file->fd, s->file->is_blk, pos, end - pos, &e);
+        s->file->ops->extents(s->file, pos, end - pos, &e);
         if (e.n == 0)
             break;
         for (size_t i = 0; i < e.n; i++) {
@@ -449,7 +449,7 @@ static int copy_to_temp(fl_session *s, uint64_t c0, uint64_t c1,
         buf = malloc((size_t)bytes);
         if (buf == NULL)
             return -ENOMEM;
-        rc = fl__full_pread(s->file->fd, buf, (size_t)bytes, off);
+        rc = s->file->ops->read(s->file, buf, (size_t)bytes, off, NULL);
         if (rc == 0 && delay_ms > 0) {
             nap(delay_ms);
             delay_ms = 0;
@@ -532,7 +532,7 @@ static int copy_run(fl_session *s, uint64_t c0, uint64_t c1,
             rc = -ENOMEM;
         } else {
             e->idx = c0;
-            rc = fl__full_pread(s->file->fd, e->data, (size_t)data, off);
+            rc = s->file->ops->read(s->file, e->data, (size_t)data, off, NULL);
             if (rc == 0 && delay_ms > 0)
                 nap(delay_ms);
             if (rc == 0 && inj)
@@ -1186,15 +1186,8 @@ int fl_session_read(fl_session *s, uint8_t *buf, size_t len, uint64_t off,
         seg_end = (c1 << s->shift) < end ? (c1 << s->shift) : end;
         nap_ms = s->inject_read_delay_ms;
         pthread_mutex_unlock(&s->lock);
-        r = 0;
-        if (is_hole != NULL)
-            hole = fl__range_is_hole(s->file->fd, s->file->is_blk, pos,
-                                     seg_end - pos);
-        if (hole)
-            memset(buf + (pos - off), 0, (size_t)(seg_end - pos));
-        else
-            r = fl__full_pread(s->file->fd, buf + (pos - off),
-                               (size_t)(seg_end - pos), pos);
+        r = s->file->ops->read(s->file, buf + (pos - off), (size_t)(seg_end - pos), pos,
+                               is_hole != NULL ? &hole : NULL);
         if (nap_ms > 0)
             nap(nap_ms);
         pthread_mutex_lock(&s->lock);
@@ -1315,8 +1308,7 @@ int fl_session_extents(fl_session *s, uint64_t off, uint64_t len,
             uint64_t last_len = n0 > 0 ? e.lens[n0 - 1] : 0;
 
             pthread_mutex_unlock(&s->lock);
-            full = fl__fd_extents(s->file->fd, s->file->is_blk, pos,
-                                  seg_end - pos, &e);
+            full = s->file->ops->extents(s->file, pos, seg_end - pos, &e);
             pthread_mutex_lock(&s->lock);
             if (!still_needed(s, c, c1)) {
                 e.n = n0;

@@ -10,12 +10,25 @@
  *   rwlock across the source I/O is what lets fl_session_open (exclusive)
  *   take its snapshot with no guest write half done.  It is a rwlock, so
  *   guest writes still run in parallel with each other.
- * - Write-zeroes: PUNCH_HOLE|KEEP_SIZE when trimming is allowed, else
- *   ZERO_RANGE (KEEP_SIZE for block devices), else BLKZEROOUT for block
- *   devices, else (unless FL_FAST) writing zeros from a bounded buffer.
- *   FL_FAST refuses any fallback that would write data: -ENOTSUP.
- * - Trim punches a hole; a filesystem or device that cannot punch makes
- *   trim a successful no-op (trim is advisory in NBD).
+ * - Write-zeroes on a file: PUNCH_HOLE|KEEP_SIZE when trimming is
+ *   allowed, else ZERO_RANGE, else (unless FL_FAST) writing zeros from a
+ *   bounded buffer.  On a block device: BLKZEROOUT (the device zeroes, by
+ *   a WRITE ZEROES or unmap command where it has one) for the whole
+ *   logical blocks inside the range, zeros written for the partial blocks
+ *   at its ends.  FL_FAST refuses any fallback that would write data:
+ *   -ENOTSUP.
+ * - Trim punches a hole in a file.  On a block device it is BLKDISCARD of
+ *   the whole logical blocks inside the range (an unaligned range still
+ *   discards those; fallocate would turn it into write-zeroes, and a thin
+ *   volume would never get its space back, as QEMU's host_device knows).
+ *   Where nothing can be discarded, trim is a successful no-op (advisory
+ *   in NBD).
+ * - A device that is read-only (BLKROGET) is refused read-write at open
+ *   (-EROFS), as qemu-nbd does, instead of failing every write.
+ * - The backends: a file or device here; an NBD export in upstream.c.
+ *   Both behind struct fl_source_ops (internal.h), which the CBW engine
+ *   and the snapshot reads use too; the page-cache fast paths
+ *   (read_nowait, read runs, sendfile) exist for files only.
  * - FUA is fdatasync after the write (the NBD spec allows the stronger
  *   whole-file sync).
  * - Sticky flush errors: Linux reports a writeback error to one fdatasync
@@ -78,10 +91,11 @@
 
 #define ZERO_BUF_MAX (1u << 20) /* bytes of zeros written per pwrite */
 
+static const struct fl_source_ops file_ops;
+
 int fl_file_open(const char *path, int readonly, fl_file **out)
 {
     struct stat st;
-    pthread_rwlockattr_t attr;
     fl_file *f;
     int fd, rc;
     uint64_t size;
@@ -103,30 +117,58 @@ int fl_file_open(const char *path, int readonly, fl_file **out)
     if (S_ISREG(st.st_mode)) {
         size = (uint64_t)st.st_size;
     } else if (S_ISBLK(st.st_mode)) {
-        if (ioctl(fd, BLKGETSIZE64, &size) < 0) {
+        int ro = 0;
+        if (ioctl(fd, BLKGETSIZE64, &size) < 0 || ioctl(fd, BLKROGET, &ro) < 0) {
             rc = -errno;
+            goto err_fd;
+        }
+        if (ro && !readonly) {
+            rc = -EROFS;
             goto err_fd;
         }
     } else {
         rc = -EINVAL;
         goto err_fd;
     }
-    if (size > (uint64_t)INT64_MAX) {
-        rc = -EFBIG;
+    rc = fl__file_new(&file_ops, NULL, fd, readonly, S_ISBLK(st.st_mode), size, &f);
+    if (rc < 0)
         goto err_fd;
+    if (f->is_blk) {
+        int lbs = 512;
+        if (ioctl(fd, BLKSSZGET, &lbs) < 0 || lbs <= 0 || (lbs & (lbs - 1)) != 0)
+            lbs = 512;
+        f->lbs = (uint32_t)lbs;
     }
-    f = calloc(1, sizeof(*f));
-    if (f == NULL) {
-        rc = -ENOMEM;
-        goto err_fd;
-    }
-    f->refs = 1;
-    f->fd = fd;
-    f->readonly = readonly != 0;
-    f->is_blk = S_ISBLK(st.st_mode);
-    f->size = size;
     f->id_dev = f->is_blk ? (uint64_t)st.st_rdev : (uint64_t)st.st_dev;
     f->id_ino = f->is_blk ? 0 : (uint64_t)st.st_ino;
+    *out = f;
+    return 0;
+
+err_fd:
+    close(fd);
+    return rc;
+}
+
+int fl__file_new(const struct fl_source_ops *ops, void *priv, int fd, int readonly,
+                 int is_blk, uint64_t size, fl_file **out)
+{
+    pthread_rwlockattr_t attr;
+    fl_file *f;
+    int rc;
+
+    if (size > (uint64_t)INT64_MAX)
+        return -EFBIG;
+    f = calloc(1, sizeof(*f));
+    if (f == NULL)
+        return -ENOMEM;
+    f->refs = 1;
+    f->ops = ops;
+    f->priv = priv;
+    f->fd = fd;
+    f->readonly = readonly != 0;
+    f->is_blk = is_blk != 0;
+    f->lbs = 1;
+    f->size = size;
     rc = -pthread_rwlockattr_init(&attr);
     if (rc < 0)
         goto err_free;
@@ -147,8 +189,6 @@ int fl_file_open(const char *path, int readonly, fl_file **out)
 
 err_free:
     free(f);
-err_fd:
-    close(fd);
     return rc;
 }
 
@@ -166,7 +206,7 @@ void fl__file_unref(fl_file *f)
     free(f->bitmaps);
     pthread_mutex_destroy(&f->hook_lock);
     pthread_rwlock_destroy(&f->sessions_lock);
-    close(f->fd);
+    f->ops->release(f);
     free(f);
 }
 
@@ -202,15 +242,7 @@ int fl_file_read(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
 
     if (rc < 0)
         return rc;
-    if (is_hole != NULL) {
-        *is_hole = 0;
-        if (fl__range_is_hole(f->fd, f->is_blk, off, len)) {
-            memset(buf, 0, len);
-            *is_hole = 1;
-            return 0;
-        }
-    }
-    return fl__full_pread(f->fd, buf, len, off);
+    return f->ops->read(f, buf, len, off, is_hole);
 }
 
 int fl_file_read_nowait(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
@@ -222,6 +254,8 @@ int fl_file_read_nowait(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
 
     if (rc < 0)
         return rc;
+    if (f->fd < 0)
+        return -EAGAIN;         /* only a file has a page cache to look in */
     if (is_hole != NULL) {
         *is_hole = 0;
         /* lseek(SEEK_DATA) reads extent metadata, which stays cached for
@@ -313,8 +347,11 @@ static int sync_file(fl_file *f)
         err = f->inject_flush_err;
     }
     pthread_mutex_unlock(&f->hook_lock);
-    if (err == 0 && fdatasync(f->fd) < 0)
-        err = errno != 0 ? errno : EIO;
+    if (err == 0) {
+        int r = f->ops->sync(f);
+        if (r < 0)
+            err = -r;
+    }
     if (err == 0)
         return __atomic_load_n(&f->flush_err, __ATOMIC_ACQUIRE) != 0 ? -EIO : 0;
     if (!__atomic_compare_exchange_n(&f->flush_err, &none, err, 0,
@@ -344,7 +381,7 @@ int fl_file_write(fl_file *f, const uint8_t *buf, size_t len, uint64_t off,
     rc = begin_guest_write(f, off, len, 0);
     if (rc < 0)
         return rc;
-    rc = fl__full_pwrite(f->fd, buf, len, off);
+    rc = f->ops->write(f, buf, len, off);
     mark_bitmaps(f, off, len);
     rc = fua(f, flags, rc);
     pthread_rwlock_unlock(&f->sessions_lock);
@@ -375,8 +412,46 @@ static int is_unsupported(int err)
            err == EINVAL || err == ENOTTY;
 }
 
+/* The whole logical blocks inside [off, off+len) of a device: 1 and
+ * [*a, *b), or 0 when there is none. */
+static int inner_blocks(const fl_file *f, uint64_t off, uint64_t len, uint64_t *a,
+                        uint64_t *b)
+{
+    uint64_t m = f->lbs - 1;
+
+    *a = (off + m) & ~m;
+    *b = (off + len) & ~m;
+    return *a < *b;
+}
+
+static int device_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags)
+{
+    uint64_t a, b;
+    int rc;
+
+    if (!inner_blocks(f, off, len, &a, &b))
+        return (flags & FL_FAST) ? -ENOTSUP : write_zeros(f, off, len);
+    {
+        uint64_t r[2] = { a, b - a };
+        if (ioctl(f->fd, BLKZEROOUT, r) < 0) {
+            if (!is_unsupported(errno))
+                return -errno;
+            if (flags & FL_FAST)
+                return -ENOTSUP;
+            return write_zeros(f, off, len);
+        }
+    }
+    /* the partial blocks at the ends (only a small write each) */
+    rc = a > off ? write_zeros(f, off, a - off) : 0;
+    if (rc == 0 && off + len > b)
+        rc = write_zeros(f, b, off + len - b);
+    return rc;
+}
+
 static int do_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags)
 {
+    if (f->is_blk)
+        return device_zero(f, off, len, flags);
     if (flags & FL_MAY_TRIM) {
         if (fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                       (off_t)off, (off_t)len) == 0)
@@ -384,21 +459,12 @@ static int do_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags)
         if (!is_unsupported(errno))
             return -errno;
     }
-    if (fallocate(f->fd,
-                  FALLOC_FL_ZERO_RANGE | (f->is_blk ? FALLOC_FL_KEEP_SIZE : 0),
-                  (off_t)off, (off_t)len) == 0)
+    if (fallocate(f->fd, FALLOC_FL_ZERO_RANGE, (off_t)off, (off_t)len) == 0)
         return 0;
     if (!is_unsupported(errno))
         return -errno;
     if (flags & FL_FAST)
         return -ENOTSUP;
-    if (f->is_blk) {
-        uint64_t r[2] = { off, len };
-        if (ioctl(f->fd, BLKZEROOUT, r) == 0)
-            return 0;
-        if (!is_unsupported(errno))
-            return -errno;
-    }
     return write_zeros(f, off, len);
 }
 
@@ -415,7 +481,7 @@ int fl_file_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags)
     rc = begin_guest_write(f, off, len, flags);
     if (rc < 0)
         return rc;
-    rc = do_zero(f, off, len, flags);
+    rc = f->ops->zero(f, off, len, flags);
     if (!(rc == -ENOTSUP && (flags & FL_FAST)))   /* refused: untouched */
         mark_bitmaps(f, off, len);
     rc = fua(f, flags, rc);
@@ -434,7 +500,7 @@ int fl_file_trim(fl_file *f, uint64_t off, uint64_t len)
     rc = begin_guest_write(f, off, len, 0);
     if (rc < 0)
         return rc;
-    rc = fl__punch(f->fd, off, len);
+    rc = f->ops->trim(f, off, len);
     if (rc < 0 && is_unsupported(-rc))
         rc = 0;                 /* nothing punched: nothing to mark */
     else
@@ -576,7 +642,7 @@ int fl_file_cache(fl_file *f, uint64_t off, uint64_t len)
         return rc;
     if (len == 0)
         return 0;
-    return -posix_fadvise(f->fd, (off_t)off, (off_t)len, POSIX_FADV_WILLNEED);
+    return f->ops->cache(f, off, len);
 }
 
 int fl_file_extents(fl_file *f, uint64_t off, uint64_t len,
@@ -589,7 +655,82 @@ int fl_file_extents(fl_file *f, uint64_t off, uint64_t len,
         return rc;
     if (n == NULL || (len > 0 && (max == 0 || lens == NULL || flags == NULL)))
         return -EINVAL;
-    fl__fd_extents(f->fd, f->is_blk, off, len, &e);
+    f->ops->extents(f, off, len, &e);
     *n = e.n;
     return 0;
 }
+
+int fl_file_source_error(const fl_file *f)
+{
+    return __atomic_load_n(&f->source_err, __ATOMIC_RELAXED);
+}
+
+int fl_file_is_upstream(const fl_file *f)
+{
+    return f->fd < 0;
+}
+
+/* ---- the file backend: a raw file or block device ---------------------- */
+
+static int file_read(fl_file *f, void *buf, size_t len, uint64_t off, int *is_hole)
+{
+    if (is_hole != NULL) {
+        *is_hole = 0;
+        if (fl__range_is_hole(f->fd, f->is_blk, off, len)) {
+            memset(buf, 0, len);
+            *is_hole = 1;
+            return 0;
+        }
+    }
+    return fl__full_pread(f->fd, buf, len, off);
+}
+
+static int file_write(fl_file *f, const void *buf, size_t len, uint64_t off)
+{
+    return fl__full_pwrite(f->fd, buf, len, off);
+}
+
+static int file_trim(fl_file *f, uint64_t off, uint64_t len)
+{
+    uint64_t a, b;
+
+    if (!f->is_blk)
+        return fl__punch(f->fd, off, len);
+    if (!inner_blocks(f, off, len, &a, &b))
+        return -EOPNOTSUPP;     /* no whole block inside: nothing to discard */
+    {
+        uint64_t r[2] = { a, b - a };
+        return ioctl(f->fd, BLKDISCARD, r) < 0 ? -errno : 0;
+    }
+}
+
+static int file_sync(fl_file *f)
+{
+    return fdatasync(f->fd) < 0 ? -(errno != 0 ? errno : EIO) : 0;
+}
+
+static int file_cache(fl_file *f, uint64_t off, uint64_t len)
+{
+    return -posix_fadvise(f->fd, (off_t)off, (off_t)len, POSIX_FADV_WILLNEED);
+}
+
+static int file_extents(fl_file *f, uint64_t off, uint64_t len, struct fl__ext *e)
+{
+    return fl__fd_extents(f->fd, f->is_blk, off, len, e);
+}
+
+static void file_release(fl_file *f)
+{
+    close(f->fd);
+}
+
+static const struct fl_source_ops file_ops = {
+    .read = file_read,
+    .write = file_write,
+    .zero = do_zero,
+    .trim = file_trim,
+    .sync = file_sync,
+    .cache = file_cache,
+    .extents = file_extents,
+    .release = file_release,
+};

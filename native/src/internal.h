@@ -38,12 +38,47 @@
 
 #include "fleeced.h"
 
+/* Extent accumulator: appends, merging equal neighbours. */
+struct fl__ext {
+    uint64_t *lens;
+    uint32_t *flags;
+    size_t max, n;
+};
+
+/* What a disk's source does, for the CBW engine, the snapshot reads and the
+ * guest path (file.c: a raw file or block device; upstream.c: an NBD export
+ * through libnbd).  Offsets and lengths are within the size (the callers
+ * checked).  Every one returns 0 or -errno; each may block (workers only). */
+struct fl_source_ops {
+    /* LEN bytes at OFF into BUF; with IS_HOLE, *IS_HOLE = 1 when the whole
+     * range is a hole (BUF then holds zeros), else 0. */
+    int (*read)(fl_file *f, void *buf, size_t len, uint64_t off, int *is_hole);
+    int (*write)(fl_file *f, const void *buf, size_t len, uint64_t off);
+    /* FL_MAY_TRIM may deallocate; FL_FAST: -ENOTSUP rather than writing. */
+    int (*zero)(fl_file *f, uint64_t off, uint64_t len, unsigned flags);
+    /* -ENOTSUP (and friends, see file.c) when nothing can be discarded. */
+    int (*trim)(fl_file *f, uint64_t off, uint64_t len);
+    int (*sync)(fl_file *f);
+    int (*cache)(fl_file *f, uint64_t off, uint64_t len);
+    /* Allocation of [off, off+len) appended to E (what cannot be learnt is
+     * data); 1 when E filled. */
+    int (*extents)(fl_file *f, uint64_t off, uint64_t len, struct fl__ext *e);
+    /* The last reference went: give up what PRIV holds. */
+    void (*release)(fl_file *f);
+};
+
 struct fl_file {
     unsigned refs;          /* atomic; see "Lifetimes" */
     int closed;             /* atomic; set once by fl_file_close */
-    int fd;                 /* immutable after open */
+    const struct fl_source_ops *ops; /* immutable */
+    void *priv;             /* immutable: the backend's own state */
+    /* atomic: the errno of the source's last lost connection, 0 while it
+     * answers (an NBD upstream; always 0 for a file) */
+    int source_err;
+    int fd;                 /* immutable after open: -1 unless a file */
     int readonly;           /* immutable */
     int is_blk;             /* immutable: block device */
+    uint32_t lbs;           /* immutable: a device's logical block size, else 1 */
     uint64_t size;          /* immutable */
     /* immutable: what the fd is (a file's st_dev/st_ino, a device's
      * st_rdev and 0), so two paths to one source can be told apart */
@@ -68,6 +103,11 @@ struct fl_file {
     int inject_flush_err, inject_flush_n;
 };
 
+/* A new fl_file over OPS/PRIV (FD: a file's descriptor, else -1), one
+ * reference, the caller's.  On failure nothing of PRIV or FD is taken. */
+int fl__file_new(const struct fl_source_ops *ops, void *priv, int fd, int readonly,
+                 int is_blk, uint64_t size, fl_file **out);
+
 /* References (atomic).  The last unref frees the object. */
 void fl__file_ref(fl_file *f);
 void fl__file_unref(fl_file *f);
@@ -76,6 +116,11 @@ void fl__session_unref(fl_session *s);
 /* 1 once the owner closed the object (fl_file_close / fl_session_close). */
 int fl__file_closed(const fl_file *f);
 int fl__session_closed(const fl_session *s);
+
+/* ---- upstream.c ------------------------------------------------------ */
+
+/* Test hook: the bound of every later command and connect of F's upstream. */
+void fl__upstream_set_timeout(fl_file *f, int ms);
 
 /* ---- runs.c --------------------------------------------------------- */
 
@@ -99,12 +144,6 @@ int fl__range_is_hole(int fd, int is_blk, uint64_t off, uint64_t len);
 /* Punch [off, off+len) of FD keeping its size.  Returns 0 or -errno. */
 int fl__punch(int fd, uint64_t off, uint64_t len);
 
-/* Extent accumulator: appends, merging equal neighbours. */
-struct fl__ext {
-    uint64_t *lens;
-    uint32_t *flags;
-    size_t max, n;
-};
 /* Append (len, flags).  Returns 0, or 1 when the list is full and the
  * extent could not be merged (caller stops). */
 int fl__ext_add(struct fl__ext *e, uint64_t len, uint32_t flags);

@@ -287,7 +287,8 @@ static void send_reply(struct op *o, int hole)
  * takes only part, the rest of the data is read into o->buf for the
  * caller, so a partial reply is finished from memory as before.
  *
- * Only for the image (the active export).  Never for a session's frozen
+ * Only for an image that is a file (the active export; an NBD upstream
+ * is read into o->buf and sent as a snapshot read is).  Never for a session's frozen
  * view: the socket keeps references to the page-cache pages, not copies,
  * until the peer reads them, so a guest write landing after sendfile
  * returned would reach the backup (shown on Linux 6.18 for Unix and TCP
@@ -398,7 +399,7 @@ static void run_op(struct op *o, int delay_ms)
     }
     switch (o->kind) {
     case FL_OP_READ:
-        if (o->sock != NULL) {
+        if (o->sock != NULL && !fl_file_is_upstream(o->obj)) {
             sendfile_reply(o);
             return;
         }

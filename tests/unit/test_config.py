@@ -116,10 +116,10 @@ def test_full_file(tmp_path: Path) -> None:
         "max-temp": 1 << 30, "on-cbw-error": "break-guest-write", "cbw-timeout": 30.0,
     }
     assert cfg.disks == [
-        DiskSpec(path=img1, name="vm1-vda", read_only=False, discard="unmap",
+        DiskSpec(source=img1, name="vm1-vda", read_only=False, discard="unmap",
                  description="the first VM"),
         # Relative to the file's directory; the name defaults to the file's stem.
-        DiskSpec(path=img2, name="vm2", read_only=True),
+        DiskSpec(source=img2, name="vm2", read_only=True),
     ]
     assert cfg.pid_file is None and cfg.fleece == []
 
@@ -269,7 +269,12 @@ def test_not_utf8(tmp_path: Path) -> None:
     ("[session]\ncbw-timeout = '45'\n", r"session\.cbw-timeout: must be a number"),
     ("[session]\ntemp-dir = 'no-such-dir'\n", r"session: temp-dir '.*/no-such-dir' is not a dir"),
     # disks
-    ("[[disk]]\nname = 'a'\n", r"disk\[1\]\.path: missing"),
+    ("[[disk]]\nname = 'a'\n", r"disk\[1\]\.source: missing"),
+    ("[[disk]]\nsource = 'IMG'\npath = 'IMG'\n", r"disk\[1\]: give source or path"),
+    ("[[disk]]\nsource = 'IMG'\nformat = 'qcow3'\n", r"disk\[1\]\.format: 'qcow3' is not"),
+    ("[[disk]]\nsource = 'rbd:pool'\n", r"disk\[1\]\.source: rbd:pool: want rbd:POOL/IMAGE"),
+    ("[[disk]]\nsource = 'nbd://h/x'\nformat = 'qcow2'\n",
+     r"disk\[1\]\.source: nbd://h/x: an NBD export is served as it is"),
     ("[[disk]]\npath = 'absent.img'\n", r"disk\[1\]\.path: .*/absent\.img: no such file"),
     ("[[disk]]\npath = '.'\n", r"disk\[1\]\.path: .*: is a directory"),
     ("[[disk]]\npath = 'IMG'\nread-only = 'no'\n", r"disk\[1\]\.read-only: must be a boolean"),

@@ -14,7 +14,8 @@ ALONE = {
     "fleeced.paths": {"fleeced.errors"},
     "fleeced.settings": {"fleeced.errors", "fleeced.paths", "fleeced.control",
                          "fleeced.control.args", "fleeced.tls"},
-    "fleeced.config": {"fleeced.errors", "fleeced.paths", "fleeced.settings",
+    "fleeced.sources": set(),
+    "fleeced.config": {"fleeced.errors", "fleeced.paths", "fleeced.settings", "fleeced.sources",
                        "fleeced.control", "fleeced.control.args", "fleeced.tls"},
 }
 

@@ -61,7 +61,8 @@ def test_state_document_is_checked() -> None:
      "number 1e400 is out of range"),
     ('{"version": 1, "sessions": [{"disk": "a", "name": "b", "x": NaN}]}', "NaN"),
     ("[" * 100000 + "]" * 100000, "nested too deeply"),  # a RecursionError before
-    ('{"version": 1, "disks": [{"name": "x", "path": 5}]}', r"disks\[1\]\.path must be a string"),
+    ('{"version": 1, "disks": [{"name": "x", "path": 5}]}', r"disks\[1\]\.source must be a string"),
+    ('{"version": 1, "disks": [{"name": "x"}]}', r"disks\[1\]\.source must be a string"),
     ('{"version": 1, "bitmaps": [{"disk": "a", "name": "b", "granularity": true}]}',
      r"bitmaps\[1\]\.granularity must be an integer"),
 ])
@@ -97,8 +98,9 @@ def test_state_dir_saves_atomically_and_locks(tmp_path: Path) -> None:
     (["backup-window", "vda", "--qmp", "q", "--device", "d", "--freeze", "--qga", "g",
       "--cluster-size", "1M", "--", "true"], "cannot be combined with --freeze"),
     (["disk"], "add or remove"),
-    (["serve"], "at least one IMAGE"),
-    (["serve", "--config", "f.toml", "x.img"], "--config cannot be combined with IMAGE"),
+    (["serve", "--fleece"], "--fleece needs at least one SOURCE"),
+    (["serve", "--config", "f.toml", "x.img"], "--config cannot be combined with SOURCE"),
+    (["serve", "-f", "qcow3", "x.img"], "invalid choice: 'qcow3'"),
 ])
 def test_cli_usage_errors(argv: list[str], needle: str,
                           capsys: pytest.CaptureFixture[str]) -> None:

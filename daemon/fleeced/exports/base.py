@@ -15,6 +15,8 @@ from fleeced import datapath
 from fleeced.datapath import NativeFile
 from fleeced.ioqueue import ReadResult, ReplySocket
 from fleeced.nbd import ExportInfo, RunRule
+from fleeced.qsd import QsdChild
+from fleeced.sources import Source, SourceError, probe
 
 if TYPE_CHECKING:
     from fleeced.exports.snapshot import Session
@@ -187,14 +189,16 @@ def bitmap_extents(bitmap: DirtyBitmap, offset: int, length: int) -> list[tuple[
 
 @dataclass(eq=False)
 class Disk:
-    """A source image the daemon owns, with its fleecing sessions.
+    """A source the daemon owns, with its fleecing sessions.
 
     :param name: disk name, also the active export's name.
-    :param path: image path.
-    :param file: the open native file.
+    :param path: the source as the user gave it (an image path, for a file).
+    :param file: the open native file (a file, or an NBD upstream).
     :param read_only: whether guest writes are refused.
     :param discard: ``"unmap"`` punches holes on TRIM; ``"ignore"`` drops TRIM.
     :param description: NBD export description.
+    :param source: what the source is (:mod:`fleeced.sources`).
+    :param child: the qemu-storage-daemon serving an image or RBD source.
     """
 
     name: str
@@ -207,6 +211,65 @@ class Disk:
     #: Named dirty bitmaps (fleeced.bitmaps.Bitmap), served on the active
     #: export as ``qemu:dirty-bitmap:NAME``.
     bitmaps: dict[str, DirtyBitmap] = field(default_factory=dict)
+    source: Source | None = None
+    child: QsdChild | None = None
+
+    @property
+    def identity(self) -> tuple[str, ...]:
+        """What makes two disks the same data (see :meth:`Source.identity`):
+        one source may only be one disk."""
+        theirs = self.source.identity() if self.source is not None else None
+        if theirs is not None:
+            return theirs
+        kind, dev, ino = self.file.identity
+        return (kind, str(dev), str(ino))
+
+    @classmethod
+    async def open_source(cls, name: str, src: Source, *, read_only: bool = False,
+                          discard: str = "ignore", description: str = "") -> Disk:
+        """Open SRC as a disk: a raw file or device directly; an image or RBD
+        source through a qemu-storage-daemon child; either, or an NBD URI,
+        as an upstream.  Opening runs in a thread (open(2) and a connect may
+        block), the child as an asyncio subprocess.
+
+        :raise SourceError: when the source cannot be used (its reason, one line).
+        """
+        src = await probe(src)
+        if src.kind == "file":
+            assert src.path is not None
+            try:
+                disk = await asyncio.to_thread(cls.open, name, src.path, read_only=read_only,
+                                               discard=discard, description=description)
+            except OSError as exc:
+                why = ("is read-only (serve it with -r)" if exc.errno == errno.EROFS
+                       else exc.strerror or str(exc))
+                raise SourceError(f"{src.path}: {why}") from None
+            disk.source = src
+            return disk
+        child = None
+        uri = src.uri
+        if src.needs_child:
+            child = QsdChild(name, src, read_only)
+            await child.start()
+            uri = child.uri
+        assert uri is not None
+        try:
+            native = await asyncio.to_thread(NativeFile.open_nbd, uri, readonly=read_only)
+        except OSError as exc:
+            if child is not None:
+                await child.stop()
+            why = ("it is read-only (serve it with -r)" if exc.errno == errno.EROFS
+                   else os.strerror(exc.errno or errno.EIO))
+            raise SourceError(f"{src.text}: {why}") from None
+        return cls(name, src.text, native, read_only, discard, description, source=src,
+                   child=child)
+
+    async def aclose(self) -> None:
+        """:meth:`close`, then stop the child (after the file: its last
+        flush went through the child)."""
+        self.close()
+        if self.child is not None:
+            await self.child.stop()
 
     @classmethod
     def open(
