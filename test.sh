@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-pkgs=(make systemd qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio gcc python3-dev python3-venv gnutls-bin openssl)
+pkgs=(make systemd qemu-utils qemu-system-x86 libnbd-bin libnbd-dev python3-libnbd nbdkit fio gcc python3-dev python3-venv gnutls-bin openssl util-linux)
 .ci/ensure-debs "${pkgs[@]}"
 
 PY=${PYTHON:-python3}
