@@ -173,10 +173,11 @@ def make_image(path: Path, size: int, seed: int = 1) -> bytes:
 
 
 def run(*cmd: str, check: bool = True, timeout: float = 120,
-        input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+        input: bytes | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run a client tool; on failure show its output in the assertion."""
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          input=input.decode() if input is not None else None)
+                          input=input.decode() if input is not None else None, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} -> {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"

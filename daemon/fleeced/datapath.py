@@ -273,6 +273,26 @@ class NativeFile(_Handle):
         _check(lib.fl_file_open_nbd(uri.encode(), int(bool(readonly)), out))
         return cls(ffi.gc(out[0], lib.fl_file_close), bool(readonly))
 
+    @classmethod
+    def open_nbd_lazy(cls, uri: str, size: int, *, readonly: bool) -> NativeFile:
+        """:meth:`open_nbd` for an export that is not there yet: nothing is
+        connected now; the first request connects (and fails ``EIO`` while
+        nothing listens at URI, or the export there is not SIZE bytes).
+
+        :raise TypeError: on wrongly typed arguments.
+        :raise OSError: ``EINVAL`` for a NUL in URI or a size out of range.
+        """
+        if not isinstance(uri, str):
+            raise TypeError(f"uri must be str, not {type(uri).__name__}")
+        if "\0" in uri:
+            raise _einval("uri has a NUL byte")
+        n = _uint("size", size)
+        if n > _I64_MAX:
+            raise _einval(f"size={n}")
+        out = ffi.new("fl_file **")
+        _check(lib.fl_file_open_nbd_lazy(uri.encode(), n, int(bool(readonly)), out))
+        return cls(ffi.gc(out[0], lib.fl_file_close), bool(readonly))
+
     @property
     def size(self) -> int:
         """Size in bytes, fixed at open."""

@@ -80,6 +80,11 @@ int fl_file_open(const char *path, int readonly, fl_file **out);
  * each bounded in time.  -EROFS when it is read-only and READONLY is 0;
  * a connect's -errno (-ETIMEDOUT, -ECONNREFUSED, -ENOENT...) else. */
 int fl_file_open_nbd(const char *uri, int readonly, fl_file **out);
+/* The same for an export that is not there yet (a running VM's own node,
+ * exported once the VM's device no longer uses it): nothing is connected
+ * now; the first request connects, and fails -EIO while nobody listens
+ * at URI or the export there is not SIZE bytes. */
+int fl_file_open_nbd_lazy(const char *uri, uint64_t size, int readonly, fl_file **out);
 /* Give up the caller's reference (see Lifetimes): the descriptor closes
  * once no session and no queued operation uses the file any more. */
 void fl_file_close(fl_file *f);

@@ -39,7 +39,12 @@
  *   fails -EIO without syncing, until the image is reopened.  A sync that
  *   succeeds re-reads flush_err afterwards, so one that ran alongside the
  *   failing one fails too (left open: the failing caller being preempted
- *   between its fdatasync and the store).
+ *   between its fdatasync and the store).  A sync that fails when nothing
+ *   was written since the last one that succeeded loses nothing, and is
+ *   not sticky: an NBD upstream that is not there yet (a VM node exported
+ *   only once the VM's device left it; QEMU flushes our node when it adds
+ *   it) or that came back fails that sync only.  A mutation is counted
+ *   when it is done, so a sync never claims one that was still running.
  * - FL_FAST write-zeroes refuses (-ENOTSUP) before any CBW when a session
  *   would have to copy part of the range (fl__session_needs_copy): fast
  *   zeroing must not turn into a copy of GiBs or break a snapshot.
@@ -338,9 +343,11 @@ static int check_mutation(fl_file *f, uint64_t off, uint64_t len)
 static int sync_file(fl_file *f)
 {
     int err = 0, none = 0;
+    uint64_t seen;
 
     if (__atomic_load_n(&f->flush_err, __ATOMIC_ACQUIRE) != 0)
         return -EIO;
+    seen = __atomic_load_n(&f->mutations, __ATOMIC_ACQUIRE);
     pthread_mutex_lock(&f->hook_lock);
     if (f->inject_flush_n > 0) {
         f->inject_flush_n--;
@@ -352,8 +359,16 @@ static int sync_file(fl_file *f)
         if (r < 0)
             err = -r;
     }
-    if (err == 0)
+    if (err == 0) {
+        uint64_t old = __atomic_load_n(&f->synced, __ATOMIC_ACQUIRE);
+        while (old < seen && !__atomic_compare_exchange_n(&f->synced, &old, seen, 0,
+                                                          __ATOMIC_ACQ_REL,
+                                                          __ATOMIC_ACQUIRE))
+            ;
         return __atomic_load_n(&f->flush_err, __ATOMIC_ACQUIRE) != 0 ? -EIO : 0;
+    }
+    if (seen == __atomic_load_n(&f->synced, __ATOMIC_ACQUIRE))
+        return -err;    /* nothing unsynced: nothing lost */
     if (!__atomic_compare_exchange_n(&f->flush_err, &none, err, 0,
                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
         return -EIO; /* a concurrent sync failed first */
@@ -382,6 +397,9 @@ int fl_file_write(fl_file *f, const uint8_t *buf, size_t len, uint64_t off,
     if (rc < 0)
         return rc;
     rc = f->ops->write(f, buf, len, off);
+    /* Counted once done: a sync that read the count before then does not
+     * claim it. */
+    __atomic_add_fetch(&f->mutations, 1, __ATOMIC_ACQ_REL);
     mark_bitmaps(f, off, len);
     rc = fua(f, flags, rc);
     pthread_rwlock_unlock(&f->sessions_lock);
@@ -482,6 +500,7 @@ int fl_file_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags)
     if (rc < 0)
         return rc;
     rc = f->ops->zero(f, off, len, flags);
+    __atomic_add_fetch(&f->mutations, 1, __ATOMIC_ACQ_REL);
     if (!(rc == -ENOTSUP && (flags & FL_FAST)))   /* refused: untouched */
         mark_bitmaps(f, off, len);
     rc = fua(f, flags, rc);
@@ -501,6 +520,7 @@ int fl_file_trim(fl_file *f, uint64_t off, uint64_t len)
     if (rc < 0)
         return rc;
     rc = f->ops->trim(f, off, len);
+    __atomic_add_fetch(&f->mutations, 1, __ATOMIC_ACQ_REL);
     if (rc < 0 && is_unsupported(-rc))
         rc = 0;                 /* nothing punched: nothing to mark */
     else

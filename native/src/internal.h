@@ -97,6 +97,9 @@ struct fl_file {
     /* Positive errno of the first failed fdatasync, 0 while none.  Atomic:
      * set once by compare-and-swap, read without a lock (file.c notes). */
     int flush_err;
+    /* Atomic: mutations tried (write/zero/trim), and how many of them the
+     * last sync that succeeded covered (file.c, "Sticky flush errors"). */
+    uint64_t mutations, synced;
     /* Guards inject_flush_err and inject_flush_n (the test hook); never
      * held across I/O. */
     pthread_mutex_t hook_lock;

@@ -59,10 +59,15 @@
 
 struct upstream {
     char *uri;                      /* immutable */
-    uint64_t max_req;               /* immutable: largest read/write */
-    int can_flush, can_trim, can_zero, can_fast_zero, can_cache; /* immutable */
-    int base_allocation;            /* immutable: base:allocation negotiated */
-    int max_handles;                /* immutable: POOL_MAX or 1 */
+    uint64_t size;                  /* immutable: what the disk says */
+    /* What the export can do: learnt at the first connect (at open, or for
+     * a lazy open at the first that succeeds) under lock, read without it
+     * after (a handle in hand means they were set before it). */
+    int known;                      /* guarded by lock */
+    uint64_t max_req;               /* largest read/write */
+    int can_flush, can_trim, can_zero, can_fast_zero, can_cache;
+    int base_allocation;            /* base:allocation negotiated */
+    int max_handles;                /* guarded by lock: POOL_MAX or 1 */
     int timeout_ms;                 /* atomic: every command's bound (test hook) */
     pthread_mutex_t lock;
     pthread_cond_t cond;            /* CLOCK_MONOTONIC */
@@ -164,6 +169,33 @@ static void record(fl_file *f, int rc)
         __atomic_store_n(&f->source_err, want, __ATOMIC_RELAXED);
 }
 
+/* Learn what the export behind H can do (caller holds U's lock, or owns U
+ * alone).  -EIO when its size is not the one the disk was opened with
+ * (another export at the socket), -EROFS when it is read-only and the disk
+ * is not. */
+static int learn(struct upstream *u, struct nbd_handle *h, int readonly)
+{
+    int64_t max;
+
+    if (u->known)
+        return 0;
+    if ((uint64_t)nbd_get_size(h) != u->size)
+        return -EIO;
+    if (!readonly && nbd_is_read_only(h) == 1)
+        return -EROFS;
+    max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
+    u->max_req = max > 0 && (uint64_t)max < REQ_MAX ? (uint64_t)max : REQ_MAX;
+    u->can_flush = nbd_can_flush(h) == 1;
+    u->can_trim = nbd_can_trim(h) == 1;
+    u->can_zero = nbd_can_zero(h) == 1;
+    u->can_fast_zero = nbd_can_fast_zero(h) == 1;
+    u->can_cache = nbd_can_cache(h) == 1;
+    u->base_allocation = nbd_can_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
+    u->max_handles = nbd_can_multi_conn(h) == 1 ? POOL_MAX : 1;
+    u->known = 1;
+    return 0;
+}
+
 /* Take a handle (connecting one more while under the limit).  *SLOT gets
  * its index for put().  Returns it, or NULL with *ERR. */
 static struct nbd_handle *get(fl_file *f, int *slot, int *err)
@@ -195,6 +227,14 @@ static struct nbd_handle *get(fl_file *f, int *slot, int *err)
             pthread_mutex_unlock(&u->lock);
             h = connect_one(u->uri, timeout(u), err);
             pthread_mutex_lock(&u->lock);
+            if (h != NULL) {
+                int rc = learn(u, h, f->readonly);
+                if (rc < 0) {
+                    nbd_close(h);
+                    h = NULL;
+                    *err = -rc;
+                }
+            }
             if (h == NULL) {
                 u->busy[empty] = 0;
                 pthread_cond_broadcast(&u->cond);
@@ -230,6 +270,10 @@ static void put(fl_file *f, int slot, int rc)
         dead = u->h[slot];
         u->h[slot] = NULL;
         lost = 1;
+    } else if (slot >= u->max_handles) {
+        /* opened before the first connect said "no multi-conn": one only */
+        dead = u->h[slot];
+        u->h[slot] = NULL;
     }
     u->busy[slot] = 0;
     pthread_cond_broadcast(&u->cond);
@@ -354,15 +398,17 @@ static int up_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags)
     struct nbd_handle *h;
     uint32_t nf = 0;
 
-    if (!u->can_zero || ((flags & FL_FAST) && !u->can_fast_zero))
-        return (flags & FL_FAST) ? -ENOTSUP : write_zeros(f, off, len);
     if (!(flags & FL_MAY_TRIM))
         nf |= LIBNBD_CMD_FLAG_NO_HOLE;
     if (flags & FL_FAST)
         nf |= LIBNBD_CMD_FLAG_FAST_ZERO;
-    h = get(f, &slot, &err);
+    h = get(f, &slot, &err);    /* (a handle in hand: the caps are known) */
     if (h == NULL)
         return -EIO;
+    if (!u->can_zero || ((flags & FL_FAST) && !u->can_fast_zero)) {
+        put(f, slot, 0);
+        return (flags & FL_FAST) ? -ENOTSUP : write_zeros(f, off, len);
+    }
     while (len > 0 && rc == 0) {
         uint64_t n = len < ZERO_MAX ? len : ZERO_MAX;
         rc = wait_cmd(h, nbd_aio_zero(h, n, off, NBD_NULL_COMPLETION, nf), deadline);
@@ -380,11 +426,13 @@ static int up_trim(fl_file *f, uint64_t off, uint64_t len)
     int64_t deadline = now_ms() + timeout(u);
     struct nbd_handle *h;
 
-    if (!u->can_trim)
-        return -ENOTSUP;        /* advisory: file.c takes it as a no-op */
     h = get(f, &slot, &err);
     if (h == NULL)
         return -EIO;
+    if (!u->can_trim) {
+        put(f, slot, 0);
+        return -ENOTSUP;        /* advisory: file.c takes it as a no-op */
+    }
     while (len > 0 && rc == 0) {
         uint64_t n = len < ZERO_MAX ? len : ZERO_MAX;
         rc = wait_cmd(h, nbd_aio_trim(h, n, off, NBD_NULL_COMPLETION, 0), deadline);
@@ -401,11 +449,13 @@ static int up_sync(fl_file *f)
     int slot, err, rc;
     struct nbd_handle *h;
 
-    if (!u->can_flush)
-        return 0;
     h = get(f, &slot, &err);
     if (h == NULL)
         return -EIO;
+    if (!u->can_flush) {
+        put(f, slot, 0);
+        return 0;
+    }
     rc = wait_cmd(h, nbd_aio_flush(h, NBD_NULL_COMPLETION, 0),
                   now_ms() + timeout(u));
     put(f, slot, rc);
@@ -419,11 +469,13 @@ static int up_cache(fl_file *f, uint64_t off, uint64_t len)
     int64_t deadline = now_ms() + timeout(u);
     struct nbd_handle *h;
 
-    if (!u->can_cache)
-        return 0;               /* a hint nobody takes */
     h = get(f, &slot, &err);
     if (h == NULL)
         return -EIO;
+    if (!u->can_cache) {
+        put(f, slot, 0);
+        return 0;               /* a hint nobody takes */
+    }
     while (len > 0 && rc == 0) {
         uint64_t n = len < u->max_req ? len : u->max_req;
         rc = wait_cmd(h, nbd_aio_cache(h, n, off, NBD_NULL_COMPLETION, 0), deadline);
@@ -470,11 +522,15 @@ static int up_extents(fl_file *f, uint64_t off, uint64_t len, struct fl__ext *e)
     struct nbd_handle *h;
     uint64_t end = off + len;
 
-    if (!u->base_allocation || len == 0)
-        return fl__ext_add(e, len, 0);
+    if (len == 0)
+        return 0;
     h = get(f, &slot, &err);
     if (h == NULL)
         return fl__ext_add(e, len, 0);
+    if (!u->base_allocation) {
+        put(f, slot, 0);
+        return fl__ext_add(e, len, 0);
+    }
     while (off < end && rc == 0) {
         uint64_t n = end - off < ZERO_MAX ? end - off : ZERO_MAX;
         struct ext_state st = { e, n, 0 };
@@ -520,12 +576,48 @@ static const struct fl_source_ops upstream_ops = {
     .release = up_release,
 };
 
-int fl_file_open_nbd(const char *uri, int readonly, fl_file **out)
+/* A new upstream for URI of SIZE bytes, holding H (NULL: connect later);
+ * H is taken whatever happens (closed on failure). */
+static int new_upstream(const char *uri, uint64_t size, int readonly, struct nbd_handle *h,
+                        fl_file **out)
 {
     struct upstream *u;
-    struct nbd_handle *h;
     pthread_condattr_t ca;
-    int64_t size, max;
+    int rc;
+
+    u = calloc(1, sizeof(*u));
+    if (u == NULL || (u->uri = strdup(uri)) == NULL) {
+        free(u);
+        nbd_close(h);
+        return -ENOMEM;
+    }
+    u->size = size;
+    u->max_handles = POOL_MAX;      /* until the first connect says */
+    u->max_req = REQ_MAX;
+    u->timeout_ms = UPSTREAM_TIMEOUT_MS;
+    pthread_mutex_init(&u->lock, NULL);
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&u->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    u->h[0] = h;                /* ours from here: free_upstream closes it */
+    if (h != NULL) {
+        rc = learn(u, h, readonly);
+        if (rc < 0) {
+            free_upstream(u);
+            return rc;
+        }
+    }
+    rc = fl__file_new(&upstream_ops, u, -1, readonly, 0, size, out);
+    if (rc < 0)
+        free_upstream(u);       /* closes h too */
+    return rc;
+}
+
+int fl_file_open_nbd(const char *uri, int readonly, fl_file **out)
+{
+    struct nbd_handle *h;
+    int64_t size;
     int err, rc;
 
     if (uri == NULL || out == NULL)
@@ -537,42 +629,18 @@ int fl_file_open_nbd(const char *uri, int readonly, fl_file **out)
     size = nbd_get_size(h);
     if (size < 0) {
         rc = -nbd_err();
-        goto err_h;
+        nbd_close(h);
+        return rc;
     }
-    if (!readonly && nbd_is_read_only(h) == 1) {
-        rc = -EROFS;
-        goto err_h;
-    }
-    u = calloc(1, sizeof(*u));
-    if (u == NULL || (u->uri = strdup(uri)) == NULL) {
-        free(u);
-        rc = -ENOMEM;
-        goto err_h;
-    }
-    max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
-    u->max_req = max > 0 && (uint64_t)max < REQ_MAX ? (uint64_t)max : REQ_MAX;
-    u->can_flush = nbd_can_flush(h) == 1;
-    u->can_trim = nbd_can_trim(h) == 1;
-    u->can_zero = nbd_can_zero(h) == 1;
-    u->can_fast_zero = nbd_can_fast_zero(h) == 1;
-    u->can_cache = nbd_can_cache(h) == 1;
-    u->base_allocation = nbd_can_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
-    u->max_handles = nbd_can_multi_conn(h) == 1 ? POOL_MAX : 1;
-    u->timeout_ms = UPSTREAM_TIMEOUT_MS;
-    u->h[0] = h;
-    pthread_mutex_init(&u->lock, NULL);
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&u->cond, &ca);
-    pthread_condattr_destroy(&ca);
-    rc = fl__file_new(&upstream_ops, u, -1, readonly, 0, (uint64_t)size, out);
-    if (rc < 0)
-        free_upstream(u);       /* closes h too */
-    return rc;
+    return new_upstream(uri, (uint64_t)size, readonly, h, out);
+}
 
-err_h:
-    nbd_close(h);
-    return rc;
+int fl_file_open_nbd_lazy(const char *uri, uint64_t size, int readonly, fl_file **out)
+{
+    if (uri == NULL || out == NULL)
+        return -EINVAL;
+    *out = NULL;
+    return new_upstream(uri, size, readonly, NULL, out);
 }
 
 void fl__upstream_set_timeout(fl_file *f, int ms)

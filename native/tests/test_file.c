@@ -187,11 +187,17 @@ static void test_sticky_flush_error(void)
     CHECK(fl_file_flush_error(f) == ENOSPC); /* the first errno stays */
     fl_file_close(f);
 
-    /* Reopened: a fresh start.  A failed FLUSH is sticky the same way,
-     * and so is the FUA of a write-zeroes. */
+    /* Reopened: a fresh start.  A failed FLUSH with nothing written since
+     * the last good one loses nothing: not sticky.  After a write it is
+     * sticky the same way, and so is the FUA of a write-zeroes. */
     CHECK_RC(fl_file_open(path, 0, &f), 0);
     CHECK(fl_file_flush_error(f) == 0);
     CHECK_RC(fl_file_flush(f), 0);
+    CHECK_RC(fl_file_inject_flush_error(f, EIO, 1), 0);
+    CHECK_RC(fl_file_flush(f), -EIO);
+    CHECK(fl_file_flush_error(f) == 0);
+    CHECK_RC(fl_file_flush(f), 0);
+    CHECK_RC(fl_file_write(f, buf, 1, 0, 0), 0);
     CHECK_RC(fl_file_inject_flush_error(f, EIO, 1), 0);
     CHECK_RC(fl_file_flush(f), -EIO);
     CHECK(fl_file_flush_error(f) == EIO);

@@ -268,6 +268,39 @@ static void test_dead_and_back(void)
     unlink(img);
 }
 
+/* A lazy upstream (a VM's node, exported only once the VM's device left
+ * it): requests fail until the export is there, then work; an export of
+ * another size is not taken for it. */
+static void test_lazy(void)
+{
+    char img[4096], small[4096];
+    struct server s;
+    fl_file *f;
+    static uint8_t buf[65536];
+
+    make_image(img, SZ, pat);
+    make_image(small, SZ / 2, pat);
+    init(&s, "lazy");
+    CHECK_RC(fl_file_open_nbd_lazy(s.uri, SZ, 0, &f), 0);
+    CHECK(fl_file_size(f) == SZ);
+    CHECK_RC(fl_file_read(f, buf, 4096, 0, NULL), -EIO);
+    CHECK(fl_file_source_error(f) != 0);
+    start(&s, small, 0);
+    CHECK_RC(fl_file_read(f, buf, 4096, 0, NULL), -EIO);   /* not our size */
+    stop(&s, SIGTERM);
+    start(&s, img, 0);
+    CHECK_RC(fl_file_read(f, buf, 4096, 4096, NULL), 0);
+    check_pat(buf, 4096, 4096);
+    CHECK_RC(fl_file_zero(f, 0, 8192, FL_MAY_TRIM), 0);    /* caps learnt late */
+    CHECK_RC(fl_file_read(f, buf, 8192, 0, NULL), 0);
+    CHECK(buf[0] == 0 && buf[8191] == 0);
+    CHECK(fl_file_source_error(f) == 0);
+    fl_file_close(f);
+    stop(&s, SIGTERM);
+    unlink(img);
+    unlink(small);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -275,6 +308,7 @@ int main(void)
     RUN(test_source_ops);
     RUN(test_session_over_upstream);
     RUN(test_dead_and_back);
+    RUN(test_lazy);
     fprintf(stderr, "test_upstream: OK\n");
     return 0;
 }

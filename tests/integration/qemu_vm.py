@@ -32,7 +32,10 @@ class Vm:
     """A running ``qemu-system-x86_64`` with one virtio-blk disk ``vda``."""
 
     def __init__(self, tmp: Path, image: Path, *, iothread: bool = False,
-                 cache_direct: bool = False, paused: bool = True, name: str = "vm") -> None:
+                 cache_direct: bool = False, paused: bool = True, name: str = "vm",
+                 fmt: str = "raw", blockdev: list[str] | None = None) -> None:
+        """:param blockdev: the disk's -blockdev arguments, the top node
+            named disk0 (default: FMT over the file IMAGE)."""
         qemu = requires("qemu-system-x86_64")
         self.tmp = tmp
         self.image = image
@@ -42,10 +45,11 @@ class Vm:
         self.log_path = tmp / f"{name}-qemu.log"
         self.out = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         direct = ",cache.direct=on" if cache_direct else ""
+        nodes = blockdev or [
+            "-blockdev", f"driver=file,node-name=disk0-file,filename={image}{direct}",
+            "-blockdev", f"driver={fmt},node-name=disk0,file=disk0-file{direct}"]
         cmd = [qemu, "-nodefaults", "-display", "none", "-machine", "pc,accel=tcg",
-               "-m", "64",
-               "-blockdev", f"driver=file,node-name=disk0-file,filename={image}{direct}",
-               "-blockdev", f"driver=raw,node-name=disk0,file=disk0-file{direct}",
+               "-m", "64", *nodes,
                "-qmp", f"unix:{self.qmp},server=on,wait=off",
                "-qmp", f"unix:{self.test_qmp},server=on,wait=off",
                "-chardev", f"file,id=dbg,path={self.bios_log}",

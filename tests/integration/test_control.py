@@ -36,8 +36,10 @@ def test_qmp_library_session(daemon: Daemon) -> None:
         try:
             assert qmp.greeting is not None
             disks = await qmp.execute("query-disks")
-            assert disks == [{"name": "vm", "path": disks[0]["path"], "size": 4 * MiB,
-                              "read-only": False, "sessions": []}]
+            path = disks[0]["path"]
+            assert disks == [{"name": "vm", "path": path, "size": 4 * MiB,
+                              "read-only": False, "sessions": [], "source": path,
+                              "source-kind": "file", "format": "raw"}]
             r = await qmp.execute("fleece-start", {"disk": "vm", "cluster-size": 131072})
             assert r == {"export": "vm@fleece", "cluster-size": 131072}
             exports = await qmp.execute("query-exports")

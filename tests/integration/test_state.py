@@ -66,7 +66,7 @@ def test_disk_add_and_remove_errors(tmp_path: Path,
     d = start_daemon(str(a))
     for args, needle in (
         ({"name": "x", "path": "rel.img"}, "must be absolute"),
-        ({"name": "x", "path": str(tmp_path / "missing.img")}, "No such file"),
+        ({"name": "x", "path": str(tmp_path / "missing.img")}, "no such file or device"),
         ({"name": "a", "path": str(a)}, "already used"),
         ({"name": "", "path": str(a)}, "invalid disk name"),
         ({"name": "x", "path": str(a), "discard": "maybe"}, "discard must be"),
