@@ -14,6 +14,7 @@ import resource
 import signal
 import socket
 import stat
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
@@ -22,9 +23,11 @@ from fleeced import bitmaps as bmap
 from fleeced import datapath, sources, systemd
 from fleeced.control.args import check_keys, get, get_size
 from fleeced.control.server import ControlServer
+from fleeced.datapath import NativeFile
 from fleeced.errors import CommandError
 from fleeced.exports import (
     ActiveExport,
+    CbwTargetExport,
     Disk,
     Export,
     Session,
@@ -43,6 +46,10 @@ log = logging.getLogger(__name__)
 #: How often persistent bitmaps are synced to disk, seconds (also at every
 #: FLUSH, at detach and at shutdown).
 BITMAP_SYNC_INTERVAL = 30.0
+
+#: The cluster size of QEMU 7.2's copy-before-write into an NBD target (the
+#: target cannot tell it one; block-copy's default).
+CBW_CLUSTER = 64 * 1024
 
 #: Why a session remembered from a daemon that died is broken.
 LOST_SESSION = ("the daemon stopped uncleanly while the session was active; its "
@@ -85,6 +92,8 @@ class Daemon:
         self.handoffs: dict[str, dict[str, Any]] = {}
         #: Disks added with disk-add (remembered in the state dir).
         self._runtime_disks: set[str] = set()
+        #: Disks an attach made for a VM node QEMU copies before write for.
+        self._cbw_disks: set[str] = set()
         #: Unix sockets of inherited (socket-activated) listeners.
         self._inherited_unix: list[str] = []
         #: Records of bitmaps of served disks that could not be loaded even
@@ -239,6 +248,8 @@ class Daemon:
         """
         if spec.name in self.disks or self.server.get_export(spec.name) is not None:
             raise ValueError(f"export name {spec.name!r} is used twice")
+        if spec.lazy_size is not None:
+            return await self._open_lazy(spec)
         try:
             src = await self._probe(sources.parse(spec.source, spec.format))
             disk = await Disk.open_source(spec.name, src, read_only=spec.read_only,
@@ -252,6 +263,22 @@ class Daemon:
         except CommandError as exc:
             await disk.aclose()
             raise ValueError(exc.desc) from None
+        self._add_disk(disk)
+        self._log_disk(disk)
+        return disk
+
+    async def _open_lazy(self, spec: DiskSpec) -> Disk:
+        """A disk an attach made for a VM node QEMU exports (remembered in
+        the state dir): connected once QEMU's export answers."""
+        assert spec.lazy_size is not None
+        try:
+            native = await asyncio.to_thread(NativeFile.open_nbd_lazy, spec.source,
+                                             spec.lazy_size, readonly=True)
+        except OSError as exc:
+            raise ValueError(f"{spec.source}: {exc.strerror or exc}") from None
+        disk = Disk(spec.name, spec.source, native, read_only=True,
+                    source=sources.Source(text=spec.source, kind="nbd", uri=spec.source,
+                                          probed=True))
         self._add_disk(disk)
         self._log_disk(disk)
         return disk
@@ -279,10 +306,12 @@ class Daemon:
             if not isinstance(text, str) or not (fmt is None or isinstance(fmt, str)):
                 log.error("state: skipping disk %s: no source", rec["name"])
                 continue
+            size = rec.get("vm-node-size")
             spec = DiskSpec(source=text, name=str(rec["name"]), format=fmt,
                             read_only=bool(rec.get("read-only", False)),
                             discard=str(rec.get("discard", "ignore")),
-                            description=str(rec.get("description", "")))
+                            description=str(rec.get("description", "")),
+                            lazy_size=size if isinstance(size, int) and size > 0 else None)
             if spec.name in self.disks:
                 log.warning("state: disk %s is configured; the remembered one is dropped",
                             spec.name)
@@ -295,6 +324,8 @@ class Daemon:
                 log.error("state: cannot reopen disk %s (%s): %s", spec.name, spec.source, exc)
                 continue
             self._runtime_disks.add(spec.name)
+            if spec.lazy_size is not None:
+                self._cbw_disks.add(spec.name)
         st.disks = kept
         for rec in st.attachments:
             try:
@@ -308,6 +339,8 @@ class Daemon:
             self.attachments[att.disk] = att
             log.info("state: %s is attached to %s (%s), state %s", att.disk, att.qmp,
                      att.device, att.state)
+            if att.method == "cbw":
+                await self._clear_cbw(att)
         self._sync_guests()
         for rec in st.handoffs:
             self.handoffs[str(rec.get("disk"))] = rec
@@ -318,10 +351,23 @@ class Daemon:
                       "uncleanly; reported broken until fleece-stop", name, disk_name)
         self._sync_state()
 
+    async def _clear_cbw(self, att: vm.Attachment) -> None:
+        """After a restart: QEMU's copy-before-write filter of a session the
+        previous daemon had is still in the VM, its target gone (QEMU broke
+        its snapshot, or fails guest writes under break-guest-write).  Take
+        it away now; the session is lost either way."""
+        try:
+            async with Monitor(att.qmp) as mon:
+                await vm.stop_cbw(mon, att)
+        except CommandError as exc:
+            log.error("state: cannot check %s for a copy-before-write filter left by the "
+                      "previous daemon: %s (fleece-stop or vm-detach retries)", att.qmp, exc.desc)
+
     def _sync_guests(self) -> None:
         """The NBD server's list of guest exports: the active exports of the
         attached disks, whose clients never wait for others' reply budget."""
-        self.server.guest_exports = {name for name in self.attachments if name in self.disks}
+        self.server.guest_exports = {name for name, att in self.attachments.items()
+                                     if name in self.disks and att.method != "cbw"}
 
     def _sync_state(self) -> None:
         """Mirror attachments, runtime disks and sessions into the state document."""
@@ -456,7 +502,8 @@ class Daemon:
         export_name = options.export or f"{disk.name}@{options.name}"
         if self.server.get_export(export_name) is not None:
             raise CommandError(f"export '{export_name}' already exists")
-        if disk.read_only:
+        if disk.read_only and not self._is_cbw_disk(disk):
+            # (A VM node's disk is read-only to the daemon, not to the VM.)
             raise CommandError(f"disk '{disk.name}' is read-only; it needs no fleecing")
         for off, length in options.scope:
             if off + length > disk.size:
@@ -512,6 +559,8 @@ class Daemon:
         session = disk.sessions.get(name)
         if session is None:
             raise CommandError(f"disk '{disk.name}' has no session '{name}'")
+        if session.target is not None:
+            await self._stop_cbw(disk, session.target)
         # Clients of the snapshot get --shutdown-timeout, then are aborted;
         # their queued operations keep the native session alive and fail.
         await self.server.remove_export(session.export_name)
@@ -524,6 +573,28 @@ class Daemon:
         if record:
             await self._record(f"session '{name}' on '{disk.name}' stopped",
                                after_restart="a restart lists it as lost until fleece-stop")
+
+    async def _stop_cbw(self, disk: Disk, target: CbwTargetExport) -> None:
+        """Take QEMU's copy-before-write filter away (the device back on its
+        node), then the target export.  A VM that is gone has nothing to take
+        away.
+
+        :raise CommandError: when QEMU refuses: the session stays, since the
+            filter would go on copying into a target that is gone.
+        """
+        att = self.attachments.get(disk.name)
+        target.closing = True
+        if att is not None:
+            try:
+                async with Monitor(att.qmp) as mon:
+                    await vm.stop_cbw(mon, att)
+            except CommandError as exc:
+                if not exc.desc.startswith("cannot connect to QMP socket"):
+                    target.closing = False
+                    raise
+                log.warning("disk %s: %s; its copy-before-write filter went with it",
+                            disk.name, exc.desc)
+        await self.server.remove_export(target.info.name)
 
     def _watch(self, disk: Disk, session: Session) -> None:
         """Report the session when it breaks (CBW failed under break-snapshot):
@@ -624,6 +695,12 @@ class Daemon:
         })
         disk = self._disk(args)
         session_args = {k: v for k, v in args.items() if k not in ("checkpoint", "since")}
+        att = self.attachments.get(disk.name)
+        if att is not None and att.method == "cbw":
+            return await self._fleece_start_cbw(disk, att, args, session_args)
+        if self._is_cbw_disk(disk):
+            raise CommandError(f"disk '{disk.name}' is a VM's node, reached through QEMU; "
+                               "it is not attached now (vm-attach it first)")
         options = session_options_from_args({**self.config.session_defaults, **session_args})
         checkpoint = bmap.check_name(get(args, "checkpoint", str)) if "checkpoint" in args \
             else None
@@ -675,6 +752,67 @@ class Daemon:
             assert isinstance(frozen_bm, bmap.Bitmap)
             out["dirty-bytes"] = await asyncio.to_thread(frozen_bm.native.count)
         return out
+
+    def _is_cbw_disk(self, disk: Disk) -> bool:
+        """Whether DISK is a VM node an attach made (method cbw)."""
+        return disk.name in self._cbw_disks
+
+    async def _fleece_start_cbw(self, disk: Disk, att: vm.Attachment, args: dict[str, Any],
+                                session_args: dict[str, Any]) -> Any:
+        """fleece-start on a disk whose VM runs the copy-before-write: with
+        the VM paused (the snapshot instant), the session starts, then QEMU's
+        filter goes between the device and its node, writing to the
+        session's target export."""
+        if "checkpoint" in args or "since" in args or "bitmap" in args:
+            raise CommandError(f"disk '{disk.name}' is copied before write by QEMU: its "
+                               "guest writes do not pass the daemon, which keeps no dirty "
+                               "bitmaps for it (no checkpoint, since or bitmap)")
+        cluster = session_args.get("cluster-size", CBW_CLUSTER)
+        if cluster != CBW_CLUSTER:
+            raise CommandError(f"disk '{disk.name}' is copied before write by QEMU, in "
+                               f"{CBW_CLUSTER // 1024} KiB clusters: cluster-size must be "
+                               f"{CBW_CLUSTER}")
+        options = session_options_from_args({**self.config.session_defaults, **session_args,
+                                             "cluster-size": CBW_CLUSTER})
+        async with self._disk_locks[disk.name]:
+            session = await self._start_cbw_session(disk, att, options)
+
+            async def undo() -> None:
+                await self._stop_session(disk, options.name, record=False)
+
+            await self._record(f"starting session '{options.name}' on '{disk.name}'", undo)
+        return {"export": session.export_name, "cluster-size": options.cluster_size}
+
+    async def _start_cbw_session(self, disk: Disk, att: vm.Attachment,
+                                 options: SessionOptions) -> Session:
+        """The session, then QEMU's filter writing to its target export, with
+        the VM paused between (call holding the disk's lock).
+
+        :raise CommandError: when either cannot start; nothing is left.
+        """
+        if disk.sessions:
+            raise CommandError(f"disk '{disk.name}' has a session already; QEMU's "
+                               "copy-before-write serves one at a time")
+        socket_path = self._nbd_socket()
+        async with Monitor(att.qmp) as mon:
+            paused = await vm.pause(mon)
+            try:
+                session = await self._start_session(disk, options)
+                session.target = CbwTargetExport(session, self._io)
+                self.server.add_export(session.target)
+                try:
+                    await vm.start_cbw(mon, att, socket_path, session.target.info.name,
+                                       options.break_guest_write)
+                except BaseException:
+                    session.target.closing = True
+                    await self.server.remove_export(session.target.info.name)
+                    session.target = None
+                    await self._stop_session(disk, options.name, record=False)
+                    raise
+            finally:
+                if paused:
+                    await vm.resume(mon)
+        return session
 
     async def _undo_checkpoint(self, disk: Disk, since: bmap.Bitmap | None,
                                new: bmap.Bitmap) -> None:
@@ -871,6 +1009,10 @@ class Daemon:
                                                       bmap.DEFAULT_GRANULARITY))
         persistent = get(args, "persistent", bool, True)
         disabled = get(args, "disabled", bool, False)
+        if self._is_cbw_disk(disk):
+            raise CommandError(f"disk '{disk.name}' is copied before write by QEMU: its guest "
+                               "writes do not pass the daemon, which can keep no dirty "
+                               "bitmap for it")
         async with self._disk_locks[disk.name]:
             bm = await self._new_bitmap(disk, name, granularity, persistent)
             if not disabled:
@@ -1145,7 +1287,7 @@ class Daemon:
         """Redirect a running VM's disk through the daemon (see fleeced.qmp.attach)."""
         check_keys(args, {"disk", "qmp", "device", "method", "reconnect-delay", "freeze",
                           "qga", "session", "freeze-timeout"})
-        disk = self._disk(args)
+        name = get(args, "disk", str)
         qmp = get(args, "qmp", str)
         device = get(args, "device", str)
         method = get(args, "method", str, "auto")
@@ -1165,6 +1307,17 @@ class Daemon:
         if not 0 < freeze_timeout <= 600:
             raise CommandError("freeze-timeout must be between 0 and 600 seconds")
         socket_path = self._nbd_socket()
+        found = self.disks.get(name)
+        if found is None or self._is_cbw_disk(found):
+            if not name or "\0" in name or len(name.encode()) > 4096:
+                raise CommandError(f"invalid disk name {name!r}")
+            if method not in ("auto", "cbw"):
+                raise CommandError(f"disk '{name}' is not a raw image the daemon serves: "
+                                   f"QEMU copies before write for it (method cbw, not "
+                                   f"{method})")
+            return await self._attach_cbw(name, qmp, device, delay, qga if freeze else None,
+                                          session_name or "fleece", freeze_timeout)
+        disk = found
         async with self._disk_locks[disk.name]:
             if disk.name in self.attachments:
                 att = self.attachments[disk.name]
@@ -1208,6 +1361,151 @@ class Daemon:
             if session is not None:
                 out["export"] = session.export_name
         return out
+
+    async def _attach_cbw(self, name: str, qmp: str, device: str, delay: int,
+                          qga: str | None, session_name: str, freeze_timeout: float) -> Any:
+        """Attach a VM disk the daemon does not serve (any node: qcow2, rbd,
+        ...): QEMU exports the node read-only to disk NAME (made now, unless
+        a restart kept it), and will run the copy-before-write itself when a
+        session starts.  The device stays on its node; with QGA, the guest's
+        filesystems are frozen around the session's start."""
+        lock = self._disk_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            if name in self.attachments:
+                att = self.attachments[name]
+                raise CommandError(f"disk '{name}' is already attached (device "
+                                   f"{att.device!r} of {att.qmp})")
+            disk = self.disks.get(name)
+            async with Monitor(qmp) as mon:
+                att = await vm.prepare(mon, disk=name, image=None,
+                                       size=disk.size if disk is not None else 0,
+                                       read_only=False, device=device, method="cbw",
+                                       reconnect_delay=delay)
+                if disk is not None and disk.path != _export_uri(att):
+                    raise CommandError(f"disk '{name}' is node {disk.path}, not "
+                                       f"{att.original!r} of {qmp}; attach under another name")
+                ident = None
+                if disk is None:
+                    filename = await vm.node_filename(mon, att.original)
+                    if filename:
+                        ident = await asyncio.to_thread(_file_identity, filename)
+                    if ident is not None:
+                        self._check_identity(ident, f"node {att.original!r} ({filename})")
+                self.attachments[name] = att
+                created = disk is None
+                try:
+                    await self._save_state()
+                    await vm.export_node(mon, att)
+                    if disk is None:
+                        disk = await self._cbw_disk(att, ident)
+                    else:
+                        await self._check_export(disk, att)
+                except BaseException as exc:
+                    await self._undo_attach_cbw(mon, att, exc, created)
+                    raise
+            if qga is not None:
+                try:
+                    await self._frozen_cbw_session(disk, att, qga, freeze_timeout,
+                                                   session_name)
+                except BaseException as exc:
+                    # A session started while frozen must not outlive the attach.
+                    for sname in list(disk.sessions):
+                        await self._stop_session(disk, sname, record=False)
+                    async with Monitor(qmp) as mon:
+                        await self._undo_attach_cbw(mon, att, exc, created)
+                    raise
+            att.state = "attached"
+            await self._save_state_logged()
+        log.info("disk %s attached: %s %s, node %s exported to fleeced; QEMU copies "
+                 "before write for its sessions", name, qmp, device, att.original)
+        out = att.describe()
+        out["socket"] = self._nbd_socket()
+        if qga is not None:
+            out["export"] = disk.sessions[session_name].export_name
+        return out
+
+    async def _frozen_cbw_session(self, disk: Disk, att: vm.Attachment, qga: str,
+                                  agent_timeout: float, session_name: str) -> None:
+        """Freeze the guest's filesystems, start the session, thaw (always,
+        bounded; a failed thaw is the command's error)."""
+        options = session_options_from_args({**self.config.session_defaults,
+                                             "name": session_name,
+                                             "cluster-size": CBW_CLUSTER})
+        async with GuestAgent(qga, agent_timeout) as agent:
+            failure: BaseException | None = None
+            try:
+                await agent.execute("guest-fsfreeze-freeze")
+                await self._start_cbw_session(disk, att, options)
+            except BaseException as exc:
+                failure = exc
+            try:
+                await agent.execute("guest-fsfreeze-thaw")
+            except CommandError as exc:
+                log.error("thaw of %s failed: %s", qga, exc.desc)
+                if failure is None:
+                    raise
+            if failure is not None:
+                raise failure
+
+    async def _cbw_disk(self, att: vm.Attachment, ident: tuple[str, ...] | None) -> Disk:
+        """The disk of a VM node QEMU now exports to us (read-only), served
+        and remembered like one added by disk-add; IDENT: the node's file."""
+        uri = _export_uri(att)
+        try:
+            native = await asyncio.to_thread(NativeFile.open_nbd, uri, readonly=True)
+        except OSError as exc:
+            raise CommandError(f"QEMU's export of node {att.original!r} does not answer: "
+                               f"{exc.strerror or exc}") from None
+        disk = Disk(att.disk, uri, native, read_only=True,
+                    source=sources.Source(text=uri, kind="nbd", uri=uri, probed=True),
+                    ident=ident)
+        try:
+            self._check_source(disk)
+        except CommandError:
+            disk.close()
+            raise
+        self._add_disk(disk)
+        self._runtime_disks.add(att.disk)
+        self._cbw_disks.add(att.disk)
+        if self.state is not None:
+            self.state.state.disks.append({"name": att.disk, "source": uri, "read-only": True,
+                                           "vm-node-size": att.size})
+        await self._save_state()
+        return disk
+
+    async def _check_export(self, disk: Disk, att: vm.Attachment) -> None:
+        """See a disk kept from an earlier attach reach QEMU's new export."""
+        try:
+            await self._io.read(disk.file, 0, min(4096, disk.size))
+        except OSError as exc:
+            raise CommandError(f"QEMU's export of node {att.original!r} does not answer: "
+                               f"{exc.strerror or exc}") from None
+
+    async def _undo_attach_cbw(self, mon: Monitor, att: vm.Attachment, cause: BaseException,
+                               created: bool) -> None:
+        log.warning("attach of %s failed (%s); rolling back", att.disk,
+                    getattr(cause, "desc", None) or cause)
+        try:
+            await vm.unexport_node(mon, att)
+        except CommandError as exc:
+            log.error("disk %s: QEMU keeps its export of %s: %s", att.disk, att.original,
+                      exc.desc)
+        if created and att.disk in self.disks:
+            await self._forget_cbw_disk(self.disks[att.disk])
+        del self.attachments[att.disk]
+        await self._save_state_logged()
+
+    async def _forget_cbw_disk(self, disk: Disk) -> None:
+        """Remove a disk :meth:`_cbw_disk` made (at detach, or a failed attach)."""
+        self._runtime_disks.discard(disk.name)
+        self._cbw_disks.discard(disk.name)
+        if self.state is not None:
+            self.state.state.disks = [d for d in self.state.state.disks
+                                      if d.get("name") != disk.name]
+        await self.server.remove_export(disk.name)
+        del self.disks[disk.name]
+        del self.actives[disk.name]
+        await disk.aclose()
 
     async def _switch_frozen(self, mon: Monitor, att: vm.Attachment, disk: Disk, qga: str,
                              agent_timeout: float, session_name: str, fallback: bool) -> None:
@@ -1284,6 +1582,9 @@ class Daemon:
             # Forced: the sessions end before the first write can bypass them.
             for name in list(disk.sessions):
                 await self._stop_session(disk, name, record=False)
+            if att.method == "cbw":
+                await self._detach_cbw(disk, att, force)
+                return {}
             if not disk.read_only:
                 # Flush while guest I/O still flows: blockdev-del of our node
                 # sends an NBD flush and holds QEMU's main loop until it is
@@ -1317,6 +1618,25 @@ class Daemon:
         if unrecorded is not None:
             raise unrecorded
         return {}
+
+    async def _detach_cbw(self, disk: Disk, att: vm.Attachment, force: bool) -> None:
+        """Detach a disk QEMU copies before write for: its export goes, and
+        the disk the attach made with it."""
+        try:
+            async with Monitor(att.qmp) as mon:
+                await vm.stop_cbw(mon, att)
+                await vm.unexport_node(mon, att)
+        except CommandError as exc:
+            if not (force and exc.desc.startswith("cannot connect to QMP socket")):
+                raise
+            log.warning("disk %s: %s; forgetting the attachment", disk.name, exc.desc)
+        del self.attachments[disk.name]
+        await self._forget_cbw_disk(disk)
+        await self._record(f"disk '{disk.name}' is detached",
+                           after_restart="a restart lists it as attached until "
+                           "vm-detach --force")
+        log.info("disk %s detached: %s %s no longer exports node %s", disk.name, att.qmp,
+                 att.device, att.original)
 
     # -- dirty bitmaps across detached periods ----------------------------------
 
@@ -1466,6 +1786,20 @@ def _inside(path: str, directory: str) -> bool:
     """Whether PATH (symlinks resolved) lies under DIRECTORY."""
     real, top = os.path.realpath(path), os.path.realpath(directory)
     return os.path.commonpath([real, top]) == top
+
+
+def _export_uri(att: vm.Attachment) -> str:
+    """Where a disk reaches the VM node QEMU exports for it."""
+    assert att.upstream is not None
+    return f"nbd+unix:///{urllib.parse.quote(att.disk, safe='')}?socket={att.upstream}"
+
+
+def _file_identity(path: str) -> tuple[str, ...] | None:
+    """:func:`_identity` of PATH; None when it is no local file."""
+    try:
+        return _identity(os.stat(path))
+    except (OSError, ValueError):
+        return None
 
 
 def _raise_fd_limit() -> None:

@@ -178,11 +178,14 @@ def _parser() -> argparse.ArgumentParser:
     _control_option(fl)
 
     a = sub.add_parser("attach", help="redirect a running VM's disk through the daemon")
-    a.add_argument("disk", nargs="?", help="served disk (the image the VM uses)")
+    a.add_argument("disk", nargs="?",
+                   help="the served raw image the VM uses, or a new disk name for any other "
+                        "node (qcow2, rbd...: QEMU then copies before write for its sessions)")
     a.add_argument("--qmp", metavar="PATH", help="the VM's QMP unix socket")
     a.add_argument("--device", metavar="ID", help="qdev id or QOM path of the disk device")
-    a.add_argument("--method", choices=("auto", "qom-set", "reopen"), default=None,
-                   help="how to switch the device (default auto: qom-set, else reopen)")
+    a.add_argument("--method", choices=("auto", "qom-set", "reopen", "cbw"), default=None,
+                   help="how (default auto: a served raw image by qom-set, else reopen; "
+                        "any other node by cbw)")
     a.add_argument("--reconnect-delay", type=int, metavar="SECONDS",
                    help="how long QEMU holds guest I/O while the daemon restarts (default 30)")
     a.add_argument("--freeze", action="store_true",
@@ -206,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     bw.add_argument("disk")
     bw.add_argument("--qmp", metavar="PATH", required=True)
     bw.add_argument("--device", metavar="ID", required=True)
-    bw.add_argument("--method", choices=("auto", "qom-set", "reopen"), default=None)
+    bw.add_argument("--method", choices=("auto", "qom-set", "reopen", "cbw"), default=None)
     bw.add_argument("--reconnect-delay", type=int, metavar="SECONDS")
     bw.add_argument("--freeze", action="store_true")
     bw.add_argument("--qga", metavar="PATH")

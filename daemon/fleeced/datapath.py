@@ -873,6 +873,18 @@ class NativeSession(_Handle):
         o, n = _range(off, length, self._size)
         _check(lib.fl_session_readable(self._handle(), o, n))
 
+    def break_(self, err: int) -> None:
+        """Break the snapshot now with ERR (a positive errno), as a failed copy
+        would under break-snapshot: for a copy-before-write another process
+        runs, once it can no longer reach this session.
+
+        :raise OSError: ``EINVAL`` for ``err <= 0``, ``EBADF`` closed.
+        """
+        e = _uint("err", err)
+        if e == 0 or e > 4095:
+            raise _einval(f"err={e}")
+        _check(lib.fl_session_break(self._handle(), e))
+
     def inject_error(self, err: int, n: int) -> None:
         """Test hook: the next N temp-store writes fail with ERR (N = 0 disables).
 
@@ -1154,6 +1166,7 @@ OP_READ: int = lib.FL_OP_READ
 OP_WRITE: int = lib.FL_OP_WRITE
 OP_SNAP_READ: int = lib.FL_OP_SNAP_READ
 OP_SESSION_OPEN: int = lib.FL_OP_SESSION_OPEN
+OP_SNAP_PUT: int = lib.FL_OP_SNAP_PUT
 
 #: Flags for :meth:`NativeQueue.submit` / :meth:`NativeQueue.submit_write`.
 FLAG_FUA: int = lib.FL_FUA
@@ -1279,6 +1292,26 @@ class NativeQueue(_Handle):
             _check_header(header)
             _check(lib.fl_queue_submit_send(h, op_id, lib.FL_OP_WRITE, fh, cbuf, n, o, sh,
                                             header, len(header), flags))
+        self._keep[op_id] = (cbuf, view)
+
+    def submit_put_old(self, op_id: int, session: NativeSession, off: int,
+                       data: Buffer | None, length: int = 0) -> None:
+        """Queue ``fl_session_put_old`` on a guest-priority worker: the old
+        contents of a range, DATA, or LENGTH zeros when DATA is None.
+
+        :raise OSError: ``EINVAL`` out of range, ``EBADF`` closed,
+            ``ESHUTDOWN`` closing.
+        """
+        h = self._handle()
+        sh = session._handle()
+        if data is None:
+            o, n = _range(off, length, session.size)
+            _check(lib.fl_queue_submit(h, op_id, lib.FL_OP_SNAP_PUT, sh, ffi.NULL, n, o, 0))
+            return
+        view = memoryview(data)
+        o, n = _range(off, view.nbytes, session.size)
+        cbuf = ffi.from_buffer("uint8_t[]", view)
+        _check(lib.fl_queue_submit(h, op_id, lib.FL_OP_SNAP_PUT, sh, cbuf, n, o, 0))
         self._keep[op_id] = (cbuf, view)
 
     def submit_write_run(self, op_id: int, file: NativeFile, req: bytes, count: int) -> Any:

@@ -379,6 +379,16 @@ class IoQueue:
             return
         await fut
 
+    async def put_old(self, session: NativeSession, off: int, data: bytes | memoryview | None,
+                      length: int = 0) -> None:
+        """Hand SESSION the old contents of a range from a copy-before-write
+        another process runs (DATA, or LENGTH zeros when None), on a
+        guest-priority worker: that process's guest write waits for it.
+
+        :raise OSError: the operation's error (the session's policy).
+        """
+        await self._submit(self._native.submit_put_old, session, off, data, length)[1]
+
     async def flush(self, file: NativeFile) -> None:
         """``fdatasync`` FILE in a worker.
 

@@ -59,6 +59,9 @@ class DiskSpec:
     description: str = ""
     #: ``-f FMT`` (None: probe a path, as qemu-nbd does).
     format: str | None = None
+    #: An NBD source not connected at start, of this size (a VM node an
+    #: attach had QEMU export; the state dir remembers it).
+    lazy_size: int | None = None
 
 
 @dataclass

@@ -386,6 +386,21 @@ int fl_session_cluster_state(fl_session *s, uint64_t off, int *state);
  * I/O), so it is safe on an event-loop thread: a large read that is sent a
  * piece at a time is checked whole before its first piece. */
 int fl_session_readable(fl_session *s, uint64_t off, uint64_t len);
+/* Break the snapshot now with ERR (> 0), as a failed copy would under
+ * FL_BREAK_SNAPSHOT (sticky; the eventfd fires once): for a copy that
+ * another process runs and fleeced learns it can no longer receive. */
+int fl_session_break(fl_session *s, int err);
+/* The old contents of [OFF, OFF+LEN), from a copy-before-write that
+ * another process runs (QEMU's copy-before-write filter writing to its
+ * target: the disk's own writes then never pass through fleeced).  BUF
+ * NULL means zeros.  Every whole cluster of the range that is NEEDED is
+ * stored (COPIED, or ZERO for zeros) before this returns, so the writer
+ * may overwrite the source once it has the answer; clusters kept already
+ * are left alone.  Part of a NEEDED cluster breaks the snapshot (the rest
+ * of it would never come).  A store that fails follows the policy:
+ * -errno (FL_BREAK_GUEST_WRITE: the writer must fail its write) or 0 with
+ * the snapshot broken.  -EINVAL out of range. */
+int fl_session_put_old(fl_session *s, const uint8_t *buf, uint64_t len, uint64_t off);
 /* Test hook: every copy-before-write copy of S sleeps MS (0..60000)
  * outside the lock, after reading the source and before storing the data
  * (so a late copy has data to drop), so timeouts can be provoked. */
@@ -418,6 +433,7 @@ typedef struct fl_queue fl_queue;
 #define FL_OP_SESSION_OPEN 11  /* fl_session_open (fl_queue_submit_open) */
 #define FL_OP_SESSION_CLOSE 12 /* fl_session_close (fl_queue_submit_close) */
 #define FL_OP_WRITE_RUN    13  /* fl_file_write per request (below) */
+#define FL_OP_SNAP_PUT     14  /* fl_session_put_old (BUF NULL: zeros) */
 
 /* Start NTHREADS (1..64) guest workers, NTHREADS - NTHREADS/4 snapshot
  * workers at a lower scheduling priority (queue.c) and a completion
@@ -425,7 +441,8 @@ typedef struct fl_queue fl_queue;
 int fl_queue_open(unsigned nthreads, fl_queue **out);
 /* The eventfd: readable when completions wait in fl_queue_reap. */
 int fl_queue_fd(const fl_queue *q);
-/* Queue one operation (FL_OP_READ .. FL_OP_SNAP_DISCARD); never blocks on
+/* Queue one operation (FL_OP_READ .. FL_OP_SNAP_DISCARD, FL_OP_SNAP_PUT);
+ * never blocks on
  * I/O.  Takes a reference on OBJ until the operation has run.  BUF
  * (READ/WRITE/SNAP_READ) must stay valid until ID is reaped.  -ESHUTDOWN
  * once the queue is closing. */

@@ -118,6 +118,19 @@
  * fail -ESHUTDOWN when they run after the close.  The last reference
  * frees everything and drops the session's reference on its file.
  *
+ * Copy-before-write run by another process (fl_session_put_old).  For a
+ * VM disk fleeced cannot write itself (a qcow2 or rbd node inside QEMU),
+ * QEMU runs the copy-before-write: its filter writes the old data to a
+ * target, which is this session (the daemon's cbw-target export), and
+ * only then lets the guest write reach the node.  put_old claims the
+ * whole NEEDED clusters of the range (COPYING), stores them like a copy
+ * (cache or temp, max_temp, the fault hook) and settles them COPIED, or
+ * ZERO for zeros, before it returns -- so invariant 1 holds with "the
+ * guest write" being QEMU's, and invariant 2's optimistic source reads
+ * stay right: a source read that saw new bytes ended after QEMU wrote
+ * them, which was after put_old settled the cluster.  The source itself
+ * is then read-only to fleeced (QEMU's export of the node).
+ *
  * Checkpoints (params checkpoint_since = OLD, checkpoint_new = NEW; the
  * libvirt checkpoint model).  Everything fallible is done first, outside
  * the file's lock: the frozen bitmap (a transient bitmap with OLD's
@@ -780,6 +793,142 @@ int fl__session_before_write(fl_session *s, uint64_t off, uint64_t len,
         c = c1;
     }
 out:
+    pthread_mutex_unlock(&s->lock);
+    if (need_punch)
+        punch_all(s);
+    return rc;
+}
+
+/* ---- copy-before-write run by another process ------------------------ */
+
+/* Store the old contents of the whole NEEDED clusters [c0, c1) (COPYING,
+ * claimed by the caller), which are at BUF (NULL: zeros).  Called and
+ * returns with s->lock held; drops it around the store.  Settles every
+ * claim like copy_run. */
+static int put_run(fl_session *s, uint64_t c0, uint64_t c1, const uint8_t *buf)
+{
+    uint64_t off = c0 << s->shift, data = cluster_end(s, c1 - 1) - off;
+    struct cent *e = NULL;
+    int inj = 0, rc = 0, to_cache = 0, wrote = 0;
+
+    if (buf == NULL) {          /* zeros: nothing to store */
+        for (uint64_t c = c0; c < c1; c++)
+            set_state(s, c, FL_ZERO);
+        pthread_cond_broadcast(&s->cond);
+        return 0;
+    }
+    if (c1 - c0 == 1 && s->cache_budget > 0 && s->cache_used <= s->cache_budget &&
+        data <= s->cache_budget - s->cache_used) {
+        to_cache = 1;
+        s->cache_used += data;
+    } else if (s->max_temp > 0 &&
+               (s->temp_bytes > s->max_temp || data > s->max_temp - s->temp_bytes)) {
+        revert_claims(s, c0, c1);
+        return -ENOSPC;
+    } else {
+        s->temp_bytes += data;
+    }
+    if (s->inject_n > 0) {
+        s->inject_n--;
+        inj = s->inject_err;
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (to_cache) {
+        e = malloc(sizeof(*e) + data);
+        if (e == NULL) {
+            rc = -ENOMEM;
+        } else {
+            e->idx = c0;
+            memcpy(e->data, buf, (size_t)data);
+            if (inj)
+                rc = -inj;
+        }
+    } else {
+        wrote = 1;
+        rc = inj ? -inj : fl__full_pwrite(s->temp_fd, buf, (size_t)data, off);
+    }
+    pthread_mutex_lock(&s->lock);
+    if (rc == 0 && !s->broken) {
+        if (to_cache)
+            cache_insert(s, e);
+        else
+            s->temp_written += data;
+        for (uint64_t c = c0; c < c1; c++)
+            set_state(s, c, FL_COPIED);
+        s->cbw_count += c1 - c0;
+        s->cbw_bytes += data;
+        pthread_cond_broadcast(&s->cond);
+        return 0;
+    }
+    free(e);
+    if (wrote) {
+        pthread_mutex_unlock(&s->lock);
+        fl__punch(s->temp_fd, off, data);
+        pthread_mutex_lock(&s->lock);
+    }
+    if (!s->broken) {
+        if (to_cache)
+            s->cache_used -= data;
+        else
+            s->temp_bytes -= data;
+    }
+    revert_claims(s, c0, c1);
+    return s->broken ? 0 : rc;
+}
+
+int fl_session_break(fl_session *s, int err)
+{
+    int need_punch;
+
+    if (err <= 0)
+        return -EINVAL;
+    pthread_mutex_lock(&s->lock);
+    need_punch = break_locked(s, err);
+    pthread_mutex_unlock(&s->lock);
+    if (need_punch)
+        punch_all(s);
+    return 0;
+}
+
+int fl_session_put_old(fl_session *s, const uint8_t *buf, uint64_t len, uint64_t off)
+{
+    uint64_t c, last, end = off + len;
+    int need_punch = 0, rc = fl__range_ok(off, len, s->size);
+
+    if (rc < 0 || len == 0)
+        return rc;
+    c = off >> s->shift;
+    last = (end - 1) >> s->shift;
+    pthread_mutex_lock(&s->lock);
+    while (!s->broken && c <= last) {
+        uint64_t c1;
+
+        if (s->state[c] != FL_NEEDED) {    /* kept already, or copying */
+            c++;
+            continue;
+        }
+        if ((c << s->shift) < off || cluster_end(s, c) > end) {
+            /* Part of a cluster the snapshot still needs: the copier works
+             * with smaller clusters than the session, and the rest of this
+             * one will never come.  The snapshot cannot be kept whole
+             * whatever the policy (failing the guest write would fail
+             * every one after it too). */
+            need_punch = break_locked(s, EINVAL);
+            break;
+        }
+        for (c1 = c + 1; c1 <= last && s->state[c1] == FL_NEEDED &&
+                         cluster_end(s, c1) <= end &&
+                         (c1 - c) < RUN_CLUSTERS; c1++)
+            ;
+        for (uint64_t i = c; i < c1; i++)
+            set_state(s, i, FL_COPYING);
+        rc = put_run(s, c, c1, buf == NULL ? NULL : buf + ((c << s->shift) - off));
+        if (rc < 0) {
+            rc = fail_locked(s, rc, &need_punch);
+            break;
+        }
+        c = c1;
+    }
     pthread_mutex_unlock(&s->lock);
     if (need_punch)
         punch_all(s);

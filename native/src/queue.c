@@ -153,7 +153,8 @@ static int is_lo_kind(int kind)
 
 static int is_session_kind(int kind)
 {
-    return is_lo_kind(kind) || kind == FL_OP_SESSION_CLOSE;
+    /* FL_OP_SNAP_PUT is not low: a guest write waits for it elsewhere. */
+    return is_lo_kind(kind) || kind == FL_OP_SESSION_CLOSE || kind == FL_OP_SNAP_PUT;
 }
 
 static void obj_ref(const struct op *o)
@@ -432,6 +433,9 @@ static void run_op(struct op *o, int delay_ms)
     case FL_OP_SNAP_DISCARD:
         o->rc = fl_session_discard(o->obj, o->off, o->len);
         break;
+    case FL_OP_SNAP_PUT:
+        o->rc = fl_session_put_old(o->obj, o->buf, o->len, o->off);
+        break;
     case FL_OP_EXTENTS:
         o->rc = fl_file_extents(o->obj, o->off, o->len, o->ext_lens,
                                 o->ext_flags, o->ext_max, o->ext_n);
@@ -685,7 +689,8 @@ int fl_queue_submit(fl_queue *q, uint64_t id, int kind, void *obj,
 {
     struct op *o;
 
-    if (obj == NULL || kind < FL_OP_READ || kind > FL_OP_SNAP_DISCARD)
+    if (obj == NULL || ((kind < FL_OP_READ || kind > FL_OP_SNAP_DISCARD) &&
+                        kind != FL_OP_SNAP_PUT))
         return -EINVAL;
     if ((kind == FL_OP_READ || kind == FL_OP_WRITE || kind == FL_OP_SNAP_READ)
         && (buf == NULL || len > SIZE_MAX))

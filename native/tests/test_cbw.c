@@ -3,6 +3,7 @@
  * threaded stress test where the snapshot must always equal the original.
  * Images are sized so the tail cluster is short. */
 #include <dirent.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <time.h>
 
@@ -1102,6 +1103,131 @@ static void test_timeout_spans_sessions(void)
     unlink(path);
 }
 
+/* Another process's copy-before-write (fl_session_put_old): it hands the
+ * session the old data, then overwrites the image behind fleeced's back. */
+static void external_write(const char *path, uint64_t off, uint64_t len, uint8_t v)
+{
+    uint8_t *b = malloc(len);
+    int fd = open(path, O_WRONLY);
+
+    CHECK(b != NULL && fd >= 0);
+    memset(b, v, len);
+    CHECK((uint64_t)pwrite(fd, b, len, (off_t)off) == len);
+    close(fd);
+    free(b);
+}
+
+static uint8_t *orig(uint64_t off, uint64_t len)
+{
+    uint8_t *b = malloc(len);
+
+    CHECK(b != NULL);
+    for (uint64_t i = 0; i < len; i++)
+        b[i] = pat(off + i);
+    return b;
+}
+
+static void test_put_old(void)
+{
+    struct fl_session_params p;
+    struct fl_session_stats st;
+    struct fix x;
+    uint8_t *old, b[16];
+
+    for (int cache = 0; cache < 2; cache++) {
+        params_init(&p, CS);
+        p.cbw_timeout_ms = 0;
+        p.cache_bytes = cache ? CS : 0;
+        fix_open(&x, SZ, &p);
+        /* Clusters 1-2 at once (temp), then the short tail cluster. */
+        old = orig(CS, 2 * CS);
+        CHECK_RC(fl_session_put_old(x.s, old, 2 * CS, CS), 0);
+        free(old);
+        external_write(x.path, CS, 2 * CS, 0x5a);
+        old = orig(5 * CS, SZ - 5 * CS);
+        CHECK_RC(fl_session_put_old(x.s, old, SZ - 5 * CS, 5 * CS), 0);
+        free(old);
+        external_write(x.path, 5 * CS, SZ - 5 * CS, 0x5b);
+        CHECK(state_at(x.s, CS) == FL_COPIED && state_at(x.s, SZ - 1) == FL_COPIED);
+        /* A cluster kept already is left alone. */
+        memset(b, 0xee, sizeof b);
+        CHECK_RC(fl_session_put_old(x.s, NULL, CS, CS), 0);
+        CHECK(state_at(x.s, CS) == FL_COPIED);
+        /* Zeros: nothing stored, reads as zeros. */
+        CHECK_RC(fl_session_put_old(x.s, NULL, CS, 3 * CS), 0);
+        external_write(x.path, 3 * CS, CS, 0x5c);
+        CHECK(state_at(x.s, 3 * CS) == FL_ZERO);
+        check_snap_orig(x.s, 0, CS);
+        check_snap_orig(x.s, CS, 2 * CS);
+        check_snap_orig(x.s, 5 * CS, SZ - 5 * CS);
+        CHECK_RC(fl_session_read(x.s, b, 16, 3 * CS + 100, NULL), 0);
+        for (size_t i = 0; i < sizeof b; i++)
+            CHECK(b[i] == 0);
+        CHECK_RC(fl_session_stats(x.s, &st), 0);
+        CHECK(st.cbw_count == 3 && !st.broken);
+        CHECK(st.cbw_bytes == 2 * CS + (SZ - 5 * CS));
+        CHECK(cache ? st.cache_bytes == SZ - 5 * CS : st.cache_bytes == 0);
+        CHECK_RC(fl_session_put_old(x.s, b, 16, SZ), -EINVAL);
+        /* Part of a cluster still needed: the rest never comes. */
+        CHECK_RC(fl_session_put_old(x.s, b, 16, 4 * CS), 0);
+        CHECK_RC(fl_session_stats(x.s, &st), 0);
+        CHECK(st.broken && st.broken_errno == EINVAL);
+        CHECK_RC(fl_session_read(x.s, b, 16, 0, NULL), -EIO);
+        fix_close(&x);
+    }
+
+    /* Broken from outside (the copier's connection went away). */
+    params_init(&p, CS);
+    fix_open(&x, SZ, &p);
+    CHECK_RC(fl_session_break(x.s, 0), -EINVAL);
+    CHECK_RC(fl_session_break(x.s, ENOTCONN), 0);
+    CHECK_RC(fl_session_stats(x.s, &st), 0);
+    CHECK(st.broken && st.broken_errno == ENOTCONN);
+    CHECK_RC(fl_session_read(x.s, b, 16, 0, NULL), -EIO);
+    fix_close(&x);
+
+    /* No room: the policy decides (the writer fails, or the snapshot). */
+    for (int pol = 0; pol < 2; pol++) {
+        params_init(&p, CS);
+        p.cbw_timeout_ms = 0;
+        p.max_temp = CS;
+        p.policy = pol;
+        fix_open(&x, SZ, &p);
+        old = orig(0, 2 * CS);
+        CHECK_RC(fl_session_put_old(x.s, old, 2 * CS, 0), pol ? -ENOSPC : 0);
+        CHECK_RC(fl_session_stats(x.s, &st), 0);
+        if (pol) {
+            CHECK(!st.broken && st.temp_bytes == 0 && state_at(x.s, 0) == FL_NEEDED);
+            CHECK_RC(fl_session_put_old(x.s, old, CS, 0), 0);  /* one fits */
+            check_snap_orig(x.s, 0, SZ);
+        } else {
+            CHECK(st.broken && st.broken_errno == ENOSPC);
+        }
+        free(old);
+        fix_close(&x);
+    }
+
+    /* A failing store: punched, and the policy. */
+    for (int pol = 0; pol < 2; pol++) {
+        params_init(&p, CS);
+        p.cbw_timeout_ms = 0;
+        p.policy = pol;
+        fix_open(&x, SZ, &p);
+        CHECK_RC(fl_session_inject_error(x.s, EIO, 1), 0);
+        old = orig(0, CS);
+        CHECK_RC(fl_session_put_old(x.s, old, CS, 0), pol ? -EIO : 0);
+        CHECK_RC(fl_session_stats(x.s, &st), 0);
+        CHECK(st.broken == !pol && st.temp_bytes == 0);
+        if (pol) {
+            CHECK_RC(fl_session_put_old(x.s, old, CS, 0), 0);
+            external_write(x.path, 0, CS, 0x77);
+            check_snap_orig(x.s, 0, SZ);
+        }
+        free(old);
+        fix_close(&x);
+    }
+}
+
 int main(void)
 {
     fprintf(stderr, "test_cbw\n");
@@ -1122,6 +1248,7 @@ int main(void)
     RUN(test_timeout_stress);
     RUN(test_frozen_reads);
     RUN(test_write_never_waits_for_a_snapshot_read);
+    RUN(test_put_old);
     fprintf(stderr, "test_cbw: OK\n");
     return 0;
 }

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +29,6 @@ pytestmark = pytest.mark.integration
 
 SIZE = 8 << 20
 K64 = 64 * 1024
-
-
-@pytest.fixture
-def vms(tmp_path: Path) -> Iterator[Callable[..., Vm]]:
-    started: list[Vm] = []
-
-    def start(image: Path, **kwargs: Any) -> Vm:
-        vm = Vm(tmp_path, image, name=f"vm{len(started)}", **kwargs)
-        started.append(vm)
-        return vm
-
-    yield start
-    for vm in started:
-        vm.stop()
-        print(f"--- {vm.out.name} ---\n{vm.log()[-5000:]}")
 
 
 def export_stats(d: Daemon, name: str) -> dict[str, Any]:
@@ -141,7 +126,9 @@ def test_attach_errors_leave_the_vm_untouched(
           "--device", "vda")
     fails("refusing to attach a different image",
           "attach", "other", "--qmp", vm.qmp, "--device", "vda")
-    fails("disk 'nope' not found", "attach", "nope", "--qmp", vm.qmp, "--device", "vda")
+    # A new disk for the VM's node: its file is disk vda's already.
+    fails("is already served as disk 'vda'", "attach", "nope", "--qmp", vm.qmp,
+          "--device", "vda")
 
     attach(d, vm)
     proc = fleeced("attach", "vda", "--qmp", vm.qmp, "--device", "vda", "--control", d.control)
@@ -293,6 +280,163 @@ def test_backup_window_detaches_when_the_command_fails(
         "vda@fleece")
     assert qmp(d, "query-attachments") == [] and qmp(d, "query-fleece") == []
     assert vm.drive() == "disk0" and "fleeced-vda" not in vm.node_names()
+
+
+def test_attach_a_qcow2_vm(tmp_path: Path, start_daemon: Callable[..., Daemon],
+                           vms: Callable[..., Vm]) -> None:
+    """A qcow2 VM could not be backed up ("only a raw node can be
+    redirected").  Now the attach makes disk vda from QEMU's read-only
+    export of the node, and a session has QEMU copy before write into the
+    daemon: the snapshot holds the disk as it was while the guest writes
+    straight into its qcow2; fleece-stop and detach leave the VM as it was,
+    with every guest write in a good image."""
+    img = tmp_path / "vda.qcow2"
+    run(requires("qemu-img"), "create", "-q", "-f", "qcow2", str(img), str(SIZE))
+    run(requires("qemu-io"), "-f", "qcow2", "-c", "write -P 0x21 0 1M", str(img))
+    d = start_daemon()  # no disk yet: the attach makes it
+    vm = vms(img, fmt="qcow2", paused=False)
+    nodes = vm.node_names()
+    attach(d, vm)
+    disks = qmp(d, "query-disks")
+    assert isinstance(disks, list) and [(x["name"], x["source-kind"], x["size"])
+                                        for x in disks] == [("vda", "nbd", SIZE)]
+    assert vm.drive() == "disk0"  # the guest keeps its node
+    assert [e["node-name"] for e in vm.execute("query-block-exports")] == ["disk0"]
+    vm.write(2 * K64, K64, 0x31)
+    at_snapshot = read_export(d, "vda", tmp_path / "a.raw")
+    assert qmp(d, "fleece-start", {"disk": "vda"}) == {"export": "vda@fleece",
+                                                       "cluster-size": K64}
+    assert vm.drive() == "fleeced-vda"  # QEMU's copy-before-write filter
+    vm.write(K64, 3 * K64, 0x41)  # over data and over the earlier write
+    vm.write(40 * K64, K64, 0x42)  # where the qcow2 has no cluster yet
+    assert read_export(d, "vda@fleece", tmp_path / "s.raw") == at_snapshot
+    stats = qmp(d, "query-fleece")
+    # Three clusters of data; QEMU sends the one the qcow2 did not have as
+    # zeroes, kept without storage.
+    assert isinstance(stats, list) and stats[0]["cbw-count"] == 3
+    assert stats[0]["clusters"]["zero"] == 1
+    qmp(d, "fleece-stop", {"disk": "vda"})
+    assert vm.drive() == "disk0" and vm.node_names() == nodes
+    detach(d)
+    assert vm.execute("query-block-exports") == [] and qmp(d, "query-disks") == []
+    vm.write(80 * K64, K64, 0x51)
+    vm.stop()
+    run(requires("qemu-img"), "check", str(img))
+    want = bytearray(SIZE)
+    for off, length, byte in ((0, 1 << 20, 0x21), (2 * K64, K64, 0x31), (K64, 3 * K64, 0x41),
+                              (40 * K64, K64, 0x42), (80 * K64, K64, 0x51)):
+        want[off:off + length] = bytes([byte]) * length
+    out = tmp_path / "final.raw"
+    run(requires("qemu-img"), "convert", "-f", "qcow2", "-O", "raw", str(img), str(out))
+    assert out.read_bytes() == bytes(want)
+
+
+def test_pausing_a_qcow2_vm_mid_write_never_waits_for_the_daemon(
+        tmp_path: Path, start_daemon: Callable[..., Daemon], vms: Callable[..., Vm]) -> None:
+    """A first design routed a qcow2 VM's writes through the daemon and
+    QEMU's own export of the node: QEMU quiesces a node's exports while it
+    drains the node, so a guest write in flight when the VM was paused
+    waited for a drain that waited for it -- ``stop`` took 105 s and the
+    writes failed EIO.  With QEMU copying before write into the daemon,
+    nothing QEMU waits for waits for QEMU: the pause is immediate, the
+    writes succeed, and the snapshot is still the disk as it was."""
+    img = tmp_path / "vda.qcow2"
+    run(requires("qemu-img"), "create", "-q", "-f", "qcow2", str(img), "16M")
+    run(requires("qemu-io"), "-f", "qcow2", "-c", "write -P 0x21 0 16M", str(img))
+    d = start_daemon()
+    vm = vms(img, fmt="qcow2", paused=False)
+    attach(d, vm)
+    qmp(d, "fleece-start", {"disk": "vda"})
+    vm.qemu_io("aio_write -P 0x41 0 8M")  # in flight when the VM stops
+    vm.qemu_io("aio_write -P 0x42 8M 8M")
+    t = time.monotonic()
+    vm.execute("stop")
+    paused = time.monotonic() - t
+    vm.execute("cont")
+    deadline = time.monotonic() + 60
+    while vm.log().count("wrote 8388608/8388608") < 2 and "failed" not in vm.log():
+        assert time.monotonic() < deadline, vm.log()
+        time.sleep(0.05)
+    print(f"stop with 16 MiB of guest writes in flight: {paused * 1000:.0f} ms")
+    assert "failed" not in vm.log(), vm.log()
+    assert paused < 10, f"stop took {paused:.1f} s"  # a hang, not a speed bound
+    assert read_export(d, "vda@fleece", tmp_path / "s.raw") == b"\x21" * (16 << 20)
+    stats = qmp(d, "query-fleece")
+    assert isinstance(stats, list) and stats[0]["state"] == "active"
+    qmp(d, "fleece-stop", {"disk": "vda"})
+    detach(d)
+
+
+def test_qcow2_vm_errors(tmp_path: Path, start_daemon: Callable[..., Daemon],
+                         vms: Callable[..., Vm]) -> None:
+    """What a disk QEMU copies before write for cannot do, each a one-line
+    error that leaves the VM as it was: dirty bitmaps (its writes never pass
+    the daemon), another cluster size than QEMU's, two sessions, a detach
+    with a session running; and a VM whose NBD server is taken."""
+    img = tmp_path / "vda.qcow2"
+    run(requires("qemu-img"), "create", "-q", "-f", "qcow2", str(img), str(SIZE))
+    d = start_daemon()
+    vm = vms(img, fmt="qcow2", paused=False)
+    nodes = vm.node_names()
+    vm.execute("nbd-server-start", addr={"type": "unix",
+                                         "data": {"path": str(tmp_path / "theirs.sock")}})
+    proc = fleeced("attach", "vda", "--qmp", vm.qmp, "--device", "vda", "--control", d.control)
+    assert proc.returncode == 1 and "NBD server is not free" in proc.stderr, proc.stderr
+    assert qmp(d, "query-disks") == [] and qmp(d, "query-attachments") == []
+    vm.execute("nbd-server-stop")
+    assert vm.node_names() == nodes
+    attach(d, vm)
+    for args, needle in (({"checkpoint": "c1"}, "keeps no dirty bitmaps"),
+                         ({"cluster-size": 1 << 20}, "cluster-size must be 65536")):
+        with pytest.raises(ExecuteError, match=needle):
+            qmp(d, "fleece-start", {"disk": "vda", **args})
+    with pytest.raises(ExecuteError, match="can keep no dirty bitmap"):
+        qmp(d, "bitmap-add", {"disk": "vda", "name": "b"})
+    qmp(d, "fleece-start", {"disk": "vda"})
+    with pytest.raises(ExecuteError, match="one at a time"):
+        qmp(d, "fleece-start", {"disk": "vda", "name": "two"})
+    proc = fleeced("detach", "vda", "--control", d.control)
+    assert proc.returncode == 1 and "active sessions" in proc.stderr, proc.stderr
+    assert vm.drive() == "fleeced-vda"
+    proc = fleeced("detach", "vda", "--force", "--control", d.control)
+    assert proc.returncode == 0, proc.stderr
+    assert vm.drive() == "disk0" and vm.node_names() == nodes
+    assert vm.execute("query-block-exports") == []
+
+
+def test_restart_takes_away_qemus_filter_of_a_lost_session(
+        tmp_path: Path, start_daemon: Callable[..., Daemon], vms: Callable[..., Vm]) -> None:
+    """kill -9 of the daemon while QEMU copied before write into it, under
+    break-guest-write: every first write to a cluster then fails in the
+    guest, since its old data has nowhere to go.  The restarted daemon takes
+    QEMU's filter away at once (the session is lost either way), so the
+    guest writes again; the disk comes back, attached, and backs up again."""
+    img = tmp_path / "vda.qcow2"
+    run(requires("qemu-img"), "create", "-q", "-f", "qcow2", str(img), str(SIZE))
+    sock, ctl = str(tmp_path / "nbd.sock"), str(tmp_path / "ctl.sock")
+    state = str(tmp_path / "state")
+    d = start_daemon("--state-dir", state, sock=sock, control=ctl)
+    vm = vms(img, fmt="qcow2", paused=False)
+    nodes = vm.node_names()
+    attach(d, vm)
+    qmp(d, "fleece-start", {"disk": "vda", "on-cbw-error": "break-guest-write"})
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    with pytest.raises(AssertionError, match="failed"):
+        vm.write(0, K64, 0x11)  # nowhere to put the old data: refused
+    d2 = start_daemon("--state-dir", state, sock=sock, control=ctl)
+    assert vm.drive() == "disk0" and vm.node_names() == nodes
+    vm.write(0, K64, 0x12)
+    atts = qmp(d2, "query-attachments")
+    assert isinstance(atts, list) and [a["disk"] for a in atts] == ["vda"]
+    qmp(d2, "fleece-stop", {"disk": "vda"})  # the lost session
+    qmp(d2, "fleece-start", {"disk": "vda"})
+    vm.write(K64, K64, 0x13)
+    snap = read_export(d2, "vda@fleece", tmp_path / "s.raw")
+    assert snap == patterned(bytes(SIZE), 0, K64, 0x12)
+    qmp(d2, "fleece-stop", {"disk": "vda"})
+    detach(d2)
+    assert vm.execute("query-block-exports") == []
 
 
 def test_stalled_readers_do_not_stall_an_attached_guest(
@@ -573,6 +717,38 @@ def test_freeze_around_the_switch_and_the_session_start(
     assert fleeced("fleece", "stop", "vda", "--control", d.control).returncode == 0
     detach(d)
     assert vm.drive() == "disk0"
+
+
+def test_freeze_around_the_session_start_of_a_qcow2_vm(
+        tmp_path: Path, start_daemon: Callable[..., Daemon], vms: Callable[..., Vm]) -> None:
+    """--freeze on a VM QEMU copies before write for: frozen, then QEMU's
+    filter and the session, then thawed; a refused freeze undoes the whole
+    attach (no export, no disk) and still thaws."""
+    img = tmp_path / "vda.qcow2"
+    run(requires("qemu-img"), "create", "-q", "-f", "qcow2", str(img), str(SIZE))
+    d = start_daemon()
+    vm = vms(img, fmt="qcow2", paused=False)
+    nodes = vm.node_names()
+    bad = FakeGuestAgent(tmp_path / "qga-bad.sock", vm, d, fail="guest-fsfreeze-freeze")
+    proc = fleeced("attach", "vda", "--qmp", vm.qmp, "--device", "vda", "--freeze",
+                   "--qga", str(tmp_path / "qga-bad.sock"), "--control", d.control)
+    bad.close()
+    assert proc.returncode == 1 and "freeze refused" in proc.stderr, proc.stderr
+    assert [c[0] for c in bad.calls] == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    assert vm.node_names() == nodes and vm.execute("query-block-exports") == []
+    assert qmp(d, "query-attachments") == [] and qmp(d, "query-disks") == []
+
+    agent = FakeGuestAgent(tmp_path / "qga.sock", vm, d)
+    proc = fleeced("attach", "vda", "--qmp", vm.qmp, "--device", "vda", "--freeze",
+                   "--qga", str(tmp_path / "qga.sock"), "--control", d.control)
+    agent.close()
+    assert proc.returncode == 0, proc.stderr
+    assert "session export vda@fleece" in proc.stdout
+    assert agent.calls == [("guest-fsfreeze-freeze", "disk0", 0),
+                           ("guest-fsfreeze-thaw", "fleeced-vda", 1)]
+    assert fleeced("fleece", "stop", "vda", "--control", d.control).returncode == 0
+    detach(d)
+    assert vm.node_names() == nodes
 
 
 def test_detach_refuses_while_sessions_run(

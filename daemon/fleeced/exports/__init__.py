@@ -6,7 +6,8 @@ for every fleecing session of the disk).  Each :class:`Session` owns one
 native fleecing session and serves its frozen view as a :class:`SnapshotExport`.
 
 Rooms: :mod:`.base` (the export protocol, counters, contexts, the disk),
-:mod:`.active`, :mod:`.snapshot`.
+:mod:`.active`, :mod:`.snapshot` (also the target of a copy-before-write
+that QEMU runs).
 
 Every call that may block runs in the native I/O queue's workers, never on the
 event loop (STYLE.md §2.14.4): reads, writes, block status, session open and
@@ -32,12 +33,13 @@ from fleeced.exports.base import (
     allocation_depth,
     bitmap_extents,
 )
-from fleeced.exports.snapshot import Session, SnapshotExport, default_temp_dir
+from fleeced.exports.snapshot import CbwTargetExport, Session, SnapshotExport, default_temp_dir
 from fleeced.ioqueue import ReadResult, ReplySocket, ReplyTorn, open_reply_socket
 from fleeced.settings import SessionOptions, image_export_name
 
 __all__ = [
     "ALLOCATION_DEPTH", "BASE_ALLOCATION", "DIRTY_BITMAP", "INLINE_READ_MAX",
+    "CbwTargetExport",
     "OUTSIDE_SCOPE", "ActiveExport", "DirtyBitmap", "Disk", "Export", "ExportStats",
     "ReadResult", "ReplySocket", "ReplyTorn", "Session", "SessionOptions", "SnapshotExport",
     "allocation_depth", "bitmap_extents", "default_temp_dir", "image_export_name",

@@ -154,6 +154,10 @@ class Export(Protocol):
 
     def error_message(self, exc: OSError) -> str: ...
 
+    def client_gone(self) -> None:
+        """A client that had negotiated this export is gone, and its last
+        operation completed."""
+
 
 class DirtyBitmap(Protocol):
     """What an export needs from a dirty bitmap (see :mod:`fleeced.bitmaps`)."""
@@ -213,11 +217,16 @@ class Disk:
     bitmaps: dict[str, DirtyBitmap] = field(default_factory=dict)
     source: Source | None = None
     child: QsdChild | None = None
+    #: What the data is, when the source does not say (a VM node QEMU
+    #: exports: the node's own file).
+    ident: tuple[str, ...] | None = None
 
     @property
     def identity(self) -> tuple[str, ...]:
         """What makes two disks the same data (see :meth:`Source.identity`):
         one source may only be one disk."""
+        if self.ident is not None:
+            return self.ident
         theirs = self.source.identity() if self.source is not None else None
         if theirs is not None:
             return theirs
@@ -326,6 +335,9 @@ class ExportBase:
 
     def check_read(self, offset: int, length: int) -> None:
         return None  # the engine checked the range; nothing else is refused
+
+    def client_gone(self) -> None:
+        return None
 
     def write_run(self, rule: RunRule, data: bytes | bytearray, pos: int,
                   max_count: int) -> WriteRun | None:

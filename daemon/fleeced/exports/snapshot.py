@@ -34,6 +34,9 @@ class Session:
         #: export (``--since OLD``: OLD's content at the snapshot instant).
         self.bitmaps: dict[str, DirtyBitmap] = {}
         self.export = SnapshotExport(self, io)
+        #: Where QEMU's copy-before-write puts the old data, when QEMU runs
+        #: it (a VM node the daemon does not write itself).
+        self.target: CbwTargetExport | None = None
         self.broken_reported = False
 
     @classmethod
@@ -156,3 +159,86 @@ class SnapshotExport(ExportBase):
             if st.broken:
                 return f"snapshot is broken: {os.strerror(st.broken_errno or errno.EIO)}"
         return exc.strerror or ""
+
+
+class CbwTargetExport(ExportBase):
+    """Where a copy-before-write that QEMU runs puts the old data: the
+    target of its ``copy-before-write`` filter, for a VM disk whose own
+    writes never pass through fleeced (a qcow2 or rbd node).
+
+    A WRITE (or WRITE_ZEROES) of a range is its contents at the snapshot
+    instant; it is kept for the session (``fl_session_put_old``) before the
+    reply, so QEMU overwrites the node only once fleeced has the old data.
+    Nothing can be read back: it is not a view of anything.
+    """
+
+    def __init__(self, session: Session, io: IoQueue) -> None:
+        self.session = session
+        self._io = io
+        self._stats = ExportStats()
+        #: Set once the daemon takes QEMU's filter away: from then on a
+        #: client going is expected.
+        self.closing = False
+        self._info = ExportInfo(
+            name=f"{session.export_name}.cbw",
+            size=session.disk.size,
+            description=f"copy-before-write target of snapshot {session.name} "
+                        f"of {session.disk.name}",
+            can_trim=False,
+            can_fast_zero=False,
+            can_cache=False,
+            # Nothing is durable here on purpose (the temp store dies with
+            # the session): a FLUSH has nothing to wait for.
+            can_fua=False,
+        )
+
+    def _bitmaps(self) -> dict[str, DirtyBitmap]:
+        return {}
+
+    async def read(self, offset: int, length: int) -> ReadResult:
+        raise OSError(errno.EPERM, "a copy-before-write target is written only")
+
+    def read_now(self, offset: int, length: int) -> ReadResult | None:
+        raise OSError(errno.EPERM, "a copy-before-write target is written only")
+
+    def submit_read(self, offset: int, length: int, reply_to: ReplySocket | None = None,
+                    header: bytes = b"") -> asyncio.Future[ReadResult]:
+        raise OSError(errno.EPERM, "a copy-before-write target is written only")
+
+    def submit_write(
+        self, offset: int, data: bytes | memoryview, fua: bool,
+        reply_to: ReplySocket | None = None, header: bytes = b"",
+    ) -> asyncio.Future[int] | None:
+        return None  # write() below
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        await self._io.put_old(self.session.native, offset, data)
+
+    async def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        await self._io.put_old(self.session.native, offset, None, length)
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        raise OSError(errno.EPERM, "a copy-before-write target is written only")
+
+    async def flush(self) -> None:
+        return None
+
+    async def cache(self, offset: int, length: int) -> None:
+        return None
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        raise OSError(errno.EPERM, "a copy-before-write target is written only")
+
+    def error_message(self, exc: OSError) -> str:
+        return exc.strerror or ""
+
+    def client_gone(self) -> None:
+        """QEMU's target node went away while its filter may still copy: a
+        copy it cannot deliver makes QEMU break *its* snapshot (or fail the
+        guest write) without the daemon knowing, so the daemon's snapshot
+        is broken now rather than silently missing data."""
+        if not self.closing:
+            try:
+                self.session.native.break_(errno.ENOTCONN)
+            except OSError:
+                pass  # closed meanwhile: nothing left to break

@@ -32,11 +32,33 @@ Rules this module keeps, and why:
   only undoes what is still ours, so it also finishes a detach (or an attach)
   interrupted by a daemon crash.
 
+Any other node (qcow2, rbd, luks...) the daemon cannot write itself, and
+it must not sit in that node's write path either: QEMU drains a node's
+exports when it drains the node (``stop``, snapshots, migration), so a guest
+request in flight to the daemon that needed QEMU's export of the node would
+wait for a drain that waits for it (measured: ``stop`` took 105 s and the
+guest writes failed).  Method ``cbw`` leaves the device on its node; QEMU
+runs the copy-before-write itself, and the daemon only receives::
+
+    nbd-server-start + block-export-add   N, read-only, on a private socket
+                                          (the daemon reads the snapshot's
+                                          unchanged clusters there)
+    at fleece-start, with the VM paused:
+    blockdev-add   nbd node "fleeced-<disk>.cbw" -> export <disk>@<session>.cbw
+    blockdev-add   copy-before-write "fleeced-<disk>" (file N, that target)
+    qom-set        <device>.drive = "fleeced-<disk>"
+    at fleece-stop: qom-set back, blockdev-del both
+
+QEMU writes a cluster's old data to the target, which the daemon stores
+for the session before it answers, and only then the guest's data to N.
+Nothing QEMU waits for ever waits for QEMU.
+
 Timeouts are the monitor's (:mod:`fleeced.qmp.monitor`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -49,7 +71,9 @@ from fleeced.qmp.monitor import Monitor, QmpFailed
 
 log = logging.getLogger(__name__)
 
-METHODS: Final = ("auto", "qom-set", "reopen")
+METHODS: Final = ("auto", "qom-set", "reopen", "cbw")
+#: What QEMU's copy-before-write target node is called, beside ours.
+TARGET_SUFFIX: Final = ".cbw"
 PERIPHERAL: Final = "/machine/peripheral/"
 
 
@@ -75,12 +99,16 @@ class Attachment:
     #: ``attaching`` until the switch is done, then ``attached``.
     state: str = "attaching"
     since: float = field(default_factory=time.time)
+    #: Method cbw: where QEMU exports the node (read-only) to the daemon.
+    upstream: str | None = None
+    #: Method cbw: the node's virtual size.
+    size: int = 0
 
     @property
     def own_node(self) -> str | None:
         """What the device pointed at before: the original node (qom-set) or
         the raw node's original file child (reopen)."""
-        return self.original if self.method == "qom-set" else self.original_file
+        return self.original_file if self.method == "reopen" else self.original
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +130,8 @@ class Attachment:
             out["original-file-node"] = self.original_file
         if self.iothread is not None:
             out["iothread"] = self.iothread
+        if self.upstream is not None:
+            out["export-socket"] = self.upstream
         return out
 
 
@@ -125,12 +155,16 @@ def qom_path(device: str) -> str:
     return device if device.startswith("/") else PERIPHERAL + device
 
 
-async def prepare(mon: Monitor, *, disk: str, image: str, size: int, read_only: bool,
+async def prepare(mon: Monitor, *, disk: str, image: str | None, size: int, read_only: bool,
                   device: str, method: str, reconnect_delay: int) -> Attachment:
     """Look at the VM and decide how to attach; changes nothing in the VM.
 
+    With IMAGE, the device's node must be a raw node over that file, which
+    the daemon serves as DISK.  Without, any node: method ``cbw`` (see the
+    module notes), and SIZE (0: any) must be the node's.
+
     :raise CommandError: when the device is missing, already redirected, or
-        not a raw node over IMAGE of SIZE bytes.
+        not what DISK is.
     """
     path = qom_path(device)
     ours = node_name(disk)
@@ -152,6 +186,22 @@ async def prepare(mon: Monitor, *, disk: str, image: str, size: int, read_only: 
     if info is None:
         raise CommandError(f"device {device!r} uses node {current!r}, which QEMU does "
                            "not list (a BlockBackend name? attach needs -blockdev nodes)")
+    if image is None:
+        node_size = (info.get("image") or {}).get("virtual-size")
+        if not isinstance(node_size, int) or node_size <= 0:
+            raise CommandError(f"node {current!r} has no size QEMU reports")
+        if size and node_size != size:
+            raise CommandError(f"node {current!r} is {node_size} bytes but disk {disk!r} has "
+                               f"{size}; refusing to attach a different disk")
+        if method not in ("auto", "cbw"):
+            raise CommandError(f"node {current!r} is a {info.get('drv')!r} node, which the "
+                               f"daemon cannot write: only method cbw (QEMU copies before "
+                               f"write) attaches it, not {method}")
+        return Attachment(disk=disk, qmp=mon.path, device=device, qom_path=path, node=ours,
+                          original=current, method="cbw", reconnect_delay=reconnect_delay,
+                          upstream=export_socket(mon.path, ours), size=node_size)
+    if method == "cbw":
+        raise CommandError("method cbw is for nodes the daemon does not serve itself")
     _check_same_image(info, current, image=image, size=size, disk=disk)
     if read_only and not info.get("ro", False):
         raise CommandError(f"disk {disk!r} is served read-only but the VM writes to it")
@@ -163,11 +213,154 @@ async def prepare(mon: Monitor, *, disk: str, image: str, size: int, read_only: 
     return att
 
 
+def export_socket(qmp: str, node: str) -> str:
+    """Where QEMU exports a node for the daemon: beside the VM's QMP socket
+    (QEMU can create files there, whatever user it runs as, and the daemon
+    reaches it), named after our node."""
+    return os.path.join(os.path.dirname(os.path.abspath(qmp)), f"{node}.sock")
+
+
+def target_node(att: Attachment) -> str:
+    """The nbd node QEMU's copy-before-write writes the old data to."""
+    return node_name(att.disk + TARGET_SUFFIX)
+
+
+async def node_filename(mon: Monitor, node: str) -> str | None:
+    """The local file under NODE as QEMU names it (a qcow2 node's image), or
+    None (an rbd node, a json: name)."""
+    info = (await _nodes(mon)).get(node) or {}
+    name = (info.get("image") or {}).get("filename") or info.get("file")
+    return name if isinstance(name, str) and name.startswith("/") else None
+
+
+async def node_is_read_only(mon: Monitor, node: str) -> bool:
+    """Whether QEMU opened NODE read-only."""
+    info = (await _nodes(mon)).get(node) or {}
+    return bool(info.get("ro", False))
+
+
+async def export_node(mon: Monitor, att: Attachment) -> None:
+    """Have QEMU export the device's node, read-only, on
+    :attr:`Attachment.upstream` (its NBD server: QEMU has one).
+
+    :raise CommandError: when QEMU's NBD server is taken (libvirt's backup, an
+        operator) or the export is refused; what was started is undone.
+    """
+    assert att.upstream is not None
+    try:
+        os.unlink(att.upstream)
+    except FileNotFoundError:
+        pass
+    try:
+        await mon.execute("nbd-server-start", {
+            "addr": {"type": "unix", "data": {"path": att.upstream}}})
+    except QmpFailed as exc:
+        raise CommandError(f"QEMU's NBD server is not free ({exc.qemu_desc}); the daemon "
+                           f"reads node {att.original!r} through it") from None
+    try:
+        await mon.execute("block-export-add", {
+            "type": "nbd", "id": att.node, "node-name": att.original, "name": att.disk,
+            "writable": False})
+    except BaseException:
+        await _quietly(mon, "nbd-server-stop", {})
+        raise
+
+
+async def unexport_node(mon: Monitor, att: Attachment) -> None:
+    """Undo :func:`export_node`, whatever of it happened (idempotent).
+
+    :raise CommandError: when QEMU keeps the export.
+    """
+    exports = await mon.execute("query-block-exports")
+    ours = any(isinstance(e, dict) and e.get("id") == att.node for e in exports)
+    if ours:
+        await mon.execute("block-export-del", {"id": att.node, "mode": "hard"})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + mon.timeout
+        while any(isinstance(e, dict) and e.get("id") == att.node
+                  for e in await mon.execute("query-block-exports")):
+            if loop.time() > deadline:
+                raise CommandError(f"QEMU still exports {att.original!r} after "
+                                   "block-export-del")
+            await asyncio.sleep(0.02)
+    # The server is ours when our export was there or our socket is: never
+    # stop somebody else's (export_node found it taken and started none).
+    if ours or (att.upstream is not None
+                and await asyncio.to_thread(os.path.exists, att.upstream)):
+        await _quietly(mon, "nbd-server-stop", {})
+    if att.upstream is not None:
+        try:
+            os.unlink(att.upstream)
+        except OSError:
+            pass
+
+
+async def start_cbw(mon: Monitor, att: Attachment, socket_path: str, target_export: str,
+                    break_guest_write: bool) -> None:
+    """Put QEMU's copy-before-write filter between the device and its node,
+    writing old data to TARGET_EXPORT on the daemon's socket (call with the
+    VM paused: the snapshot is the node as it is then).
+
+    QEMU's own cbw-timeout is not used: a copy QEMU gave up on would leave
+    the daemon's snapshot silently incomplete.  Its on-cbw-error is the
+    session's, and the daemon answers an error only when that is the policy
+    (else it breaks its own snapshot and answers success).
+
+    :raise CommandError: when QEMU refuses; what was added is removed.
+    """
+    target = target_node(att)
+    await mon.execute("blockdev-add", {
+        "driver": "nbd", "node-name": target,
+        "server": {"type": "unix", "path": socket_path}, "export": target_export})
+    try:
+        await mon.execute("blockdev-add", {
+            "driver": "copy-before-write", "node-name": att.node, "file": att.original,
+            "target": target,
+            "on-cbw-error": "break-guest-write" if break_guest_write else "break-snapshot"})
+        await switch(mon, att)
+    except BaseException:
+        await stop_cbw(mon, att)
+        raise
+
+
+async def stop_cbw(mon: Monitor, att: Attachment) -> None:
+    """Undo :func:`start_cbw`, whatever of it happened (idempotent): the
+    device back on its node, the filter and its target deleted.
+
+    :raise CommandError: as :func:`switch_back`.
+    """
+    await switch_back(mon, att)
+    if target_node(att) in await _nodes(mon):
+        await mon.execute("blockdev-del", {"node-name": target_node(att)})
+
+
+async def pause(mon: Monitor) -> bool:
+    """Stop a running VM (nothing new reaches its disks): whether we did."""
+    status = await mon.execute("query-status")
+    if isinstance(status, dict) and status.get("running"):
+        await mon.execute("stop")
+        return True
+    return False
+
+
+async def resume(mon: Monitor) -> None:
+    await mon.execute("cont")
+
+
+async def _quietly(mon: Monitor, cmd: str, args: dict[str, Any]) -> None:
+    """Run CMD, logging a failure (cleanup that must not hide the first error)."""
+    try:
+        await mon.execute(cmd, args)
+    except CommandError as exc:
+        log.debug("%s: %s", cmd, exc.desc)
+
+
 def _check_same_image(info: dict[str, Any], node: str, *, image: str, size: int,
                       disk: str) -> None:
     if info.get("drv") != "raw":
-        raise CommandError(f"node {node!r} is a {info.get('drv')!r} node; fleeced serves raw "
-                           "images, so only a raw node can be redirected")
+        raise CommandError(f"node {node!r} is a {info.get('drv')!r} node, not the raw image "
+                           f"disk {disk!r} serves; attach it under a disk name the daemon "
+                           "does not serve (QEMU then copies before write for it)")
     img = info.get("image") or {}
     filename = img.get("filename", "")
     try:
@@ -231,9 +424,9 @@ async def _switch_once(mon: Monitor, att: Attachment) -> None:
 
 
 async def _point(mon: Monitor, att: Attachment, node: str | None) -> None:
-    """Make the device read and write through NODE: its ``drive`` (qom-set),
-    or the raw node's ``file`` child (reopen)."""
-    if att.method == "qom-set":
+    """Make the device read and write through NODE: its ``drive`` (qom-set,
+    cbw), or the raw node's ``file`` child (reopen)."""
+    if att.method != "reopen":
         await mon.execute("qom-set", {"path": att.qom_path, "property": "drive",
                                       "value": node})
     else:
@@ -241,9 +434,9 @@ async def _point(mon: Monitor, att: Attachment, node: str | None) -> None:
 
 
 async def current_node(mon: Monitor, att: Attachment) -> str | None:
-    """Where the device points now: its drive (qom-set) or the raw node's file
-    child (reopen)."""
-    if att.method == "qom-set":
+    """Where the device points now: its drive (qom-set, cbw) or the raw
+    node's file child (reopen)."""
+    if att.method != "reopen":
         value = await mon.execute("qom-get", {"path": att.qom_path, "property": "drive"})
         return value if isinstance(value, str) else None
     return await _file_child(mon, att.original)

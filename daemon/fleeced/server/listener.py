@@ -215,6 +215,7 @@ class NbdServer:
         self._budget_waiters.discard(conn)
         if conn.export is not None:
             conn.export.stats.connections -= 1
+            conn.export.client_gone()
             peers = self._by_export.get(conn.export.info.name)
             if peers is not None:
                 peers.discard(conn)
