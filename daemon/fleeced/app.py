@@ -35,9 +35,9 @@ from fleeced.exports import (
 )
 from fleeced.ioqueue import DEFAULT_THREADS, IoQueue
 from fleeced.qmp import attach as vm
-from fleeced.qmp import handoff
+from fleeced.qmp import handoff, libvirt
 from fleeced.qmp.agent import GuestAgent
-from fleeced.qmp.monitor import Monitor
+from fleeced.qmp.monitor import VmMonitor, open_monitor, vm_alive
 from fleeced.settings import DaemonConfig, DiskSpec, session_options_from_args
 from fleeced.state import StateDir, StateError
 
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 #: How often persistent bitmaps are synced to disk, seconds (also at every
 #: FLUSH, at detach and at shutdown).
 BITMAP_SYNC_INTERVAL = 30.0
+#: How often attached VMs are checked for having gone (virsh destroy, a
+#: QEMU that exited or was killed), seconds.
+VM_WATCH_INTERVAL = 2.0
 
 #: The cluster size of QEMU 7.2's copy-before-write into an NBD target (the
 #: target cannot tell it one; block-copy's default).
@@ -78,6 +81,7 @@ class Daemon:
         self.control: ControlServer | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self._bitmap_task: asyncio.Task[None] | None = None
+        self._vm_task: asyncio.Task[None] | None = None
         # One lock per disk serializes the commands that change that disk's
         # sessions and attachment; commands on different disks never wait
         # for each other.
@@ -142,6 +146,7 @@ class Daemon:
             await self._close_everything()
             raise
         self._bitmap_task = loop.create_task(self._sync_bitmaps_periodically())
+        self._vm_task = loop.create_task(self._watch_vms())
         interval = systemd.watchdog_interval()
         if interval is not None:
             self._watchdog_task = loop.create_task(self._watchdog(interval))
@@ -182,14 +187,14 @@ class Daemon:
     async def _close_everything(self) -> None:
         """Orderly shutdown; every wait in it is bounded except the C workers'
         own I/O (the final join waits for operations already running)."""
-        for task in (self._watchdog_task, self._bitmap_task):
+        for task in (self._watchdog_task, self._bitmap_task, self._vm_task):
             if task is not None:
                 task.cancel()
                 try:
                     await task
                 except asyncio.CancelledError:
                     pass
-        self._watchdog_task = self._bitmap_task = None
+        self._watchdog_task = self._bitmap_task = self._vm_task = None
         if self.control is not None:
             await self.control.close()
             self.control = None
@@ -357,7 +362,7 @@ class Daemon:
         its snapshot, or fails guest writes under break-guest-write).  Take
         it away now; the session is lost either way."""
         try:
-            async with Monitor(att.qmp) as mon:
+            async with open_monitor(att.qmp) as mon:
                 await vm.stop_cbw(mon, att)
         except CommandError as exc:
             log.error("state: cannot check %s for a copy-before-write filter left by the "
@@ -586,7 +591,7 @@ class Daemon:
         target.closing = True
         if att is not None:
             try:
-                async with Monitor(att.qmp) as mon:
+                async with open_monitor(att.qmp) as mon:
                     await vm.stop_cbw(mon, att)
             except CommandError as exc:
                 if not exc.desc.startswith("cannot connect to QMP socket"):
@@ -794,7 +799,7 @@ class Daemon:
             raise CommandError(f"disk '{disk.name}' has a session already; QEMU's "
                                "copy-before-write serves one at a time")
         socket_path = self._nbd_socket()
-        async with Monitor(att.qmp) as mon:
+        async with open_monitor(att.qmp) as mon:
             paused = await vm.pause(mon)
             try:
                 session = await self._start_session(disk, options)
@@ -970,6 +975,49 @@ class Daemon:
                 await asyncio.to_thread(disk.file.attach_bitmap, bm.native)
             disk.bitmaps[bm.name] = bm
         self._sync_state()
+
+    async def _watch_vms(self) -> None:
+        """End the attachments of VMs that are gone (``virsh destroy``, a
+        shutdown, QEMU killed): nothing is left to switch back, and a disk
+        QEMU exported to us has no source any more."""
+        while True:
+            await asyncio.sleep(VM_WATCH_INTERVAL)
+            for att in list(self.attachments.values()):
+                if att.state != "attached" or await vm_alive(att.qmp) is not False:
+                    continue
+                try:
+                    await self._vm_gone(att)
+                except CommandError as exc:
+                    log.error("disk %s: ending the attachment of a VM that is gone: %s",
+                              att.disk, exc.desc)
+
+    async def _vm_gone(self, att: vm.Attachment) -> None:
+        disk = self.disks.get(att.disk)
+        lock = self._disk_locks.setdefault(att.disk, asyncio.Lock())
+        async with lock:
+            if self.attachments.get(att.disk) is not att:
+                return  # detached meanwhile
+            log.warning("disk %s: VM %s is gone; its attachment ends", att.disk, att.qmp)
+            del self.attachments[att.disk]
+            if disk is not None and att.method == "cbw":
+                # Its source was the VM's own export: nothing can be read now.
+                for name in list(disk.sessions):
+                    session = disk.sessions[name]
+                    if session.target is not None:
+                        session.target.closing = True
+                        await self.server.remove_export(session.target.info.name)
+                        session.target = None
+                    await self._stop_session(disk, name, record=False)
+                await self._forget_cbw_disk(disk)
+            elif disk is not None:
+                # Its sessions stay: nothing writes the image any more.
+                await bmap.mark_clean([bm for bm in self._all_bitmaps()
+                                       if bm.disk == disk.name])
+            self._sync_guests()
+            await self._record(f"the attachment of disk '{att.disk}' ended",
+                               after_restart="a restart lists it as attached until "
+                               "vm-detach --force")
+        self._emit("VM_GONE", {"disk": att.disk, "qmp": att.qmp})
 
     async def _sync_bitmaps_periodically(self) -> None:
         while True:
@@ -1317,13 +1365,20 @@ class Daemon:
                                    f"{method})")
             return await self._attach_cbw(name, qmp, device, delay, qga if freeze else None,
                                           session_name or "fleece", freeze_timeout)
+        if libvirt.is_target(qmp):
+            # The device would leave libvirt's node, so a libvirt backup job
+            # (which copies before write on that node) would copy new data.
+            raise CommandError(f"disk '{name}' serves the image the domain uses: under "
+                               "libvirt attach a disk name the daemon does not serve "
+                               "(QEMU then copies before write, and libvirt's own backup "
+                               "jobs stay right)")
         disk = found
         async with self._disk_locks[disk.name]:
             if disk.name in self.attachments:
                 att = self.attachments[disk.name]
                 raise CommandError(f"disk '{disk.name}' is already attached (device "
                                    f"{att.device!r} of {att.qmp})")
-            async with Monitor(qmp) as mon:
+            async with open_monitor(qmp) as mon:
                 att = await vm.prepare(mon, disk=disk.name, image=disk.path, size=disk.size,
                                        read_only=disk.read_only, device=device,
                                        method=method, reconnect_delay=delay)
@@ -1376,7 +1431,7 @@ class Daemon:
                 raise CommandError(f"disk '{name}' is already attached (device "
                                    f"{att.device!r} of {att.qmp})")
             disk = self.disks.get(name)
-            async with Monitor(qmp) as mon:
+            async with open_monitor(qmp) as mon:
                 att = await vm.prepare(mon, disk=name, image=None,
                                        size=disk.size if disk is not None else 0,
                                        read_only=False, device=device, method="cbw",
@@ -1411,7 +1466,7 @@ class Daemon:
                     # A session started while frozen must not outlive the attach.
                     for sname in list(disk.sessions):
                         await self._stop_session(disk, sname, record=False)
-                    async with Monitor(qmp) as mon:
+                    async with open_monitor(qmp) as mon:
                         await self._undo_attach_cbw(mon, att, exc, created)
                     raise
             att.state = "attached"
@@ -1481,7 +1536,7 @@ class Daemon:
             raise CommandError(f"QEMU's export of node {att.original!r} does not answer: "
                                f"{exc.strerror or exc}") from None
 
-    async def _undo_attach_cbw(self, mon: Monitor, att: vm.Attachment, cause: BaseException,
+    async def _undo_attach_cbw(self, mon: VmMonitor, att: vm.Attachment, cause: BaseException,
                                created: bool) -> None:
         log.warning("attach of %s failed (%s); rolling back", att.disk,
                     getattr(cause, "desc", None) or cause)
@@ -1507,7 +1562,7 @@ class Daemon:
         del self.actives[disk.name]
         await disk.aclose()
 
-    async def _switch_frozen(self, mon: Monitor, att: vm.Attachment, disk: Disk, qga: str,
+    async def _switch_frozen(self, mon: VmMonitor, att: vm.Attachment, disk: Disk, qga: str,
                              agent_timeout: float, session_name: str, fallback: bool) -> None:
         """Freeze the guest's filesystems, switch, start the session, thaw.
 
@@ -1537,7 +1592,7 @@ class Daemon:
                 raise failure
 
     async def _roll_back(self, att: vm.Attachment, cause: BaseException,
-                         mon: Monitor) -> None:
+                         mon: VmMonitor) -> None:
         """Put the VM back as it was after a failed attach.
 
         Uses the attach's own connection (a VM's QMP socket serves one client
@@ -1552,7 +1607,7 @@ class Daemon:
                         "retrying on a new one", att.disk, first.desc)
             await mon.close()
             try:
-                async with Monitor(att.qmp) as fresh:
+                async with open_monitor(att.qmp) as fresh:
                     await vm.switch_back(fresh, att)
             except CommandError as exc:
                 # The VM may still point at us: keep the record so vm-detach
@@ -1591,7 +1646,7 @@ class Daemon:
                 # answered, so the less is dirty then, the shorter the pause.
                 await self._flush_logged(disk, "before detach")
             try:
-                async with Monitor(att.qmp) as mon:
+                async with open_monitor(att.qmp) as mon:
                     await self._leave_handoff(mon, disk, att)
                     await vm.switch_back(mon, att)
             except CommandError as exc:
@@ -1623,7 +1678,7 @@ class Daemon:
         """Detach a disk QEMU copies before write for: its export goes, and
         the disk the attach made with it."""
         try:
-            async with Monitor(att.qmp) as mon:
+            async with open_monitor(att.qmp) as mon:
                 await vm.stop_cbw(mon, att)
                 await vm.unexport_node(mon, att)
         except CommandError as exc:
@@ -1640,7 +1695,7 @@ class Daemon:
 
     # -- dirty bitmaps across detached periods ----------------------------------
 
-    async def _leave_handoff(self, mon: Monitor, disk: Disk, att: vm.Attachment) -> None:
+    async def _leave_handoff(self, mon: VmMonitor, disk: Disk, att: vm.Attachment) -> None:
         """Before switching back: a transient dirty bitmap on the VM's own node
         records the writes that will bypass the daemon (read at the next
         attach).  Without one, the next attach sets the bitmaps all dirty."""
@@ -1661,7 +1716,7 @@ class Daemon:
             "disk": disk.name, "qmp": att.qmp, "device": att.device, "node": att.original,
             "bitmap": name, "granularity": granularity}
 
-    async def _take_handoff(self, mon: Monitor, disk: Disk, att: vm.Attachment) -> None:
+    async def _take_handoff(self, mon: VmMonitor, disk: Disk, att: vm.Attachment) -> None:
         """After the switch to the daemon: merge what the VM wrote while
         detached into every enabled bitmap, or set them all dirty when that is
         unknown (no hand-off, the VM restarted, QEMU's NBD server busy)."""
@@ -1687,7 +1742,7 @@ class Daemon:
             return
         try:
             extents = await handoff.collect_handoff(
-                mon, att.original, str(rec["bitmap"]), disk.size, os.path.dirname(att.qmp))
+                mon, att.original, str(rec["bitmap"]), disk.size, mon.socket_dir)
         except (CommandError, OSError, ValueError) as exc:
             reason = (f"hand-off bitmap lost: {exc.reason}"
                       if isinstance(exc, handoff.HandoffLost)

@@ -182,7 +182,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the served raw image the VM uses, or a new disk name for any other "
                         "node (qcow2, rbd...: QEMU then copies before write for its sessions)")
     a.add_argument("--qmp", metavar="PATH", help="the VM's QMP unix socket")
-    a.add_argument("--device", metavar="ID", help="qdev id or QOM path of the disk device")
+    _libvirt_options(a)
+    a.add_argument("--device", metavar="ID",
+                   help="qdev id or QOM path of the disk device (with --libvirt: the "
+                        "disk's target, vda)")
     a.add_argument("--method", choices=("auto", "qom-set", "reopen", "cbw"), default=None,
                    help="how (default auto: a served raw image by qom-set, else reopen; "
                         "any other node by cbw)")
@@ -207,7 +210,8 @@ def _parser() -> argparse.ArgumentParser:
         "backup-window",
         help="attach, fleece start, run COMMAND, fleece stop, detach (cleanup on failure)")
     bw.add_argument("disk")
-    bw.add_argument("--qmp", metavar="PATH", required=True)
+    bw.add_argument("--qmp", metavar="PATH")
+    _libvirt_options(bw)
     bw.add_argument("--device", metavar="ID", required=True)
     bw.add_argument("--method", choices=("auto", "qom-set", "reopen", "cbw"), default=None)
     bw.add_argument("--reconnect-delay", type=int, metavar="SECONDS")
@@ -271,6 +275,14 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--dir", metavar="DIR", help="work directory (default: a temp dir)")
     d.add_argument("--size", type=_size, default=256 << 20, metavar="SIZE")
     return parser
+
+
+def _libvirt_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--libvirt", metavar="DOMAIN",
+                   help="a libvirt domain instead of --qmp: QMP goes through libvirt's "
+                        "monitor passthrough (libvirt marks the domain tainted)")
+    p.add_argument("--libvirt-uri", metavar="URI",
+                   help="libvirt connection URI (default qemu:///system)")
 
 
 def _control_option(p: argparse.ArgumentParser) -> None:
@@ -367,11 +379,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("disk needs an action: add or remove")
     if args.command == "attach":
         if args.list:
-            if args.disk or args.qmp or args.device:
-                parser.error("attach --list takes no DISK, --qmp or --device")
-        elif not (args.disk and args.qmp and args.device):
-            parser.error("attach needs DISK, --qmp PATH and --device ID (or --list)")
+            if args.disk or args.qmp or args.libvirt or args.device:
+                parser.error("attach --list takes no DISK, --qmp, --libvirt or --device")
+        elif not (args.disk and (args.qmp or args.libvirt) and args.device):
+            parser.error("attach needs DISK, --qmp PATH (or --libvirt DOMAIN) and "
+                         "--device ID (or --list)")
     if args.command in ("attach", "backup-window"):
+        if args.qmp and args.libvirt:
+            parser.error("give --qmp PATH or --libvirt DOMAIN, not both")
+        if args.command == "backup-window" and not (args.qmp or args.libvirt):
+            parser.error("backup-window needs --qmp PATH or --libvirt DOMAIN")
+        if args.libvirt_uri and not args.libvirt:
+            parser.error("--libvirt-uri is only used with --libvirt")
         if args.freeze and not args.qga:
             parser.error("--freeze needs --qga PATH (the guest agent socket)")
         if args.qga and not args.freeze:

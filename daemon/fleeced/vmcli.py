@@ -36,8 +36,12 @@ async def vm_command(client: ControlClient, args: argparse.Namespace) -> int:
             print(json.dumps(result, indent=2))
         else:
             extra = f"; session export {result['export']}" if "export" in result else ""
-            print(f"{args.disk}: device {args.device} now goes through fleeced "
-                  f"({result['method']}){extra}")
+            if result["method"] == "cbw":
+                print(f"{args.disk}: device {args.device} attached (cbw: QEMU copies before "
+                      f"write into fleeced during sessions){extra}")
+            else:
+                print(f"{args.disk}: device {args.device} now goes through fleeced "
+                      f"({result['method']}){extra}")
         return EXIT_OK
     if args.command == "detach":
         detach = {"disk": args.disk, **({"force": True} if args.force else {})}
@@ -122,9 +126,18 @@ def _disk_add_args(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def vm_target(args: argparse.Namespace) -> str:
+    """The VM as the daemon names it: a QMP socket path, or
+    ``libvirt:URI#DOMAIN``."""
+    if args.libvirt:
+        from fleeced.qmp import libvirt
+
+        return libvirt.target(args.libvirt, args.libvirt_uri or libvirt.DEFAULT_URI)
+    return os.path.abspath(str(args.qmp))
+
+
 def _attach_args(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"disk": args.disk, "qmp": os.path.abspath(args.qmp),
-                           "device": args.device}
+    out: dict[str, Any] = {"disk": args.disk, "qmp": vm_target(args), "device": args.device}
     if args.method:
         out["method"] = args.method
     if args.reconnect_delay is not None:

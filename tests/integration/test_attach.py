@@ -439,6 +439,47 @@ def test_restart_takes_away_qemus_filter_of_a_lost_session(
     assert vm.execute("query-block-exports") == []
 
 
+def wait_for(what: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_attachments_end_when_the_vm_is_gone(
+        tmp_path: Path, start_daemon: Callable[..., Daemon], vms: Callable[..., Vm]) -> None:
+    """A VM that exits (or is killed) while attached needed ``detach
+    --force``.  Now its attachment ends by itself: a raw image stays served
+    with its session (nothing writes it any more); a disk QEMU exported to
+    the daemon goes, with its session, since its source went with QEMU."""
+    image = tmp_path / "vda.img"
+    make_image(image, SIZE)
+    img = tmp_path / "vdb.qcow2"
+    run(requires("qemu-img"), "create", "-q", "-f", "qcow2", str(img), str(SIZE))
+    d = start_daemon(str(image), "-x", "vda")
+    vm_a = vms(image)
+    vm_b = vms(img, fmt="qcow2", paused=False)
+    attach(d, vm_a)
+    proc = fleeced("attach", "vdb", "--qmp", vm_b.qmp, "--device", "vda", "--control",
+                   d.control)
+    assert proc.returncode == 0, proc.stderr
+    qmp(d, "fleece-start", {"disk": "vda"})
+    qmp(d, "fleece-start", {"disk": "vdb"})
+    vm_a.stop()
+    vm_b.stop()
+
+    def ended() -> bool:
+        return qmp(d, "query-attachments") == []
+
+    wait_for(ended)
+    disks = qmp(d, "query-disks")
+    assert isinstance(disks, list) and [x["name"] for x in disks] == ["vda"]
+    sessions = qmp(d, "query-fleece")
+    assert isinstance(sessions, list) and [(x["disk"], x["state"]) for x in sessions] == [
+        ("vda", "active")]
+    qmp(d, "fleece-stop", {"disk": "vda"})
+
+
 def test_stalled_readers_do_not_stall_an_attached_guest(
         tmp_path: Path, start_daemon: Callable[..., Daemon], vms: Callable[..., Vm]) -> None:
     """An attached guest had reads of 30.9 s while eight clients sat on

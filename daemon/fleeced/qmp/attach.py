@@ -67,7 +67,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 from fleeced.errors import CommandError
-from fleeced.qmp.monitor import Monitor, QmpFailed
+from fleeced.qmp.monitor import QmpFailed, VmMonitor
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def qom_path(device: str) -> str:
     return device if device.startswith("/") else PERIPHERAL + device
 
 
-async def prepare(mon: Monitor, *, disk: str, image: str | None, size: int, read_only: bool,
+async def prepare(mon: VmMonitor, *, disk: str, image: str | None, size: int, read_only: bool,
                   device: str, method: str, reconnect_delay: int) -> Attachment:
     """Look at the VM and decide how to attach; changes nothing in the VM.
 
@@ -166,7 +166,7 @@ async def prepare(mon: Monitor, *, disk: str, image: str | None, size: int, read
     :raise CommandError: when the device is missing, already redirected, or
         not what DISK is.
     """
-    path = qom_path(device)
+    path = qom_path(await mon.device_id(device))
     ours = node_name(disk)
     try:
         current = await mon.execute("qom-get", {"path": path, "property": "drive"})
@@ -199,7 +199,7 @@ async def prepare(mon: Monitor, *, disk: str, image: str | None, size: int, read
                                f"write) attaches it, not {method}")
         return Attachment(disk=disk, qmp=mon.path, device=device, qom_path=path, node=ours,
                           original=current, method="cbw", reconnect_delay=reconnect_delay,
-                          upstream=export_socket(mon.path, ours), size=node_size)
+                          upstream=export_socket(mon.socket_dir, ours), size=node_size)
     if method == "cbw":
         raise CommandError("method cbw is for nodes the daemon does not serve itself")
     _check_same_image(info, current, image=image, size=size, disk=disk)
@@ -213,11 +213,11 @@ async def prepare(mon: Monitor, *, disk: str, image: str | None, size: int, read
     return att
 
 
-def export_socket(qmp: str, node: str) -> str:
-    """Where QEMU exports a node for the daemon: beside the VM's QMP socket
-    (QEMU can create files there, whatever user it runs as, and the daemon
-    reaches it), named after our node."""
-    return os.path.join(os.path.dirname(os.path.abspath(qmp)), f"{node}.sock")
+def export_socket(socket_dir: str, node: str) -> str:
+    """Where QEMU exports a node for the daemon: in the monitor's socket
+    directory (QEMU can create files there, whatever user it runs as, and
+    the daemon reaches it), named after our node."""
+    return os.path.join(socket_dir, f"{node}.sock")
 
 
 def target_node(att: Attachment) -> str:
@@ -225,7 +225,7 @@ def target_node(att: Attachment) -> str:
     return node_name(att.disk + TARGET_SUFFIX)
 
 
-async def node_filename(mon: Monitor, node: str) -> str | None:
+async def node_filename(mon: VmMonitor, node: str) -> str | None:
     """The local file under NODE as QEMU names it (a qcow2 node's image), or
     None (an rbd node, a json: name)."""
     info = (await _nodes(mon)).get(node) or {}
@@ -233,13 +233,13 @@ async def node_filename(mon: Monitor, node: str) -> str | None:
     return name if isinstance(name, str) and name.startswith("/") else None
 
 
-async def node_is_read_only(mon: Monitor, node: str) -> bool:
+async def node_is_read_only(mon: VmMonitor, node: str) -> bool:
     """Whether QEMU opened NODE read-only."""
     info = (await _nodes(mon)).get(node) or {}
     return bool(info.get("ro", False))
 
 
-async def export_node(mon: Monitor, att: Attachment) -> None:
+async def export_node(mon: VmMonitor, att: Attachment) -> None:
     """Have QEMU export the device's node, read-only, on
     :attr:`Attachment.upstream` (its NBD server: QEMU has one).
 
@@ -251,12 +251,23 @@ async def export_node(mon: Monitor, att: Attachment) -> None:
         os.unlink(att.upstream)
     except FileNotFoundError:
         pass
-    try:
-        await mon.execute("nbd-server-start", {
-            "addr": {"type": "unix", "data": {"path": att.upstream}}})
-    except QmpFailed as exc:
-        raise CommandError(f"QEMU's NBD server is not free ({exc.qemu_desc}); the daemon "
-                           f"reads node {att.original!r} through it") from None
+    for attempt in (1, 2):
+        try:
+            await mon.execute("nbd-server-start", {
+                "addr": {"type": "unix", "data": {"path": att.upstream}}})
+            break
+        except QmpFailed as exc:
+            exports = await mon.execute("query-block-exports")
+            leftover = any(isinstance(e, dict) and e.get("id") == att.node for e in exports)
+            if attempt == 1 and leftover:
+                # Ours, from a daemon that died without a state dir to
+                # remember it: take it down and start again.
+                log.warning("QEMU still exports %s for an earlier fleeced; replacing it",
+                            att.original)
+                await unexport_node(mon, att)
+                continue
+            raise CommandError(f"QEMU's NBD server is not free ({exc.qemu_desc}); the "
+                               f"daemon reads node {att.original!r} through it") from None
     try:
         await mon.execute("block-export-add", {
             "type": "nbd", "id": att.node, "node-name": att.original, "name": att.disk,
@@ -266,7 +277,7 @@ async def export_node(mon: Monitor, att: Attachment) -> None:
         raise
 
 
-async def unexport_node(mon: Monitor, att: Attachment) -> None:
+async def unexport_node(mon: VmMonitor, att: Attachment) -> None:
     """Undo :func:`export_node`, whatever of it happened (idempotent).
 
     :raise CommandError: when QEMU keeps the export.
@@ -295,7 +306,7 @@ async def unexport_node(mon: Monitor, att: Attachment) -> None:
             pass
 
 
-async def start_cbw(mon: Monitor, att: Attachment, socket_path: str, target_export: str,
+async def start_cbw(mon: VmMonitor, att: Attachment, socket_path: str, target_export: str,
                     break_guest_write: bool) -> None:
     """Put QEMU's copy-before-write filter between the device and its node,
     writing old data to TARGET_EXPORT on the daemon's socket (call with the
@@ -309,7 +320,7 @@ async def start_cbw(mon: Monitor, att: Attachment, socket_path: str, target_expo
     :raise CommandError: when QEMU refuses; what was added is removed.
     """
     target = target_node(att)
-    await mon.execute("blockdev-add", {
+    await _add_nbd_node(mon, {
         "driver": "nbd", "node-name": target,
         "server": {"type": "unix", "path": socket_path}, "export": target_export})
     try:
@@ -323,7 +334,7 @@ async def start_cbw(mon: Monitor, att: Attachment, socket_path: str, target_expo
         raise
 
 
-async def stop_cbw(mon: Monitor, att: Attachment) -> None:
+async def stop_cbw(mon: VmMonitor, att: Attachment) -> None:
     """Undo :func:`start_cbw`, whatever of it happened (idempotent): the
     device back on its node, the filter and its target deleted.
 
@@ -334,7 +345,7 @@ async def stop_cbw(mon: Monitor, att: Attachment) -> None:
         await mon.execute("blockdev-del", {"node-name": target_node(att)})
 
 
-async def pause(mon: Monitor) -> bool:
+async def pause(mon: VmMonitor) -> bool:
     """Stop a running VM (nothing new reaches its disks): whether we did."""
     status = await mon.execute("query-status")
     if isinstance(status, dict) and status.get("running"):
@@ -343,11 +354,11 @@ async def pause(mon: Monitor) -> bool:
     return False
 
 
-async def resume(mon: Monitor) -> None:
+async def resume(mon: VmMonitor) -> None:
     await mon.execute("cont")
 
 
-async def _quietly(mon: Monitor, cmd: str, args: dict[str, Any]) -> None:
+async def _quietly(mon: VmMonitor, cmd: str, args: dict[str, Any]) -> None:
     """Run CMD, logging a failure (cleanup that must not hide the first error)."""
     try:
         await mon.execute(cmd, args)
@@ -375,16 +386,35 @@ def _check_same_image(info: dict[str, Any], node: str, *, image: str, size: int,
                            f"{disk!r} has {size} (a raw node with offset/size?)")
 
 
-async def add_node(mon: Monitor, att: Attachment, socket_path: str) -> None:
+async def add_node(mon: VmMonitor, att: Attachment, socket_path: str) -> None:
     """Create our nbd node in the VM (connects to the daemon right away)."""
-    await mon.execute("blockdev-add", {
+    await _add_nbd_node(mon, {
         "driver": "nbd", "node-name": att.node,
         "server": {"type": "unix", "path": socket_path},
         "export": att.disk, "reconnect-delay": att.reconnect_delay,
     })
 
 
-async def switch(mon: Monitor, att: Attachment, fallback: bool = False) -> None:
+async def _add_nbd_node(mon: VmMonitor, options: dict[str, Any]) -> None:
+    """``blockdev-add`` of an nbd node on the daemon's socket.
+
+    :raise CommandError: QEMU's error; when it may not open the socket, what
+        to change.
+    """
+    try:
+        await mon.execute("blockdev-add", options)
+    except QmpFailed as exc:
+        if "Permission denied" not in exc.qemu_desc:
+            raise
+        path = options["server"]["path"]
+        raise CommandError(
+            f"QEMU may not open the daemon's socket {path} (Permission denied): it runs "
+            "as another user (libvirt's as libvirt-qemu, group kvm); serve with "
+            "--socket-group GROUP (or --socket-mode 0666), and where AppArmor confines "
+            "QEMU allow the socket in its profile (abstractions/libvirt-qemu.d)") from None
+
+
+async def switch(mon: VmMonitor, att: Attachment, fallback: bool = False) -> None:
     """Point the device at our node (moving the node to the device's iothread
     if QEMU asks for it).
 
@@ -413,7 +443,7 @@ async def switch(mon: Monitor, att: Attachment, fallback: bool = False) -> None:
     await _switch_once(mon, att)
 
 
-async def _switch_once(mon: Monitor, att: Attachment) -> None:
+async def _switch_once(mon: VmMonitor, att: Attachment) -> None:
     current = await current_node(mon, att)
     if current == att.node:
         return  # already there: setting it again would abort QEMU
@@ -423,7 +453,7 @@ async def _switch_once(mon: Monitor, att: Attachment) -> None:
     await _point(mon, att, att.node)
 
 
-async def _point(mon: Monitor, att: Attachment, node: str | None) -> None:
+async def _point(mon: VmMonitor, att: Attachment, node: str | None) -> None:
     """Make the device read and write through NODE: its ``drive`` (qom-set,
     cbw), or the raw node's ``file`` child (reopen)."""
     if att.method != "reopen":
@@ -433,7 +463,7 @@ async def _point(mon: Monitor, att: Attachment, node: str | None) -> None:
         await _reopen(mon, att, node)
 
 
-async def current_node(mon: Monitor, att: Attachment) -> str | None:
+async def current_node(mon: VmMonitor, att: Attachment) -> str | None:
     """Where the device points now: its drive (qom-set, cbw) or the raw
     node's file child (reopen)."""
     if att.method != "reopen":
@@ -442,7 +472,7 @@ async def current_node(mon: Monitor, att: Attachment) -> str | None:
     return await _file_child(mon, att.original)
 
 
-async def switch_back(mon: Monitor, att: Attachment) -> None:
+async def switch_back(mon: VmMonitor, att: Attachment) -> None:
     """Undo :func:`add_node` and :func:`switch`, whatever of them happened.
 
     Idempotent: reads where the device points, switches back only if it is
@@ -468,7 +498,7 @@ async def switch_back(mon: Monitor, att: Attachment) -> None:
         await mon.execute("blockdev-del", {"node-name": att.node})
 
 
-async def _reopen(mon: Monitor, att: Attachment, file_node: str | None) -> None:
+async def _reopen(mon: VmMonitor, att: Attachment, file_node: str | None) -> None:
     """``blockdev-reopen`` the raw node with FILE_NODE as its file, repeating
     every option QEMU reports for it (others would fall back to defaults)."""
     nodes = await _nodes(mon)
@@ -486,12 +516,12 @@ async def _reopen(mon: Monitor, att: Attachment, file_node: str | None) -> None:
     await mon.execute("blockdev-reopen", {"options": [opts]})
 
 
-async def _nodes(mon: Monitor) -> dict[str, dict[str, Any]]:
+async def _nodes(mon: VmMonitor) -> dict[str, dict[str, Any]]:
     out = await mon.execute("query-named-block-nodes", {"flat": True})
     return {n["node-name"]: n for n in out if isinstance(n, dict) and "node-name" in n}
 
 
-async def _file_child(mon: Monitor, node: str) -> str | None:
+async def _file_child(mon: VmMonitor, node: str) -> str | None:
     graph = await mon.execute("x-debug-query-block-graph")
     ids = {n["id"]: n.get("name") for n in graph.get("nodes", [])}
     by_name = {name: i for i, name in ids.items()}
@@ -503,7 +533,7 @@ async def _file_child(mon: Monitor, node: str) -> str | None:
     return None
 
 
-async def _device_iothread(mon: Monitor, path: str) -> str | None:
+async def _device_iothread(mon: VmMonitor, path: str) -> str | None:
     """The iothread id of the device (``/objects/io0`` -> ``io0``), if any."""
     for where in (path, path + "/virtio-backend"):
         try:

@@ -61,7 +61,7 @@ from fleeced.nbd.client import (
     ServerProtocolError,
 )
 from fleeced.nbd.events import NEED_DATA
-from fleeced.qmp.monitor import Monitor, QmpFailed
+from fleeced.qmp.monitor import QmpFailed, VmMonitor
 
 __all__ = [
     "HandoffLost",
@@ -100,7 +100,7 @@ class HandoffLost(CommandError):
         self.reason = reason
 
 
-async def add_handoff_bitmap(mon: Monitor, node: str, name: str, granularity: int) -> None:
+async def add_handoff_bitmap(mon: VmMonitor, node: str, name: str, granularity: int) -> None:
     """Start recording the writes that will bypass the daemon (at ``vm-detach``,
     before the switch back).
 
@@ -131,7 +131,7 @@ async def add_handoff_bitmap(mon: Monitor, node: str, name: str, granularity: in
         await mon.execute("block-dirty-bitmap-enable", {"node": node, "name": name})
 
 
-async def remove_handoff_bitmap(mon: Monitor, node: str, name: str) -> bool:
+async def remove_handoff_bitmap(mon: VmMonitor, node: str, name: str) -> bool:
     """Remove the hand-off bitmap if it is there (after the caller gave up on it).
 
     :return: whether a bitmap was removed.
@@ -148,7 +148,7 @@ async def remove_handoff_bitmap(mon: Monitor, node: str, name: str) -> bool:
     return True
 
 
-async def collect_handoff(mon: Monitor, node: str, name: str, size: int,
+async def collect_handoff(mon: VmMonitor, node: str, name: str, size: int,
                           socket_dir: str) -> list[tuple[int, int]]:
     """Read the hand-off bitmap through QEMU's NBD server, then remove it (at
     ``vm-attach``, after the switch to the daemon).
@@ -222,7 +222,7 @@ async def collect_handoff(mon: Monitor, node: str, name: str, size: int,
     return extents
 
 
-async def _undo(mon: Monitor, steps: Iterable[tuple[str, dict[str, Any]]]) -> list[str]:
+async def _undo(mon: VmMonitor, steps: Iterable[tuple[str, dict[str, Any]]]) -> list[str]:
     """Run the undo STEPS; return what failed (already logged)."""
     failed: list[str] = []
     for cmd, args in steps:
@@ -236,7 +236,7 @@ async def _undo(mon: Monitor, steps: Iterable[tuple[str, dict[str, Any]]]) -> li
     return failed
 
 
-async def _wait_export_gone(mon: Monitor, export_id: str) -> None:
+async def _wait_export_gone(mon: VmMonitor, export_id: str) -> None:
     """``block-export-del`` only starts the removal; wait until QEMU no longer
     lists the export (bounded by the monitor timeout)."""
     loop = asyncio.get_running_loop()
@@ -251,7 +251,7 @@ async def _wait_export_gone(mon: Monitor, export_id: str) -> None:
         await asyncio.sleep(_POLL)
 
 
-async def _bitmap_info(mon: Monitor, node: str, name: str) -> dict[str, Any] | None:
+async def _bitmap_info(mon: VmMonitor, node: str, name: str) -> dict[str, Any] | None:
     """The ``dirty-bitmaps`` entry of NAME on NODE, or None.
 
     :raise HandoffLost: when QEMU has no node NODE.

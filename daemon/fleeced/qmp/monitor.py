@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
@@ -37,6 +38,62 @@ class QmpFailed(CommandError):
         self.cmd = cmd
         self.klass = klass
         self.qemu_desc = desc
+
+
+class VmMonitor(Protocol):
+    """What the attach code needs of a VM's monitor: a QMP socket
+    (:class:`Monitor`) or libvirt's passthrough
+    (:class:`~fleeced.qmp.libvirt.LibvirtMonitor`)."""
+
+    #: The VM's target: a QMP socket path, or ``libvirt:URI#DOMAIN``.
+    path: str
+    timeout: float
+
+    async def __aenter__(self) -> VmMonitor: ...
+
+    async def __aexit__(self, t: type[BaseException] | None, v: BaseException | None,
+                        tb: TracebackType | None) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any: ...
+
+    async def device_id(self, device: str) -> str:
+        """The qdev id or QOM path of DEVICE as the user named it."""
+
+    @property
+    def socket_dir(self) -> str:
+        """A directory where QEMU can create a Unix socket the daemon reaches."""
+
+
+async def vm_alive(target: str) -> bool | None:
+    """Whether the VM TARGET names still runs: True, False (gone), or None
+    (cannot tell now).  Never takes the VM's QMP slot: for a socket, a bare
+    connect (refused or missing: QEMU is gone; accepted, or queued behind
+    another client: it runs); for libvirt, the domain's state."""
+    from fleeced.qmp import libvirt
+
+    if libvirt.is_target(target):
+        return await libvirt.domain_alive(target)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(target),
+                                           CONNECT_TIMEOUT)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except (OSError, TimeoutError):
+        return None
+    writer.close()
+    return True
+
+
+def open_monitor(target: str, timeout: float = COMMAND_TIMEOUT) -> VmMonitor:
+    """The monitor of TARGET: a QMP socket path, or a libvirt domain
+    (``libvirt:URI#DOMAIN``); use ``async with``."""
+    from fleeced.qmp import libvirt
+
+    if libvirt.is_target(target):
+        return libvirt.LibvirtMonitor(target, timeout)
+    return Monitor(target, timeout)
 
 
 class Monitor:
@@ -73,6 +130,14 @@ class Monitor:
     async def close(self) -> None:
         """Disconnect early (idempotent): frees the VM's single QMP slot."""
         await self._disconnect()
+
+    async def device_id(self, device: str) -> str:
+        return device
+
+    @property
+    def socket_dir(self) -> str:
+        """Beside the VM's QMP socket: QEMU created that one there."""
+        return os.path.dirname(os.path.abspath(self.path))
 
     async def _disconnect(self) -> None:
         try:
