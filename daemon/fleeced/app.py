@@ -38,7 +38,7 @@ from fleeced.qmp import attach as vm
 from fleeced.qmp import handoff, libvirt
 from fleeced.qmp.agent import GuestAgent
 from fleeced.qmp.monitor import VmMonitor, open_monitor, vm_alive
-from fleeced.settings import DaemonConfig, DiskSpec, session_options_from_args
+from fleeced.settings import CACHE_MODES, DaemonConfig, DiskSpec, session_options_from_args
 from fleeced.state import StateDir, StateError
 
 log = logging.getLogger(__name__)
@@ -258,7 +258,8 @@ class Daemon:
         try:
             src = await self._probe(sources.parse(spec.source, spec.format))
             disk = await Disk.open_source(spec.name, src, read_only=spec.read_only,
-                                          discard=spec.discard, description=spec.description)
+                                          discard=spec.discard, description=spec.description,
+                                          cache=spec.cache)
         except sources.SourceError as exc:
             raise ValueError(str(exc)) from None
         except CommandError as exc:
@@ -316,7 +317,8 @@ class Daemon:
                             read_only=bool(rec.get("read-only", False)),
                             discard=str(rec.get("discard", "ignore")),
                             description=str(rec.get("description", "")),
-                            lazy_size=size if isinstance(size, int) and size > 0 else None)
+                            lazy_size=size if isinstance(size, int) and size > 0 else None,
+                            cache=rec["cache"] if rec.get("cache") in CACHE_MODES else None)
             if spec.name in self.disks:
                 log.warning("state: disk %s is configured; the remembered one is dropped",
                             spec.name)
@@ -346,6 +348,8 @@ class Daemon:
                      att.device, att.state)
             if att.method == "cbw":
                 await self._clear_cbw(att)
+            elif att.direct and att.disk in self.disks:
+                await self._set_direct(self.disks[att.disk], True)
         self._sync_guests()
         for rec in st.handoffs:
             self.handoffs[str(rec.get("disk"))] = rec
@@ -897,6 +901,9 @@ class Daemon:
             }
             if d.source is not None:
                 info.update(d.source.describe())
+            if d.source is not None and d.source.kind in ("file", "image"):
+                info["cache"] = "none" if d.cache == "none" or (
+                    d.source.kind == "file" and d.file.direct) else "writeback"
             flush_errno = d.file.flush_error
             if flush_errno:
                 # Sticky: FLUSH/FUA fail EIO until the disk is reopened.
@@ -1010,6 +1017,7 @@ class Daemon:
                     await self._stop_session(disk, name, record=False)
                 await self._forget_cbw_disk(disk)
             elif disk is not None:
+                await self._unset_direct(att)
                 # Its sessions stay: nothing writes the image any more.
                 await bmap.mark_clean([bm for bm in self._all_bitmaps()
                                        if bm.disk == disk.name])
@@ -1214,7 +1222,7 @@ class Daemon:
         ``path`` is the older name of ``source``); remembered in the state
         dir across restarts."""
         check_keys(args, {"name", "source", "path", "format", "read-only", "discard",
-                          "description"})
+                          "description", "cache"})
         name = get(args, "name", str)
         if ("source" in args) == ("path" in args):
             raise CommandError("give the disk's source (or its older name, path)")
@@ -1225,6 +1233,9 @@ class Daemon:
         discard = get(args, "discard", str, "ignore")
         if discard not in ("ignore", "unmap"):
             raise CommandError("discard must be 'ignore' or 'unmap'")
+        cache = get(args, "cache", str, None) if "cache" in args else None
+        if cache is not None and cache not in CACHE_MODES:
+            raise CommandError(f"cache must be one of {', '.join(CACHE_MODES)}")
         try:
             src = sources.parse(text, fmt)
         except sources.SourceError as exc:
@@ -1240,7 +1251,8 @@ class Daemon:
         try:
             src = await self._probe(src)
             disk = await Disk.open_source(name, src, read_only=spec.read_only,
-                                          discard=spec.discard, description=spec.description)
+                                          discard=spec.discard, description=spec.description,
+                                          cache=cache)
         except sources.SourceError as exc:
             raise CommandError(str(exc)) from None
         if name in self.disks or self.server.get_export(name) is not None:
@@ -1256,6 +1268,8 @@ class Daemon:
         self._runtime_disks.add(name)
         record = {"name": name, **src.record(), "read-only": spec.read_only,
                   "discard": spec.discard, "description": spec.description}
+        if cache is not None:
+            record["cache"] = cache
         if self.state is not None:
             self.state.state.disks.append(record)
 
@@ -1382,6 +1396,13 @@ class Daemon:
                 att = await vm.prepare(mon, disk=disk.name, image=disk.path, size=disk.size,
                                        read_only=disk.read_only, device=device,
                                        method=method, reconnect_delay=delay)
+                # A node that bypassed the host page cache keeps doing so
+                # through us, unless the disk's cache mode was given.
+                if (disk.cache is None and disk.source is not None
+                        and disk.source.kind == "file"
+                        and await vm.node_is_cache_direct(mon, att.original)):
+                    await self._set_direct(disk, True)
+                    att.direct = True
                 # Remembered before QEMU changes: a crash from here on is
                 # found, and undone by vm-detach, after a restart.
                 self.attachments[disk.name] = att
@@ -1416,6 +1437,15 @@ class Daemon:
             if session is not None:
                 out["export"] = session.export_name
         return out
+
+    async def _set_direct(self, disk: Disk, on: bool) -> None:
+        """cache=none on or off for DISK's file (an attach following its VM's
+        node).  Failing to is logged, not fatal: the data is the same."""
+        try:
+            await asyncio.to_thread(disk.file.set_direct, on)
+        except OSError as exc:
+            log.warning("disk %s: cannot %s the host page cache (%s)", disk.name,
+                        "bypass" if on else "use", exc.strerror or exc)
 
     async def _attach_cbw(self, name: str, qmp: str, device: str, delay: int,
                           qga: str | None, session_name: str, freeze_timeout: float) -> Any:
@@ -1618,7 +1648,14 @@ class Daemon:
                 await self._save_state_logged()
                 return
         del self.attachments[att.disk]
+        await self._unset_direct(att)
         await self._save_state_logged()
+
+    async def _unset_direct(self, att: vm.Attachment) -> None:
+        """Back to the page cache after an attach that bypassed it."""
+        disk = self.disks.get(att.disk)
+        if att.direct and disk is not None:
+            await self._set_direct(disk, False)
 
     async def cmd_vm_detach(self, args: dict[str, Any]) -> Any:
         """Switch the VM's disk back to its own node; remove ours."""
@@ -1664,6 +1701,7 @@ class Daemon:
                 unrecorded = exc  # the detach is done: finish it, then say so
             if not disk.read_only:
                 await self._flush_logged(disk, "after detach")
+            await self._unset_direct(att)
             # No guest write comes through us until the next attach: the
             # bitmaps are put away clean (a crash now loses nothing; the next
             # write through the daemon marks them in use again first).

@@ -49,6 +49,18 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _cache(text: str) -> int | str:
+    """``--cache``: a cache mode of the sources, or the CBW cache's size."""
+    from fleeced.settings import CACHE_MODES
+
+    if text in CACHE_MODES:
+        return text
+    if text in ("writethrough", "directsync", "unsafe"):
+        raise argparse.ArgumentTypeError(f"cache mode {text!r} is not offered "
+                                         f"(modes: {', '.join(CACHE_MODES)}; or a SIZE)")
+    return _size(text)
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -70,8 +82,11 @@ def _session_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster-size", type=_size, metavar="SIZE",
                    help="CBW cluster size, power of two 4K..16M (default 64K)")
     p.add_argument("--temp-dir", metavar="DIR", help="directory for the temp store")
-    p.add_argument("--cache", type=_size, metavar="SIZE",
-                   help="in-memory CBW cache budget (default none)")
+    p.add_argument("--cache", type=_cache, metavar="none|writeback|SIZE",
+                   help="none: the sources bypass the host page cache (O_DIRECT, "
+                        "qemu-nbd's --cache=none); writeback: they do not (default, "
+                        "unless an attached VM's node bypasses it); a SIZE: the "
+                        "sessions' in-memory CBW cache (default none)")
     p.add_argument("--max-temp", type=_size, metavar="SIZE",
                    help="temp-file byte limit (default unlimited)")
     p.add_argument("--on-cbw-error", choices=("break-snapshot", "break-guest-write"),
@@ -234,6 +249,8 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"its format (default: probed): {', '.join(FORMATS)}")
     dka.add_argument("--read-only", action="store_true")
     dka.add_argument("--discard", choices=("ignore", "unmap"))
+    dka.add_argument("--cache", choices=("none", "writeback"),
+                     help="none: bypass the host page cache (O_DIRECT)")
     dka.add_argument("--description", metavar="TEXT")
     _control_option(dka)
     dkr = dksub.add_parser("remove", help="stop serving a disk")
@@ -384,6 +401,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         elif not (args.disk and (args.qmp or args.libvirt) and args.device):
             parser.error("attach needs DISK, --qmp PATH (or --libvirt DOMAIN) and "
                          "--device ID (or --list)")
+    if (args.command in ("fleece", "backup-window")
+            and isinstance(getattr(args, "cache", None), str)):
+        parser.error("--cache none|writeback is a disk's cache mode (serve, disk add); "
+                     "a session's --cache is a SIZE")
     if args.command in ("attach", "backup-window"):
         if args.qmp and args.libvirt:
             parser.error("give --qmp PATH or --libvirt DOMAIN, not both")

@@ -35,6 +35,7 @@ from fleeced.paths import (
     parse_mode,
 )
 from fleeced.settings import (
+    CACHE_MODES,
     DaemonConfig,
     DiskSpec,
     Listener,
@@ -57,7 +58,7 @@ _TLS_KEYS: Final = frozenset({"mode", "cert", "key", "ca", "psk-file"})
 _SIZE_KEYS: Final = ("cluster-size", "cache", "max-temp")
 _SESSION_KEYS: Final = frozenset({*_SIZE_KEYS, "temp-dir", "on-cbw-error", "cbw-timeout"})
 _DISK_KEYS: Final = frozenset({"name", "source", "path", "format", "read-only", "discard",
-                               "description"})
+                               "description", "cache"})
 _MAX_NAME: Final = 4096  # NBD_MAX_STRING: longer export names cannot be asked for
 
 
@@ -276,8 +277,11 @@ def _disk(t: dict[str, Any], base: str, where: str) -> DiskSpec:
     if discard not in ("ignore", "unmap"):
         raise _Bad(f"{where}.discard", f"{discard!r} is not one of ignore, unmap")
     description = _opt(t, "description", str, f"{where}.description") or ""
+    cache = _opt(t, "cache", str, f"{where}.cache")
+    if cache is not None and cache not in CACHE_MODES:
+        raise _Bad(f"{where}.cache", f"{cache!r} is not one of {', '.join(CACHE_MODES)}")
     return DiskSpec(source=raw, name=name, read_only=read_only, discard=discard,
-                    description=description, format=fmt)
+                    description=description, format=fmt, cache=cache)
 
 
 def _same_source(a: os.stat_result, b: os.stat_result) -> bool:

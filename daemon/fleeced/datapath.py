@@ -293,6 +293,20 @@ class NativeFile(_Handle):
         _check(lib.fl_file_open_nbd_lazy(uri.encode(), n, int(bool(readonly)), out))
         return cls(ffi.gc(out[0], lib.fl_file_close), bool(readonly))
 
+    def set_direct(self, on: bool) -> None:
+        """cache=none (ON) or writeback: whether whole 4096-byte blocks are
+        read and written around the host page cache (O_DIRECT).
+
+        :raise OSError: ``EINVAL`` for an NBD upstream or a filesystem
+            without O_DIRECT, ``EBADF`` closed.
+        """
+        _check(lib.fl_file_set_direct(self._handle(), int(bool(on))))
+
+    @property
+    def direct(self) -> bool:
+        """Whether cache=none applies now."""
+        return bool(lib.fl_file_is_direct(self._handle()))
+
     @property
     def size(self) -> int:
         """Size in bytes, fixed at open."""

@@ -58,11 +58,13 @@ class QsdChild:
     :param read_only: open and export the image read-only.
     """
 
-    def __init__(self, name: str, src: Source, read_only: bool) -> None:
+    def __init__(self, name: str, src: Source, read_only: bool, direct: bool = False) -> None:
         assert src.needs_child
         self.name = name
         self.src = src
         self.read_only = read_only
+        #: cache=none: the image file is opened with cache.direct=on.
+        self.direct = direct
         self._dir: str | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -109,7 +111,8 @@ class QsdChild:
         else:
             assert src.path is not None
             nodes = [{"driver": "file", "node-name": "proto",
-                      "filename": os.path.abspath(src.path), "read-only": ro},
+                      "filename": os.path.abspath(src.path), "read-only": ro,
+                      "cache": {"direct": self.direct}},
                      {"driver": src.format, "node-name": "fmt", "file": "proto",
                       "read-only": ro}]
             top = "fmt"

@@ -77,7 +77,8 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         seen.add(name)
         disks.append(DiskSpec(source=text, name=name, read_only=args.read_only,
                               discard=args.discard, description=args.description,
-                              format=args.format))
+                              format=args.format,
+                              cache=args.cache if isinstance(args.cache, str) else None))
     fleece = []
     if args.fleece is not None:
         for d in disks:

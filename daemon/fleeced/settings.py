@@ -46,6 +46,10 @@ class SessionOptions:
     read_only: bool = False
 
 
+#: A disk's cache modes (qemu-nbd's --cache, the two that differ here).
+CACHE_MODES = ("none", "writeback")
+
+
 @dataclass
 class DiskSpec:
     """A disk to open at start: its source (a path, an NBD URI, ``rbd:...``;
@@ -62,6 +66,9 @@ class DiskSpec:
     #: An NBD source not connected at start, of this size (a VM node an
     #: attach had QEMU export; the state dir remembers it).
     lazy_size: int | None = None
+    #: ``none`` (bypass the host page cache, O_DIRECT) or ``writeback``;
+    #: None: writeback, unless an attached VM's node bypasses the cache.
+    cache: str | None = None
 
 
 @dataclass
@@ -168,6 +175,8 @@ def session_option_args(args: argparse.Namespace) -> dict[str, Any]:
         ("cbw_timeout", "cbw-timeout"),
     ):
         value = getattr(args, attr, None)
+        if attr == "cache" and isinstance(value, str):
+            continue  # --cache none|writeback: the disks' mode, not the sessions'
         if value is not None:
             out[key] = value
     return out

@@ -121,6 +121,8 @@ def _disk_add_args(args: argparse.Namespace) -> dict[str, Any]:
         out["read-only"] = True
     if args.discard:
         out["discard"] = args.discard
+    if args.cache:
+        out["cache"] = args.cache
     if args.description is not None:
         out["description"] = args.description
     return out

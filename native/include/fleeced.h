@@ -91,6 +91,11 @@ void fl_file_close(fl_file *f);
 /* 1 when F's source is an NBD upstream (fl_file_open_nbd): no page
  * cache, no sendfile, no read runs. */
 int fl_file_is_upstream(const fl_file *f);
+/* cache=none (ON) or writeback: whether reads and writes of whole
+ * 4096-byte blocks bypass the host page cache (O_DIRECT; file.c).
+ * -EINVAL for an NBD upstream or a filesystem without O_DIRECT. */
+int fl_file_set_direct(fl_file *f, int on);
+int fl_file_is_direct(const fl_file *f);
 /* The errno of the upstream's last lost connection or timed-out command,
  * 0 while it answers (always 0 for a file). */
 int fl_file_source_error(const fl_file *f);

@@ -31,6 +31,18 @@
  *   (read_nowait, read runs, sendfile) exist for files only.
  * - FUA is fdatasync after the write (the NBD spec allows the stronger
  *   whole-file sync).
+ * - cache=none (fl_file_set_direct), QEMU's cache.direct=on: a second
+ *   descriptor of the same file with O_DIRECT, opened the first time it is
+ *   asked for and kept until the file goes (so switching back and forth
+ *   while requests run never closes one under them); `direct` says which
+ *   one reads and writes use.  Reads and writes whose offset and length
+ *   are multiples of DIO_ALIGN go through it, via an aligned bounce buffer
+ *   when the caller's is not aligned; the rest (a guest's 512-byte edge,
+ *   a client's odd range) stays buffered, which Linux keeps coherent with
+ *   the direct descriptor (a direct read writes dirty pages back first, a
+ *   direct write drops the cached ones).  The page-cache fast paths
+ *   (inline reads, read runs, sendfile) are off while direct: they would
+ *   fill the cache cache=none keeps clean.
  * - Sticky flush errors: Linux reports a writeback error to one fdatasync
  *   only (errseq per open file), so a FUA that consumed it would leave a
  *   later FLUSH succeeding over lost writes.  The first failed fdatasync
@@ -41,9 +53,8 @@
  *   failing one fails too (left open: the failing caller being preempted
  *   between its fdatasync and the store).  A sync that fails when nothing
  *   was written since the last one that succeeded loses nothing, and is
- *   not sticky: an NBD upstream that is not there yet (a VM node exported
- *   only once the VM's device left it; QEMU flushes our node when it adds
- *   it) or that came back fails that sync only.  A mutation is counted
+ *   not sticky: an NBD upstream that is not there (yet, or any more: a VM
+ *   node's export) or that came back fails that sync only.  A mutation is counted
  *   when it is done, so a sync never claims one that was still running.
  * - FL_FAST write-zeroes refuses (-ENOTSUP) before any CBW when a session
  *   would have to copy part of the range (fl__session_needs_copy): fast
@@ -85,6 +96,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fs.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -170,6 +182,7 @@ int fl__file_new(const struct fl_source_ops *ops, void *priv, int fd, int readon
     f->ops = ops;
     f->priv = priv;
     f->fd = fd;
+    f->dfd = -1;
     f->readonly = readonly != 0;
     f->is_blk = is_blk != 0;
     f->lbs = 1;
@@ -259,7 +272,7 @@ int fl_file_read_nowait(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
 
     if (rc < 0)
         return rc;
-    if (f->fd < 0)
+    if (f->fd < 0 || fl_file_is_direct(f))
         return -EAGAIN;         /* only a file has a page cache to look in */
     if (is_hole != NULL) {
         *is_hole = 0;
@@ -692,8 +705,48 @@ int fl_file_is_upstream(const fl_file *f)
 
 /* ---- the file backend: a raw file or block device ---------------------- */
 
+/* The O_DIRECT descriptor when cache=none applies to [OFF, OFF+LEN), else
+ * -1 (the buffered one is used). */
+static int direct_fd(const fl_file *f, uint64_t off, size_t len)
+{
+    if (!__atomic_load_n(&f->direct, __ATOMIC_ACQUIRE) || len == 0 ||
+        (off | len) % DIO_ALIGN != 0)
+        return -1;
+    return f->dfd;
+}
+
+/* pread/pwrite on the direct descriptor DFD, through an aligned bounce
+ * buffer (of at most DIO_BOUNCE bytes) when BUF is not aligned. */
+static int direct_io(int dfd, void *buf, size_t len, uint64_t off, int write)
+{
+    uint8_t *bounce = NULL;
+    size_t step = len < DIO_BOUNCE ? len : DIO_BOUNCE;
+    int rc = 0;
+
+    if (((uintptr_t)buf % DIO_ALIGN) == 0)
+        return write ? fl__full_pwrite(dfd, buf, len, off) : fl__full_pread(dfd, buf, len, off);
+    if (posix_memalign((void **)&bounce, DIO_ALIGN, step) != 0)
+        return -ENOMEM;
+    for (size_t done = 0; done < len && rc == 0; done += step) {
+        size_t n = len - done < step ? len - done : step;
+
+        if (write) {
+            memcpy(bounce, (const uint8_t *)buf + done, n);
+            rc = fl__full_pwrite(dfd, bounce, n, off + done);
+        } else {
+            rc = fl__full_pread(dfd, bounce, n, off + done);
+            if (rc == 0)
+                memcpy((uint8_t *)buf + done, bounce, n);
+        }
+    }
+    free(bounce);
+    return rc;
+}
+
 static int file_read(fl_file *f, void *buf, size_t len, uint64_t off, int *is_hole)
 {
+    int dfd;
+
     if (is_hole != NULL) {
         *is_hole = 0;
         if (fl__range_is_hole(f->fd, f->is_blk, off, len)) {
@@ -702,12 +755,48 @@ static int file_read(fl_file *f, void *buf, size_t len, uint64_t off, int *is_ho
             return 0;
         }
     }
+    dfd = direct_fd(f, off, len);
+    if (dfd >= 0)
+        return direct_io(dfd, buf, len, off, 0);
     return fl__full_pread(f->fd, buf, len, off);
 }
 
 static int file_write(fl_file *f, const void *buf, size_t len, uint64_t off)
 {
+    int dfd = direct_fd(f, off, len);
+
+    if (dfd >= 0)
+        return direct_io(dfd, (void *)buf, len, off, 1);
     return fl__full_pwrite(f->fd, buf, len, off);
+}
+
+int fl_file_set_direct(fl_file *f, int on)
+{
+    int rc = 0;
+
+    if (f->fd < 0)
+        return -EINVAL;         /* an NBD upstream has no page cache here */
+    pthread_mutex_lock(&f->hook_lock);
+    if (on && f->dfd < 0) {
+        char path[64];
+        int fd;
+
+        snprintf(path, sizeof path, "/proc/self/fd/%d", f->fd);
+        fd = open(path, (f->readonly ? O_RDONLY : O_RDWR) | O_DIRECT | O_CLOEXEC);
+        if (fd < 0)
+            rc = -errno;        /* EINVAL: the filesystem has no O_DIRECT */
+        else
+            f->dfd = fd;
+    }
+    if (rc == 0)
+        __atomic_store_n(&f->direct, on != 0, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&f->hook_lock);
+    return rc;
+}
+
+int fl_file_is_direct(const fl_file *f)
+{
+    return __atomic_load_n(&f->direct, __ATOMIC_ACQUIRE);
 }
 
 static int file_trim(fl_file *f, uint64_t off, uint64_t len)
@@ -741,6 +830,8 @@ static int file_extents(fl_file *f, uint64_t off, uint64_t len, struct fl__ext *
 
 static void file_release(fl_file *f)
 {
+    if (f->dfd >= 0)
+        close(f->dfd);
     close(f->fd);
 }
 

@@ -67,6 +67,12 @@ struct fl_source_ops {
     void (*release)(fl_file *f);
 };
 
+/* cache=none: offsets, lengths and buffers of O_DIRECT I/O are multiples of
+ * this (the largest logical block size in use), and a bounce buffer for an
+ * unaligned caller's buffer is at most DIO_BOUNCE bytes. */
+#define DIO_ALIGN 4096u
+#define DIO_BOUNCE ((size_t)1 << 20)
+
 struct fl_file {
     unsigned refs;          /* atomic; see "Lifetimes" */
     int closed;             /* atomic; set once by fl_file_close */
@@ -76,6 +82,10 @@ struct fl_file {
      * answers (an NBD upstream; always 0 for a file) */
     int source_err;
     int fd;                 /* immutable after open: -1 unless a file */
+    /* cache=none (file.c): the O_DIRECT descriptor, -1 until first asked
+     * for (set once under hook_lock, then immutable until release), and
+     * whether reads and writes use it (atomic). */
+    int dfd, direct;
     int readonly;           /* immutable */
     int is_blk;             /* immutable: block device */
     uint32_t lbs;           /* immutable: a device's logical block size, else 1 */

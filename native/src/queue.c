@@ -400,7 +400,7 @@ static void run_op(struct op *o, int delay_ms)
     }
     switch (o->kind) {
     case FL_OP_READ:
-        if (o->sock != NULL && !fl_file_is_upstream(o->obj)) {
+        if (o->sock != NULL && !fl_file_is_upstream(o->obj) && !fl_file_is_direct(o->obj)) {
             sendfile_reply(o);
             return;
         }

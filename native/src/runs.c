@@ -168,7 +168,7 @@ int fl_file_read_run(fl_file *f, const uint8_t *req, size_t len,
         rule->structured > 1)
         return -EINVAL;
     memset(run, 0, sizeof(*run));
-    if (fl_file_is_upstream(f))
+    if (fl_file_is_upstream(f) || fl_file_is_direct(f))
         return 0;       /* no page cache to answer from: the engine's path */
     hdr = rule->structured ? CHUNK_HDR : SIMPLE_HDR;
     while (run->count < max_count && len - run->consumed >= REQ_SIZE) {

@@ -1,6 +1,8 @@
 /* Unit tests of native/src/file.c and io.c: bounds, short reads, zero,
  * trim, holes and extents on scratch files whose size is not a multiple
  * of the block size. */
+#include <sys/mman.h>
+
 #include "check.h"
 #include "fleeced.h"
 
@@ -212,6 +214,70 @@ static void test_sticky_flush_error(void)
     unlink(path);
 }
 
+/* Whether every page of [off, off+len) of PATH is in the page cache (1),
+ * none is (0), or some are (-1). */
+static int cached(const char *path, uint64_t off, uint64_t len)
+{
+    int fd = open(path, O_RDONLY);
+    long pg = sysconf(_SC_PAGESIZE);
+    size_t n = (size_t)((len + (uint64_t)pg - 1) / (uint64_t)pg), in = 0;
+    unsigned char *vec = calloc(n, 1);
+    void *m;
+
+    CHECK(fd >= 0 && vec != NULL);
+    m = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, (off_t)off);
+    CHECK(m != MAP_FAILED);
+    CHECK(mincore(m, len, vec) == 0);
+    for (size_t i = 0; i < n; i++)
+        in += vec[i] & 1;
+    munmap(m, len);
+    close(fd);
+    free(vec);
+    return in == n ? 1 : in == 0 ? 0 : -1;
+}
+
+static void test_direct(void)
+{
+    char path[4096];
+    fl_file *f;
+    uint8_t *buf = malloc(65536 + 1), *back = malloc(65536);
+    int rc;
+
+    CHECK(buf != NULL && back != NULL);
+    make_image(path, 4 << 20, NULL);
+    CHECK_RC(fl_file_open(path, 0, &f), 0);
+    rc = fl_file_set_direct(f, 1);
+    if (rc == -EINVAL) {    /* this filesystem has no O_DIRECT */
+        fprintf(stderr, "  (no O_DIRECT in %s: skipped)\n", test_tmpdir());
+        goto out;
+    }
+    CHECK_RC(rc, 0);
+    CHECK(fl_file_is_direct(f) == 1);
+    /* Whole blocks from an unaligned buffer: written around the cache. */
+    memset(buf + 1, 0x5a, 65536);
+    CHECK_RC(fl_file_write(f, buf + 1, 65536, 1 << 20, 0), 0);
+    CHECK(cached(path, 1 << 20, 65536) == 0);
+    CHECK_RC(fl_file_read(f, back, 65536, 1 << 20, NULL), 0);
+    CHECK(memcmp(back, buf + 1, 65536) == 0);
+    CHECK(cached(path, 1 << 20, 65536) == 0);
+    /* An odd range goes buffered, and a direct read sees it. */
+    CHECK_RC(fl_file_write(f, (const uint8_t *)"odd", 3, (1 << 20) + 100, 0), 0);
+    CHECK_RC(fl_file_read(f, back, 4096, 1 << 20, NULL), 0);
+    CHECK(memcmp(back + 100, "odd", 3) == 0 && back[99] == 0x5a && back[103] == 0x5a);
+    /* The page-cache paths refuse while direct. */
+    CHECK_RC(fl_file_read_nowait(f, back, 4096, 1 << 20, NULL), -EAGAIN);
+    /* writeback again: the cache fills. */
+    CHECK_RC(fl_file_set_direct(f, 0), 0);
+    CHECK(fl_file_is_direct(f) == 0);
+    CHECK_RC(fl_file_write(f, buf + 1, 65536, 2 << 20, 0), 0);
+    CHECK(cached(path, 2 << 20, 65536) == 1);
+out:
+    fl_file_close(f);
+    unlink(path);
+    free(buf);
+    free(back);
+}
+
 int main(void)
 {
     fprintf(stderr, "test_file\n");
@@ -220,6 +286,7 @@ int main(void)
     RUN(test_read_write_bounds);
     RUN(test_zero_trim_extents);
     RUN(test_sticky_flush_error);
+    RUN(test_direct);
     fprintf(stderr, "test_file: OK\n");
     return 0;
 }

@@ -39,7 +39,8 @@ def test_qmp_library_session(daemon: Daemon) -> None:
             path = disks[0]["path"]
             assert disks == [{"name": "vm", "path": path, "size": 4 * MiB,
                               "read-only": False, "sessions": [], "source": path,
-                              "source-kind": "file", "format": "raw"}]
+                              "source-kind": "file", "format": "raw",
+                              "cache": "writeback"}]
             r = await qmp.execute("fleece-start", {"disk": "vm", "cluster-size": 131072})
             assert r == {"export": "vm@fleece", "cluster-size": 131072}
             exports = await qmp.execute("query-exports")

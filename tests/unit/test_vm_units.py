@@ -89,7 +89,7 @@ def test_state_dir_saves_atomically_and_locks(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("argv", "needle"), [
-    (["attach", "vda"], "attach needs DISK, --qmp PATH and --device ID"),
+    (["attach", "vda"], "attach needs DISK, --qmp PATH (or --libvirt DOMAIN) and"),
     (["attach", "--list", "vda"], "takes no DISK"),
     (["attach", "vda", "--qmp", "q", "--device", "d", "--freeze"], "--freeze needs --qga"),
     (["attach", "vda", "--qmp", "q", "--device", "d", "--qga", "g"], "only used with --freeze"),

@@ -220,6 +220,8 @@ class Disk:
     #: What the data is, when the source does not say (a VM node QEMU
     #: exports: the node's own file).
     ident: tuple[str, ...] | None = None
+    #: The cache mode given (``none``, ``writeback``), None when not.
+    cache: str | None = None
 
     @property
     def identity(self) -> tuple[str, ...]:
@@ -235,15 +237,21 @@ class Disk:
 
     @classmethod
     async def open_source(cls, name: str, src: Source, *, read_only: bool = False,
-                          discard: str = "ignore", description: str = "") -> Disk:
+                          discard: str = "ignore", description: str = "",
+                          cache: str | None = None) -> Disk:
         """Open SRC as a disk: a raw file or device directly; an image or RBD
         source through a qemu-storage-daemon child; either, or an NBD URI,
         as an upstream.  Opening runs in a thread (open(2) and a connect may
         block), the child as an asyncio subprocess.
 
+        :param cache: ``none`` bypasses the host page cache (a file: O_DIRECT;
+            an image: its child opens the file with cache.direct=on).
         :raise SourceError: when the source cannot be used (its reason, one line).
         """
         src = await probe(src)
+        if cache == "none" and src.kind in ("nbd", "rbd"):
+            raise SourceError(f"{src.text}: cache=none is for image files and devices "
+                              "(the page cache of an NBD export or RBD image is not ours)")
         if src.kind == "file":
             assert src.path is not None
             try:
@@ -254,11 +262,19 @@ class Disk:
                        else exc.strerror or str(exc))
                 raise SourceError(f"{src.path}: {why}") from None
             disk.source = src
+            disk.cache = cache
+            if cache == "none":
+                try:
+                    await asyncio.to_thread(disk.file.set_direct, True)
+                except OSError as exc:
+                    disk.close()
+                    raise SourceError(f"{src.path}: cache=none needs O_DIRECT, which its "
+                                      f"filesystem refuses ({exc.strerror})") from None
             return disk
         child = None
         uri = src.uri
         if src.needs_child:
-            child = QsdChild(name, src, read_only)
+            child = QsdChild(name, src, read_only, direct=cache == "none")
             await child.start()
             uri = child.uri
         assert uri is not None
@@ -271,7 +287,7 @@ class Disk:
                    else os.strerror(exc.errno or errno.EIO))
             raise SourceError(f"{src.text}: {why}") from None
         return cls(name, src.text, native, read_only, discard, description, source=src,
-                   child=child)
+                   child=child, cache=cache)
 
     async def aclose(self) -> None:
         """:meth:`close`, then stop the child (after the file: its last

@@ -103,6 +103,9 @@ class Attachment:
     upstream: str | None = None
     #: Method cbw: the node's virtual size.
     size: int = 0
+    #: The daemon bypasses the host page cache for the disk while attached,
+    #: as the VM's node did (``cache.direct=on``, libvirt's cache='none').
+    direct: bool = False
 
     @property
     def own_node(self) -> str | None:
@@ -231,6 +234,12 @@ async def node_filename(mon: VmMonitor, node: str) -> str | None:
     info = (await _nodes(mon)).get(node) or {}
     name = (info.get("image") or {}).get("filename") or info.get("file")
     return name if isinstance(name, str) and name.startswith("/") else None
+
+
+async def node_is_cache_direct(mon: VmMonitor, node: str) -> bool:
+    """Whether NODE bypasses the host page cache (``cache.direct=on``)."""
+    info = (await _nodes(mon)).get(node) or {}
+    return bool((info.get("cache") or {}).get("direct", False))
 
 
 async def node_is_read_only(mon: VmMonitor, node: str) -> bool:
