@@ -10,10 +10,15 @@
  *   CBW engine, the snapshot reads and the guest path (file.c's
  *   struct fl_source_ops) over libnbd.  Nothing here parses NBD by hand.
  * - Connections: a pool of up to POOL_MAX libnbd handles, one per worker
- *   that needs one at the same moment, when the export offers multi-conn
- *   (proto.md NBD_FLAG_CAN_MULTI_CONN: a FLUSH or FUA on one connection is
- *   visible on all, so writes may go over any); else one handle, and the
- *   operations take turns on it.  An operation takes a free handle, or
+ *   that needs one at the same moment.  An export that offers multi-conn
+ *   (proto.md NBD_FLAG_CAN_MULTI_CONN) makes a FLUSH on one connection
+ *   cover writes done on all; one that does not (QEMU's writable exports
+ *   never do) is flushed on every connection that wrote since its last
+ *   FLUSH (`dirty`), so writes still go over any and in parallel (one
+ *   handle taking turns was a queue depth of 1: half qsd's speed).  A
+ *   connection lost with writes not yet flushed on it fails the next sync
+ *   -EIO (they may not be durable, and that sync cannot say they are).
+ *   An operation takes a free handle, or
  *   opens one more while under the limit (the connect runs outside the
  *   lock, its slot reserved), or waits for one, bounded by the same
  *   timeout as a command.
@@ -38,8 +43,9 @@
  *   through (its sync is a no-op).
  *
  * Locking (one lock per upstream, never held across I/O):
- *   pool.lock  guards h[], busy[], n and waiters; pool.cond is signalled
- *              when a handle is given back or a reserved slot freed.
+ *   lock       guards h[], busy[], dirty[] and lost_dirty; cond is
+ *              signalled when a handle is given back or a reserved slot
+ *              freed.
  *   uri, size, caps and max_req are immutable after open.
  *   source_err (in fl_file) is atomic.
  */
@@ -67,12 +73,14 @@ struct upstream {
     uint64_t max_req;               /* largest read/write */
     int can_flush, can_trim, can_zero, can_fast_zero, can_cache;
     int base_allocation;            /* base:allocation negotiated */
-    int max_handles;                /* guarded by lock: POOL_MAX or 1 */
+    int multi_conn;                 /* a FLUSH on one connection covers all */
     int timeout_ms;                 /* atomic: every command's bound (test hook) */
     pthread_mutex_t lock;
     pthread_cond_t cond;            /* CLOCK_MONOTONIC */
     struct nbd_handle *h[POOL_MAX]; /* guarded by lock; NULL: free slot */
     int busy[POOL_MAX];             /* guarded by lock; 2: reserved (connecting) */
+    int dirty[POOL_MAX];            /* guarded by lock: wrote since its FLUSH */
+    int lost_dirty;                 /* guarded by lock: see the notes */
 };
 
 static struct upstream *up_of(fl_file *f)
@@ -191,7 +199,7 @@ static int learn(struct upstream *u, struct nbd_handle *h, int readonly)
     u->can_fast_zero = nbd_can_fast_zero(h) == 1;
     u->can_cache = nbd_can_cache(h) == 1;
     u->base_allocation = nbd_can_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
-    u->max_handles = nbd_can_multi_conn(h) == 1 ? POOL_MAX : 1;
+    u->multi_conn = nbd_can_multi_conn(h) == 1;
     u->known = 1;
     return 0;
 }
@@ -210,7 +218,7 @@ static struct nbd_handle *get(fl_file *f, int *slot, int *err)
     for (;;) {
         int empty = -1;
 
-        for (int i = 0; i < u->max_handles; i++) {
+        for (int i = 0; i < POOL_MAX; i++) {
             if (u->h[i] != NULL && !u->busy[i]) {
                 u->busy[i] = 1;
                 *slot = i;
@@ -256,9 +264,10 @@ static struct nbd_handle *get(fl_file *f, int *slot, int *err)
     }
 }
 
-/* Give the handle back after an operation that returned RC; a handle whose
- * connection failed is closed (the next get connects again). */
-static void put(fl_file *f, int slot, int rc)
+/* Give the handle back after an operation that returned RC (WROTE: a
+ * write, zero or trim was sent on it); a handle whose connection failed is
+ * closed (the next get connects again). */
+static void put(fl_file *f, int slot, int rc, int wrote)
 {
     struct upstream *u = up_of(f);
     struct nbd_handle *dead = NULL;
@@ -266,14 +275,15 @@ static void put(fl_file *f, int slot, int rc)
                rc == -EPIPE || rc == -ESHUTDOWN;
 
     pthread_mutex_lock(&u->lock);
+    if (wrote)
+        u->dirty[slot] = 1;
     if (lost || nbd_aio_is_dead(u->h[slot]) || nbd_aio_is_closed(u->h[slot])) {
         dead = u->h[slot];
         u->h[slot] = NULL;
         lost = 1;
-    } else if (slot >= u->max_handles) {
-        /* opened before the first connect said "no multi-conn": one only */
-        dead = u->h[slot];
-        u->h[slot] = NULL;
+        if (u->dirty[slot] && !u->multi_conn)
+            u->lost_dirty = 1;
+        u->dirty[slot] = 0;
     }
     u->busy[slot] = 0;
     pthread_cond_broadcast(&u->cond);
@@ -340,7 +350,7 @@ static int up_read(fl_file *f, void *buf, size_t len, uint64_t off, int *is_hole
         rc = wait_cmd(h, c, deadline);
         done += n;
     }
-    put(f, slot, rc);
+    put(f, slot, rc, 0);
     if (is_hole != NULL)
         *is_hole = rc == 0 && st.all_hole;
     return result(rc);
@@ -366,7 +376,7 @@ static int up_write(fl_file *f, const void *buf, size_t len, uint64_t off)
         rc = wait_cmd(h, c, deadline);
         done += n;
     }
-    put(f, slot, rc);
+    put(f, slot, rc, 1);
     return result(rc);
 }
 
@@ -406,7 +416,7 @@ static int up_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags)
     if (h == NULL)
         return -EIO;
     if (!u->can_zero || ((flags & FL_FAST) && !u->can_fast_zero)) {
-        put(f, slot, 0);
+        put(f, slot, 0, 0);
         return (flags & FL_FAST) ? -ENOTSUP : write_zeros(f, off, len);
     }
     while (len > 0 && rc == 0) {
@@ -415,7 +425,7 @@ static int up_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags)
         off += n;
         len -= n;
     }
-    put(f, slot, rc);
+    put(f, slot, rc, 1);
     return result(rc);
 }
 
@@ -430,7 +440,7 @@ static int up_trim(fl_file *f, uint64_t off, uint64_t len)
     if (h == NULL)
         return -EIO;
     if (!u->can_trim) {
-        put(f, slot, 0);
+        put(f, slot, 0, 0);
         return -ENOTSUP;        /* advisory: file.c takes it as a no-op */
     }
     while (len > 0 && rc == 0) {
@@ -439,26 +449,79 @@ static int up_trim(fl_file *f, uint64_t off, uint64_t len)
         off += n;
         len -= n;
     }
-    put(f, slot, rc);
+    put(f, slot, rc, 1);
     return result(rc);
+}
+
+/* FLUSH on handle SLOT (taken), given back. */
+static int flush_one(fl_file *f, struct nbd_handle *h, int slot)
+{
+    int rc = wait_cmd(h, nbd_aio_flush(h, NBD_NULL_COMPLETION, 0),
+                      now_ms() + timeout(up_of(f)));
+
+    put(f, slot, rc, 0);
+    return rc;
 }
 
 static int up_sync(fl_file *f)
 {
     struct upstream *u = up_of(f);
-    int slot, err, rc;
+    struct timespec until;
+    int64_t deadline = now_ms() + timeout(u);
+    int slot, err, rc = 0;
     struct nbd_handle *h;
 
-    h = get(f, &slot, &err);
-    if (h == NULL)
-        return -EIO;
-    if (!u->can_flush) {
-        put(f, slot, 0);
-        return 0;
+    int known, multi;
+
+    pthread_mutex_lock(&u->lock);
+    known = u->known;
+    multi = u->multi_conn;
+    pthread_mutex_unlock(&u->lock);
+    if (multi || !known) {
+        h = get(f, &slot, &err);
+        if (h == NULL)
+            return -EIO;
+        if (!u->can_flush) {
+            put(f, slot, 0, 0);
+            return 0;
+        }
+        pthread_mutex_lock(&u->lock);
+        memset(u->dirty, 0, sizeof(u->dirty));  /* one covers all */
+        pthread_mutex_unlock(&u->lock);
+        return result(flush_one(f, h, slot));
     }
-    rc = wait_cmd(h, nbd_aio_flush(h, NBD_NULL_COMPLETION, 0),
-                  now_ms() + timeout(u));
-    put(f, slot, rc);
+    if (!u->can_flush)
+        return 0;
+    /* Each connection that wrote since its last FLUSH is flushed, taken in
+     * turn as it comes free (bounded like any wait). */
+    until.tv_sec = (time_t)(deadline / 1000);
+    until.tv_nsec = (long)(deadline % 1000) * 1000000L;
+    pthread_mutex_lock(&u->lock);
+    if (u->lost_dirty) {
+        u->lost_dirty = 0;
+        pthread_mutex_unlock(&u->lock);
+        return -EIO;
+    }
+    for (int i = 0; i < POOL_MAX && rc == 0; i++) {
+        while (u->dirty[i] && u->busy[i] && rc == 0)
+            if (pthread_cond_timedwait(&u->cond, &u->lock, &until) == ETIMEDOUT)
+                rc = -ETIMEDOUT;
+        if (rc < 0 || !u->dirty[i] || u->h[i] == NULL)
+            continue;
+        u->busy[i] = 1;
+        u->dirty[i] = 0;
+        h = u->h[i];
+        pthread_mutex_unlock(&u->lock);
+        rc = flush_one(f, h, i);
+        pthread_mutex_lock(&u->lock);
+        if (rc < 0 && u->h[i] != NULL)
+            u->dirty[i] = 1;    /* still not known durable */
+    }
+    if (rc == 0 && u->lost_dirty) {
+        u->lost_dirty = 0;
+        rc = -EIO;
+    }
+    pthread_mutex_unlock(&u->lock);
     return result(rc);
 }
 
@@ -473,7 +536,7 @@ static int up_cache(fl_file *f, uint64_t off, uint64_t len)
     if (h == NULL)
         return -EIO;
     if (!u->can_cache) {
-        put(f, slot, 0);
+        put(f, slot, 0, 0);
         return 0;               /* a hint nobody takes */
     }
     while (len > 0 && rc == 0) {
@@ -482,7 +545,7 @@ static int up_cache(fl_file *f, uint64_t off, uint64_t len)
         off += n;
         len -= n;
     }
-    put(f, slot, rc);
+    put(f, slot, rc, 0);
     return result(rc);
 }
 
@@ -528,7 +591,7 @@ static int up_extents(fl_file *f, uint64_t off, uint64_t len, struct fl__ext *e)
     if (h == NULL)
         return fl__ext_add(e, len, 0);
     if (!u->base_allocation) {
-        put(f, slot, 0);
+        put(f, slot, 0, 0);
         return fl__ext_add(e, len, 0);
     }
     while (off < end && rc == 0) {
@@ -544,7 +607,7 @@ static int up_extents(fl_file *f, uint64_t off, uint64_t len, struct fl__ext *e)
             break;
         off += n - st.want;
     }
-    put(f, slot, rc);
+    put(f, slot, rc, 0);
     if (off < end && !(e->n == e->max))
         return fl__ext_add(e, end - off, 0);
     return e->n == e->max;
@@ -592,8 +655,7 @@ static int new_upstream(const char *uri, uint64_t size, int readonly, struct nbd
         return -ENOMEM;
     }
     u->size = size;
-    u->max_handles = POOL_MAX;      /* until the first connect says */
-    u->max_req = REQ_MAX;
+        u->max_req = REQ_MAX;
     u->timeout_ms = UPSTREAM_TIMEOUT_MS;
     pthread_mutex_init(&u->lock, NULL);
     pthread_condattr_init(&ca);

@@ -4,6 +4,7 @@
  * What the CBW engine needs of a source is checked through the same calls
  * the daemon makes: fl_file_read/write/zero/trim/flush/extents, a fleecing
  * session on top, and what a dead upstream does. */
+#include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/socket.h>
@@ -28,23 +29,17 @@ struct server {
     char uri[512];
 };
 
-/* Start nbdkit serving IMG (read-only when RO) at S->sock, and wait until
- * it accepts. */
-static void start(struct server *s, const char *img, int ro)
+/* Start nbdkit with ARGV at S->sock, and wait until it accepts. */
+static void start_argv(struct server *s, char **argv)
 {
-    char file[4200];
-    char *rw[] = { "nbdkit", "-f", "--exit-with-parent", "-U", s->sock, "file", file, NULL };
-    char *rdonly[] = { "nbdkit", "-f", "--exit-with-parent", "-r", "-U", s->sock, "file",
-                       file, NULL };
     int fd;
 
     posix_spawn_file_actions_t fa;
 
-    snprintf(file, sizeof(file), "file=%s", img);
     /* (its complaints about our readiness probe are noise) */
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
-    CHECK(posix_spawnp(&s->pid, "nbdkit", &fa, NULL, ro ? rdonly : rw, environ) == 0);
+    CHECK(posix_spawnp(&s->pid, "nbdkit", &fa, NULL, argv, environ) == 0);
     posix_spawn_file_actions_destroy(&fa);
     for (int i = 0; i < 500; i++) {
         struct sockaddr_un a = { .sun_family = AF_UNIX };
@@ -60,6 +55,18 @@ static void start(struct server *s, const char *img, int ro)
         nanosleep(&(struct timespec){ 0, 10000000 }, NULL);
     }
     CHECK(!"nbdkit did not come up");
+}
+
+/* nbdkit serving IMG (read-only when RO) at S->sock. */
+static void start(struct server *s, const char *img, int ro)
+{
+    char file[4200];
+    char *rw[] = { "nbdkit", "-f", "--exit-with-parent", "-U", s->sock, "file", file, NULL };
+    char *rdonly[] = { "nbdkit", "-f", "--exit-with-parent", "-r", "-U", s->sock, "file",
+                       file, NULL };
+
+    snprintf(file, sizeof(file), "file=%s", img);
+    start_argv(s, ro ? rdonly : rw);
 }
 
 static void stop(struct server *s, int sig)
@@ -301,6 +308,91 @@ static void test_lazy(void)
     unlink(small);
 }
 
+/* An export without multi-conn (QEMU's writable ones): writes from many
+ * threads still go over several connections, and a sync flushes each one
+ * that wrote; a connection lost with unflushed writes fails the next sync. */
+struct writer_arg {
+    fl_file *f;
+    int idx;
+};
+
+static void *writer(void *p)
+{
+    struct writer_arg *a = p;
+    static const uint8_t data[4096];
+
+    for (int i = 0; i < 64; i++)
+        CHECK_RC(fl_file_write(a->f, data, 4096, ((uint64_t)a->idx * 64 + i) * 4096, 0), 0);
+    return NULL;
+}
+
+/* Connection numbers that did OP ("Write", "Flush"), as bits. */
+static uint64_t conns_doing(const char *log, const char *op)
+{
+    FILE *fp = fopen(log, "r");
+    char line[1024];
+    uint64_t bits = 0;
+
+    CHECK(fp != NULL);
+    while (fgets(line, sizeof line, fp) != NULL) {
+        char *c = strstr(line, "connection="), want[32];
+        int n;
+
+        snprintf(want, sizeof want, " %s id=", op);
+        if (c != NULL && strstr(line, want) != NULL && sscanf(c, "connection=%d", &n) == 1 &&
+            n > 0 && n < 64)
+            bits |= (uint64_t)1 << n;
+    }
+    fclose(fp);
+    return bits;
+}
+
+static void test_no_multi_conn(void)
+{
+    char img[4096], file[4200], log[4200], logarg[4300];
+    struct server s;
+    fl_file *f;
+    pthread_t t[8];
+    struct writer_arg a[8];
+    uint64_t wrote, flushed;
+    int n = 0;
+    char *argv[] = { "nbdkit", "-f", "--exit-with-parent", "-U", NULL, "--filter=log",
+                     "--filter=multi-conn", "file", file, "multi-conn-mode=disable",
+                     logarg, NULL };
+
+    make_image(img, SZ, pat);
+    init(&s, "nomc");
+    argv[4] = s.sock;
+    snprintf(file, sizeof file, "file=%s", img);
+    snprintf(log, sizeof log, "%s.log", img);
+    snprintf(logarg, sizeof logarg, "logfile=%s", log);
+    unlink(log);
+    start_argv(&s, argv);
+    CHECK_RC(fl_file_open_nbd(s.uri, 0, &f), 0);
+    for (int i = 0; i < 8; i++) {
+        a[i] = (struct writer_arg){ f, i };
+        CHECK(pthread_create(&t[i], NULL, writer, &a[i]) == 0);
+    }
+    for (int i = 0; i < 8; i++)
+        pthread_join(t[i], NULL);
+    CHECK_RC(fl_file_flush(f), 0);
+    wrote = conns_doing(log, "Write");
+    flushed = conns_doing(log, "Flush");
+    for (uint64_t b = wrote; b; b &= b - 1)
+        n++;
+    CHECK(n > 1);                       /* in parallel, not taking turns */
+    CHECK((wrote & ~flushed) == 0);     /* every one that wrote, flushed */
+
+    CHECK_RC(fl_file_write(f, (const uint8_t *)"lost?", 5, 0, 0), 0);
+    stop(&s, SIGKILL);
+    start_argv(&s, argv);
+    CHECK_RC(fl_file_flush(f), -EIO);   /* that write may be gone */
+    fl_file_close(f);
+    stop(&s, SIGTERM);
+    unlink(log);
+    unlink(img);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -309,6 +401,7 @@ int main(void)
     RUN(test_session_over_upstream);
     RUN(test_dead_and_back);
     RUN(test_lazy);
+    RUN(test_no_multi_conn);
     fprintf(stderr, "test_upstream: OK\n");
     return 0;
 }
