@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Guest-write overhead of dirty bitmaps on the active export (issue 8).
+"""Guest-write overhead of dirty bitmaps on the active export.
 
 One ``fleeced serve`` (with a state dir, so the bitmaps are persistent
 files); each round runs fio 4k randwrite QD16 against the active export

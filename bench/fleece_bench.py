@@ -15,11 +15,11 @@ Runs per configuration and round (configurations alternate, order rotating):
   IOPS and p99, server CPU seconds, CPU s per GB backed up, temp bytes.
 * ``both-64k``   the same with the 64k writer.
 
-After the table, one MET/MISSED line per target (fleeced / qsd): issue 9's
-for a raw image; with ``--format qcow2`` the source is a qcow2 image, which
-qsd opens itself and fleeced serves through its qemu-storage-daemon child
-(an NBD upstream), and the targets are the reach issue's: backup MB/s,
-guest write IOPS during a backup >= 1.0x qsd, p99 <= 1.0x.
+After the table, one MET/MISSED line per target (fleeced / qsd).  With
+``--format qcow2`` the source is a qcow2 image, which qsd opens itself and
+fleeced serves through its qemu-storage-daemon child (an NBD upstream); the
+targets are then backup MB/s and guest write IOPS during a backup >= 1.0x
+qsd, p99 <= 1.0x.
 
 Temp bytes: for qemu-storage-daemon the allocated size of its target file; for
 fleeced ``fleeced fleece list --json`` ("temp-bytes-written"), falling back to
@@ -233,7 +233,7 @@ METRICS: tuple[Metric, ...] = (
     *both_metrics("both-64k", "both 64k", "64k"),
 )
 
-# The reach issue's targets for a qcow2 source, config / qsd.
+# The targets for a qcow2 source, config / qsd.
 TARGETS_QCOW2: tuple[tuple[str, str, str, float, str], ...] = (
     ("backup", "mb_s", ">=", 1.0, "fleeced"),
     ("both", "backup_mb_s", ">=", 1.0, "fleeced"),
@@ -243,7 +243,7 @@ TARGETS_QCOW2: tuple[tuple[str, str, str, float, str], ...] = (
     ("both-64k", "writer_p99_us", "<=", 1.0, "fleeced"),
 )
 
-# Issue 9's fleecing targets, config / qsd:
+# The fleecing targets for a raw source, config / qsd:
 # (run, field, kind, threshold, config-that-must-meet-it)
 TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
     ("backup", "mb_s", ">=", 1.5, "fleeced"),

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Would a second, low-priority event loop thread take the backup off the
-guest's loop?  A measurement of the idea, not of fleeced (issue 9).
+guest's loop?  A measurement of the idea, not of fleeced.
 
 The main thread runs an asyncio loop that wakes every millisecond and records
 how late it ran (the guest's loop).  A second thread runs Python in short

@@ -8,7 +8,7 @@ socket: an ``nbdcopy URI null:`` full read with nbdcopy's default connections
 iodepth 16 and at iodepth 1 (IOPS, p99 completion latency), measuring the
 server's CPU seconds (utime+stime of its process tree) around each workload.
 Medians over the rounds go to stdout as a Markdown table, followed by one
-MET/MISSED line per target of issue 9 (fleeced / nbdkit), and, with every raw
+MET/MISSED line per target (fleeced / nbdkit), and, with every raw
 sample, to ``bench/results/serve-<timestamp>.json``.
 
     python3 bench/serve_bench.py                       # 5 rounds, 5 s fio, 1 GiB
@@ -62,7 +62,7 @@ METRICS: tuple[tuple[str, str, str, bool], ...] = (
 )
 
 
-# Issue 9's serve targets, fleeced / peer (qemu-nbd ratios are in the table):
+# The serving targets, fleeced / peer (qemu-nbd ratios are in the table):
 # workload, field, threshold (higher is better), peer
 TARGETS: tuple[tuple[str, str, float, str], ...] = (
     ("seqread", "mb_s", 1.0, "nbdkit"),

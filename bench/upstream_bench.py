@@ -47,7 +47,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("nbdcopy read MB/s ↑", "seqread", "mb_s"),
 )
 
-# The reach issue's target: fleeced / direct at QD16.
+# The target: fleeced / direct at QD16.
 TARGETS: tuple[tuple[str, str, float], ...] = (
     ("randread-qd16", "iops", 0.8),
     ("randwrite-qd16", "iops", 0.8),

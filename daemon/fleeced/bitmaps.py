@@ -1,4 +1,4 @@
-"""Dirty bitmaps of a disk: names, persistence, recovery (issue 8).
+"""Dirty bitmaps of a disk: names, persistence, recovery.
 
 The bits live in C (:class:`~fleeced.datapath.NativeBitmap`): every guest
 write, write-zeroes and trim through the active export marks the enabled

@@ -36,7 +36,7 @@
  *   flags are -EINVAL: the file is not ours to repair.  The clean close is: msync the words, write the
  *   checksum, clear IN_USE, msync the header, unmap.  If the words' msync
  *   fails, IN_USE stays set, so the next load is all dirty.
- * - Clean mark (fl_bitmap_mark_clean; issue 8: "clears it after a clean
+ * - Clean mark (fl_bitmap_mark_clean: "clears it after a clean
  *   flush at shutdown or detach") does the same while the bitmap stays
  *   open, maybe attached to a file that goes on writing.  The guarantee,
  *   for a process crash and for a power cut alike (only msynced bytes

@@ -25,7 +25,7 @@
  * So a backup pulling at full speed can neither take a worker from guest
  * writes nor their CPU: when the host is short of CPU, the scheduler
  * runs the guest's copy-before-write and write first and the backup's
- * copies into the socket with what is left.  Measured (issue 9): guest 4k
+ * copies into the socket with what is left.  Measured: guest 4k
  * writes during back-to-back backups on 2 cores went from 3-5k IOPS at a
  * p99 of 18-32 ms to 18-20k IOPS at 5.5-7 ms, the backup's MB/s unchanged
  * (qemu-storage-daemon 7.2: 8k IOPS, 5 ms).  Raising one's own nice value
@@ -293,7 +293,7 @@ static void send_reply(struct op *o, int hole)
  * view: the socket keeps references to the page-cache pages, not copies,
  * until the peer reads them, so a guest write landing after sendfile
  * returned would reach the backup (shown on Linux 6.18 for Unix and TCP
- * sockets, issue 9).  For the image itself that is a read racing a
+ * sockets).  For the image itself that is a read racing a
  * write, which may return either data. */
 static void sendfile_reply(struct op *o)
 {

@@ -586,7 +586,7 @@ static void test_mark_clean(void)
 
     /* Attached: a guest write after the mark re-arms before its ack; a
      * write that lands nowhere new still re-arms; detach + mark is the
-     * detach path of issue 8. */
+     * detach path. */
     make_image(img, SZ, NULL);
     CHECK_RC(fl_file_open(img, 0, &f), 0);
     CHECK_RC(fl_file_bitmap_attach(f, b), 0);

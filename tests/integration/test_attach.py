@@ -1,4 +1,4 @@
-"""Attach a running QEMU VM's disk through the daemon, and detach it (issue 7).
+"""Attach a running QEMU VM's disk through the daemon, and detach it.
 
 A real ``qemu-system-x86_64`` (tests/integration/qemu_vm.py); guest writes
 are HMP ``qemu-io`` through the device.  What each test proves is in its

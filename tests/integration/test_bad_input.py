@@ -529,7 +529,7 @@ def test_read_of_max_block_works_and_write_payload_over_32mib_disconnects(
             assert sizes == [(INFO_BLOCK_SIZE, 1, 4096, 32 * MiB)]
             assert c.read(MiB + 3, 32 * MiB) == data[MiB + 3 : 33 * MiB + 3]
             assert c.read(2 * MiB, 32 * MiB) == data[2 * MiB : 34 * MiB]
-    # A WRITE payload above 2^25 makes the daemon hang up (STYLE.md §2.3)
+    # A WRITE payload above 2^25 makes the daemon hang up
     # without reading it; a READ that long has no payload: EINVAL, and the
     # connection goes on (proto.md "Block size constraints").
     with Raw(d.sock) as c:

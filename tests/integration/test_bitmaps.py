@@ -1,4 +1,4 @@
-"""Dirty bitmaps, checkpoints and incremental backups (issue 8).
+"""Dirty bitmaps, checkpoints and incremental backups.
 
 Real clients: nbdinfo --map, qemu-img map with x-dirty-bitmap, libnbd with
 two contexts, qemu-io writes; the reference incremental client of the demo.

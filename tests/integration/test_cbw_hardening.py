@@ -1,4 +1,4 @@
-"""Copy-before-write and flush semantics on the wire (issue 6, items 3, 9-12).
+"""Copy-before-write and flush semantics on the wire .
 
 The native tests check the C rules; these check what a real client sees
 through the daemon: exact NBD error values and the session's counters.

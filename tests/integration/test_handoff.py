@@ -1,4 +1,4 @@
-"""The detached-period hand-off bitmap against a real QEMU (issue 8).
+"""The detached-period hand-off bitmap against a real QEMU.
 
 No daemon: a VM on a raw image (tests/integration/qemu_vm.py), guest writes
 through HMP ``qemu-io``, :mod:`fleeced.qmp.handoff` driving QEMU through a

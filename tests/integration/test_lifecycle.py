@@ -1,4 +1,4 @@
-"""Daemon lifecycle under hostile and vanishing clients (issue 6, items 2, 5-8, 14).
+"""Daemon lifecycle under hostile and vanishing clients .
 
 Each test reproduces a defect found by the fault probe on the old code: a
 crash (use after free), a hang (an unbounded wait) or unbounded memory.  They

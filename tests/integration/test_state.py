@@ -1,4 +1,4 @@
-"""The state dir: what a restarted daemon remembers (issue 7).
+"""The state dir: what a restarted daemon remembers.
 
 Disks added at run time come back, disks removed stay gone, the sessions of
 a daemon that died are reported broken (never served), and two daemons never

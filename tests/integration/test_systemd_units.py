@@ -112,7 +112,7 @@ def test_every_gap_in_the_sandbox_is_explained(tmp_path: Path) -> None:
 
 
 def test_each_relaxation_has_its_reason_right_above() -> None:
-    """The directives that open the sandbox wider than STYLE.md §2.11 (or than
+    """The directives that open the sandbox wider than the strict baseline (or than
     systemd's strictest value) sit right under a "Relaxed:" comment."""
     lines = (UNITS / "fleeced.service").read_text().splitlines()
     for key in ("SupplementaryGroups", "ReadWritePaths", "RuntimeDirectoryMode",

@@ -397,7 +397,7 @@ def test_consistent_cut_threads(nfile: NativeFile, tmp_path: Path) -> None:
     frozen.close()
 
 
-# ---- clean marks (issue 8: in-use cleared after a clean flush at detach) ----------
+# ---- clean marks (in-use cleared after a clean flush at detach) ----------
 
 
 def _persistent(tmp_path: Path, name: str = "m.bitmap") -> tuple[Path, NativeBitmap]:

@@ -311,7 +311,7 @@ def test_session_extents(tmp_path: Path) -> None:
         s.discard(3 * CS, CS)
         hz = datapath.EXT_HOLE | datapath.EXT_ZERO
         # Cluster 1 was a hole when its CBW ran: recorded ZERO, still a hole
-        # in the frozen view (issue 6.10); cluster 3 was discarded (data).
+        # in the frozen view; cluster 3 was discarded (data).
         assert s.cluster_state(CS) == datapath.ZERO
         assert s.extents(0, SIZE) == [(3 * CS, hz), (CS, 0), (SIZE - 4 * CS, hz)]
         assert s.extents(0, SIZE, max_extents=2) == [(3 * CS, hz), (CS, 0)]

@@ -87,7 +87,7 @@ def test_read_nowait(tmp_path: Path) -> None:
         with pytest.raises(OSError):
             f.read_nowait(SIZE, 1)
     with NativeFile.open(str(sparse), readonly=True) as f:
-        # No SEEK_DATA on the loop (it takes the inode lock, issue 6.6): a
+        # No SEEK_DATA on the loop (it takes the inode lock): a
         # hole is either uncached (None: the queue answers it) or zeros.
         got = f.read_nowait(0, 4096)
         assert got is None or (bytes(got[0]) == bytes(4096) and not got[1])
@@ -122,7 +122,7 @@ def _timeout_setup(tmp_path: Path, break_guest_write: bool):  # type: ignore[no-
 @pytest.mark.parametrize("break_guest_write", [False, True])
 def test_cbw_timeout_applies_the_policy(tmp_path: Path, break_guest_write: bool) -> None:
     """cbw_timeout bounds a write's own copy and its wait for another write's
-    copy (issue 6.9: the own copy used to run unbounded)."""
+    copy (the own copy used to run unbounded)."""
     import time
 
     f, s, data, first, errors = _timeout_setup(tmp_path, break_guest_write)

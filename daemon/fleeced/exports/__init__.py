@@ -10,7 +10,7 @@ Rooms: :mod:`.base` (the export protocol, counters, contexts, the disk),
 that QEMU runs).
 
 Every call that may block runs in the native I/O queue's workers, never on the
-event loop (STYLE.md §2.14.4): reads, writes, block status, session open and
+event loop: reads, writes, block status, session open and
 close.  Errors propagate as :class:`OSError`; policy refusals are
 ``OSError(EPERM)``.  This package must not import the NBD engine's internals
 beyond :class:`~fleeced.nbd.ExportInfo`, nor asyncio servers.  The seam

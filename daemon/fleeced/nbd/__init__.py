@@ -1,7 +1,7 @@
 """Sans-IO NBD protocol engine (fixed-newstyle handshake + transmission phase).
 
 Feed bytes to :class:`ServerConnection`, get events and reply bytes back.  This package
-imports no asyncio, socket, os or datapath module (STYLE.md §2.1).
+imports no asyncio, socket, os or datapath module.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The sans-IO NBD *client* role: just enough to read block status from a server.
 
 fleeced reads a QEMU dirty bitmap through QEMU's own NBD server when a VM's disk
-comes back to the daemon (issue 8, "Detached periods").  This is the client side
+comes back to the daemon.  This is the client side
 of the fixed-newstyle protocol, as a pure state machine in the shape of
 :class:`~fleeced.nbd.engine.ServerConnection`: feed server bytes to
 :meth:`ClientConnection.receive_data`, take events from

@@ -731,7 +731,7 @@ class ServerConnection:
             self._state = _State.CLOSED
             return Disconnect()
         if length > MAX_PAYLOAD and cmd == _CMD_WRITE:
-            # STYLE.md §2.3: the spec's DoS allowance for a WRITE payload; we neither
+            # The spec's DoS allowance for a WRITE payload; we neither
             # drain nor allocate it.  A READ has a length but no payload: an
             # oversized one is refused with an error reply below.
             raise NbdProtocolError(f"WRITE payload of {length} bytes exceeds {MAX_PAYLOAD}")

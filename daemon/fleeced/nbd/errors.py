@@ -57,7 +57,7 @@ class LocalProtocolError(Exception):
     """
 
 
-# STYLE.md §2.8: flag-independent rows.  Everything not listed becomes EINVAL.
+# Flag-independent rows.  Everything not listed becomes EINVAL.
 _SIMPLE_MAP: dict[int, NbdErrno] = {
     0: NbdErrno.OK,
     _errno.EPERM: NbdErrno.EPERM,

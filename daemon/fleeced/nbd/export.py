@@ -1,7 +1,7 @@
 """What the engine needs to know about an export: size, capabilities, block sizes.
 
 The transmission flags are *derived* from the capabilities here, never hard-coded in
-the handshake (STYLE.md §2.5, nbdkit ``backend_can_*``).  Pure data, no I/O.
+the handshake (as nbdkit's ``backend_can_*``).  Pure data, no I/O.
 """
 
 from __future__ import annotations

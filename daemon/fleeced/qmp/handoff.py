@@ -2,7 +2,7 @@
 
 While a disk is attached, every guest write passes the daemon and lands in its
 bitmaps.  While it is detached, writes go straight to the image, so before the
-switch back the daemon asks QEMU to record them (issue 8, "Detached periods")::
+switch back the daemon asks QEMU to record them::
 
     vm-detach:  add_handoff_bitmap()   block-dirty-bitmap-add on the original node
                 (then attach.switch_back)

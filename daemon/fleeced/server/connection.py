@@ -4,7 +4,7 @@ The engine parses and validates; this module runs each accepted command as a
 task against the chosen export and writes replies.  All replies go through
 the engine's outgoing queue and are written with one ``writelines`` call on
 the event-loop thread, so a reply header and its payload are never
-interleaved with another reply (STYLE.md §2.14.7).
+interleaved with another reply.
 
 Flow control: parsing (and reading from the socket) pauses while too many
 requests are in flight, while the transport's write buffer is above its
@@ -102,7 +102,7 @@ RUN_MAX: Final = 16
 WRITE_RUN_MAX: Final = 4
 #: A WRITE is acknowledged by the worker that wrote it only while fewer
 #: requests than this are in flight on the connection: at queue depth 1 that
-#: saves the trip back through the loop (+35 % 4k IOPS at QD1, issue 9);
+#: saves the trip back through the loop (+35 % 4k IOPS at QD1);
 #: deeper queues are faster with the loop's batched replies (one send for
 #: many; worker-written 16-byte replies cost 10-20 % IOPS at QD16).
 WORKER_ACK_MAX_IN_FLIGHT: Final = 2

@@ -1,4 +1,4 @@
-"""One table test of to_nbd_errno (STYLE.md §2.8)."""
+"""One table test of to_nbd_errno."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Byte-vector tests of request parsing and validation (STYLE.md §2.8 rules)."""
+"""Byte-vector tests of request parsing and validation."""
 
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def test_bad_request_magic_is_fatal() -> None:
 @pytest.mark.parametrize("make", [STRUCT, SIMPLE, RO], ids=["structured", "simple", "ro"])
 @pytest.mark.parametrize("length", [MAX_PAYLOAD + 1, 0xFFFFFFFF])
 def test_write_payload_over_32mib_is_fatal_from_the_header(make: MakeEngine, length: int) -> None:
-    # STYLE.md §2.3: the payload is neither drained nor waited for, even when the
+    # The spec's DoS allowance: the payload is neither drained nor waited for, even when the
     # WRITE would be refused anyway (read-only export).
     assert_fatal(make, request(W, 1, 0, length), match="WRITE payload of .* exceeds")
 
