@@ -1516,21 +1516,11 @@ class Daemon:
         options = session_options_from_args({**self.config.session_defaults,
                                              "name": session_name,
                                              "cluster-size": CBW_CLUSTER})
-        async with GuestAgent(qga, agent_timeout) as agent:
-            failure: BaseException | None = None
-            try:
-                await agent.execute("guest-fsfreeze-freeze")
-                await self._start_cbw_session(disk, att, options)
-            except BaseException as exc:
-                failure = exc
-            try:
-                await agent.execute("guest-fsfreeze-thaw")
-            except CommandError as exc:
-                log.error("thaw of %s failed: %s", qga, exc.desc)
-                if failure is None:
-                    raise
-            if failure is not None:
-                raise failure
+
+        async def start() -> None:
+            await self._start_cbw_session(disk, att, options)
+
+        await _frozen(qga, agent_timeout, start)
 
     async def _cbw_disk(self, att: vm.Attachment, ident: tuple[str, ...] | None) -> Disk:
         """The disk of a VM node QEMU now exports to us (read-only), served
@@ -1600,26 +1590,13 @@ class Daemon:
         fails; a failed thaw is an error of the command (the guest stays
         frozen until someone thaws it, so the caller must know).
         """
-        async with GuestAgent(qga, agent_timeout) as agent:
-            failure: BaseException | None = None
-            try:
-                # Thawed below even when the freeze itself fails: it may have
-                # frozen some filesystems before failing on another.
-                await agent.execute("guest-fsfreeze-freeze")
-                await vm.switch(mon, att, fallback=fallback)
-                options = session_options_from_args(
-                    {**self.config.session_defaults, "name": session_name})
-                await self._start_session(disk, options)
-            except BaseException as exc:
-                failure = exc
-            try:
-                await agent.execute("guest-fsfreeze-thaw")
-            except CommandError as exc:
-                log.error("thaw of %s failed: %s", qga, exc.desc)
-                if failure is None:
-                    raise
-            if failure is not None:
-                raise failure
+        async def switch_and_start() -> None:
+            await vm.switch(mon, att, fallback=fallback)
+            options = session_options_from_args(
+                {**self.config.session_defaults, "name": session_name})
+            await self._start_session(disk, options)
+
+        await _frozen(qga, agent_timeout, switch_and_start)
 
     async def _roll_back(self, att: vm.Attachment, cause: BaseException,
                          mon: VmMonitor) -> None:
@@ -1879,6 +1856,33 @@ def _inside(path: str, directory: str) -> bool:
     """Whether PATH (symlinks resolved) lies under DIRECTORY."""
     real, top = os.path.realpath(path), os.path.realpath(directory)
     return os.path.commonpath([real, top]) == top
+
+
+async def _frozen(qga: str, agent_timeout: float,
+                  action: Callable[[], Awaitable[None]]) -> None:
+    """Run ACTION with the guest's filesystems frozen (guest agent QGA).
+
+    The thaw always runs, bounded, even when the freeze or ACTION fails;
+    a failed thaw is an error (the guest stays frozen until someone thaws
+    it, so the caller must know).
+    """
+    async with GuestAgent(qga, agent_timeout) as agent:
+        failure: BaseException | None = None
+        try:
+            # Thawed below even when the freeze itself fails: it may have
+            # frozen some filesystems before failing on another.
+            await agent.execute("guest-fsfreeze-freeze")
+            await action()
+        except BaseException as exc:
+            failure = exc
+        try:
+            await agent.execute("guest-fsfreeze-thaw")
+        except CommandError as exc:
+            log.error("thaw of %s failed: %s", qga, exc.desc)
+            if failure is None:
+                raise
+        if failure is not None:
+            raise failure
 
 
 def _export_uri(att: vm.Attachment) -> str:

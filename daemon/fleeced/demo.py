@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fleeced.errors import CliError
@@ -239,24 +240,9 @@ def _vm_demo(work: str, size: int, qemu: str, nbdcopy: str) -> None:
             errors.append(str(exc))
 
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(writer_qmp):
-            if vm.poll() is not None or time.monotonic() > deadline:
-                raise CliError("QEMU did not start")
-            time.sleep(0.05)
-        writer = threading.Thread(target=guest_writer)
-        writer.start()
-        window = [sys.executable, "-m", "fleeced", "backup-window", "vda", "--qmp", qmp,
-                  "--device", "vda", "--control", control, "--",
-                  nbdcopy, "--progress", "{uri}", backup]
-        _say("fleeced " + " ".join(window[3:]))
-        try:
-            rc = subprocess.run(window).returncode
-        finally:
-            stop.set()
-            writer.join(60)
-        if rc != 0 or errors:
-            raise CliError(f"backup-window failed (exit {rc}) {'; '.join(errors)}")
+        _wait_for_socket(vm, writer_qmp)
+        _backup_window(qmp, control, nbdcopy, backup, guest_writer, stop, errors,
+                       writes_first=False)
         stats = asyncio.run(_query(control, "query-stats"))
         through = next(e for e in stats["exports"] if e["name"] == "vda")["bytes-written"]
         _say(f"the guest wrote {len(written)} times while the backup ran; "
@@ -317,11 +303,7 @@ def _qcow2_vm_demo(work: str, size: int, qemu: str, nbdcopy: str) -> None:
         stderr=open(os.path.join(work, "vm2-qemu.log"), "wb"))  # noqa: SIM115
     written: list[tuple[int, int, int]] = []
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(writer_qmp):
-            if vm.poll() is not None or time.monotonic() > deadline:
-                raise CliError("QEMU did not start")
-            time.sleep(0.05)
+        _wait_for_socket(vm, writer_qmp)
         stop = threading.Event()
         errors: list[str] = []
 
@@ -343,19 +325,8 @@ def _qcow2_vm_demo(work: str, size: int, qemu: str, nbdcopy: str) -> None:
             except Exception as exc:  # reported by the main thread
                 errors.append(str(exc))
 
-        writer = threading.Thread(target=guest_writer)
-        writer.start()
-        window = [sys.executable, "-m", "fleeced", "backup-window", "vda", "--qmp", qmp,
-                  "--device", "vda", "--control", control, "--",
-                  nbdcopy, "--progress", "{uri}", backup]
-        _say("fleeced " + " ".join(window[3:]))
-        try:
-            rc = subprocess.run(window).returncode
-        finally:
-            writer.join(120)
-            stop.set()
-        if rc != 0 or errors:
-            raise CliError(f"backup-window failed (exit {rc}) {'; '.join(errors)}")
+        _backup_window(qmp, control, nbdcopy, backup, guest_writer, stop, errors,
+                       writes_first=True)
         _say(f"the guest wrote {len(written)} times into its qcow2 while the window was "
              "open; QEMU copied the old data into fleeced first")
         with open(backup, "rb") as f:
@@ -384,6 +355,38 @@ def _qcow2_vm_demo(work: str, size: int, qemu: str, nbdcopy: str) -> None:
             vm.kill()
             vm.wait()
         _stop_daemon(daemon, notify)
+
+
+def _wait_for_socket(vm: subprocess.Popen[bytes], path: str) -> None:
+    """Until QEMU has created its QMP socket PATH (30 s at most)."""
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        if vm.poll() is not None or time.monotonic() > deadline:
+            raise CliError("QEMU did not start")
+        time.sleep(0.05)
+
+
+def _backup_window(qmp: str, control: str, nbdcopy: str, backup: str,
+                   guest_writer: Callable[[], None], stop: threading.Event,
+                   errors: list[str], *, writes_first: bool) -> None:
+    """``fleeced backup-window vda`` around ``nbdcopy`` while GUEST_WRITER
+    runs in a thread (stopped with the window, or, WRITES_FIRST, left to
+    finish its writes first)."""
+    writer = threading.Thread(target=guest_writer)
+    writer.start()
+    window = [sys.executable, "-m", "fleeced", "backup-window", "vda", "--qmp", qmp,
+              "--device", "vda", "--control", control, "--",
+              nbdcopy, "--progress", "{uri}", backup]
+    _say("fleeced " + " ".join(window[3:]))
+    try:
+        rc = subprocess.run(window).returncode
+    finally:
+        if writes_first:
+            writer.join(120)
+        stop.set()
+        writer.join(60)
+    if rc != 0 or errors:
+        raise CliError(f"backup-window failed (exit {rc}) {'; '.join(errors)}")
 
 
 def _incremental_demo(work: str, size: int, qemu_io: str, nbdcopy: str) -> None:
