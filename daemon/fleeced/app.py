@@ -598,7 +598,7 @@ class Daemon:
                 async with open_monitor(att.qmp) as mon:
                     await vm.stop_cbw(mon, att)
             except CommandError as exc:
-                if not exc.desc.startswith("cannot connect to QMP socket"):
+                if not _vm_unreachable(exc):
                     target.closing = False
                     raise
                 log.warning("disk %s: %s; its copy-before-write filter went with it",
@@ -990,13 +990,15 @@ class Daemon:
         while True:
             await asyncio.sleep(VM_WATCH_INTERVAL)
             for att in list(self.attachments.values()):
-                if att.state != "attached" or await vm_alive(att.qmp) is not False:
-                    continue
                 try:
+                    if att.state != "attached" or await vm_alive(att.qmp) is not False:
+                        continue
                     await self._vm_gone(att)
                 except CommandError as exc:
                     log.error("disk %s: ending the attachment of a VM that is gone: %s",
                               att.disk, exc.desc)
+                except Exception:  # the watcher must outlive one bad round
+                    log.exception("disk %s: checking its VM failed", att.disk)
 
     async def _vm_gone(self, att: vm.Attachment) -> None:
         disk = self.disks.get(att.disk)
@@ -1664,7 +1666,7 @@ class Daemon:
                     await self._leave_handoff(mon, disk, att)
                     await vm.switch_back(mon, att)
             except CommandError as exc:
-                if not (force and exc.desc.startswith("cannot connect to QMP socket")):
+                if not (force and _vm_unreachable(exc)):
                     raise
                 # The VM is gone (its QMP socket is dead): nothing to switch back.
                 log.warning("disk %s: %s; forgetting the attachment", disk.name, exc.desc)
@@ -1697,7 +1699,7 @@ class Daemon:
                 await vm.stop_cbw(mon, att)
                 await vm.unexport_node(mon, att)
         except CommandError as exc:
-            if not (force and exc.desc.startswith("cannot connect to QMP socket")):
+            if not (force and _vm_unreachable(exc)):
                 raise
             log.warning("disk %s: %s; forgetting the attachment", disk.name, exc.desc)
         del self.attachments[disk.name]
@@ -1883,6 +1885,13 @@ async def _frozen(qga: str, agent_timeout: float,
                 raise
         if failure is not None:
             raise failure
+
+
+def _vm_unreachable(exc: CommandError) -> bool:
+    """Whether EXC says the VM is gone (its QMP socket dead, its libvirt
+    domain not running), not that it refused something."""
+    return (exc.desc.startswith(("cannot connect to QMP socket", "cannot reach libvirt domain"))
+            or (exc.desc.startswith("libvirt domain") and exc.desc.endswith("is not running")))
 
 
 def _export_uri(att: vm.Attachment) -> str:
