@@ -364,9 +364,12 @@ def nbdcopy_read(uri: str, size: int, *, timeout: float = 600,
 
 
 def fio_cmd(uri: str, *, rw: str, bs: str, iodepth: int, runtime: float, size: int,
-            name: str = "job") -> list[str]:
+            name: str = "job", rate_iops: int = 0) -> list[str]:
+    # rate_iops: a fixed workload (a guest that does so much, not as much as
+    # it can): fio issues that many per second and measures their latency.
     return [
-        "fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
+        "fio", *([f"--rate_iops={rate_iops}"] if rate_iops else []), f"--name={name}",
+        "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
         f"--bs={bs}", f"--iodepth={iodepth}", f"--size={size}", "--time_based",
         f"--runtime={runtime:g}", "--invalidate=0", "--randrepeat=0", "--norandommap",
         "--output-format=json",

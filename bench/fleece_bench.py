@@ -44,8 +44,12 @@ from typing import Any
 
 import benchlib as bl
 
-CONFIGS = ("qsd", "fleeced", "fleeced-cache")
-RUNS = ("backup", "write-4k", "write-64k", "both", "both-64k")
+# fleeced-loop: --data-plane loop, every request through the event loop (the
+# data plane before the native connections), for comparison.
+CONFIGS = ("qsd", "fleeced", "fleeced-cache", "fleeced-loop")
+RUNS = ("backup", "write-4k", "write-64k", "both", "both-64k", "both-rate", "both-64k-rate")
+#: The guest's fixed rate in the *-rate runs (writes per second).
+RATE_IOPS = 2000
 
 
 def qsd_command(src: Path, tmp: Path, sock: Path, fmt: str = "raw") -> list[str]:
@@ -89,6 +93,8 @@ class Setup:
                         "-t", "--control", str(self.ctl), "--temp-dir", str(self.temp_dir)]
             if config == "fleeced-cache":
                 self.cmd += ["--cache", args.cache]
+            if config == "fleeced-loop":
+                self.cmd += ["--data-plane", "loop"]
 
     def prepare(self, pristine: Path) -> None:
         bl.copy_file(pristine, self.src, timeout=self.args.timeout)
@@ -155,14 +161,14 @@ def run_writer(setup: Setup, srv: bl.Server, args: argparse.Namespace, bs: str
     return res
 
 
-def run_both(setup: Setup, srv: bl.Server, args: argparse.Namespace, bs: str
-             ) -> dict[str, Any]:
-    """QD16 writer of ``bs`` blocks for as long as back-to-back backup passes take
-    >= --runtime."""
+def run_both(setup: Setup, srv: bl.Server, args: argparse.Namespace, bs: str,
+             rate_iops: int = 0) -> dict[str, Any]:
+    """QD16 writer of ``bs`` blocks (closed loop, or RATE_IOPS writes a
+    second) for as long as back-to-back backup passes take >= --runtime."""
     active = bl.nbd_uri(setup.sock, setup.active)
     snap = bl.nbd_uri(setup.sock, setup.snapshot)
     cmd = bl.fio_cmd(active, rw="randwrite", bs=bs, iodepth=16,
-                     runtime=args.runtime + args.timeout, size=args.size)
+                     runtime=args.runtime + args.timeout, size=args.size, rate_iops=rate_iops)
     cpu0 = srv.cpu_seconds()
     writer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)
@@ -231,6 +237,8 @@ METRICS: tuple[Metric, ...] = (
     ("writer alone 64k QD16: temp MiB written ↓", "write-64k", "temp_bytes", False, 2**-20),
     *both_metrics("both", "both", "4k"),
     *both_metrics("both-64k", "both 64k", "64k"),
+    *both_metrics("both-rate", f"both, writer at {RATE_IOPS}/s", "4k"),
+    *both_metrics("both-64k-rate", f"both 64k, writer at {RATE_IOPS}/s", "64k"),
 )
 
 # The targets for a qcow2 source, config / qsd.
@@ -256,6 +264,8 @@ TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
     ("write-64k", "p99_us", "<=", 1.0, "fleeced"),
     ("both", "writer_p99_us", "<=", 1.0, "fleeced"),
     ("both-64k", "writer_p99_us", "<=", 1.0, "fleeced"),
+    ("both-rate", "writer_p99_us", "<=", 1.0, "fleeced"),
+    ("both-64k-rate", "writer_p99_us", "<=", 1.0, "fleeced"),
     ("backup", "cpu_s_per_gb", "<=", 1.0, "fleeced"),
     ("both", "cpu_s_per_gb", "<=", 1.0, "fleeced"),
     ("both-64k", "cpu_s_per_gb", "<=", 1.0, "fleeced"),
@@ -274,6 +284,10 @@ def run_one(run: str, setup: Setup, srv: bl.Server, args: argparse.Namespace
         return run_both(setup, srv, args, "4k")
     if run == "both-64k":
         return run_both(setup, srv, args, "64k")
+    if run == "both-rate":
+        return run_both(setup, srv, args, "4k", RATE_IOPS)
+    if run == "both-64k-rate":
+        return run_both(setup, srv, args, "64k", RATE_IOPS)
     raise ValueError(run)
 
 
@@ -375,7 +389,8 @@ def bench(args: argparse.Namespace, configs: list[str], runs: list[str]) -> int:
         return medians.get(c, {}).get(r, {}).get(field)
 
     labels = {"qsd": "qsd 7.2", "fleeced": "fleeced",
-              "fleeced-cache": f"fleeced --cache {args.cache}"}
+              "fleeced-cache": f"fleeced --cache {args.cache}",
+              "fleeced-loop": "fleeced --data-plane loop"}
     fl = [c for c in configs if c != "qsd"]
     header = [labels[c] for c in configs]
     if "qsd" in configs:

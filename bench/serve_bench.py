@@ -27,7 +27,9 @@ from typing import Any
 
 import benchlib as bl
 
-SERVERS = ("fleeced", "qemu-nbd", "nbdkit")
+# fleeced-loop: fleeced with --data-plane loop (every request through the
+# event loop), the data plane before the native connections, for comparison.
+SERVERS = ("fleeced", "fleeced-loop", "qemu-nbd", "nbdkit")
 PEERS = ("qemu-nbd", "nbdkit")
 
 # name, kind, fio rw, fio iodepth or nbdcopy --connections (0: nbdcopy's default, multi-conn)
@@ -75,9 +77,10 @@ TARGETS: tuple[tuple[str, str, float, str], ...] = (
 
 
 def server_command(name: str, args: argparse.Namespace, image: Path, sock: Path) -> list[str]:
-    if name == "fleeced":
+    if name in ("fleeced", "fleeced-loop"):
+        plane = ["--data-plane", "loop"] if name == "fleeced-loop" else []
         return [*args.fleeced, "serve", str(image), "-k", str(sock), "-t", "--no-control",
-                "-e", "0"]
+                "-e", "0", *plane]
     if name == "qemu-nbd":
         # The qemu-nbd defaults closest to fleeced: writeback page cache, thread pool.
         return ["qemu-nbd", "-f", "raw", "-k", str(sock), "-t", "-e", "8",
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def bench(args: argparse.Namespace, servers: list[str]) -> int:
     tools = ["nbdcopy", "fio", "sync", "cp"]
-    tools += [s for s in servers if s != "fleeced"]
+    tools += [s for s in servers if not s.startswith("fleeced")]
     bl.require_tools(tools)
     if "fleeced" in servers:
         bl.run([*args.fleeced, "--version"], timeout=30)
@@ -199,6 +202,8 @@ def bench(args: argparse.Namespace, servers: list[str]) -> int:
     header = ["metric", *servers]
     if "fleeced" in servers:
         header += [f"fleeced/{peer}" for peer in peers]
+        if "fleeced-loop" in servers:
+            header.append("fleeced/fleeced-loop")
     rows: list[list[str]] = []
     ratios: dict[str, dict[str, float | None]] = {}
     for label, wl, field, _higher in METRICS:
@@ -209,6 +214,10 @@ def bench(args: argparse.Namespace, servers: list[str]) -> int:
             for peer in peers:
                 r = bl.ratio(value("fleeced", wl, field), value(peer, wl, field))
                 ratios.setdefault(label, {})[f"fleeced/{peer}"] = r
+                row.append(bl.fmt_ratio(r))
+            if "fleeced-loop" in servers:
+                r = bl.ratio(value("fleeced", wl, field), value("fleeced-loop", wl, field))
+                ratios.setdefault(label, {})["fleeced/fleeced-loop"] = r
                 row.append(bl.fmt_ratio(r))
         rows.append(row)
 

@@ -131,6 +131,11 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
                "--control", control]
         if persistent:
             cmd.append("-t")
+        # The whole suite can run against either data plane (the default
+        # is native); test.sh runs a share of it with loop as well.
+        plane = os.environ.get("FLEECED_TEST_DATA_PLANE")
+        if plane and "--config" not in args and "--data-plane" not in args:
+            cmd += ["--data-plane", plane]
         full_env = dict(os.environ, NOTIFY_SOCKET=notify_path)
         # Run only the daemon under a preloaded sanitizer runtime (see
         # bench/soak.py --asan); the client tools stay as they are.

@@ -75,7 +75,7 @@ class Daemon:
         self.server = NbdServer(
             shared=config.shared, persistent=config.persistent, on_idle=self.stop,
             shutdown_timeout=config.shutdown_timeout, handshake_limit=config.handshake_limit,
-            tls=config.tls,
+            tls=config.tls, native=config.data_plane == "native",
         )
         self.server.on_count_change = self._status
         self.control: ControlServer | None = None
@@ -937,6 +937,7 @@ class Daemon:
 
     async def cmd_query_stats(self, args: dict[str, Any]) -> Any:
         check_keys(args, set())
+        self.server.sync_stats()
         return {
             "connections": self.server.connection_count,
             "exports": [

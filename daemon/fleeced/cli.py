@@ -156,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
                         "before they are dropped (default 5)")
     s.add_argument("--handshake-limit", type=float, default=10.0, metavar="SECONDS",
                    help="time a client has to finish the NBD handshake (default 10)")
+    s.add_argument("--data-plane", choices=("native", "loop"), default="native",
+                   help="run plain connections' requests in C threads (native, the "
+                        "default) or on the event loop (loop: for comparison)")
     s.add_argument("--tls", choices=("off", "on", "require"), default=None,
                    help="TLS on TCP: off, offered (on) or required (default: require "
                         "when credentials are given, else off)")
@@ -345,6 +348,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 ("--on-cbw-error", args.on_cbw_error), ("--cbw-timeout", args.cbw_timeout),
                 ("--shutdown-timeout", args.shutdown_timeout != 5.0),
                 ("--handshake-limit", args.handshake_limit != 10.0),
+                ("--data-plane", args.data_plane != "native"),
             ) if value]
             if given:
                 parser.error(f"--config cannot be combined with {', '.join(given)} "

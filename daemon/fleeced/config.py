@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 _TOP_KEYS: Final = frozenset({
     "control", "state-dir", "threads", "shutdown-timeout", "handshake-limit", "shared",
-    "listen", "tls", "session", "disk",
+    "listen", "tls", "session", "disk", "data-plane",
 })
 _LISTEN_KEYS: Final = frozenset({"unix", "mode", "group", "tcp"})
 _TLS_KEYS: Final = frozenset({"mode", "cert", "key", "ca", "psk-file"})
@@ -114,6 +114,9 @@ def _build(doc: dict[str, Any], base: str) -> DaemonConfig:
         if value is not None and not 0 < value <= 3600:  # NaN fails too
             raise _Bad(key, f"{value} is out of range (0, 3600] seconds")
         timeouts[key] = default if value is None else value
+    data_plane = _opt(doc, "data-plane", str, "data-plane") or "native"
+    if data_plane not in ("native", "loop"):
+        raise _Bad("data-plane", f"{data_plane!r} is not one of native, loop")
     state_dir = _opt(doc, "state-dir", str, "state-dir")
     state_dir = default_state_dir() if state_dir is None else _path(state_dir, base, "state-dir")
 
@@ -165,6 +168,7 @@ def _build(doc: dict[str, Any], base: str) -> DaemonConfig:
         threads=threads or 0,
         shutdown_timeout=timeouts["shutdown-timeout"],
         handshake_limit=timeouts["handshake-limit"],
+        data_plane=data_plane,
         state_dir=state_dir,
         session_defaults=session,
         tls=tls,

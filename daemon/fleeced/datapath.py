@@ -1522,3 +1522,113 @@ class NativeSock(_Handle):
 def error_from_rc(rc: int) -> OSError:
     """The :class:`OSError` for a negative C return code."""
     return OSError(-rc, os.strerror(-rc))
+
+
+#: Metadata context kinds of :class:`NativeConn` (exports/base.py names them).
+CTX_BASE_ALLOCATION: Final[int] = int(lib.FL_CTX_BASE_ALLOCATION)
+CTX_ALLOCATION_DEPTH: Final[int] = int(lib.FL_CTX_ALLOCATION_DEPTH)
+CTX_DIRTY_BITMAP: Final[int] = int(lib.FL_CTX_DIRTY_BITMAP)
+CONN_MAX_CTX: Final[int] = int(lib.FL_CONN_MAX_CTX)
+#: Bytes of requests a native connection may be handed with its socket.
+CONN_INITIAL_MAX: Final[int] = 256 * 1024
+
+#: One command's rule, as engine.py builds it: (allowed flags, static NBD
+#: error or None, the NBD error of a request beyond the end, maximum length).
+ConnRule = tuple[int, int | None, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnStats:
+    """What a native connection counted (:meth:`NativeConn.stats`)."""
+
+    requests: int
+    errors: int
+    bytes_read: int
+    bytes_written: int
+    in_flight: int
+    ended: bool
+    eof: bool
+    reason: str
+
+
+class NativeConn(_Handle):
+    """An NBD connection's transmission phase run in C (conn.c): from the
+    handshake's end, its own thread reads, checks and dispatches requests,
+    and replies are written by the thread that completed them.  The event
+    loop only watches :attr:`done_fd`."""
+
+    __slots__ = ()
+
+    def __init__(
+        self, fd: int, queue: NativeQueue, target: NativeFile | NativeSession, *,
+        rules: tuple[ConnRule, ...], structured: bool, min_block: int, trim: bool,
+        contexts: list[tuple[int, int, NativeBitmap | None]], initial: bytes,
+    ) -> None:
+        """Take over the socket FD (a dup; the caller closes its own).
+
+        :param rules: eight rules, by command (NBD_CMD_READ first).
+        :param contexts: ``(context id, CTX_* kind, bitmap or None)`` each.
+        :param initial: request bytes already read from the socket.
+        :raise OSError: ``EINVAL`` bad parameters; ``EBADF`` closed objects.
+        """
+        if fd < 0 or len(rules) != 8 or len(contexts) > CONN_MAX_CTX \
+                or len(initial) > CONN_INITIAL_MAX:
+            raise _einval("native connection parameters")
+        p = ffi.new("struct fl_conn_params *")
+        p.fd = fd
+        p.queue = queue._handle()
+        if isinstance(target, NativeFile):
+            p.file = target._handle()
+        else:
+            p.session = target._handle()
+        p.size = target.size
+        p.min_block = _uint("min_block", min_block)
+        p.structured = 1 if structured else 0
+        p.trim = 1 if trim else 0
+        for i, (allowed, error, range_error, max_length) in enumerate(rules):
+            r = p.rules[i]
+            r.allowed_flags = _uint("allowed", allowed)
+            r.error = 0 if error is None else _uint("error", error)
+            r.range_error = _uint("range_error", range_error)
+            r.max_length = min(_uint("max_length", max_length), 0xFFFFFFFF)
+        p.n_ctx = len(contexts)
+        for i, (ctx_id, kind, bitmap) in enumerate(contexts):
+            p.ctx_id[i] = _uint("context id", ctx_id)
+            p.ctx_kind[i] = kind
+            p.ctx_bitmap[i] = ffi.NULL if bitmap is None else bitmap._handle()
+        buf = ffi.from_buffer("uint8_t[]", initial) if initial else ffi.NULL
+        p.initial = buf
+        p.initial_len = len(initial)
+        out = ffi.new("fl_conn **")
+        _check(lib.fl_conn_start(p, out))
+        self._h: Any = out[0]
+
+    @property
+    def done_fd(self) -> int:
+        """An eventfd, readable once the connection ended and nothing of it
+        is in flight."""
+        return int(lib.fl_conn_done_fd(self._handle()))
+
+    def shutdown(self, replay: bool) -> None:
+        """Answer what was received (ESHUTDOWN from now on), or with REPLAY
+        drop new requests unanswered; close once the client sent nothing
+        more.  Never blocks."""
+        lib.fl_conn_shutdown(self._handle(), 1 if replay else 0)
+
+    def abort(self) -> None:
+        """Shut the socket down now (replies in flight are dropped)."""
+        lib.fl_conn_abort(self._handle())
+
+    def stats(self) -> ConnStats:
+        s = ffi.new("struct fl_conn_stats *")
+        lib.fl_conn_stats(self._handle(), s)
+        return ConnStats(int(s.requests), int(s.errors), int(s.bytes_read),
+                         int(s.bytes_written), int(s.in_flight), bool(s.ended), bool(s.eof),
+                         ffi.string(s.reason).decode("utf-8", "replace"))
+
+    def close(self) -> None:
+        """Give up the connection (aborted first if it has not ended).  Idempotent."""
+        if self._h is None:
+            return
+        h, self._h = self._h, None
+        lib.fl_conn_close(h)

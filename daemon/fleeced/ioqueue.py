@@ -26,6 +26,9 @@ from fleeced.datapath import (
     DONE_HOLE,
     DONE_SENT,
     OP_FLUSH,
+    ConnRule,
+    NativeBitmap,
+    NativeConn,
     NativeFile,
     NativeQueue,
     NativeSession,
@@ -228,6 +231,18 @@ class IoQueue:
         self._ops: dict[int, _Pending] = {}
         self._next = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def open_conn(self, fd: int, target: NativeFile | NativeSession, *,
+                  rules: tuple[ConnRule, ...], structured: bool, min_block: int, trim: bool,
+                  contexts: list[tuple[int, int, NativeBitmap | None]],
+                  initial: bytes) -> NativeConn:
+        """Hand the transmission phase of the connection on FD to C, its
+        requests run in this queue's workers (see :class:`NativeConn`).
+
+        :raise OSError: the native start's error.
+        """
+        return NativeConn(fd, self._native, target, rules=rules, structured=structured,
+                          min_block=min_block, trim=trim, contexts=contexts, initial=initial)
 
     def start(self) -> None:
         """Watch the completion eventfd on the running loop."""

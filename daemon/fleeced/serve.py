@@ -112,6 +112,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         threads=args.threads,
         shutdown_timeout=args.shutdown_timeout,
         handshake_limit=args.handshake_limit,
+        data_plane=args.data_plane,
         state_dir=_state_dir(args),
         session_defaults=_session_option_args_of(args),
         tls=_tls_config(args),

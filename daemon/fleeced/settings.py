@@ -102,6 +102,10 @@ class DaemonConfig:
     shutdown_timeout: float = 5.0
     #: Seconds a client has to finish the handshake (``--handshake-limit``).
     handshake_limit: float = 10.0
+    #: Where a plain connection's requests run after its handshake:
+    #: ``native`` (C threads per connection) or ``loop`` (the event loop;
+    #: for comparison, ``--data-plane``).  TLS connections use the loop.
+    data_plane: str = "native"
     #: Where runtime state lives (disks added at run time, VM attachments,
     #: sessions); ``None``: no state is kept (lab mode, like qemu-nbd).
     state_dir: str | None = None

@@ -526,4 +526,73 @@ int fl_queue_reap(fl_queue *q, uint64_t *ids, int32_t *rcs, int32_t *bits,
 /* Finish every queued operation, join the workers, free. */
 void fl_queue_close(fl_queue *q);
 
+/* ---- native NBD connections (conn.c) ---------------------------------- */
+
+/* A connection in its transmission phase, run in C from the handshake's
+ * end to the close: its own receive thread checks and dispatches
+ * requests (inline, or to Q's workers), and replies are written by the
+ * thread that completed them. */
+typedef struct fl_conn fl_conn;
+
+/* The engine's rule for one command (engine.py _build_rules): flags
+ * accepted, the error every such request gets (NBD errno, 0 none), the
+ * error of a request beyond the end, and the longest one accepted. */
+struct fl_conn_rule {
+    uint32_t allowed_flags, error, range_error, max_length;
+};
+
+#define FL_CONN_MAX_CTX 16
+/* Metadata context kinds (exports/base.py). */
+#define FL_CTX_BASE_ALLOCATION  1
+#define FL_CTX_ALLOCATION_DEPTH 2
+#define FL_CTX_DIRTY_BITMAP     3
+
+struct fl_conn_params {
+    int fd;                     /* the socket (a dup is taken; non-blocking
+                                   or not, it is used without waiting) */
+    fl_queue *queue;
+    fl_file *file;              /* the active export's disk, or */
+    fl_session *session;        /* a snapshot export's session */
+    uint64_t size;
+    uint32_t min_block;         /* a power of two, or 0/1: none */
+    uint32_t structured;        /* structured replies negotiated */
+    uint32_t trim;              /* file: TRIM punches (discard=unmap) and
+                                   WRITE_ZEROES may deallocate; 0: TRIM is
+                                   answered and dropped */
+    struct fl_conn_rule rules[8];   /* by command, NBD_CMD_READ .. */
+    uint32_t n_ctx;             /* negotiated metadata contexts */
+    uint32_t ctx_id[FL_CONN_MAX_CTX];
+    uint32_t ctx_kind[FL_CONN_MAX_CTX];
+    fl_bitmap *ctx_bitmap[FL_CONN_MAX_CTX]; /* FL_CTX_DIRTY_BITMAP's, else NULL */
+    const uint8_t *initial;     /* bytes read past the handshake (requests) */
+    size_t initial_len;         /* at most 256 KiB */
+};
+
+struct fl_conn_stats {
+    uint64_t requests, errors, bytes_read, bytes_written;
+    uint32_t in_flight;
+    int ended;                  /* socket closed, nothing in flight */
+    int eof;                    /* the client closed first */
+    char reason[128];           /* why it ended, when not the client's DISC
+                                   or EOF ("" then) */
+};
+
+/* Take over the transmission phase of the connection on P->fd (its
+ * references on the file or session and bitmaps taken; P not kept).
+ * -EINVAL bad parameters, -ENOMEM, a thread or eventfd error. */
+int fl_conn_start(const struct fl_conn_params *p, fl_conn **out);
+/* An eventfd that becomes readable once the connection ended: socket
+ * closed and no request in flight (then fl_conn_close it). */
+int fl_conn_done_fd(const fl_conn *c);
+/* Answer what was received (ESHUTDOWN from now on) or, with REPLAY, drop
+ * new requests unanswered; close once the client sent nothing more and
+ * nothing is in flight.  Never blocks. */
+void fl_conn_shutdown(fl_conn *c, int replay);
+/* Shut the socket down now; replies of requests in flight are dropped.
+ * Never blocks. */
+void fl_conn_abort(fl_conn *c);
+void fl_conn_stats(fl_conn *c, struct fl_conn_stats *out);
+/* Give up the owner's reference (aborting first if it has not ended). */
+void fl_conn_close(fl_conn *c);
+
 #endif

@@ -143,6 +143,16 @@ void fl__upstream_set_timeout(fl_file *f, int ms);
 int fl__file_write_run(fl_file *f, const uint8_t *req, size_t len,
                        uint32_t count, int32_t *rcs);
 
+/* ---- queue.c -------------------------------------------------------- */
+
+/* Run FN(ARG) in a worker of the guest pool (SNAP 0) or the snapshot pool
+ * (SNAP 1).  Nothing is referenced or reaped for it: FN does its own
+ * completion, and the caller keeps ARG alive until FN ran.  -ESHUTDOWN
+ * once the queue is closing (FN will not run), -ENOMEM. */
+int fl__queue_submit_fn(fl_queue *q, int snap, void (*fn)(void *), void *arg);
+/* The test hook's delay (fl_queue_inject_delay) for ops of KIND, in ms. */
+int fl__queue_delay(fl_queue *q, int kind);
+
 /* ---- io.c ----------------------------------------------------------- */
 
 /* 0 if [off, off+len) lies within [0, size) without overflow, else -EINVAL. */

@@ -111,6 +111,7 @@ struct op {
     const struct fl_session_params *params;
     fl_session **session_out;
     int32_t *rcs;             /* WRITE_RUN: one result per request */
+    void (*fn)(void *);       /* FN: the work, run in a worker */
     struct op *next;
 };
 
@@ -145,6 +146,10 @@ struct fl_queue {
 
 /* ---- objects and references ------------------------------------------ */
 
+/* An op that runs a native connection's request (conn.c): no object of
+ * its own (the caller took its references), no completion to reap. */
+#define OP_FN 100
+
 static int is_lo_kind(int kind)
 {
     return kind == FL_OP_SNAP_READ || kind == FL_OP_SNAP_DISCARD ||
@@ -159,6 +164,8 @@ static int is_session_kind(int kind)
 
 static void obj_ref(const struct op *o)
 {
+    if (o->kind == OP_FN)
+        return;
     if (is_session_kind(o->kind))
         fl__session_ref(o->obj);
     else
@@ -178,6 +185,8 @@ static void sock_unref(fl_sock *s)
 
 static void obj_unref(const struct op *o)
 {
+    if (o->kind == OP_FN)
+        return;
     if (is_session_kind(o->kind))
         fl__session_unref(o->obj);
     else
@@ -486,9 +495,11 @@ static struct op *opq_pop(struct opq *l)
     return o;
 }
 
-static struct pool *pool_of(fl_queue *q, int kind)
+static struct pool *pool_of(fl_queue *q, const struct op *o)
 {
-    return &q->pool[is_lo_kind(kind) ? POOL_SNAP : POOL_GUEST];
+    if (o->kind == OP_FN)   /* flags: 1 for the snapshot pool */
+        return &q->pool[o->flags ? POOL_SNAP : POOL_GUEST];
+    return &q->pool[is_lo_kind(o->kind) ? POOL_SNAP : POOL_GUEST];
 }
 
 /* The full wake-up rule (see the design notes): every op pending in P
@@ -572,6 +583,11 @@ static void *worker(void *arg)
         pthread_mutex_unlock(&q->lock);
         signal_work(p, wake);
 
+        if (o->kind == OP_FN) {
+            o->fn(o->obj);      /* it answers its request itself */
+            free(o);
+            continue;
+        }
         run_op(o, delay);
         obj_unref(o);           /* may free the object: last use of it */
 
@@ -651,7 +667,7 @@ int fl_queue_fd(const fl_queue *q)
 /* Take O's references and queue it; frees O on refusal. */
 static int enqueue(fl_queue *q, struct op *o)
 {
-    struct pool *p = pool_of(q, o->kind);
+    struct pool *p = pool_of(q, o);
     unsigned wake;
 
     pthread_mutex_lock(&q->lock);
@@ -789,6 +805,27 @@ int fl_queue_submit_close(fl_queue *q, uint64_t id, fl_session *s)
     if (o == NULL)
         return -ENOMEM;
     return enqueue(q, o);
+}
+
+int fl__queue_submit_fn(fl_queue *q, int snap, void (*fn)(void *), void *arg)
+{
+    struct op *o = new_op(0, OP_FN, arg, 0, 0);
+
+    if (o == NULL)
+        return -ENOMEM;
+    o->fn = fn;
+    o->flags = snap ? 1u : 0u;
+    return enqueue(q, o);
+}
+
+int fl__queue_delay(fl_queue *q, int kind)
+{
+    int ms;
+
+    pthread_mutex_lock(&q->lock);
+    ms = q->delay_kind == kind ? q->delay_ms : 0;
+    pthread_mutex_unlock(&q->lock);
+    return ms;
 }
 
 int fl_queue_inject_delay(fl_queue *q, int kind, int ms)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from fleeced import datapath
+from fleeced.datapath import ConnRule, NativeConn
 from fleeced.exports.base import (
     INLINE_READ_MAX,
     RUN_WRITE_MAX,
@@ -77,6 +78,11 @@ class ActiveExport(ExportBase):
             req = bytes(view[pos:pos + consumed])
         fut = self._io.submit_write_run(file, req, count)
         return consumed, count, nbytes, acks, req, fut
+
+    def start_native(self, fd: int, rules: tuple[ConnRule, ...], structured: bool,
+                     contexts: dict[int, str], initial: bytes) -> NativeConn | None:
+        return self._native_conn(self._io, self.disk.file, self.disk.discard == "unmap", fd,
+                                 rules, structured, contexts, initial)
 
     def submit_read(self, offset: int, length: int, reply_to: ReplySocket | None = None,
                     header: bytes = b"") -> asyncio.Future[ReadResult]:

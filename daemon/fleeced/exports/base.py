@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from fleeced import datapath
-from fleeced.datapath import NativeFile
-from fleeced.ioqueue import ReadResult, ReplySocket
+from fleeced.datapath import ConnRule, NativeBitmap, NativeConn, NativeFile, NativeSession
+from fleeced.ioqueue import IoQueue, ReadResult, ReplySocket
 from fleeced.nbd import ExportInfo, RunRule
 from fleeced.qsd import QsdChild
 from fleeced.sources import Source, SourceError, probe
@@ -157,6 +157,18 @@ class Export(Protocol):
     def client_gone(self) -> None:
         """A client that had negotiated this export is gone, and its last
         operation completed."""
+
+    def start_native(self, fd: int, rules: tuple[ConnRule, ...], structured: bool,
+                     contexts: dict[int, str], initial: bytes) -> NativeConn | None:
+        """Serve the rest of the connection on FD natively (its socket is
+        then C's: the caller closes its own descriptor and only watches the
+        returned handle), or None when this export has no native form.
+
+        :param rules: the engine's rule table (``ServerConnection.hand_over``).
+        :param contexts: the negotiated metadata contexts, id -> name.
+        :param initial: request bytes received and not parsed yet.
+        :raise OSError: the native start failed.
+        """
 
 
 class DirtyBitmap(Protocol):
@@ -358,6 +370,35 @@ class ExportBase:
     def write_run(self, rule: RunRule, data: bytes | bytearray, pos: int,
                   max_count: int) -> WriteRun | None:
         return None
+
+    def start_native(self, fd: int, rules: tuple[ConnRule, ...], structured: bool,
+                     contexts: dict[int, str], initial: bytes) -> NativeConn | None:
+        return None
+
+    def _native_conn(self, io: IoQueue, target: NativeFile | NativeSession, trim: bool,
+                     fd: int, rules: tuple[ConnRule, ...], structured: bool,
+                     contexts: dict[int, str], initial: bytes) -> NativeConn | None:
+        """A native connection serving TARGET, or None when one of the
+        negotiated contexts has no native form (the loop serves it then)."""
+        ctxs: list[tuple[int, int, NativeBitmap | None]] = []
+        for ctx_id, name in contexts.items():
+            if name == BASE_ALLOCATION:
+                ctxs.append((ctx_id, datapath.CTX_BASE_ALLOCATION, None))
+            elif name == ALLOCATION_DEPTH:
+                ctxs.append((ctx_id, datapath.CTX_ALLOCATION_DEPTH, None))
+            elif name.startswith(DIRTY_BITMAP):
+                bitmap = self._bitmaps().get(name[len(DIRTY_BITMAP):])
+                native = getattr(bitmap, "native", bitmap)
+                if not isinstance(native, NativeBitmap) or native.closed:
+                    return None
+                ctxs.append((ctx_id, datapath.CTX_DIRTY_BITMAP, native))
+            else:
+                return None
+        if len(ctxs) > datapath.CONN_MAX_CTX or len(initial) > datapath.CONN_INITIAL_MAX:
+            return None
+        return io.open_conn(fd, target, rules=rules, structured=structured,
+                            min_block=self._info.min_block, trim=trim, contexts=ctxs,
+                            initial=initial)
 
     @property
     def info(self) -> ExportInfo:

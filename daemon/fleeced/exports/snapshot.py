@@ -8,6 +8,8 @@ import os
 
 from fleeced import datapath
 from fleeced.datapath import (
+    ConnRule,
+    NativeConn,
     NativeSession,
     SessionParams,
     SessionStats,
@@ -132,6 +134,11 @@ class SnapshotExport(ExportBase):
         reply_to: ReplySocket | None = None, header: bytes = b"",
     ) -> asyncio.Future[int] | None:
         return None  # refused by write(): EPERM
+
+    def start_native(self, fd: int, rules: tuple[ConnRule, ...], structured: bool,
+                     contexts: dict[int, str], initial: bytes) -> NativeConn | None:
+        return self._native_conn(self._io, self.session.native, True, fd, rules, structured,
+                                 contexts, initial)
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         raise OSError(errno.EPERM, "snapshot export is read-only")

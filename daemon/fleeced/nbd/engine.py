@@ -366,6 +366,32 @@ class ServerConnection:
         """Received bytes not consumed yet (e.g. anything after NBD_CMD_DISC)."""
         return self._buf.peek()
 
+    def transmission_rules(self) -> tuple[tuple[tuple[int, int | None, int, int], ...], bytes]:
+        """What a server that runs the transmission phase itself (the native
+        data plane) needs to take over: the rule table it must apply, one
+        ``(allowed flags, static NBD error or None, range error, maximum
+        length)`` per command by wire value, and the received bytes not
+        parsed yet.  Nothing changes here; :meth:`handed_over` follows.
+
+        :raise LocalProtocolError: not in a quiet transmission phase (a
+            WRITE payload being discarded, a protocol error, replies still
+            queued, shutting down).
+        """
+        if self._state is not _State.TRANSMISSION or self._drain or self._error is not None \
+                or self._out or self._shutting_down:
+            raise LocalProtocolError("transmission_rules() outside a quiet transmission phase")
+        rules = tuple((int(allowed), None if error is None else int(error), int(range_error),
+                       max_length) for allowed, error, range_error, max_length in self._rules)
+        return rules, self._buf.peek()
+
+    def handed_over(self) -> None:
+        """The transmission phase went to another server with the bytes
+        :meth:`transmission_rules` returned: they are consumed, and the
+        engine is closed."""
+        self._require_transmission()
+        self._buf.skip(len(self._buf))
+        self._state = _State.CLOSED
+
     # ------------------------------------------------------------------ input side
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:

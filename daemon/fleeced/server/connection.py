@@ -62,6 +62,7 @@ from fleeced.nbd import (
     Command,
     Disconnect,
     ExportChosen,
+    LocalProtocolError,
     NbdCmd,
     NbdCmdFlag,
     NbdErrno,
@@ -77,6 +78,7 @@ from fleeced.nbd.wire import REQUEST as _REQUEST
 from fleeced.server.replies import ReplyWriter
 
 if TYPE_CHECKING:
+    from fleeced.datapath import ConnStats, NativeConn
     from fleeced.exports import Export, ReadResult, ReplySocket
     from fleeced.server.listener import NbdServer
 
@@ -180,6 +182,11 @@ class NbdConnection(asyncio.Protocol):
         self._deferred: deque[Command] = deque()
         # Streamed READs (counted in flight), the first one on the wire.
         self._streams: deque[_Stream] = deque()
+        # The native connection serving the transmission phase, once the
+        # socket was handed over (then nothing of it passes through here),
+        # and the counters of it already added to the export's.
+        self._native: NativeConn | None = None
+        self._folded = (0, 0, 0, 0)
         loop = asyncio.get_running_loop()
         self.closed = loop.create_future()
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -243,6 +250,11 @@ class NbdConnection(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._native is not None:
+            # Our descriptor only: the socket lives on in the native
+            # connection, which reports its own end (_native_done).
+            self._replies.close()
+            return
         if exc is not None:
             log.info("client %s lost: %s", self.peer, exc)
         else:
@@ -382,6 +394,8 @@ class NbdConnection(asyncio.Protocol):
                 export.stats.connections += 1
                 export.stats.connections_total += 1
                 log.info("client %s: export %r", self.peer, event.export.name)
+                if self._go_native(export):
+                    return
             elif isinstance(event, Disconnect):
                 self._disconnect_requested = True
                 self._close_when_idle()
@@ -393,6 +407,78 @@ class NbdConnection(asyncio.Protocol):
         self._update_reading()
         if self._shutdown:
             self._close_when_idle()
+
+    # -- the native data plane -------------------------------------------------
+
+    def _go_native(self, export: Export) -> bool:
+        """Hand a plain connection's transmission phase to C, when the
+        export has a native form and nothing is half done here: from then
+        on only the native connection's end comes back (:meth:`_native_done`)."""
+        transport = self._transport
+        engine = self._engine
+        if not self._server.native or self._replies.tls or self._shutdown or transport is None \
+                or transport.is_closing() or self._inflight:
+            return False
+        self._flush()
+        if transport.get_write_buffer_size() or engine.has_data_to_send():
+            return False
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            rules, rest = engine.transmission_rules()
+        except LocalProtocolError:
+            return False
+        # Nothing more is read here from now: the socket is C's or, if the
+        # start fails, read again below.
+        transport.pause_reading()
+        try:
+            native = export.start_native(sock.fileno(), rules, engine.structured,
+                                         engine.meta_contexts, rest)
+        except OSError as exc:
+            log.warning("client %s: native data plane refused (%s); serving it here",
+                        self.peer, exc)
+            native = None
+        if native is None:
+            transport.resume_reading()
+            return False
+        engine.handed_over()
+        self._native = native
+        asyncio.get_running_loop().add_reader(native.done_fd, self._native_done)
+        transport.abort()  # our descriptor: the native connection has its own
+        return True
+
+    def _native_done(self) -> None:
+        native = self._native
+        assert native is not None
+        asyncio.get_running_loop().remove_reader(native.done_fd)
+        st = self.fold_stats()
+        if st is not None and st.reason:
+            log.info("client %s: closed: %s", self.peer, st.reason)
+        else:
+            log.info("client %s disconnected", self.peer)
+        native.close()
+        self._closing = True
+        self._cancel_timers()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def fold_stats(self) -> ConnStats | None:
+        """Add what the native connection counted since the last call to
+        the export's counters; its stats, or None when not native."""
+        native = self._native
+        if native is None or native.closed or self.export is None:
+            return None
+        st = native.stats()
+        now = (st.requests, st.errors, st.bytes_read, st.bytes_written)
+        old = self._folded
+        stats = self.export.stats
+        stats.requests += now[0] - old[0]
+        stats.errors += now[1] - old[1]
+        stats.bytes_read += now[2] - old[2]
+        stats.bytes_written += now[3] - old[3]
+        self._folded = now
+        return st
 
     # -- TLS upgrade ---------------------------------------------------------
 
@@ -1062,6 +1148,10 @@ class NbdConnection(asyncio.Protocol):
 
         Operations in flight still complete (``closed`` waits for them).
         """
+        if self._native is not None:
+            if not self._native.closed:
+                self._native.abort()
+            return
         self._closing = True
         if self._transport is not None:
             self._transport.abort()
@@ -1082,6 +1172,10 @@ class NbdConnection(asyncio.Protocol):
         Reading goes on in both cases: a close with unread bytes resets the
         connection and could lose replies already sent.
         """
+        if self._native is not None:
+            if not self._native.closed:
+                self._native.shutdown(replay)
+            return
         if self._upgrading is not None:
             # Mid TLS handshake: nothing negotiated, nothing to answer.
             self.abort()
@@ -1100,4 +1194,7 @@ class NbdConnection(asyncio.Protocol):
 
     @property
     def in_flight(self) -> int:
+        native = self._native
+        if native is not None:
+            return 0 if native.closed else native.stats().in_flight
         return self._inflight

@@ -85,7 +85,11 @@ class NbdServer:
         reply_budget: int = REPLY_BUDGET,
         stall_timeout: float = STALL_TIMEOUT,
         tls: TlsConfig | None = None,
+        native: bool = True,
     ) -> None:
+        #: Plain connections run their transmission phase in C (exports
+        #: with a native form); False: every request goes through the loop.
+        self.native = native
         self._exports: dict[str, Export] = {}
         self._default: str | None = None
         self._connections: set[NbdConnection] = set()
@@ -272,6 +276,12 @@ class NbdServer:
     @property
     def connection_count(self) -> int:
         return len(self._connections)
+
+    def sync_stats(self) -> None:
+        """Bring the exports' counters up to date with what native
+        connections counted."""
+        for conn in self._connections:
+            conn.fold_stats()
 
     def in_flight(self, export_name: str) -> int:
         """Requests received and not yet answered on EXPORT_NAME's connections."""
