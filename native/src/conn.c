@@ -85,6 +85,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/resource.h>
+#include <sys/sendfile.h>
 #include <sys/syscall.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -106,9 +107,19 @@
 /* Smaller READs are not asked whether they read a hole (one lseek less
  * each; the reply is data, zeros included, as the loop's runs send it). */
 #define HOLE_MIN        (128u << 10)
+#define INLINE_WRITE_MAX (64u << 10)
 #define MAX_MESSAGE     4096u
 #define DRAIN_MS        5000          /* replies left at a close */
 #define SNAP_NICE       19            /* queue.c's, for the same reason */
+/* READs up to CACHED_MAX are tried on the receive thread from the page
+ * cache first (preadv2 RWF_NOWAIT, never blocks); their replies gather in
+ * a batch of up to BATCH_CAP bytes, sent with one write. */
+#define CACHED_MAX      (128u << 10)
+#define BATCH_CAP       (512u << 10)
+/* READs of the image from SENDFILE_MIN up go out with sendfile(2): no
+ * copy in the server (never for a snapshot: queue.c sendfile_reply has
+ * why). */
+#define SENDFILE_MIN    (64u << 10)
 
 enum { CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE,
        CMD_WRITE_ZEROES, CMD_BLOCK_STATUS, CMD_COUNT };
@@ -182,9 +193,12 @@ struct fl_conn {
     uint32_t ctx_id[FL_CONN_MAX_CTX], ctx_kind[FL_CONN_MAX_CTX];
     fl_bitmap *ctx_bitmap[FL_CONN_MAX_CTX];
     pthread_t thread;
-    /* receive buffer: only the receive thread */
+    /* receive buffer and reply batch: only the receive thread */
     uint8_t *rbuf;
     size_t rstart, rend;
+    uint8_t *batch;
+    size_t batch_len;
+    int cached;                     /* immutable: page-cache reads possible */
     int eof;
     /* guarded by lock */
     pthread_mutex_t lock;
@@ -236,6 +250,7 @@ static void conn_free(fl_conn *c)
     close(c->done_fd);
     pthread_mutex_destroy(&c->lock);
     pthread_mutex_destroy(&c->send_lock);
+    free(c->batch);
     free(c->rbuf);
     free(c);
 }
@@ -249,6 +264,12 @@ static void conn_unref(fl_conn *c)
 {
     if (__atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL) == 0)
         conn_free(c);
+}
+
+/* Counters are atomic: the hot path takes no lock for them. */
+static void stat_add(uint64_t *v, uint64_t n)
+{
+    __atomic_add_fetch(v, n, __ATOMIC_RELAXED);
 }
 
 static void kick(int efd)
@@ -549,9 +570,7 @@ static void reply_failed(fl_conn *c, const struct req *r, int rc)
     char msg[256];
 
     error_message(c, -rc, msg, sizeof msg);
-    pthread_mutex_lock(&c->lock);
-    c->stats.errors++;
-    pthread_mutex_unlock(&c->lock);
+    stat_add(&c->stats.errors, 1);
     reply_error(c, r->cookie, nbd_errno(-rc, r->flags), msg);
 }
 
@@ -573,6 +592,118 @@ static int is_closed(const fl_conn *c)
     return c->file != NULL ? fl__file_closed(c->file) : fl__session_closed(c->session);
 }
 
+/* A READ of the image with its data sent straight from the page cache
+ * (sendfile), when the out-queue is empty.  Returns 1 when the reply is
+ * taken care of (sent whole, or its rest queued as the out-queue's head,
+ * or dropped on a torn connection), 0 when nothing was sent (the caller
+ * reads and sends it the usual way).  The rest of a reply the socket took
+ * only in part is read with send_lock held (nothing may go before it):
+ * only then, when the socket filled up in mid-reply. */
+static int sendfile_reply(fl_conn *c, const struct req *r, const uint8_t *h, size_t hlen)
+{
+    fl_file *f = c->file;
+    size_t total = hlen + r->len, sent = 0;
+    struct iovec iov = { (void *)h, hlen };
+    off_t pos = (off_t)r->off;
+    struct outq *e;
+    ssize_t n;
+    int rc = 0;
+
+    pthread_mutex_lock(&c->send_lock);
+    if (c->torn || c->fd < 0) {
+        pthread_mutex_unlock(&c->send_lock);
+        return 1;
+    }
+    if (c->oq_head != NULL) {
+        pthread_mutex_unlock(&c->send_lock);
+        return 0;
+    }
+    n = send_nowait(c->fd, &iov, 1);
+    if (n < 0) {
+        c->torn = 1;
+        pthread_mutex_unlock(&c->send_lock);
+        kick(c->wake_fd);
+        return 1;
+    }
+    sent = (size_t)n;
+    while (sent == hlen + (size_t)(pos - (off_t)r->off) && sent < total) {
+        n = sendfile(c->fd, f->fd, &pos, total - sent);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;      /* full, or no splice here: the rest from memory */
+        sent += (size_t)n;
+    }
+    if (sent == total || sent == 0) {
+        pthread_mutex_unlock(&c->send_lock);
+        return sent == total;
+    }
+    e = calloc(1, sizeof *e);
+    if (e != NULL) {
+        size_t from = sent > hlen ? sent - hlen : 0;
+
+        e->alen = sent < hlen ? hlen - sent : 0;
+        e->a = malloc(e->alen ? e->alen : 1);
+        e->blen = r->len - from;
+        e->b = malloc(e->blen);
+        if (e->a != NULL && e->b != NULL) {
+            memcpy(e->a, h + (sent < hlen ? sent : hlen), e->alen);
+            rc = fl__full_pread(f->fd, e->b, e->blen, r->off + from);
+        } else {
+            rc = -ENOMEM;
+        }
+    }
+    if (e == NULL || rc < 0) {
+        if (e != NULL)
+            free_entry(e);
+        c->torn = 1;    /* half a reply is out: the stream cannot go on */
+        pthread_mutex_unlock(&c->send_lock);
+        set_reason(c, "READ failed in mid-reply");
+        kick(c->wake_fd);
+        return 1;
+    }
+    c->oq_head = c->oq_tail = e;
+    c->oq_bytes += e->alen + e->blen;
+    pthread_mutex_unlock(&c->send_lock);
+    kick(c->wake_fd);
+    return 1;
+}
+
+/* The batch of cached READ replies goes out (receive thread). */
+static void flush_batch(fl_conn *c)
+{
+    if (c->batch_len) {
+        send_reply(c, c->batch, c->batch_len, NULL, 0, 0);
+        c->batch_len = 0;
+    }
+}
+
+/* Answer a READ into the batch from the page cache, without blocking:
+ * 1 when done, 0 when the data is not all cached (or anything else): the
+ * usual path then runs it. */
+static int try_cached(fl_conn *c, uint16_t flags, uint64_t cookie, uint64_t off, uint32_t len)
+{
+    size_t hlen = c->structured ? 28 : 16;
+    uint8_t *h;
+
+    (void)flags;
+    if (c->batch_len + hlen + len > BATCH_CAP)
+        flush_batch(c);
+    h = c->batch + c->batch_len;
+    if (fl_file_read_nowait(c->file, h + hlen, len, off, NULL) < 0)
+        return 0;
+    if (c->structured) {
+        chunk_hdr(h, REPLY_DONE, T_OFFSET_DATA, cookie, 8 + len);
+        put64(h + 20, off);
+    } else {
+        simple_hdr(h, 0, cookie);
+    }
+    c->batch_len += hlen + len;
+    stat_add(&c->stats.requests, 1);
+    stat_add(&c->stats.bytes_read, len);
+    return 1;
+}
+
 static void run_read(fl_conn *c, const struct req *r)
 {
     uint8_t h[32];
@@ -584,6 +715,25 @@ static void run_read(fl_conn *c, const struct req *r)
         return;
     }
     delay_hook(c, c->file != NULL ? FL_OP_READ : FL_OP_SNAP_READ);
+    if (c->cached && r->len >= SENDFILE_MIN && !fl__file_closed(c->file)
+        && !fl_file_is_direct(c->file)
+        && !(c->structured && r->len > HOLE_MIN
+             && fl__range_is_hole(c->file->fd, c->file->is_blk, r->off, r->len))) {
+        size_t hlen = 16;
+
+        if (c->structured) {
+            chunk_hdr(h, REPLY_DONE, T_OFFSET_DATA, r->cookie, 8 + r->len);
+            put64(h + 20, r->off);
+            hlen = 28;
+        } else {
+            simple_hdr(h, 0, r->cookie);
+        }
+        if (sendfile_reply(c, r, h, hlen)) {
+            free(buf);
+            stat_add(&c->stats.bytes_read, r->len);
+            return;
+        }
+    }
     if (is_closed(c))
         rc = -ESHUTDOWN;
     else if (c->file != NULL)
@@ -596,9 +746,7 @@ static void run_read(fl_conn *c, const struct req *r)
         reply_failed(c, r, rc);
         return;
     }
-    pthread_mutex_lock(&c->lock);
-    c->stats.bytes_read += r->len;
-    pthread_mutex_unlock(&c->lock);
+    stat_add(&c->stats.bytes_read, r->len);
     if (!c->structured) {
         simple_hdr(h, 0, r->cookie);
         send_reply(c, h, 16, buf, r->len, 1);
@@ -697,9 +845,7 @@ static void run_req(fl_conn *c, struct req *r)
 {
     int rc = 0;
 
-    pthread_mutex_lock(&c->lock);
-    c->stats.requests++;
-    pthread_mutex_unlock(&c->lock);
+    stat_add(&c->stats.requests, 1);
     switch (r->cmd) {
     case CMD_READ:
         run_read(c, r);
@@ -713,9 +859,7 @@ static void run_req(fl_conn *c, struct req *r)
              : fl_file_write(c->file, r->payload, r->len, r->off,
                              (r->flags & F_FUA) ? FL_FUA : 0);
         if (rc == 0) {
-            pthread_mutex_lock(&c->lock);
-            c->stats.bytes_written += r->len;
-            pthread_mutex_unlock(&c->lock);
+            stat_add(&c->stats.bytes_written, r->len);
         }
         break;
     case CMD_WRITE_ZEROES: {
@@ -951,9 +1095,7 @@ static int next_piece(fl_conn *c, struct outq *e)
             return -1;
         }
         error_message(c, -rc, msg, sizeof msg);
-        pthread_mutex_lock(&c->lock);
-        c->stats.errors++;
-        pthread_mutex_unlock(&c->lock);
+        stat_add(&c->stats.errors, 1);
         /* The piece buffer holds the error reply: nothing else needs it. */
         if (!c->structured) {
             simple_hdr(st->buf, nbd_errno(-rc, r->flags), r->cookie);
@@ -994,9 +1136,7 @@ static int next_piece(fl_conn *c, struct outq *e)
         st->done += n;
         if (last) {
             st->over = 1;
-            pthread_mutex_lock(&c->lock);
-            c->stats.bytes_read += r->len;
-            pthread_mutex_unlock(&c->lock);
+            stat_add(&c->stats.bytes_read, r->len);
         }
     }
     pthread_mutex_lock(&c->send_lock);
@@ -1071,8 +1211,8 @@ static void queue_stream(fl_conn *c, const struct req *r)
     struct stream *st = calloc(1, sizeof *st);
     struct outq *e = calloc(1, sizeof *e);
 
+    stat_add(&c->stats.requests, 1);
     pthread_mutex_lock(&c->lock);
-    c->stats.requests++;
     c->in_flight++;
     c->inflight_bytes += PIECE;
     pthread_mutex_unlock(&c->lock);
@@ -1158,19 +1298,22 @@ static uint32_t check(const fl_conn *c, int mode, uint16_t flags, uint16_t cmd,
 
 static int get_mode(fl_conn *c, int *aborted)
 {
-    int m;
-
-    pthread_mutex_lock(&c->lock);
-    m = c->mode;
-    *aborted = c->aborted;
-    pthread_mutex_unlock(&c->lock);
-    return m;
+    /* Written under lock, read without: a change is seen by the next
+     * request at the latest, which is all shutdown and abort ask. */
+    *aborted = __atomic_load_n(&c->aborted, __ATOMIC_ACQUIRE);
+    return __atomic_load_n(&c->mode, __ATOMIC_ACQUIRE);
 }
 
 /* Wait until a new request may be taken (see "Flow control"), sending
  * queued replies meanwhile.  0, or -1 when aborted. */
 static int admit(fl_conn *c)
 {
+    /* The common case, nothing in flight and nothing queued, without a
+     * lock (both only grow on this thread). */
+    if (__atomic_load_n(&c->in_flight, __ATOMIC_ACQUIRE) == 0
+        && __atomic_load_n(&c->oq_bytes, __ATOMIC_ACQUIRE) == 0
+        && !__atomic_load_n(&c->aborted, __ATOMIC_ACQUIRE))
+        return 0;
     for (;;) {
         int ok, aborted, pending;
 
@@ -1190,8 +1333,12 @@ static int admit(fl_conn *c)
         pthread_mutex_unlock(&c->lock);
         if (aborted)
             return -1;
-        if (ok)
-            return 0;
+        if (ok || __atomic_load_n(&c->mode, __ATOMIC_ACQUIRE) != MODE_RUN)
+            return 0;   /* shutting down: answered ESHUTDOWN, no budget */
+        if (c->batch_len) {     /* what waits for the socket goes first */
+            flush_batch(c);
+            continue;
+        }
         if (pending && (wait_fd(c, POLLOUT, -1) & POLLOUT))
             drain_out(c);
         else if (!pending)
@@ -1213,9 +1360,14 @@ static int parse(fl_conn *c, int more_waiting)
         int mode, aborted;
         struct req *r;
 
-        if (have < REQ_SIZE)
+        if (have < REQ_SIZE) {
+            flush_batch(c);
             return 1;
-        if (admit(c) < 0)
+        }
+        /* Shutting down, what was received is answered (ESHUTDOWN: 16
+         * bytes each) or dropped whatever is in flight. */
+        mode = get_mode(c, &aborted);
+        if (mode == MODE_RUN && admit(c) < 0)
             return 0;
         mode = get_mode(c, &aborted);
         if (get32(p) != REQUEST_MAGIC) {
@@ -1246,13 +1398,14 @@ static int parse(fl_conn *c, int more_waiting)
         if (err) {
             if (cmd == CMD_WRITE && take_payload(c, NULL, len) < 0)
                 return 0;
-            pthread_mutex_lock(&c->lock);   /* refusals count, as on the loop */
-            c->stats.requests++;
-            c->stats.errors++;
-            pthread_mutex_unlock(&c->lock);
+            stat_add(&c->stats.requests, 1);  /* refusals count, as on the loop */
+            stat_add(&c->stats.errors, 1);
             reply_error(c, cookie, err, msg);
             continue;
         }
+        if (cmd == CMD_READ && len <= CACHED_MAX && c->cached
+            && fl__queue_delay(c->q, FL_OP_READ) == 0 && try_cached(c, flags, cookie, off, len))
+            continue;
         if (cmd == CMD_READ && len > PIECE) {
             queue_stream(c, &(struct req){ c, flags, cmd, cookie, off, len, NULL });
             continue;
@@ -1279,10 +1432,20 @@ static int parse(fl_conn *c, int more_waiting)
         {
             int alone = c->in_flight == 0 && c->rend == c->rstart && !more_waiting;
 
+            /* A small WRITE to a disk with no session (no copy before it
+             * can make it wait) goes into the page cache in microseconds:
+             * a hand-off to a worker would cost more than it does. */
+            if (cmd == CMD_WRITE && len <= INLINE_WRITE_MAX && c->file != NULL
+                && c->cached
+                && __atomic_load_n(&c->file->sessions, __ATOMIC_ACQUIRE) == NULL
+                && !fl_file_is_direct(c->file))
+                alone = 1;
+
             c->in_flight++;
             c->inflight_bytes += req_bytes(r);
             pthread_mutex_unlock(&c->lock);
             if (alone) {
+                flush_batch(c);
                 run_req(c, r);
                 req_done(c, r);
                 free(r->payload);
@@ -1329,7 +1492,9 @@ static void *recv_thread(void *arg)
             break;
         if (mode != MODE_RUN && unread(c) == 0) {
             /* Shutting down and the client sent nothing more: whatever
-             * was received is answered once in flight requests are. */
+             * was received is answered once in flight requests are
+             * (requests still buffered, held back by flow control, too). */
+            parse(c, 0);
             break;
         }
         ev = wait_fd(c, (short)(POLLIN | (pending ? POLLOUT : 0)), -1);
@@ -1349,6 +1514,7 @@ static void *recv_thread(void *arg)
         if (rc == 1)
             go = parse(c, c->rend == RBUF_SIZE);
     }
+    flush_batch(c);
     /* Over: nothing more is read.  Wait for requests in flight, and let
      * their replies out (bounded: a client that no longer reads). */
     {
@@ -1425,11 +1591,14 @@ int fl_conn_start(const struct fl_conn_params *p, fl_conn **out)
     if (c == NULL)
         return -ENOMEM;
     c->rbuf = malloc(RBUF_SIZE);
+    c->cached = p->file != NULL && !fl_file_is_upstream(p->file);
+    c->batch = c->cached ? malloc(BATCH_CAP) : NULL;
     c->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     c->done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     c->fd = fcntl(p->fd, F_DUPFD_CLOEXEC, 0);
-    if (c->rbuf == NULL || c->wake_fd < 0 || c->done_fd < 0 || c->fd < 0) {
-        rc = c->rbuf == NULL ? -ENOMEM : -errno;
+    if (c->rbuf == NULL || (c->cached && c->batch == NULL) || c->wake_fd < 0 || c->done_fd < 0 || c->fd < 0) {
+        rc = c->rbuf == NULL || (c->cached && c->batch == NULL) ? -ENOMEM : -errno;
+        free(c->batch);
         free(c->rbuf);
         if (c->wake_fd >= 0)
             close(c->wake_fd);
@@ -1439,6 +1608,21 @@ int fl_conn_start(const struct fl_conn_params *p, fl_conn **out)
             close(c->fd);
         free(c);
         return rc;
+    }
+    /* Nothing here ever waits in a send: sendfile(2) has no MSG_DONTWAIT. */
+    {
+        int fl = fcntl(c->fd, F_GETFL);
+
+        if (fl < 0 || fcntl(c->fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+            rc = -errno;
+            close(c->fd);
+            close(c->wake_fd);
+            close(c->done_fd);
+            free(c->batch);
+            free(c->rbuf);
+            free(c);
+            return rc;
+        }
     }
     c->refs = 2;                /* the owner's and the receive thread's */
     c->q = p->queue;
@@ -1486,7 +1670,7 @@ void fl_conn_shutdown(fl_conn *c, int replay)
 {
     pthread_mutex_lock(&c->lock);
     if (c->mode == MODE_RUN)
-        c->mode = replay ? MODE_REPLAY : MODE_SHUTDOWN;
+        __atomic_store_n(&c->mode, replay ? MODE_REPLAY : MODE_SHUTDOWN, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&c->lock);
     kick(c->wake_fd);
 }
@@ -1494,7 +1678,7 @@ void fl_conn_shutdown(fl_conn *c, int replay)
 void fl_conn_abort(fl_conn *c)
 {
     pthread_mutex_lock(&c->lock);
-    c->aborted = 1;
+    __atomic_store_n(&c->aborted, 1, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&c->lock);
     pthread_mutex_lock(&c->send_lock);
     c->torn = 1;
@@ -1509,6 +1693,10 @@ void fl_conn_stats(fl_conn *c, struct fl_conn_stats *out)
 {
     pthread_mutex_lock(&c->lock);
     *out = c->stats;
+    out->requests = __atomic_load_n(&c->stats.requests, __ATOMIC_RELAXED);
+    out->errors = __atomic_load_n(&c->stats.errors, __ATOMIC_RELAXED);
+    out->bytes_read = __atomic_load_n(&c->stats.bytes_read, __ATOMIC_RELAXED);
+    out->bytes_written = __atomic_load_n(&c->stats.bytes_written, __ATOMIC_RELAXED);
     out->in_flight = c->in_flight;
     pthread_mutex_unlock(&c->lock);
 }

@@ -115,6 +115,14 @@ def test_fleece_stop_does_not_block_other_disks(tmp_path: Path, start_daemon) ->
     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     c.open("a@fleece")
     c.send(b"".join(request(CMD_READ, i, (i % 8) * 4 * MiB, 4 * MiB) for i in range(32)))
+    # Wait until the daemon took them (else fleece-stop may come first, and
+    # they are answered ESHUTDOWN at once: nothing to wait for).
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stats = qmp(d, "query-stats")
+        assert isinstance(stats, dict)
+        if any(e["requests"] for e in stats["exports"] if e["name"] == "a@fleece"):
+            break
     order: list[str] = []
 
     def stop_a() -> None:
