@@ -1552,7 +1552,7 @@ class ConnStats:
 
 
 class NativeConn(_Handle):
-    """An NBD connection's transmission phase run in C (conn.c): from the
+    """An NBD connection's transmission phase run in C (native/src/conn*.c): from the
     handshake's end, its own thread reads, checks and dispatches requests,
     and replies are written by the thread that completed them.  The event
     loop only watches :attr:`done_fd`."""

@@ -34,6 +34,8 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
 #include <time.h>
 
 #include "fleeced.h"
@@ -166,6 +168,12 @@ int fl__full_pwrite(int fd, const void *buf, size_t len, uint64_t off);
 int fl__range_is_hole(int fd, int is_blk, uint64_t off, uint64_t len);
 /* Punch [off, off+len) of FD keeping its size.  Returns 0 or -errno. */
 int fl__punch(int fd, uint64_t off, uint64_t len);
+/* Write what socket FD takes of IOV without waiting (MSG_DONTWAIT): the
+ * bytes written (all, or fewer when the socket filled up), or -errno.
+ * IOV is left describing what was not written: entries sent whole get
+ * length 0 (an empty one, a piece's missing header, is passed over), a
+ * partly sent one its rest. */
+ssize_t fl__send_nowait(int fd, struct iovec *iov, int iovcnt);
 
 /* Append (len, flags).  Returns 0, or 1 when the list is full and the
  * extent could not be merged (caller stops). */

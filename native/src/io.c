@@ -8,10 +8,15 @@
  * - Hole detection uses SEEK_DATA/SEEK_HOLE, which never move data; any
  *   lseek failure (old filesystem, block device) is reported as data, the
  *   safe answer for block status.
+ * - send_nowait never waits for a peer (MSG_DONTWAIT | MSG_NOSIGNAL): a
+ *   worker or receive thread writing a reply under a send lock must not
+ *   stall the others behind a client that does not read.
  * - No state here: every helper works on the fd it is given.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -139,4 +144,35 @@ int fl__fd_extents(int fd, int is_blk, uint64_t off, uint64_t len,
         pos = next;
     }
     return 0;
+}
+
+ssize_t fl__send_nowait(int fd, struct iovec *iov, int iovcnt)
+{
+    struct msghdr m = { .msg_iov = iov, .msg_iovlen = (size_t)iovcnt };
+    ssize_t total = 0;
+
+    while (m.msg_iovlen > 0) {
+        ssize_t n = sendmsg(fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN)
+                return total;
+            return -errno;
+        }
+        total += n;
+        while (m.msg_iovlen > 0 && (n > 0 || m.msg_iov->iov_len == 0)) {
+            if ((size_t)n >= m.msg_iov->iov_len) {
+                n -= (ssize_t)m.msg_iov->iov_len;
+                m.msg_iov->iov_len = 0;
+                m.msg_iov++;
+                m.msg_iovlen--;
+            } else {
+                m.msg_iov->iov_base = (uint8_t *)m.msg_iov->iov_base + n;
+                m.msg_iov->iov_len -= (size_t)n;
+                n = 0;
+            }
+        }
+    }
+    return total;
 }

@@ -146,7 +146,7 @@ struct fl_queue {
 
 /* ---- objects and references ------------------------------------------ */
 
-/* An op that runs a native connection's request (conn.c): no object of
+/* An op that runs a native connection's request (conn_dispatch.c): no object of
  * its own (the caller took its references), no completion to reap. */
 #define OP_FN 100
 
@@ -207,39 +207,6 @@ static int obj_closed(const struct op *o)
 
 /* ---- worker-written replies ------------------------------------------- */
 
-/* Write IOV to S without ever waiting: returns the bytes written (all of
- * them, or fewer when the socket buffer filled up), or -errno. */
-static ssize_t send_some(fl_sock *s, struct iovec *iov, int iovcnt)
-{
-    struct msghdr m = { .msg_iov = iov, .msg_iovlen = (size_t)iovcnt };
-    ssize_t total = 0;
-
-    while (m.msg_iovlen > 0) {
-        ssize_t n = sendmsg(s->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN)
-                return total;
-            return -errno;
-        }
-        total += n;
-        /* (an empty iovec, a piece's missing header, is passed over too) */
-        while (m.msg_iovlen > 0 && (n > 0 || m.msg_iov->iov_len == 0)) {
-            if ((size_t)n >= m.msg_iov->iov_len) {
-                n -= (ssize_t)m.msg_iov->iov_len;
-                m.msg_iov++;
-                m.msg_iovlen--;
-            } else {
-                m.msg_iov->iov_base = (uint8_t *)m.msg_iov->iov_base + n;
-                m.msg_iov->iov_len -= (size_t)n;
-                n = 0;
-            }
-        }
-    }
-    return total;
-}
-
 /* After a successful read or write: put the reply on the wire if that can be done
  * without waiting.  Outcomes (o->done bits, o->rc):
  *   hole, not sent        FL_DONE_HOLE, rc 0 (the caller describes it)
@@ -274,7 +241,7 @@ static void send_reply(struct op *o, int hole)
         o->done = 0;
         return;
     }
-    n = send_some(o->sock, iov, with_data ? 2 : 1);
+    n = fl__send_nowait(o->sock->fd, iov, with_data ? 2 : 1);
     if (n > 0 && (size_t)n < total)
         __atomic_store_n(&o->sock->stalled, 1, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&o->sock->lock);
@@ -326,7 +293,7 @@ static void sendfile_reply(struct op *o)
     }
     pthread_mutex_lock(&o->sock->lock);
     if (!__atomic_load_n(&o->sock->stalled, __ATOMIC_ACQUIRE)) {
-        n = send_some(o->sock, &iov, 1);
+        n = fl__send_nowait(o->sock->fd, &iov, 1);
         if (n == (ssize_t)o->hdr_len) {
             off_t pos = (off_t)o->off;
             sent = o->hdr_len;

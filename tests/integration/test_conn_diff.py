@@ -1,4 +1,4 @@
-"""The native connection (native/src/conn.c) against the sans-IO engine
+"""The native connection (native/src/conn*.c) against the sans-IO engine
 served from the event loop: the same request byte streams, cut into the
 same chunks (down to one byte at a time), sent to ``fleeced serve
 --data-plane native`` and ``--data-plane loop`` must give the same replies,
