@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=bl.parse_size, default=1 << 30,
                    help="image size (default 1G)")
     p.add_argument("--configs", default=",".join(CONFIGS),
-                   help="comma list out of qsd,fleeced,fleeced-cache (default all)")
+                   help="comma list out of qsd,fleeced,fleeced-cache,fleeced-loop (default all)")
     p.add_argument("--runs", default=",".join(RUNS), help="subset of " + ",".join(RUNS))
     p.add_argument("--cache", default="256M", help="--cache for fleeced-cache (default 256M)")
     p.add_argument("--format", choices=("raw", "qcow2"), default="raw",

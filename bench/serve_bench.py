@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=bl.parse_size, default=1 << 30,
                    help="image size (default 1G)")
     p.add_argument("--servers", default=",".join(SERVERS),
-                   help="comma list out of fleeced,qemu-nbd,nbdkit (default all)")
+                   help="comma list out of fleeced,fleeced-loop,qemu-nbd,nbdkit (default all)")
     p.add_argument("--fleeced", type=shlex.split, default=bl.default_fleeced_cmd(),
                    metavar="CMD", help="how to run fleeced (default: this python -m fleeced)")
     p.add_argument("--workloads", type=lambda s: s.split(","), default=None,
