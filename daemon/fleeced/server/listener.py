@@ -14,7 +14,10 @@ clients: while the connections together hold more than ``reply_budget``
 bytes, none parses new requests -- except those of attached VM disks
 (:attr:`NbdServer.guest_exports`), which never wait for others; a connection
 that keeps its bytes pinned by not reading its replies for ``stall_timeout``
-while others wait for the budget is aborted.
+while others wait for the budget is aborted.  That is the loop's path (TLS
+connections, ``--data-plane loop``); a native connection bounds its own
+replies in C (4 MiB of requests in flight and replies unread) and never
+takes from, or waits for, the daemon-wide budget.
 
 TLS (``--tls``) applies to TCP listeners, bound or inherited, and never to
 Unix sockets: a Unix-socket client is a local peer whose access the file
