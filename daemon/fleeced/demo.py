@@ -185,7 +185,7 @@ def _demo(work: str, size: int, qemu_io: str, nbdcopy: str) -> None:
 
 def _vm_demo(work: str, size: int, qemu: str, nbdcopy: str) -> None:
     """Back up a running VM's disk with ``fleeced backup-window``."""
-    from qemu.qmp.legacy import QEMUMonitorProtocol
+    from fleeced.qmp.monitor import connect_sync
 
     image = os.path.join(work, "vm-vda.img")
     backup = os.path.join(work, "vm-backup.img")
@@ -223,8 +223,7 @@ def _vm_demo(work: str, size: int, qemu: str, nbdcopy: str) -> None:
                 if asyncio.run(_query(control, "query-fleece")):
                     break
                 stop.wait(0.05)
-            mon = QEMUMonitorProtocol(writer_qmp)
-            mon.connect()
+            mon = connect_sync(writer_qmp)
             rng = random.Random(7)
             try:
                 while not stop.is_set() and len(written) < 300:
@@ -269,7 +268,7 @@ def _qcow2_vm_demo(work: str, size: int, qemu: str, nbdcopy: str) -> None:
     """Back up a running VM whose disk is qcow2: the daemon serves nothing
     at first; the attach makes the disk, and QEMU copies before write into
     the daemon while the backup runs."""
-    from qemu.qmp.legacy import QEMUMonitorProtocol
+    from fleeced.qmp.monitor import connect_sync
 
     qemu_img = _need("qemu-img", "qemu-utils")
     image = os.path.join(work, "vm2-vda.qcow2")
@@ -312,8 +311,7 @@ def _qcow2_vm_demo(work: str, size: int, qemu: str, nbdcopy: str) -> None:
             try:
                 while not stop.is_set() and not asyncio.run(_query(control, "query-fleece")):
                     stop.wait(0.05)
-                mon = QEMUMonitorProtocol(writer_qmp)
-                mon.connect()
+                mon = connect_sync(writer_qmp)
                 try:
                     for i in range(32):
                         off = (i * 37 * 65536) % (size - 65536)
@@ -333,8 +331,7 @@ def _qcow2_vm_demo(work: str, size: int, qemu: str, nbdcopy: str) -> None:
             if f.read() != at_snapshot:
                 raise CliError("qcow2 VM backup differs from the disk at snapshot time!")
         _say("verified: the backup == the qcow2 disk at snapshot time (byte for byte)")
-        mon = QEMUMonitorProtocol(writer_qmp)
-        mon.connect()
+        mon = connect_sync(writer_qmp)
         try:
             mon.cmd("quit")
         finally:

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from qemu.qmp import ExecuteError
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from fleeced.qmp.monitor import connect_sync
 from tests.conftest import requires
 
 
@@ -85,8 +85,7 @@ class Vm:
 
     def execute(self, cmd: str, **args: Any) -> Any:
         """One QMP command on the test's own socket (connect, run, close)."""
-        mon = QEMUMonitorProtocol(self.test_qmp)
-        mon.connect()
+        mon = connect_sync(self.test_qmp)
         mon.settimeout(120)
         try:
             return mon.cmd(cmd, **args)

@@ -16,7 +16,9 @@ import os
 from types import TracebackType
 from typing import Any, Final, Protocol
 
-from qemu.qmp import ExecuteError, QMPClient, QMPError
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+from qemu.qmp.qmp_client import NegotiationError
 
 from fleeced.errors import CommandError
 
@@ -28,6 +30,32 @@ CONNECT_TIMEOUT: Final = 5.0
 #: ``blockdev-reopen`` drain the device's in-flight I/O first; the daemon
 #: answers it while it waits, so this is generous, not tight.
 COMMAND_TIMEOUT: Final = 30.0
+#: Connects tried when the capabilities negotiation fails.  QEMU switches a
+#: new monitor to command mode before it sends the reply to
+#: ``qmp_capabilities``, so an event emitted meanwhile (a job's, say) can
+#: arrive first, and qemu.qmp takes that for a failed negotiation.
+NEGOTIATION_TRIES: Final = 3
+
+
+def negotiation_failed(exc: BaseException) -> bool:
+    """Whether EXC is a connect that failed in the capabilities negotiation
+    (worth another try: :data:`NEGOTIATION_TRIES` says why)."""
+    return isinstance(exc, ConnectError) and isinstance(exc.exc, NegotiationError)
+
+
+def connect_sync(path: str) -> QEMUMonitorProtocol:
+    """A connected synchronous QMP client for PATH (the demo's and the
+    tests' guest writers), tried again as :class:`Monitor` does."""
+    for tries_left in range(NEGOTIATION_TRIES - 1, -1, -1):
+        mon = QEMUMonitorProtocol(path)
+        try:
+            mon.connect()
+            return mon
+        except ConnectError as exc:
+            mon.close()
+            if not negotiation_failed(exc) or not tries_left:
+                raise
+    raise AssertionError("unreachable")
 
 
 class QmpFailed(CommandError):
@@ -112,7 +140,17 @@ class Monitor:
         # qemu.qmp logs failures at ERROR on its own; ours are reported once.
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
         try:
-            await asyncio.wait_for(self._qmp.connect(self.path), CONNECT_TIMEOUT)
+            for tries_left in range(NEGOTIATION_TRIES - 1, -1, -1):
+                try:
+                    await asyncio.wait_for(self._qmp.connect(self.path), CONNECT_TIMEOUT)
+                    break
+                except ConnectError as exc:
+                    if not negotiation_failed(exc) or not tries_left:
+                        raise
+                    log.debug("QMP %s: negotiation failed (%s), connecting again",
+                              self.path, _reason(exc))
+                    await self._disconnect()
+                    self._qmp = QMPClient("fleeced")
         except TimeoutError:
             await self._disconnect()
             raise CommandError(f"QMP socket {self.path}: no greeting within "
