@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import filecmp
 import os
 import random
@@ -268,6 +269,7 @@ def _qcow2_vm_demo(work: str, size: int, qemu: str, nbdcopy: str) -> None:
     """Back up a running VM whose disk is qcow2: the daemon serves nothing
     at first; the attach makes the disk, and QEMU copies before write into
     the daemon while the backup runs."""
+    from fleeced.qmp.attach import node_name
     from fleeced.qmp.monitor import connect_sync
 
     qemu_img = _need("qemu-img", "qemu-utils")
@@ -307,12 +309,18 @@ def _qcow2_vm_demo(work: str, size: int, qemu: str, nbdcopy: str) -> None:
         errors: list[str] = []
 
         def guest_writer() -> None:
-            # Writes start once the snapshot exists (the window's fleece start).
+            # Writes start once QEMU's copy-before-write filter is the
+            # device's drive.  The session starts with the VM paused, which
+            # stops a guest's writes, but not these: HMP qemu-io writes run
+            # in QEMU's main loop, paused or not, so a write between the
+            # session's start and the filter's would reach the backup.
             try:
-                while not stop.is_set() and not asyncio.run(_query(control, "query-fleece")):
-                    stop.wait(0.05)
                 mon = connect_sync(writer_qmp)
                 try:
+                    while not stop.is_set() and mon.cmd(
+                            "qom-get", path="/machine/peripheral/vda",
+                            property="drive") != node_name("vda"):
+                        stop.wait(0.05)
                     for i in range(32):
                         off = (i * 37 * 65536) % (size - 65536)
                         mon.cmd("human-monitor-command", **{"command-line": (
@@ -335,7 +343,10 @@ def _qcow2_vm_demo(work: str, size: int, qemu: str, nbdcopy: str) -> None:
         try:
             mon.cmd("quit")
         finally:
-            mon.close()
+            # QEMU may hang up as soon as it answered: qemu.qmp's close then
+            # meets the end of the stream.
+            with contextlib.suppress(EOFError):
+                mon.close()
         vm.wait(30)
         subprocess.run([qemu_img, "check", "-q", image], check=True)
         subprocess.run([qemu_img, "convert", "-f", "qcow2", "-O", "raw", image, final],
