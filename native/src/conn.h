@@ -33,6 +33,7 @@
 #define INLINE_WRITE_MAX (64u << 10)
 #define MAX_MESSAGE     4096u
 #define DRAIN_MS        5000          /* replies left at a close */
+#define LINGER_MS       500           /* what the client sends after the end */
 #define SNAP_NICE       19            /* queue.c's, for the same reason */
 /* READs up to CACHED_MAX are tried on the receive thread from the page
  * cache first (preadv2 RWF_NOWAIT, never blocks); their replies gather in

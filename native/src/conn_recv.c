@@ -29,7 +29,9 @@
  *
  * At the end the thread stops reading, waits for requests in flight and
  * lets their replies out (bounded by DRAIN_MS for a client that no longer
- * reads), closes the socket and signals done_fd.
+ * reads), closes the socket with a lingering close (linger(): a request
+ * racing the close must not reset the connection under replies the client
+ * has not read) and signals done_fd.
  *
  * Locks (conn.c has the table):
  *   lock       taken to read the budget and to publish `ended`;
@@ -337,6 +339,46 @@ static int parse(fl_conn *c, int more_waiting)
     }
 }
 
+/* A lingering close.  Bytes the client sends after the last look
+ * (a request racing the decision to close) would still be unread at
+ * close(2), and closing a socket with unread bytes resets the connection:
+ * the client then loses the replies it has not read yet.  So the end goes
+ * out first (SHUT_WR: the client reads every reply, then EOF), and what
+ * the client still sends is read and dropped until it closes too, or
+ * LINGER_MS passes, or an abort.  Not after the client's own EOF (it sends
+ * nothing more) or a torn stream. */
+static void linger(fl_conn *c)
+{
+    struct timespec t0, t;
+    uint8_t sink[4096];
+    int torn;
+
+    pthread_mutex_lock(&c->send_lock);
+    torn = c->torn;
+    if (!torn && !c->eof)
+        shutdown(c->fd, SHUT_WR);
+    pthread_mutex_unlock(&c->send_lock);
+    if (torn || c->eof)
+        return;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        long ms;
+        ssize_t n;
+        int aborted;
+
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        ms = (t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000;
+        get_mode(c, &aborted);
+        if (aborted || ms >= LINGER_MS)
+            return;
+        if (!(wait_fd(c, POLLIN, (int)(LINGER_MS - ms)) & (POLLIN | POLLHUP | POLLERR)))
+            continue;
+        n = recv(c->fd, sink, sizeof sink, MSG_DONTWAIT);
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
+            return;
+    }
+}
+
 void *fl__conn_recv_thread(void *arg)
 {
     fl_conn *c = arg;
@@ -428,6 +470,7 @@ void *fl__conn_recv_thread(void *arg)
             wait_fd(c, pending ? POLLOUT : 0, pending ? 100 : -1);
         }
     }
+    linger(c);
     pthread_mutex_lock(&c->send_lock);
     close(c->fd);
     c->fd = -1;

@@ -278,6 +278,43 @@ static void test_shutdown(void)
     }
 }
 
+/* A request that races the decision to close: the server has answered
+ * everything and ends the connection as the client sends one more.  The
+ * end must not reset the connection (AF_UNIX and TCP both do when a socket
+ * is closed with unread bytes), or the client loses the reply it has not
+ * read yet: it gets that reply, then EOF (or, when the request came in
+ * time, its ESHUTDOWN answer first). */
+static void test_request_racing_the_close(void)
+{
+    struct fixture x;
+    uint8_t req[28], buf[16];
+
+    start(&x, 0, NULL, 0);
+    fl_conn_shutdown(x.c, 0);
+    request(req, 1, 0, 3, 0, 0);
+    CHECK(send(x.sv[0], req, 28, MSG_NOSIGNAL) == 28);
+    usleep(50000);      /* answered, nothing more to read: the end begins */
+    request(req, 2, 0, 3, 0, 0);
+    CHECK(send(x.sv[0], req, 28, MSG_NOSIGNAL) == 28);
+    recv_all(x.sv[0], buf, 16);
+    CHECK(buf[15] == 1 && get32(buf + 4) == 108);
+    {
+        struct pollfd pf = { x.sv[0], POLLIN, 0 };
+        ssize_t n;
+
+        CHECK(poll(&pf, 1, 10000) == 1);
+        n = recv(x.sv[0], buf, 16, MSG_WAITALL);
+        if (n == 16) {
+            CHECK(buf[15] == 2 && get32(buf + 4) == 108);
+            CHECK(at_eof(x.sv[0]));
+        } else {
+            CHECK(n == 0);
+        }
+    }
+    wait_done(&x);
+    finish(&x);
+}
+
 /* A client that sends 200 READs of 1 MiB and never reads: the connection
  * stops taking requests at its budget (a few MiB held, not 200), and an
  * abort ends it with everything released. */
@@ -338,6 +375,7 @@ int main(void)
     RUN(test_structured_replies);
     RUN(test_initial_bytes_and_protocol_error);
     RUN(test_shutdown);
+    RUN(test_request_racing_the_close);
     RUN(test_client_that_never_reads);
     RUN(test_streamed_read);
     fprintf(stderr, "test_conn: OK\n");
