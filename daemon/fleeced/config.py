@@ -12,7 +12,7 @@ files and temp directory exist (so a typo fails at start, not at the first
 ``fleece-start``) and, for an unprivileged user's default control socket,
 creating its private directory exactly as ``fleeced serve`` does.
 
-Must not import asyncio machinery beyond what :mod:`fleeced.app` brings.
+Must not import asyncio machinery beyond what :mod:`fleeced.daemon` brings.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fleeced import sources, systemd
-from fleeced.app import Daemon
+from fleeced.daemon import Daemon
 from fleeced.errors import CliError, CommandError
 from fleeced.paths import (
     DEFAULT_SOCKET_MODE,
@@ -171,7 +171,7 @@ def _check_pid_file(path: str, images: list[str]) -> None:
     directory, FIFO (the open would block), socket or device is refused, and
     so is a dangling symlink (the write would create its target) and one of
     the images being served.  Disks restored from the state directory are
-    checked once they are open (:meth:`fleeced.app.Daemon.start`).
+    checked once they are open (:meth:`fleeced.core.DaemonCore.start`).
 
     :raise CliError: when PATH is unusable.
     """

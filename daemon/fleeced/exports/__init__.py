@@ -5,9 +5,9 @@ read-write view every guest write goes through (copy-before-write runs in C
 for every fleecing session of the disk).  Each :class:`Session` owns one
 native fleecing session and serves its frozen view as a :class:`SnapshotExport`.
 
-Rooms: :mod:`.base` (the export protocol, counters, contexts, the disk),
-:mod:`.active`, :mod:`.snapshot` (also the target of a copy-before-write
-that QEMU runs).
+Rooms: :mod:`.base` (the export protocol, counters, contexts), :mod:`.disk`
+(the disk), :mod:`.active`, :mod:`.snapshot` (sessions and their exports,
+also the target of a copy-before-write that QEMU runs).
 
 Every call that may block runs in the native I/O queue's workers, never on the
 event loop: reads, writes, block status, session open and
@@ -27,12 +27,12 @@ from fleeced.exports.base import (
     INLINE_READ_MAX,
     OUTSIDE_SCOPE,
     DirtyBitmap,
-    Disk,
     Export,
     ExportStats,
     allocation_depth,
     bitmap_extents,
 )
+from fleeced.exports.disk import Disk
 from fleeced.exports.snapshot import CbwTargetExport, Session, SnapshotExport, default_temp_dir
 from fleeced.ioqueue import ReadResult, ReplySocket, ReplyTorn, open_reply_socket
 from fleeced.settings import SessionOptions, image_export_name

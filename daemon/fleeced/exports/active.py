@@ -11,12 +11,12 @@ from fleeced.exports.base import (
     INLINE_READ_MAX,
     RUN_WRITE_MAX,
     DirtyBitmap,
-    Disk,
     ExportBase,
     ExportStats,
     ReadRun,
     WriteRun,
 )
+from fleeced.exports.disk import Disk
 from fleeced.ioqueue import IoQueue, ReadResult, ReplySocket
 from fleeced.nbd import ExportInfo, RunRule
 

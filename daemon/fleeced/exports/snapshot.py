@@ -14,7 +14,7 @@ from fleeced.datapath import (
     SessionParams,
     SessionStats,
 )
-from fleeced.exports.base import OUTSIDE_SCOPE, DirtyBitmap, Disk, ExportBase, ExportStats
+from fleeced.exports.base import OUTSIDE_SCOPE, DirtyBitmap, DiskView, ExportBase, ExportStats
 from fleeced.ioqueue import IoQueue, ReadResult, ReplySocket
 from fleeced.nbd import ExportInfo
 from fleeced.settings import SessionOptions
@@ -23,7 +23,7 @@ from fleeced.settings import SessionOptions
 class Session:
     """A fleecing session: a native CBW session plus its snapshot export."""
 
-    def __init__(self, disk: Disk, options: SessionOptions, native: NativeSession,
+    def __init__(self, disk: DiskView, options: SessionOptions, native: NativeSession,
                  temp_dir: str, io: IoQueue) -> None:
         """Wrap a started native session; use :meth:`start`."""
         self.disk = disk
@@ -42,7 +42,7 @@ class Session:
         self.broken_reported = False
 
     @classmethod
-    async def start(cls, disk: Disk, options: SessionOptions, io: IoQueue, *,
+    async def start(cls, disk: DiskView, options: SessionOptions, io: IoQueue, *,
                     checkpoint_since: datapath.NativeBitmap | None = None,
                     checkpoint_new: datapath.NativeBitmap | None = None) -> Session:
         """Start a session in a queue worker; the snapshot is the disk as of then.
