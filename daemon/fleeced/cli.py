@@ -18,6 +18,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from fleeced import __version__
+from fleeced.daemon_config import session_option_args as _session_option_args
 from fleeced.errors import CliError
 from fleeced.paths import (
     check_private_dir,
@@ -27,7 +28,6 @@ from fleeced.paths import (
     group_id,
     parse_mode,
 )
-from fleeced.settings import session_option_args as _session_option_args
 from fleeced.sources import FORMATS
 
 __all__ = ["CliError", "check_private_dir", "default_control", "default_control_path",
@@ -51,7 +51,7 @@ def _size(text: str) -> int:
 
 def _cache(text: str) -> int | str:
     """``--cache``: a cache mode of the sources, or the CBW cache's size."""
-    from fleeced.settings import CACHE_MODES
+    from fleeced.daemon_config import CACHE_MODES
 
     if text in CACHE_MODES:
         return text
@@ -454,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args)
     try:
         if args.command == "serve":
-            from fleeced.serve import serve
+            from fleeced.cli_serve import serve
 
             return serve(args)
         if args.command == "demo":

@@ -20,10 +20,11 @@ import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fleeced import bitmaps as bmap
+from fleeced import bitmap_store as bmap
 from fleeced import sources, systemd
 from fleeced.control.args import check_keys, get
 from fleeced.control.server import ControlServer
+from fleeced.daemon_config import CACHE_MODES, DaemonConfig, DiskSpec
 from fleeced.datapath import NativeFile
 from fleeced.errors import CommandError
 from fleeced.exports import (
@@ -36,8 +37,7 @@ from fleeced.exports import (
 from fleeced.ioqueue import DEFAULT_THREADS, IoQueue
 from fleeced.qmp import attach as vm
 from fleeced.qmp.monitor import open_monitor, vm_alive
-from fleeced.settings import CACHE_MODES, DaemonConfig, DiskSpec
-from fleeced.state import StateDir, StateError
+from fleeced.state_dir import StateDir, StateError
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from fleeced.cli import EXIT_FAILURE, EXIT_OK
 from fleeced.control.client import ConnectionLost, ControlClient
+from fleeced.daemon_config import session_option_args as _session_option_args
 from fleeced.errors import CliError
-from fleeced.settings import session_option_args as _session_option_args
 
 
 async def vm_command(client: ControlClient, args: argparse.Namespace) -> int:

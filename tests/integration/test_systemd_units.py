@@ -62,7 +62,7 @@ def test_service_runs_the_config_file_with_a_watchdog() -> None:
     assert d["ExecStart"] == [
         "/usr/local/bin/fleeced serve --config /etc/fleeced/fleeced.toml --log-level info"]
     assert d["NotifyAccess"] == ["main"]
-    # The loop sends WATCHDOG=1 every WatchdogSec/2 (app.py _watchdog).
+    # The loop sends WATCHDOG=1 every WatchdogSec/2 (core.py DaemonCore._watchdog).
     assert d["WatchdogSec"] == ["30s"]
     assert d["Restart"] == ["on-failure"] and "RestartSec" in d
     assert d["StateDirectory"] == ["fleeced"]

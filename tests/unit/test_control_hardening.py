@@ -17,10 +17,10 @@ from fleeced.cli import (
     ensure_private_dir,
     parse_args,
 )
+from fleeced.cli_serve import build_config
 from fleeced.control.args import MAX_SIZE, get, get_size, parse_size
 from fleeced.control.framing import MAX_DEPTH, nesting_depth
 from fleeced.control.server import CommandError
-from fleeced.serve import build_config
 
 # -- sizes and numbers -----------------------------------------------------------------
 

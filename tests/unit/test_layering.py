@@ -12,11 +12,12 @@ import pytest
 ALONE = {
     "fleeced.errors": set(),
     "fleeced.paths": {"fleeced.errors"},
-    "fleeced.settings": {"fleeced.errors", "fleeced.paths", "fleeced.control",
-                         "fleeced.control.args", "fleeced.tls"},
+    "fleeced.daemon_config": {"fleeced.errors", "fleeced.paths", "fleeced.control",
+                              "fleeced.control.args", "fleeced.tls"},
     "fleeced.sources": set(),
-    "fleeced.config": {"fleeced.errors", "fleeced.paths", "fleeced.settings", "fleeced.sources",
-                       "fleeced.control", "fleeced.control.args", "fleeced.tls"},
+    "fleeced.config_file": {"fleeced.errors", "fleeced.paths", "fleeced.daemon_config",
+                            "fleeced.sources", "fleeced.control", "fleeced.control.args",
+                            "fleeced.tls"},
 }
 
 

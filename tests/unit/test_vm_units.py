@@ -11,7 +11,7 @@ import pytest
 
 from fleeced.cli import parse_args
 from fleeced.qmp.attach import Attachment, node_name, qom_path
-from fleeced.state import State, StateDir, StateError
+from fleeced.state_dir import State, StateDir, StateError
 
 
 @pytest.mark.parametrize(("disk", "expected"), [

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
-from fleeced import bitmaps as bmap
+from fleeced import bitmap_store as bmap
 from fleeced.control.args import check_keys, get, get_size
 from fleeced.core import DaemonCore
 from fleeced.errors import CommandError

@@ -9,9 +9,9 @@ from typing import Any
 from fleeced import sources
 from fleeced.control.args import check_keys, get
 from fleeced.core import DaemonCore
+from fleeced.daemon_config import CACHE_MODES, DiskSpec
 from fleeced.errors import CommandError
 from fleeced.exports import Disk
-from fleeced.settings import CACHE_MODES, DiskSpec
 
 log = logging.getLogger(__name__)
 

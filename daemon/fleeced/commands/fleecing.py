@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fleeced import bitmaps as bmap
+from fleeced import bitmap_store as bmap
 from fleeced.commands.bitmaps import BitmapCommands
 from fleeced.control.args import check_keys, get
+from fleeced.daemon_config import session_options_from_args
 from fleeced.errors import CommandError
 from fleeced.exports import CbwTargetExport, Disk, Session, SessionOptions
 from fleeced.qmp import attach as vm
 from fleeced.qmp.monitor import open_monitor
-from fleeced.settings import session_options_from_args
 
 #: The cluster size of QEMU 7.2's copy-before-write into an NBD target (the
 #: target cannot tell it one; block-copy's default).

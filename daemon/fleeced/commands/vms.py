@@ -10,11 +10,12 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fleeced import bitmaps as bmap
+from fleeced import bitmap_store as bmap
 from fleeced import sources
 from fleeced.commands.fleecing import CBW_CLUSTER, FleeceCommands
 from fleeced.control.args import check_keys, get
 from fleeced.core import _identity, _vm_unreachable
+from fleeced.daemon_config import session_options_from_args
 from fleeced.datapath import NativeFile
 from fleeced.errors import CommandError
 from fleeced.exports import Disk
@@ -22,7 +23,6 @@ from fleeced.qmp import attach as vm
 from fleeced.qmp import handoff, libvirt
 from fleeced.qmp.agent import GuestAgent
 from fleeced.qmp.monitor import VmMonitor, open_monitor
-from fleeced.settings import session_options_from_args
 
 log = logging.getLogger(__name__)
 

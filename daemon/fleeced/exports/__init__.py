@@ -19,6 +19,7 @@ the server sees (:class:`Export`, :class:`ReadResult`, :class:`ReplySocket`,
 :mod:`fleeced.server` never imports the data path or the queue.
 """
 
+from fleeced.daemon_config import SessionOptions, image_export_name
 from fleeced.exports.active import ActiveExport
 from fleeced.exports.base import (
     ALLOCATION_DEPTH,
@@ -35,7 +36,6 @@ from fleeced.exports.base import (
 from fleeced.exports.disk import Disk
 from fleeced.exports.snapshot import CbwTargetExport, Session, SnapshotExport, default_temp_dir
 from fleeced.ioqueue import ReadResult, ReplySocket, ReplyTorn, open_reply_socket
-from fleeced.settings import SessionOptions, image_export_name
 
 __all__ = [
     "ALLOCATION_DEPTH", "BASE_ALLOCATION", "DIRTY_BITMAP", "INLINE_READ_MAX",

@@ -166,7 +166,7 @@ class Export(Protocol):
 
 
 class DirtyBitmap(Protocol):
-    """What an export needs from a dirty bitmap (see :mod:`fleeced.bitmaps`)."""
+    """What an export needs from a dirty bitmap (see :mod:`fleeced.bitmap_store`)."""
 
     def extents(self, offset: int, length: int) -> list[tuple[int, bool]]: ...
 

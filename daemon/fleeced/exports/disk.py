@@ -36,7 +36,7 @@ class Disk:
     discard: str = "ignore"
     description: str = ""
     sessions: dict[str, Session] = field(default_factory=dict)
-    #: Named dirty bitmaps (fleeced.bitmaps.Bitmap), served on the active
+    #: Named dirty bitmaps (fleeced.bitmap_store.Bitmap), served on the active
     #: export as ``qemu:dirty-bitmap:NAME``.
     bitmaps: dict[str, DirtyBitmap] = field(default_factory=dict)
     source: Source | None = None

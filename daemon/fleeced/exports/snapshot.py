@@ -7,6 +7,7 @@ import errno
 import os
 
 from fleeced import datapath
+from fleeced.daemon_config import SessionOptions
 from fleeced.datapath import (
     ConnRule,
     NativeConn,
@@ -17,7 +18,6 @@ from fleeced.datapath import (
 from fleeced.exports.base import OUTSIDE_SCOPE, DirtyBitmap, DiskView, ExportBase, ExportStats
 from fleeced.ioqueue import IoQueue, ReadResult, ReplySocket
 from fleeced.nbd import ExportInfo
-from fleeced.settings import SessionOptions
 
 
 class Session:

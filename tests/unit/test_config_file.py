@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from fleeced.cli import CliError
-from fleeced.config import load_config
+from fleeced.config_file import load_config
+from fleeced.daemon_config import DiskSpec, Listener
 from fleeced.paths import default_state_dir
-from fleeced.settings import DiskSpec, Listener
 from fleeced.tls import TlsConfig
 
 
@@ -324,7 +324,7 @@ def test_the_shipped_example_loads(tmp_path: Path) -> None:
 
 
 def test_the_example_documents_every_key() -> None:
-    from fleeced import config
+    from fleeced import config_file as config
 
     text = EXAMPLE.read_text()
     keys = (config._TOP_KEYS | config._LISTEN_KEYS | config._TLS_KEYS | config._SESSION_KEYS

@@ -17,20 +17,20 @@ from typing import Any
 
 from fleeced import sources, systemd
 from fleeced.daemon import Daemon
-from fleeced.errors import CliError, CommandError
-from fleeced.paths import (
-    DEFAULT_SOCKET_MODE,
-    default_control,
-    default_state_dir,
-    ensure_private_dir,
-)
-from fleeced.settings import (
+from fleeced.daemon_config import (
     DaemonConfig,
     DiskSpec,
     Listener,
     SessionOptions,
     session_option_args,
     session_options_from_args,
+)
+from fleeced.errors import CliError, CommandError
+from fleeced.paths import (
+    DEFAULT_SOCKET_MODE,
+    default_control,
+    default_state_dir,
+    ensure_private_dir,
 )
 from fleeced.tls import TlsConfig
 
@@ -54,7 +54,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         but a regular file.
     """
     if args.config is not None:
-        from fleeced.config import load_config
+        from fleeced.config_file import load_config
 
         config = load_config(args.config)
         if args.pid_file:

@@ -551,7 +551,7 @@ def test_mark_clean_races_writers_and_close(nfile: NativeFile, tmp_path: Path) -
 def test_cluster_limits_agree_with_the_configuration() -> None:
     """The cluster-size limits are C's (fleeced.h); the configuration layer
     keeps a copy so it needs no data path: they must agree."""
-    from fleeced import datapath, settings
+    from fleeced import daemon_config, datapath
 
-    assert (settings.CLUSTER_MIN, settings.CLUSTER_MAX) == (datapath.CLUSTER_MIN,
-                                                            datapath.CLUSTER_MAX)
+    assert (daemon_config.CLUSTER_MIN, daemon_config.CLUSTER_MAX) == (datapath.CLUSTER_MIN,
+                                                                      datapath.CLUSTER_MAX)

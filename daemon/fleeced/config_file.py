@@ -25,6 +25,13 @@ import tomllib
 from typing import Any, Final
 
 from fleeced.control.args import parse_size
+from fleeced.daemon_config import (
+    CACHE_MODES,
+    DaemonConfig,
+    DiskSpec,
+    Listener,
+    session_options_from_args,
+)
 from fleeced.errors import CliError, CommandError
 from fleeced.paths import (
     DEFAULT_SOCKET_MODE,
@@ -33,13 +40,6 @@ from fleeced.paths import (
     ensure_private_dir,
     group_id,
     parse_mode,
-)
-from fleeced.settings import (
-    CACHE_MODES,
-    DaemonConfig,
-    DiskSpec,
-    Listener,
-    session_options_from_args,
 )
 from fleeced.sources import FORMATS, SourceError
 from fleeced.sources import parse as parse_source

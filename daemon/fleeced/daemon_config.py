@@ -18,7 +18,7 @@ from fleeced.paths import DEFAULT_SOCKET_MODE
 from fleeced.tls import TlsConfig
 
 #: Session cluster size limits; fleeced.h's FL_CLUSTER_MIN/MAX say the same
-#: (tests/native checks), kept here so configuration needs no data path.
+#: (tests/datapath checks), kept here so configuration needs no data path.
 CLUSTER_MIN: Final = 4096
 CLUSTER_MAX: Final = 16 << 20
 #: Longest cbw-timeout, seconds (0: no limit).  A guest write that waits
