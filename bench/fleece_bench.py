@@ -53,8 +53,9 @@ RATE_IOPS = 2000
 
 
 def qsd_command(src: Path, tmp: Path, sock: Path, fmt: str = "raw") -> list[str]:
-    """The QEMU 7.2 fleecing stack as given in the brief (verified to work as
-    is); for a qcow2 source, a qcow2 node over the file."""
+    """QEMU 7.2's own fleecing stack (copy-before-write under snapshot-access,
+    the baseline fleeced is measured against); for a qcow2 source, a qcow2
+    node over the file."""
     if fmt == "qcow2":
         source = ["--blockdev", f"driver=file,node-name=srcf,filename={src},discard=unmap",
                   "--blockdev", "driver=qcow2,node-name=src,file=srcf,discard=unmap"]

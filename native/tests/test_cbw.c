@@ -916,7 +916,7 @@ static void test_frozen_reads(void)
     frozen_reads(1);
 }
 
-/* Issue 9: a guest write never waits for a snapshot read of the same
+/* A guest write never waits for a snapshot read of the same
  * clusters (with the backup's workers at a low priority that wait was a
  * priority inversion).  The read is held for 2 s after its source read;
  * the write must finish meanwhile, and the read must notice it and

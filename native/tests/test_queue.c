@@ -298,7 +298,7 @@ static void reap_order(fl_queue *q, uint64_t *order, int32_t *rc_by_id,
     }
 }
 
-/* Issue 6.4: idle workers that saw the snapshot class at its cap must be
+/* Idle workers that saw the snapshot class at its cap must be
  * woken again when the cap frees and when the queue closes.  With slow
  * snapshot reads, 4 workers (cap 3) and more reads than the cap, close
  * hung for ever in pthread_join.  alarm() turns a hang into a failure. */
@@ -337,7 +337,7 @@ static void test_close_after_cap(void)
     unlink(path);
 }
 
-/* Issue 6.4: a snapshot op queued behind slow guest ops is taken by an
+/* A snapshot op queued behind slow guest ops is taken by an
  * idle worker at once (it waited 2.9 s with 6 idle workers when enqueue
  * assumed a busy worker would take it): it completes before them. */
 static void test_no_wait_behind_busy(void)
@@ -371,7 +371,7 @@ static void test_no_wait_behind_busy(void)
     unlink(path);
 }
 
-/* Issue 6.2: the owner closes the session, the file and the socket while
+/* The owner closes the session, the file and the socket while
  * operations on them are queued and running.  They must keep the objects
  * alive (ASan reports any use after free) and fail -ESHUTDOWN when they
  * start after the close; the last reference frees everything (ASan's leak
@@ -495,7 +495,7 @@ static void test_closed_file_ops(void)
     unlink(path);
 }
 
-/* Issue 9: snapshot ops run in a pool of their own at nice 19, so a
+/* Snapshot ops run in a pool of their own at nice 19, so a
  * backup loses every CPU contention with guest writes; the guest pool
  * keeps the caller's priority.  Counts this process's threads by nice. */
 static unsigned threads_at_nice(long nice)

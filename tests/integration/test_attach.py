@@ -557,7 +557,7 @@ def test_backup_window_cleans_up_after_a_daemon_restart(
 
 def test_backup_window_backs_up_while_the_guest_writes(
         tmp_path: Path, start_daemon: Callable[..., Daemon], vms: Callable[..., Vm]) -> None:
-    """The issue's "done when": a real QEMU's disk attached, snapshotted, copied
+    """The hypervisor backup end to end: a real QEMU's disk attached, snapshotted, copied
     with nbdcopy while guest writes keep coming, and detached, all from the
     CLI; the backup equals the disk at snapshot time and the image equals the
     model of every write."""

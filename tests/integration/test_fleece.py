@@ -393,7 +393,7 @@ except nbd.Error as e:
 
 def test_snapshot_reply_still_in_the_socket_keeps_the_old_data(start_daemon, fleece_image,
                                                               tmp_path: Path) -> None:
-    """Issue 9: a snapshot READ reply the client has not read yet must not
+    """A snapshot READ reply the client has not read yet must not
     change when the guest overwrites the range afterwards.  Replies of the
     active export go out with sendfile(2), which queues references to
     page-cache pages, not copies (a later write to the file changes what
@@ -434,7 +434,7 @@ sys.stdout.buffer.write(buf.to_bytearray())
 @pytest.mark.parametrize("export", ["disk", "disk@fleece"])
 def test_pipelined_big_reads_to_a_client_that_reads_late(start_daemon, tmp_path: Path,
                                                         export: str) -> None:
-    """Issue 9: 48 READs of 1 MiB, all sent before the client reads a byte,
+    """48 READs of 1 MiB, all sent before the client reads a byte,
     fill the socket many times over.  Replies that cannot go out wait unread
     (a worker that finds the socket stalled hands its read back) and go to
     workers as the client drains.  Every reply must arrive whole and right;
@@ -466,7 +466,7 @@ for b in bufs:
 
 
 def test_pipelined_small_writes_under_fleecing(start_daemon, tmp_path: Path) -> None:
-    """Issue 9: WRITEs sent back to back are taken in runs (checked in C on
+    """WRITEs sent back to back are taken in runs (checked in C on
     the loop, written by one worker each run).  About 340 of them, 4 KiB
     and 64 KiB, some FUA, pairs in the same cluster, none overlapping, all
     sent before the client waits for any: every one lands on the image, the
