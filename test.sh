@@ -5,6 +5,7 @@
 #        libnbd-dev (the C data path's NBD upstream), Ceph for the RBD tests,
 #        libvirtd for the libvirt tests
 #   pip: the package itself (builds the C data path) and its test extras
+#   .ci/deb-package installs the Debian packaging tools it needs itself
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -31,6 +32,12 @@ make -s -C native asan
 echo "== lint"
 "$VENV/bin/ruff" check daemon tests bench
 "$VENV/bin/mypy" --strict daemon/fleeced
+"$VENV/bin/ruff" check debian/manpages.py .ci/deb-smoke
+"$VENV/bin/mypy" --strict debian/manpages.py .ci/deb-smoke
+
+echo "== Debian package (build, lintian, apt-get install, smoke test of the installed files, purge)"
+# Purged again at the end: the tests below use the virtualenv only.
+.ci/deb-package
 
 echo "== daemon under ASan+UBSan (lifetimes: vanishing clients, fleece-stop, SIGTERM, VM attach, kill -9 + restart)"
 # A second venv whose C module is built with sanitizers; only the daemon

@@ -30,8 +30,8 @@ from fleeced.paths import (
 )
 from fleeced.sources import FORMATS
 
-__all__ = ["CliError", "check_private_dir", "default_control", "default_control_path",
-           "ensure_private_dir", "main", "parse_args"]
+__all__ = ["CliError", "build_parser", "check_private_dir", "default_control",
+           "default_control_path", "ensure_private_dir", "main", "parse_args"]
 
 log = logging.getLogger("fleeced")
 
@@ -95,7 +95,8 @@ def _session_options(p: argparse.ArgumentParser) -> None:
                    help="copy-before-write timeout (default 45)")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole argparse tree (also what the man pages are generated from)."""
     parser = argparse.ArgumentParser(
         prog="fleeced", description="NBD server with fleecing (copy-before-write) snapshots."
     )
@@ -313,7 +314,7 @@ def _control_option(p: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse and cross-check arguments; usage errors exit 2 via ``parser.error``."""
-    parser = _parser()
+    parser = build_parser()
     words = list(sys.argv[1:] if argv is None else argv)
     command: list[str] = []
     if "backup-window" in words and "--" in words[words.index("backup-window"):]:

@@ -231,8 +231,14 @@ def _loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency
         return asyncio.run
-    runner: Callable[[Coroutine[Any, Any, int]], int] = uvloop.run
-    return runner
+
+    def run(main: Coroutine[Any, Any, int]) -> int:
+        # What uvloop.run does on Python 3.11+, spelled out: uvloop.run came
+        # in uvloop 0.18 and Debian 12 ships 0.17.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+
+    return run
 
 
 async def _amain(config: DaemonConfig, ready_fd: int | None) -> int:
