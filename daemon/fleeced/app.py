@@ -20,7 +20,7 @@ from dataclasses import asdict
 from typing import Any
 
 from fleeced import bitmaps as bmap
-from fleeced import datapath, sources, systemd
+from fleeced import datapath, progress, sources, systemd
 from fleeced.control.args import check_keys, get, get_size
 from fleeced.control.server import ControlServer
 from fleeced.datapath import NativeFile
@@ -610,9 +610,11 @@ class Daemon:
         C writes its eventfd at the break, no polling."""
         fd = session.native.event_fd
         asyncio.get_running_loop().add_reader(fd, self._session_broke, disk, session, fd)
+        progress.watch(self._emit, disk.name, session)
 
     def _unwatch(self, session: Session) -> None:
         """Stop watching before the native session may be freed (its fd with it)."""
+        progress.unwatch(session)
         if not session.broken_reported:
             asyncio.get_running_loop().remove_reader(session.native.event_fd)
 
@@ -880,6 +882,8 @@ class Daemon:
                     },
                     "temp-dir": session.temp_dir,
                 }
+                read, total = session.progress()
+                info["progress"] = {"read": read, "total": total}
                 if st.broken:
                     info["error"] = os.strerror(st.broken_errno or errno.EIO)
                 out.append(info)
