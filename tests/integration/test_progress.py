@@ -160,8 +160,9 @@ def test_progress_events_at_a_bounded_rate(
     # At most one a second, the one at 100% excepted (the clocks differ
     # by the emit's own microseconds: allow 50 ms).
     assert all(g >= 0.95 for g in gaps[:-1]), gaps
-    # 3 s of reading: between 2 and 6 events, not one per cluster read.
-    assert 3 <= len(events) <= 7, reads
+    # One at the start, one a second at most, one at 100%: not one per
+    # cluster read (17 reads), however slowly the machine ran the reader.
+    assert 3 <= len(events) <= stamps[-1] - stamps[0] + 2, (reads, gaps)
     assert progress(d) == {"read": SIZE, "total": SIZE}
 
 
