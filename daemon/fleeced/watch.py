@@ -19,10 +19,8 @@ from typing import Any, Final, TextIO
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    DownloadColumn,
     Progress,
     TaskID,
-    TaskProgressColumn,
     TextColumn,
 )
 
@@ -90,9 +88,10 @@ class _Bars:
 
     def __init__(self, out: TextIO) -> None:
         # Refreshed by hand on each change: no refresh thread beside the loop.
+        # The figures are the plain lines' own (an empty scope is 100%).
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-            DownloadColumn(binary_units=True), TextColumn("{task.fields[state]}"),
+            TextColumn("{task.description}"), BarColumn(),
+            TextColumn("{task.fields[figures]}"), TextColumn("{task.fields[state]}"),
             console=Console(file=out), auto_refresh=False,
             redirect_stdout=False, redirect_stderr=False)
         self._tasks: dict[tuple[str, str], TaskID] = {}
@@ -100,12 +99,16 @@ class _Bars:
 
     def show(self, key: tuple[str, str], s: _Shown) -> None:
         state = "" if s.state == "active" else s.state
+        figures = progress_text(s.read, s.total)
+        done, total = (s.read, s.total) if s.total > 0 else (1, 1)
         task = self._tasks.get(key)
         if task is None:
             self._tasks[key] = self._progress.add_task(
-                f"{key[0]}/{key[1]}", total=s.total, completed=s.read, state=state)
+                f"{key[0]}/{key[1]}", total=total, completed=done, state=state,
+                figures=figures)
         else:
-            self._progress.update(task, total=s.total, completed=s.read, state=state)
+            self._progress.update(task, total=total, completed=done, state=state,
+                                  figures=figures)
         self._progress.refresh()
 
     def gone(self, key: tuple[str, str]) -> None:

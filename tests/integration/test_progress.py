@@ -286,7 +286,7 @@ def test_watch_on_a_tty_draws_bars(tmp_path: Path, image: Path,
 
         read_until(b"disk/fleece")
         run(requires("nbdcopy"), d.url("disk@fleece"), str(tmp_path / "backup.img"))
-        read_until(b"100%")
+        read_until(b"100.0% (1.0 MiB of 1.0 MiB)")
         qmp(d, "fleece-stop", {"disk": "disk"})
         read_until(b"stopped")
         assert proc.wait(30) == 0
