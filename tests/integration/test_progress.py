@@ -297,3 +297,33 @@ def test_watch_on_a_tty_draws_bars(tmp_path: Path, image: Path,
         os.close(master)
     assert "━" in screen.decode(errors="replace")     # a bar was drawn
     assert proc.stderr is not None and proc.stderr.read() == b""
+
+
+@pytest.mark.parametrize("plane", PLANES)
+def test_the_last_count_goes_out_before_the_stop(
+        image: Path, start_daemon: Callable[..., Daemon], plane: str) -> None:
+    """A read just before fleece-stop is not lost to the rate limit: a
+    FLEECE_PROGRESS with it comes before FLEECE_STOPPED."""
+    d = start_daemon(str(image), "--data-plane", plane)
+
+    async def go() -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = []
+        async with ControlClient.connect_to(d.control) as client:
+            with client.listen("FLEECE_PROGRESS", "FLEECE_STOPPED") as listener:
+                await client.execute("fleece-start", {"disk": "disk"})
+                proc = await asyncio.create_subprocess_exec(
+                    requires("qemu-io"), "-r", "-f", "raw", "-c", "read 0 1",
+                    d.url("disk@fleece"))
+                assert await proc.wait() == 0
+                await client.execute("fleece-stop", {"disk": "disk"})
+                async with asyncio.timeout(30):
+                    while not got or got[-1]["event"] != "FLEECE_STOPPED":
+                        ev = await client.next_event(listener, 30)
+                        if ev is not None:
+                            got.append(ev)
+        return got
+
+    events = asyncio.run(go())
+    assert [e["event"] for e in events][-1] == "FLEECE_STOPPED"
+    assert events[-2]["event"] == "FLEECE_PROGRESS"
+    assert events[-2]["data"]["read"] == CS and events[-2]["data"]["total"] == SIZE
