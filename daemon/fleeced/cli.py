@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     _control_option(fst)
     fl = fsub.add_parser("list", help="list fleecing sessions")
     fl.add_argument("--json", action="store_true")
+    fl.add_argument("--watch", action="store_true",
+                    help="show each session's backup progress live until none is left")
     _control_option(fl)
 
     a = sub.add_parser("attach", help="redirect a running VM's disk through the daemon")
@@ -392,6 +394,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error("--fleece needs a writable image (drop --read-only)")
     if args.command == "fleece" and args.fleece_command is None:
         parser.error("fleece needs an action: start, stop or list")
+    if args.command == "fleece" and getattr(args, "watch", False) and args.json:
+        parser.error("--watch shows progress bars or lines, not JSON (use --json alone)")
     if args.command == "bitmap" and args.bitmap_command is None:
         parser.error("bitmap needs an action: add, remove, clear, enable, disable, merge "
                      "or list")
@@ -519,6 +523,10 @@ async def _client_command(args: argparse.Namespace, path: str) -> int:
             await client.execute("fleece-stop", {"disk": args.disk, "name": args.name})
             print(f"session {args.name} on {args.disk} stopped")
             return EXIT_OK
+        if args.watch:
+            from fleeced.watch import watch_sessions
+
+            return await watch_sessions(client)
         sessions = await client.execute("query-fleece", {})
         if args.json:
             print(json.dumps(sessions, indent=2))
@@ -565,17 +573,20 @@ def _print_sessions(sessions: list[dict[str, Any]]) -> None:
     if not sessions:
         print("no fleecing sessions")
         return
+    from fleeced.watch import progress_text
+
     print(f"{'DISK':<12} {'NAME':<10} {'STATE':<7} {'EXPORT':<24} {'COPIED':>8} "
-          f"{'NEEDED':>8} {'TEMP':>10} {'CACHE':>10}")
+          f"{'NEEDED':>8} {'TEMP':>10} {'CACHE':>10}  READ")
     for s in sessions:
         if "clusters" not in s:  # lost in a daemon restart: no counters left
             print(f"{s['disk']:<12} {s['name']:<10} {s['state']:<7} {s['export']:<24} "
-                  f"{'-':>8} {'-':>8} {'-':>10} {'-':>10}")
+                  f"{'-':>8} {'-':>8} {'-':>10} {'-':>10}  -")
         else:
             c = s["clusters"]
+            p = s["progress"]
             print(f"{s['disk']:<12} {s['name']:<10} {s['state']:<7} {s['export']:<24} "
                   f"{c['copied']:>8} {c['needed']:>8} {_human(s['temp-bytes']):>10} "
-                  f"{_human(s['cache-bytes']):>10}")
+                  f"{_human(s['cache-bytes']):>10}  {progress_text(p['read'], p['total'])}")
         if s.get("error"):
             print(f"  error: {s['error']}")
 

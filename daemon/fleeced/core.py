@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fleeced import bitmap_store as bmap
-from fleeced import sources, systemd
+from fleeced import progress, sources, systemd
 from fleeced.control.args import check_keys, get
 from fleeced.control.server import ControlServer
 from fleeced.daemon_config import CACHE_MODES, DaemonConfig, DiskSpec
@@ -603,9 +603,11 @@ class DaemonCore:
         C writes its eventfd at the break, no polling."""
         fd = session.native.event_fd
         asyncio.get_running_loop().add_reader(fd, self._session_broke, disk, session, fd)
+        progress.watch(self._emit, disk.name, session)
 
     def _unwatch(self, session: Session) -> None:
         """Stop watching before the native session may be freed (its fd with it)."""
+        progress.unwatch(session)
         if not session.broken_reported:
             asyncio.get_running_loop().remove_reader(session.native.event_fd)
 

@@ -864,6 +864,23 @@ class NativeSession(_Handle):
             broken_errno=int(st.broken_errno),
         )
 
+    def progress(self) -> tuple[int, int]:
+        """Backup progress: ``(read_bytes, total_bytes)``.
+
+        ``read_bytes`` counts the clusters a successful snapshot read touched at
+        least once (a whole cluster when any byte of it was read; the disk's
+        short tail cluster its own bytes); ``total_bytes`` is the scope at the
+        snapshot point (the disk, or the ``scope``/``checkpoint_since``
+        clusters).  Block status and discard count nothing.  Lock-free in C:
+        safe on the event loop.
+
+        :raise OSError: ``EBADF`` closed.
+        """
+        read = ffi.new("uint64_t *")
+        total = ffi.new("uint64_t *")
+        _check(lib.fl_session_progress(self._handle(), read, total))
+        return int(read[0]), int(total[0])
+
     def cluster_state(self, off: int) -> int:
         """State (``NOT_NEEDED``/``NEEDED``/``COPYING``/``COPIED``/``ZERO``) of the cluster at OFF.
 

@@ -371,6 +371,15 @@ int fl_session_extents(fl_session *s, uint64_t off, uint64_t len,
                        uint64_t *lens, uint32_t *flags, size_t max,
                        size_t *n);
 int fl_session_stats(fl_session *s, struct fl_session_stats *out);
+/* Backup progress: *READ_BYTES = bytes of the clusters that a successful
+ * fl_session_read touched at least once (a cluster counts whole when any
+ * of its bytes was read; the disk's tail cluster counts its own bytes),
+ * *TOTAL_BYTES = bytes of the clusters in the scope at the snapshot point
+ * (the disk, or the --bitmap / checkpoint_since scope; discards do not
+ * shrink it).  Block status and discard count nothing.  Lock-free, never
+ * blocks: safe on an event-loop thread. */
+int fl_session_progress(const fl_session *s, uint64_t *read_bytes,
+                        uint64_t *total_bytes);
 /* An eventfd (non-blocking, close-on-exec) that becomes readable once,
  * when the session breaks (CBW failed under FL_BREAK_SNAPSHOT): the
  * daemon's event loop watches it instead of polling the stats.  Owned by

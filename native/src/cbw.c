@@ -98,6 +98,9 @@
  * waits while owning a COPYING claim; snapshot readers wait only for
  * COPYING claims and hold nothing anyone waits for, so waits cannot form
  * a cycle, and no guest write ever waits for a snapshot read.
+ * Outside the mutex: `read_bits` (atomic fetch-or per word) and
+ * `read_bytes` (atomic add; relaxed: a counter, it orders nothing);
+ * `total_bytes` is immutable after open.
  *
  * Storage: cluster C of the temp file lives at C * cluster_size (a sparse
  * unlinked file sized like the disk; O_TMPFILE, else mkostemp + unlink, so
@@ -151,6 +154,20 @@
  * (its last drop may sync a persistent file).  The session holds the
  * only reference on the frozen bitmap besides fl_session_frozen_bitmap
  * takers; it never changes after the open.
+ *
+ * Progress (fl_session_progress): one bit per cluster, set when a
+ * successful snapshot read touched any byte of the cluster (a client that
+ * reads in pieces smaller than a cluster, or whose last request ends in a
+ * short tail cluster, still reaches 100%; a failed read marks nothing;
+ * block status and discard mark nothing).  Only clusters in the scope at
+ * the snapshot point can be read (NOT_NEEDED is final), so the count never
+ * exceeds total_bytes, the scope's bytes fixed at open (the whole disk, or
+ * the clusters of the --bitmap scope or of checkpoint_since's dirty runs).
+ * The bits and read_bytes live outside the mutex: a reader sets its bits
+ * with an atomic fetch-or (skipped when they are set already, so a re-read
+ * costs a load) and adds the bytes of the bits it was first to set, so
+ * every cluster is counted exactly once without a lock on the read path.
+ * They are freed with the session's last reference, like the state map.
  *
  * Known race, by design: a snapshot read concurrent with a discard of the
  * same range may return zeros for it (the client asked for both at once).
@@ -207,7 +224,14 @@ struct fl_session {
     fl_bitmap *frozen_bm;      /* checkpoint_since's bits, or NULL */
     unsigned n_copiers;        /* 0: copies run inline (no timeout) */
 
+    uint64_t total_bytes;      /* bytes in scope at open ("Progress") */
+
     fl_session *next;          /* guarded by file->sessions_lock */
+
+    /* Lock-free (see "Progress"): a bit per cluster read at least once,
+     * and the bytes of those clusters. */
+    uint64_t *read_bits;
+    uint64_t read_bytes;
 
     /* Guards everything below (see "Locking"). */
     pthread_mutex_t lock;
@@ -313,6 +337,34 @@ static int still_needed(const fl_session *s, uint64_t c0, uint64_t c1)
         if (s->state[c] != FL_NEEDED)
             return 0;
     return 1;
+}
+
+/* Progress: mark clusters [c0, c1] read (no lock; see "Progress"). */
+static void mark_read(fl_session *s, uint64_t c0, uint64_t c1)
+{
+    uint64_t tail = s->n_clusters - 1, added = 0, bytes;
+    int tail_new = 0;
+
+    for (uint64_t w = c0 >> 6; w <= c1 >> 6; w++) {
+        unsigned lo = w == c0 >> 6 ? (unsigned)(c0 & 63) : 0;
+        unsigned hi = w == c1 >> 6 ? (unsigned)(c1 & 63) : 63;
+        uint64_t mask = (~UINT64_C(0) >> (63 - hi)) & (~UINT64_C(0) << lo);
+        uint64_t old = __atomic_load_n(&s->read_bits[w], __ATOMIC_RELAXED);
+
+        if ((old & mask) == mask)
+            continue;   /* read before: no store, the line stays shared */
+        old = __atomic_fetch_or(&s->read_bits[w], mask, __ATOMIC_RELAXED);
+        old = mask & ~old;                  /* the bits this read set */
+        added += (uint64_t)__builtin_popcountll(old);
+        if (w == tail >> 6 && (old >> (tail & 63) & 1))
+            tail_new = 1;
+    }
+    if (added == 0)
+        return;
+    bytes = added << s->shift;
+    if (tail_new)
+        bytes -= s->cs - cbytes(s, tail);   /* the tail cluster is short */
+    __atomic_add_fetch(&s->read_bytes, bytes, __ATOMIC_RELAXED);
 }
 
 /* Wait on the condvar until START + cbw_timeout (no deadline without
@@ -1076,7 +1128,9 @@ int fl_session_open(fl_file *f, const struct fl_session_params *p,
         goto err;
     }
     s->state = malloc(s->n_clusters > 0 ? (size_t)s->n_clusters : 1);
-    if (s->state == NULL) {
+    s->read_bits = calloc((size_t)((s->n_clusters + 63) / 64) + 1,
+                          sizeof(*s->read_bits));
+    if (s->state == NULL || s->read_bits == NULL) {
         rc = -ENOMEM;
         goto err;
     }
@@ -1159,6 +1213,10 @@ int fl_session_open(fl_file *f, const struct fl_session_params *p,
         pthread_rwlock_unlock(&f->sessions_lock);
         goto err_started;
     }
+    /* The scope is final now and nobody else sees the map yet. */
+    s->total_bytes = (s->n_clusters - s->n_state[FL_NOT_NEEDED]) << s->shift;
+    if (s->n_clusters > 0 && s->state[s->n_clusters - 1] != FL_NOT_NEEDED)
+        s->total_bytes -= s->cs - cbytes(s, s->n_clusters - 1);
     fl__file_ref(f);
     s->next = f->sessions;
     f->sessions = s;
@@ -1195,6 +1253,7 @@ err:
         fl__bitmap_unref(s->frozen_bm);
     free(s->buckets);
     free(s->state);
+    free(s->read_bits);
     free(s);
     return rc;
 }
@@ -1213,6 +1272,7 @@ void fl__session_unref(fl_session *s)
     cache_free_all(s);
     free(s->buckets);
     free(s->state);
+    free(s->read_bits);
     if (s->frozen_bm != NULL)
         fl__bitmap_unref(s->frozen_bm);
     close(s->temp_fd);
@@ -1357,6 +1417,8 @@ int fl_session_read(fl_session *s, uint8_t *buf, size_t len, uint64_t off,
     if (rc == 0 && s->broken)
         rc = -EIO;
     pthread_mutex_unlock(&s->lock);
+    if (rc == 0 && len > 0)
+        mark_read(s, off >> s->shift, last);
     if (rc == 0 && is_hole != NULL && len > 0)
         *is_hole = all_hole;
     return rc;
@@ -1509,6 +1571,16 @@ int fl_session_stats(fl_session *s, struct fl_session_stats *out)
     out->broken = s->broken;
     out->broken_errno = s->broken_errno;
     pthread_mutex_unlock(&s->lock);
+    return 0;
+}
+
+int fl_session_progress(const fl_session *s, uint64_t *read_bytes,
+                        uint64_t *total_bytes)
+{
+    if (s == NULL || read_bytes == NULL || total_bytes == NULL)
+        return -EINVAL;
+    *read_bytes = __atomic_load_n(&s->read_bytes, __ATOMIC_RELAXED);
+    *total_bytes = s->total_bytes;
     return 0;
 }
 

@@ -1228,6 +1228,162 @@ static void test_put_old(void)
     }
 }
 
+/* Progress vectors: each read (or discard/extents, which count nothing)
+ * of a 6-cluster image whose tail cluster holds 1000 bytes, and the read
+ * bytes expected after it.  A cluster counts whole once any byte of it was
+ * read by a read that succeeded; the tail counts its own 1000 bytes. */
+enum { P_READ, P_DISCARD, P_EXTENTS };
+struct pvec {
+    int op;
+    uint64_t off, len;
+    int rc;             /* expected result */
+    uint64_t read;      /* read bytes after it */
+};
+
+static void run_pvecs(fl_session *s, const struct pvec *v, size_t n,
+                      uint64_t total)
+{
+    uint8_t *b = malloc(SZ);
+    uint64_t lens[16], r, t;
+    uint32_t flags[16];
+    size_t ne;
+
+    CHECK(b != NULL);
+    for (size_t i = 0; i < n; i++) {
+        int rc = v[i].op == P_READ
+                     ? fl_session_read(s, b, v[i].len, v[i].off, NULL)
+                 : v[i].op == P_DISCARD
+                     ? fl_session_discard(s, v[i].off, v[i].len)
+                     : fl_session_extents(s, v[i].off, v[i].len, lens, flags,
+                                          16, &ne);
+        if (rc != v[i].rc || fl_session_progress(s, &r, &t) != 0 ||
+            r != v[i].read || t != total) {
+            fprintf(stderr, "progress vector %zu: rc %d read %llu total %llu, "
+                    "want rc %d read %llu total %llu\n", i, rc,
+                    (unsigned long long)r, (unsigned long long)t, v[i].rc,
+                    (unsigned long long)v[i].read, (unsigned long long)total);
+            abort();
+        }
+    }
+    free(b);
+}
+
+static void test_progress(void)
+{
+    static const struct pvec whole[] = {
+        { P_READ, 0, 0, 0, 0 },                      /* nothing read */
+        { P_EXTENTS, 0, SZ, 0, 0 },                  /* block status: no */
+        { P_READ, 10, 1, 0, CS },                    /* one byte: cluster 0 */
+        { P_READ, 0, CS, 0, CS },                    /* again: once */
+        { P_READ, CS - 1, 2, 0, 2 * CS },            /* straddles 0|1 */
+        { P_READ, SZ - 1, 1, 0, 2 * CS + 1000 },     /* short tail */
+        { P_READ, SZ, 1, -EINVAL, 2 * CS + 1000 },   /* failed: nothing */
+        { P_DISCARD, 2 * CS, CS, 0, 2 * CS + 1000 }, /* discard: no */
+        { P_READ, 2 * CS, 1, -EPERM, 2 * CS + 1000 },
+        { P_READ, 3 * CS, 2 * CS, 0, 4 * CS + 1000 },
+        { P_READ, 0, SZ, -EPERM, 4 * CS + 1000 },    /* cluster 2 gone */
+    };
+    /* Scope: clusters 1 and 4 (CS+5..CS+15, 4CS) and the tail. */
+    static const struct pvec scoped[] = {
+        { P_READ, 0, 1, -EPERM, 0 },
+        { P_READ, CS, CS, 0, CS },
+        { P_READ, 4 * CS + 100, SZ - 4 * CS - 100, 0, 2 * CS + 1000 },
+        { P_READ, CS, 1, 0, 2 * CS + 1000 },
+    };
+    uint64_t so[3] = { CS + 5, 4 * CS, SZ - 3 }, sl[3] = { 10, 1, 1 };
+    struct fl_session_params p;
+    fl_bitmap *old;
+    struct fix x;
+    uint64_t r, t;
+
+    params_init(&p, CS);
+    fix_open(&x, SZ, &p);
+    CHECK_RC(fl_session_progress(x.s, &r, NULL), -EINVAL);
+    run_pvecs(x.s, whole, sizeof(whole) / sizeof(whole[0]), SZ);
+    fix_close(&x);
+
+    params_init(&p, CS);
+    p.scope_off = so;
+    p.scope_len = sl;
+    p.n_scope = 3;
+    fix_open(&x, SZ, &p);
+    run_pvecs(x.s, scoped, sizeof(scoped) / sizeof(scoped[0]), 2 * CS + 1000);
+    fix_close(&x);
+
+    /* Incremental: the scope is checkpoint_since's dirty runs, here a
+     * 4 KiB granule in cluster 3 only. */
+    params_init(&p, CS);
+    make_image(x.path, SZ, pat);
+    CHECK_RC(fl_file_open(x.path, 0, &x.f), 0);
+    CHECK_RC(fl_bitmap_open(NULL, SZ, 4096, 0, &old, NULL), 0);
+    CHECK_RC(fl_bitmap_set(old, 3 * CS + 4096, 4096), 0);
+    p.checkpoint_since = old;
+    CHECK_RC(fl_session_open(x.f, &p, &x.s), 0);
+    CHECK_RC(fl_session_progress(x.s, &r, &t), 0);
+    CHECK(r == 0 && t == CS);
+    check_snap_orig(x.s, 3 * CS, 10);
+    CHECK_RC(fl_session_progress(x.s, &r, &t), 0);
+    CHECK(r == CS && t == CS);
+    fl_bitmap_close(old, 0);
+    fix_close(&x);
+}
+
+/* Many readers of overlapping ranges, a guest writer copying under them:
+ * every cluster is counted exactly once (the read bytes end at the size). */
+struct preader {
+    fl_session *s;
+    unsigned seed;
+};
+
+static void *progress_reader(void *arg)
+{
+    struct preader *pr = arg;
+    uint8_t *b = malloc(8 * CS);
+
+    CHECK(b != NULL);
+    for (int i = 0; i < 2000; i++) {
+        uint64_t off = rnd(&pr->seed) % (64 * CS + 1000);
+        uint64_t len = 1 + rnd(&pr->seed) % (8 * CS);
+        if (off + len > 64 * CS + 1000)
+            len = 64 * CS + 1000 - off;
+        CHECK_RC(fl_session_read(pr->s, b, len, off, NULL), 0);
+    }
+    free(b);
+    return NULL;
+}
+
+static void test_progress_threads(void)
+{
+    struct fl_session_params p;
+    struct preader pr[4];
+    pthread_t th[4];
+    uint8_t *b = malloc(64 * CS + 1000);
+    struct fix x;
+    uint64_t r, t;
+
+    CHECK(b != NULL);
+    params_init(&p, CS);
+    make_image(x.path, 64 * CS + 1000, pat);
+    CHECK_RC(fl_file_open(x.path, 0, &x.f), 0);
+    CHECK_RC(fl_session_open(x.f, &p, &x.s), 0);
+    for (unsigned i = 0; i < 4; i++) {
+        pr[i].s = x.s;
+        pr[i].seed = 7 + i;
+        CHECK(pthread_create(&th[i], NULL, progress_reader, &pr[i]) == 0);
+    }
+    for (uint64_t c = 0; c < 64; c += 3)
+        guest_write(x.f, c * CS, 100, 0x42, 0);
+    for (unsigned i = 0; i < 4; i++)
+        CHECK(pthread_join(th[i], NULL) == 0);
+    CHECK_RC(fl_session_progress(x.s, &r, &t), 0);
+    CHECK(t == 64 * CS + 1000 && r <= t);
+    CHECK_RC(fl_session_read(x.s, b, 64 * CS + 1000, 0, NULL), 0);
+    CHECK_RC(fl_session_progress(x.s, &r, &t), 0);
+    CHECK(r == t);
+    free(b);
+    fix_close(&x);
+}
+
 int main(void)
 {
     fprintf(stderr, "test_cbw\n");
@@ -1249,6 +1405,8 @@ int main(void)
     RUN(test_frozen_reads);
     RUN(test_write_never_waits_for_a_snapshot_read);
     RUN(test_put_old);
+    RUN(test_progress);
+    RUN(test_progress_threads);
     fprintf(stderr, "test_cbw: OK\n");
     return 0;
 }

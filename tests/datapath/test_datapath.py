@@ -204,6 +204,21 @@ def test_scope(tmp_path: Path, nfile: NativeFile) -> None:
     assert ei.value.errno == errno.EINVAL
 
 
+def test_progress_through_the_boundary(tmp_path: Path, nfile: NativeFile) -> None:
+    p = params(tmp_path, scope=((CS + 5, 10), (4 * CS, 1)))
+    s = NativeSession.open(nfile, p)
+    assert s.progress() == (0, 2 * CS)
+    s.read(CS + 3, 1)
+    s.extents(0, SIZE)
+    assert s.progress() == (CS, 2 * CS)
+    s.read(4 * CS, CS)
+    assert s.progress() == (2 * CS, 2 * CS)
+    s.close()
+    with pytest.raises(OSError) as ei:
+        s.progress()
+    assert ei.value.errno == errno.EBADF
+
+
 def test_max_temp_break_snapshot(tmp_path: Path, nfile: NativeFile) -> None:
     with NativeSession.open(nfile, params(tmp_path, max_temp=CS + 10)) as s:
         nfile.write(0, b"\x11")

@@ -56,6 +56,8 @@ class QueryCommands(DaemonCore):
                     },
                     "temp-dir": session.temp_dir,
                 }
+                read, total = session.progress()
+                info["progress"] = {"read": read, "total": total}
                 if st.broken:
                     info["error"] = os.strerror(st.broken_errno or errno.EIO)
                 out.append(info)

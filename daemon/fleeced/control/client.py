@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
 from fleeced.errors import CliError
 
@@ -72,6 +72,34 @@ class ControlClient:
         except (QMPError, OSError, EOFError) as exc:
             raise ConnectionLost(f"the connection to the daemon broke during {cmd} "
                                  f"({_describe(exc)})") from None
+
+    @contextlib.contextmanager
+    def listen(self, *names: str) -> Iterator[EventListener]:
+        """Queue the daemon's events named NAMES while the block runs."""
+        listener = EventListener(names)
+        with self._qmp.listen(listener):
+            yield listener
+
+    async def next_event(self, listener: EventListener, within: float) -> dict[str, Any] | None:
+        """The next event of LISTENER, or None when WITHIN seconds pass first.
+
+        :raise ConnectionLost: when the daemon hangs up first (it stopped).
+        """
+        if self._qmp.runstate != Runstate.RUNNING:
+            raise ConnectionLost("the daemon closed the connection (it stopped)")
+        get = asyncio.ensure_future(listener.get())
+        changed = asyncio.ensure_future(self._qmp.runstate_changed())
+        try:
+            await asyncio.wait({get, changed}, timeout=within,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in (get, changed):
+                fut.cancel()
+        if get.done() and not get.cancelled():
+            return dict(get.result())
+        if self._qmp.runstate != Runstate.RUNNING:
+            raise ConnectionLost("the daemon closed the connection (it stopped)")
+        return None
 
     async def reconnect(self, within: float = RECONNECT_TIMEOUT) -> None:
         """Connect again, to a daemon that is restarting: retried every

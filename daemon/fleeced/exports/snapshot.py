@@ -18,6 +18,7 @@ from fleeced.datapath import (
 from fleeced.exports.base import OUTSIDE_SCOPE, DirtyBitmap, DiskView, ExportBase, ExportStats
 from fleeced.ioqueue import IoQueue, ReadResult, ReplySocket
 from fleeced.nbd import ExportInfo
+from fleeced.progress import ProgressEvents
 
 
 class Session:
@@ -40,6 +41,8 @@ class Session:
         #: it (a VM node the daemon does not write itself).
         self.target: CbwTargetExport | None = None
         self.broken_reported = False
+        #: Its ``FLEECE_PROGRESS`` events while the daemon watches it.
+        self.progress_events: ProgressEvents | None = None
 
     @classmethod
     async def start(cls, disk: DiskView, options: SessionOptions, io: IoQueue, *,
@@ -77,6 +80,11 @@ class Session:
 
     def stats(self) -> SessionStats:
         return self.native.stats()
+
+    def progress(self) -> tuple[int, int]:
+        """``(read, total)`` bytes of the snapshot a client has read at least
+        once (see :meth:`NativeSession.progress`); never blocks."""
+        return self.native.progress()
 
 
 def default_temp_dir() -> str:
