@@ -532,9 +532,18 @@ class NbdConnection(asyncio.Protocol):
             if tls is not None:  # else plain was aborted above
                 tls.abort()
             return
+        sslobj = tls.get_extra_info("ssl_object")
+        why = self._server.tls.denied(sslobj.getpeercert() if sslobj is not None else None)
+        if why is not None:
+            # As qemu-nbd: the allow-list is checked once the handshake is
+            # done, and a client not on it is dropped before any option.
+            log.warning("client %s: %s, closing", self.peer, why)
+            self._closing = True
+            self._early.clear()
+            tls.abort()
+            return
         self._replies.attach(tls)
         self._engine.tls_started()
-        sslobj = tls.get_extra_info("ssl_object")
         if sslobj is not None:
             cipher = sslobj.cipher()
             peer = sslobj.getpeercert() or {}
