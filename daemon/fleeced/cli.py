@@ -160,8 +160,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="run plain connections' requests in C threads (native, the "
                         "default) or on the event loop (loop: for comparison)")
     s.add_argument("--tls", choices=("off", "on", "require"), default=None,
-                   help="TLS on TCP: off, offered (on) or required (default: require "
-                        "when credentials are given, else off)")
+                   help="TLS on TCP and the -k socket: off, offered (on) or required "
+                        "(default: require when credentials are given, else off)")
     s.add_argument("--tls-cert", metavar="FILE", help="x509 server certificate (PEM)")
     s.add_argument("--tls-key", metavar="FILE", help="x509 server private key (PEM)")
     s.add_argument("--tls-ca", metavar="FILE",

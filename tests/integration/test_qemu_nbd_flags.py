@@ -148,6 +148,10 @@ def test_since_snapshot_map_outside_scope(tmp_path: Path, start_daemon: Callable
         (12 * G, 19 * G, 0), (31 * G, G, 1)]
     proc = run(requires("qemu-io"), "-f", "raw", "-r", "-c", "read 0 512", snap, check=False)
     assert "Operation not permitted" in proc.stdout + proc.stderr
+    # A client that copies everything reads a HOLE without ZERO: it fails
+    # loudly rather than writing zeros where the scope says nothing.
+    proc = run(requires("nbdcopy"), snap, str(d.tmp / "all.img"), check=False)
+    assert proc.returncode != 0 and "Operation not permitted" in proc.stderr, proc.stderr
     inc = d.tmp / "inc.qcow2"
     run(requires("qemu-img"), "convert", "-f", "raw", "-O", "qcow2", "-B", str(full),
         "-F", "qcow2", snap, str(inc))
