@@ -104,6 +104,21 @@ print(json.dumps(out))
 """
     ours_seen, theirs_seen = json.loads(run("/usr/bin/python3", "-c", script).stdout)
     assert ours_seen == theirs_seen
+    # What QEMU's iotest block-status-cache does: qemu-img map, then maps
+    # through qemu:allocation-depth (read by qemu as a dirty bitmap), then
+    # qemu-img map again; each the same as against qemu-nbd.
+    maps = []
+    for url in (ours, theirs):
+        opts = f"driver=nbd,server.type=unix,server.path={url.split('socket=')[1]}"
+        seen = [run(requires("qemu-img"), "map", "--output=json", "--image-opts", opts).stdout]
+        for _ in range(2):
+            seen.append(run(requires("qemu-img"), "map", "--output=json", "--image-opts",
+                            f"{opts},x-dirty-bitmap=qemu:allocation-depth").stdout)
+        seen.append(run(requires("qemu-img"), "map", "--output=json", "--image-opts",
+                        opts).stdout)
+        assert seen[0] == seen[3]
+        maps.append(seen)
+    assert maps[0] == maps[1]
 
 
 def _checkpoint_chain(tmp_path: Path, start_daemon: Callable[..., Daemon],
