@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import re
 import ssl
 import sys
@@ -147,6 +148,7 @@ class TlsConfig:
             # qemu-nbd does: the client then finishes its handshake and
             # says what it thinks of ours, instead of a bare alert.
             ctx.verify_mode = ssl.CERT_OPTIONAL
+            _name_client_cas(ctx, self.ca)
         return ctx
 
 
@@ -185,6 +187,31 @@ def peer_dn(cert: dict[str, Any]) -> str | None:
     rdns = ["+".join(f"{_DN_NAMES.get(k, k)}={_dn_value(v)}" for k, v in reversed(rdn))
             for rdn in subject]
     return ",".join(reversed(rdns))
+
+
+def _name_client_cas(ctx: ssl.SSLContext, cafile: str) -> None:
+    """Name the CA's subjects in the handshake's CertificateRequest (what
+    GnuTLS, hence qemu-nbd, sends and :mod:`ssl` cannot), so a GnuTLS client
+    holding only a certificate of another CA sends none: it completes the
+    handshake, judges our certificate, and is dropped after it (as with
+    qemu-nbd) instead of failing mid-handshake.  Only a hint to the client:
+    what it sends is verified all the same, so a failure here is logged and
+    the context used without it."""
+    try:
+        lib = _libssl()
+        load = lib.SSL_load_client_CA_file
+        load.restype = ctypes.c_void_p
+        load.argtypes = [ctypes.c_char_p]
+        put = lib.SSL_CTX_set_client_CA_list
+        put.restype = None
+        put.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        ptr = _ssl_ctx_pointer(ctx, lib)
+        names = load(os.fsencode(cafile))
+        if not names:
+            raise ValueError(f"no CA names read from {cafile}")
+        put(ptr, names)  # the context owns the list from now on
+    except (ValueError, AttributeError) as exc:
+        log.warning("TLS: clients are not told which CA signs their certificates: %s", exc)
 
 
 def _no_password() -> bytes:

@@ -358,6 +358,22 @@ def test_client_certificate_verification(tls_daemon, creds: Creds, tmp_path: Pat
     # A client with no certificate finishes its handshake (it can judge ours
     # first, as with qemu-nbd) and is dropped before any option.
     assert "TLS client certificate required: the client sent none, closing" in d.log.read_text()
+    # The CertificateRequest names our CA, so a GnuTLS client that holds only
+    # another CA's certificate (and trusts only that CA) sends none and
+    # reports its own verdict on ours, as against qemu-nbd (QEMU's iotest 233).
+    pki = Path(creds.ca).parent
+    other = _client_dir(tmp_path / "other", pki / "rogue-ca-cert.pem",
+                        (pki / "rogue-cert.pem", pki / "rogue-key.pem"))
+    none = "the client sent none, closing"
+    before = d.log.read_text().count(none)
+    proc = run(qemu_img, "info", "--object", qemu_x509(other), "--image-opts", qemu_opts(d),
+               check=False)
+    assert proc.returncode != 0
+    assert "The certificate hasn't got a known issuer" in proc.stderr, proc.stderr
+    deadline = time.monotonic() + 10  # the daemon logs once its side is done
+    while d.log.read_text().count(none) == before:
+        assert time.monotonic() < deadline, d.log.read_text()
+        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------- --tls=require
