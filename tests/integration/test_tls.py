@@ -694,9 +694,14 @@ def test_tls_authz_allow_list(tls_daemon, creds: Creds, tmp_path: Path) -> None:
     run(qemu_img, "convert", "-O", "raw", "--object", qemu_x509(backup), "--image-opts",
         qemu_opts(d), str(out))
     assert out.read_bytes() == data
-    proc = run(qemu_img, "info", "--object", qemu_x509(creds.good), "--image-opts",
-               qemu_opts(d), check=False)
-    assert proc.returncode != 0
+    for _ in range(3):
+        # Cut as qemu-nbd cuts it: TCP's end without a TLS close_notify, and
+        # never a reset under the client's first option (which it had sent).
+        proc = run(qemu_img, "info", "--object", qemu_x509(creds.good), "--image-opts",
+                   qemu_opts(d), check=False)
+        assert proc.returncode != 0
+        assert ("Failed to read option reply: Cannot read from TLS channel: "
+                "Software caused connection abort") in proc.stderr, proc.stderr
     proc = run(requires("nbdinfo"), "--size", d.nbds(f"tls-certificates={creds.good}"),
                check=False)
     assert proc.returncode != 0
