@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, requires, run
+from tests.conftest import Daemon, requires, requires_libnbd_python, run
 from tests.integration.test_cli import fleeced
 from tests.integration.test_fleece import qmp
 
@@ -102,7 +102,7 @@ for url in {[ours, theirs]!r}:
     h.shutdown()
 print(json.dumps(out))
 """
-    ours_seen, theirs_seen = json.loads(run("/usr/bin/python3", "-c", script).stdout)
+    ours_seen, theirs_seen = json.loads(run(requires_libnbd_python(), "-c", script).stdout)
     assert ours_seen == theirs_seen
     # What QEMU's iotest block-status-cache does: qemu-img map, then maps
     # through qemu:allocation-depth (read by qemu as a dirty bitmap), then
