@@ -269,3 +269,17 @@ def check_required(disks: Mapping[str, Any], specs: Iterable[Any]) -> None:
                 raise ValueError(f"disk {spec.name} has no dirty bitmap {name!r} "
                                  f"(it has: {have}); add it with `fleeced bitmap add` "
                                  "on a daemon with a state dir")
+
+
+def check_removable(disk: str, name: str, specs: Iterable[Any]) -> None:
+    """Refuse to remove a bitmap the daemon was started to serve (``-B``),
+    as QEMU refuses to remove a bitmap an export uses: its clients would
+    lose the context, and the next start would fail for want of it.
+
+    :raise CommandError: when a spec of DISK requires NAME.
+    """
+    for spec in specs:
+        if spec.name == disk and name in spec.bitmaps:
+            raise CommandError(f"bitmap '{name}' of '{disk}' is served as the daemon was "
+                               "started to (serve -B, [[disk]] bitmaps); restart without it "
+                               "first")

@@ -206,6 +206,11 @@ def test_bitmap_flag(tmp_path: Path, start_daemon: Callable[..., Daemon], plane:
     # qemu-img map over x-dirty-bitmap: dirty shows as data false.
     dirty = [(e["start"], e["length"]) for e in json.loads(out) if not e["data"]]
     assert dirty == [(3 * G, G)]
+    # Served as asked: it cannot be removed under its clients (as QEMU
+    # refuses to remove a bitmap an export uses).
+    proc = fleeced("bitmap", "remove", "disk", "b1", "--control", d.control)
+    assert proc.returncode == 1 and "restart without it first" in proc.stderr, proc.stderr
+    assert "b1" in fleeced("bitmap", "list", "--control", d.control).stdout
 
 
 def test_bitmap_flag_usage_errors(tmp_path: Path) -> None:
