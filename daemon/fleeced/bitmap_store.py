@@ -35,6 +35,7 @@ import errno
 import logging
 import os
 import urllib.parse
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -246,3 +247,39 @@ async def remove_file(bm: Bitmap) -> None:
             await asyncio.to_thread(os.unlink, bm.path)
         except FileNotFoundError:
             pass
+
+
+def check_required(disks: Mapping[str, Any], specs: Iterable[Any]) -> None:
+    """Refuse to serve a disk without a bitmap its spec requires (``serve
+    -B NAME``, a ``[[disk]]``'s ``bitmaps``), as qemu-nbd refuses a
+    ``--bitmap`` its image lacks: a backup tool that counts on
+    ``qemu:dirty-bitmap:NAME`` must not get an export without it.
+
+    :param disks: served disks by name (:class:`fleeced.exports.Disk`).
+    :param specs: their :class:`fleeced.daemon_config.DiskSpec`.
+    :raise ValueError: naming the disk and the missing bitmap.
+    """
+    for spec in specs:
+        disk = disks.get(spec.name)
+        if disk is None:
+            continue
+        for name in spec.bitmaps:
+            if name not in disk.bitmaps:
+                have = ", ".join(sorted(disk.bitmaps)) or "none"
+                raise ValueError(f"disk {spec.name} has no dirty bitmap {name!r} "
+                                 f"(it has: {have}); add it with `fleeced bitmap add` "
+                                 "on a daemon with a state dir")
+
+
+def check_removable(disk: str, name: str, specs: Iterable[Any]) -> None:
+    """Refuse to remove a bitmap the daemon was started to serve (``-B``),
+    as QEMU refuses to remove a bitmap an export uses: its clients would
+    lose the context, and the next start would fail for want of it.
+
+    :raise CommandError: when a spec of DISK requires NAME.
+    """
+    for spec in specs:
+        if spec.name == disk and name in spec.bitmaps:
+            raise CommandError(f"bitmap '{name}' of '{disk}' is served as the daemon was "
+                               "started to (serve -B, [[disk]] bitmaps); restart without it "
+                               "first")

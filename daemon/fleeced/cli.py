@@ -161,13 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run plain connections' requests in C threads (native, the "
                         "default) or on the event loop (loop: for comparison)")
     s.add_argument("--tls", choices=("off", "on", "require"), default=None,
-                   help="TLS on TCP: off, offered (on) or required (default: require "
-                        "when credentials are given, else off)")
+                   help="TLS on TCP and the -k socket: off, offered (on) or required "
+                        "(default: require when credentials are given, else off)")
     s.add_argument("--tls-cert", metavar="FILE", help="x509 server certificate (PEM)")
     s.add_argument("--tls-key", metavar="FILE", help="x509 server private key (PEM)")
     s.add_argument("--tls-ca", metavar="FILE",
                    help="CA certificate(s); clients must present a certificate it signed")
     s.add_argument("--tls-psk", metavar="FILE", help="PSK file in psktool format")
+    s.add_argument("--tls-authz", action="append", default=[], metavar="DN",
+                   help="allow only clients whose certificate subject is DN (RFC 4514, "
+                        "e.g. CN=backup,O=Example); repeatable")
+    s.add_argument("-A", "--allocation-depth", action="store_true",
+                   help="accepted for qemu-nbd compatibility: qemu:allocation-depth is "
+                        "always offered")
+    s.add_argument("-B", "--bitmap", action="append", default=[], metavar="NAME",
+                   help="the persistent dirty bitmap NAME of the disk must exist; it is "
+                        "served as qemu:dirty-bitmap:NAME (repeatable)")
     _session_options(s)
 
     f = sub.add_parser("fleece", help="manage fleecing sessions")
@@ -345,6 +354,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 ("--threads", args.threads), ("--tls", args.tls),
                 ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
                 ("--tls-ca", args.tls_ca), ("--tls-psk", args.tls_psk),
+                ("--tls-authz", args.tls_authz), ("--bitmap", args.bitmap),
                 ("--discard", args.discard != "ignore"),
                 ("--cluster-size", args.cluster_size), ("--temp-dir", args.temp_dir),
                 ("--cache", args.cache), ("--max-temp", args.max_temp),
@@ -366,8 +376,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error("--tls-ca needs --tls-cert/--tls-key")
         if args.tls in ("on", "require") and not (args.tls_cert or args.tls_psk):
             parser.error(f"--tls={args.tls} needs --tls-cert/--tls-key or --tls-psk")
-        if (args.tls_cert or args.tls_psk) and args.socket and args.tls != "off":
-            parser.error("TLS is for TCP listeners; --socket is a Unix socket")
+        if args.tls_authz and not args.tls_ca:
+            parser.error("--tls-authz checks client certificates: it needs --tls-ca "
+                         "(with --tls-cert/--tls-key); a --tls-psk file already lists "
+                         "the identities allowed")
+        if args.bitmap and not args.images:
+            parser.error("--bitmap needs a SOURCE whose bitmap to serve")
         if args.socket and (args.port is not None or args.bind):
             parser.error("--socket cannot be combined with --port/--bind")
         if (args.socket_mode is not None or args.socket_group) and not args.socket \

@@ -78,7 +78,8 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         disks.append(DiskSpec(source=text, name=name, read_only=args.read_only,
                               discard=args.discard, description=args.description,
                               format=args.format,
-                              cache=args.cache if isinstance(args.cache, str) else None))
+                              cache=args.cache if isinstance(args.cache, str) else None,
+                              bitmaps=tuple(args.bitmap)))
     fleece = []
     if args.fleece is not None:
         for d in disks:
@@ -154,8 +155,10 @@ def _tls_config(args: argparse.Namespace) -> TlsConfig:
     mode = args.tls
     if mode is None:
         mode = "require" if (args.tls_cert or args.tls_psk) else "off"
+    # As qemu-nbd: credentials given with -k apply to that Unix socket.
     return TlsConfig(mode=mode, cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca,
-                     psk_file=args.tls_psk)
+                     psk_file=args.tls_psk, unix=bool(args.socket),
+                     authz=tuple(args.tls_authz))
 
 
 def _session_option_args_of(args: argparse.Namespace) -> dict[str, Any]:

@@ -54,11 +54,11 @@ _TOP_KEYS: Final = frozenset({
     "listen", "tls", "session", "disk", "data-plane",
 })
 _LISTEN_KEYS: Final = frozenset({"unix", "mode", "group", "tcp"})
-_TLS_KEYS: Final = frozenset({"mode", "cert", "key", "ca", "psk-file"})
+_TLS_KEYS: Final = frozenset({"mode", "cert", "key", "ca", "psk-file", "unix", "authz"})
 _SIZE_KEYS: Final = ("cluster-size", "cache", "max-temp")
 _SESSION_KEYS: Final = frozenset({*_SIZE_KEYS, "temp-dir", "on-cbw-error", "cbw-timeout"})
 _DISK_KEYS: Final = frozenset({"name", "source", "path", "format", "read-only", "discard",
-                               "description", "cache"})
+                               "description", "cache", "bitmaps"})
 _MAX_NAME: Final = 4096  # NBD_MAX_STRING: longer export names cannot be asked for
 
 
@@ -216,7 +216,14 @@ def _tls(t: dict[str, Any], base: str) -> TlsConfig:
         raise _Bad("tls.mode", f"{mode!r} is not one of {', '.join(TLS_MODES)}")
     if mode != "off" and not (cert or psk):
         raise _Bad("tls.mode", f"{mode!r} needs cert and key, or psk-file")
-    return TlsConfig(mode=mode, cert=cert, key=key, ca=ca, psk_file=psk)
+    unix = _opt(t, "unix", bool, "tls.unix") or False
+    authz = t.get("authz", [])
+    if not isinstance(authz, list) or not all(isinstance(a, str) and a for a in authz):
+        raise _Bad("tls.authz", "a list of distinguished names (strings)")
+    if authz and not ca:
+        raise _Bad("tls.authz", "checks client certificates: needs ca (and cert, key)")
+    return TlsConfig(mode=mode, cert=cert, key=key, ca=ca, psk_file=psk, unix=unix,
+                     authz=tuple(authz))
 
 
 def _session(t: dict[str, Any], base: str) -> dict[str, Any]:
@@ -284,8 +291,12 @@ def _disk(t: dict[str, Any], base: str, where: str) -> DiskSpec:
     cache = _opt(t, "cache", str, f"{where}.cache")
     if cache is not None and cache not in CACHE_MODES:
         raise _Bad(f"{where}.cache", f"{cache!r} is not one of {', '.join(CACHE_MODES)}")
+    bitmaps = t.get("bitmaps", [])
+    if not isinstance(bitmaps, list) or not all(isinstance(b, str) and b for b in bitmaps):
+        raise _Bad(f"{where}.bitmaps", "a list of bitmap names (strings)")
     return DiskSpec(source=raw, name=name, read_only=read_only, discard=discard,
-                    description=description, format=fmt, cache=cache)
+                    description=description, format=fmt, cache=cache,
+                    bitmaps=tuple(bitmaps))
 
 
 def _same_source(a: os.stat_result, b: os.stat_result) -> bool:

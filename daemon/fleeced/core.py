@@ -126,6 +126,7 @@ class DaemonCore:
             remembered = list(self.state.state.bitmaps) if self.state is not None else []
             await self._restore_state()
             await self._restore_bitmaps(remembered)
+            bmap.check_required(self.disks, self.config.disks)
             if self.state is not None:
                 await self.state.save()
             for disk_name, options in self.config.fleece:

@@ -69,6 +69,8 @@ class DiskSpec:
     #: ``none`` (bypass the host page cache, O_DIRECT) or ``writeback``;
     #: None: writeback, unless an attached VM's node bypasses the cache.
     cache: str | None = None
+    #: Persistent dirty bitmaps that must exist at start (``-B NAME``).
+    bitmaps: tuple[str, ...] = ()
 
 
 @dataclass

@@ -49,6 +49,7 @@ __all__ = [
     "EXT_DIRTY",
     "EXT_HOLE",
     "EXT_ZERO",
+    "EXT_UNREADABLE",
     "NEEDED",
     "NOT_NEEDED",
     "RECOVERED_CORRUPT",
@@ -69,6 +70,8 @@ COPIED: Final[int] = int(lib.FL_COPIED)
 ZERO: Final[int] = int(lib.FL_ZERO)
 EXT_HOLE: Final[int] = int(lib.FL_EXT_HOLE)
 EXT_ZERO: Final[int] = int(lib.FL_EXT_ZERO)
+#: Outside a snapshot's scope or discarded (with EXT_HOLE); not an NBD flag.
+EXT_UNREADABLE: Final[int] = int(lib.FL_EXT_UNREADABLE)
 EXT_DIRTY: Final[int] = int(lib.FL_EXT_DIRTY)
 
 #: ``recovered`` values of :meth:`NativeBitmap.open` (both load all dirty):

@@ -1,4 +1,5 @@
-"""TLS for NBD over TCP: configuration (x509 or PSK) and the server context.
+"""TLS for NBD: configuration (x509 or PSK), the server context, and the
+allow-list of client certificate names (``--tls-authz``).
 
 STARTTLS itself (``NBD_OPT_STARTTLS``) is negotiated by the sans-IO engine
 (:mod:`fleeced.nbd.engine`) and the upgrade is done by the connection
@@ -36,16 +37,17 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import re
 import ssl
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TLS_MODES", "TlsConfig", "read_psk_file"]
+__all__ = ["TLS_MODES", "TlsConfig", "peer_dn", "read_psk_file"]
 
 #: ``--tls`` values: no TLS; offered (STARTTLS accepted, plaintext allowed);
 #: required (every option but STARTTLS refused with ``NBD_REP_ERR_TLS_REQD``).
@@ -69,16 +71,41 @@ class TlsConfig:
     ca: str | None = None
     #: A ``psktool`` file (``identity:hexkey`` lines).
     psk_file: str | None = None
+    #: TLS on Unix sockets too (qemu-nbd applies its credentials to ``-k``).
+    unix: bool = False
+    #: Client certificate distinguished names allowed in (RFC 4514, as
+    #: ``openssl x509 -noout -subject -nameopt RFC2253`` prints them and
+    #: qemu-nbd's ``authz-simple`` identity is written); empty: any client
+    #: the CA signed.
+    authz: tuple[str, ...] = ()
 
     @property
     def enabled(self) -> bool:
         return self.mode != "off"
 
+    def denied(self, cert: dict[str, Any] | None) -> str | None:
+        """Why a client with certificate CERT (``getpeercert()``) may not
+        go on, or None when it may: with a CA it must have sent one, and
+        with an allow-list its subject's
+        distinguished name must be on it (qemu-nbd's authz check, which
+        also runs right after the handshake)."""
+        if self.ca is not None and self.psk_file is None and not cert:
+            return "TLS client certificate required: the client sent none"
+        if not self.authz:
+            return None
+        dn = peer_dn(cert) if cert else None
+        if dn is None:
+            return "TLS x509 authz check: the client sent no certificate"
+        if dn not in self.authz:
+            return f"TLS x509 authz check for {dn} is denied"
+        return None
+
     def server_context(self) -> ssl.SSLContext:
         """Build the server-side context: TLS 1.2 or later, x509 or PSK.
 
         Every file is read now.  With :attr:`ca`, clients must present a
-        certificate signed by it (``CERT_REQUIRED``).
+        certificate signed by it (checked in the handshake when sent, and
+        its absence right after it, by :meth:`denied`).
 
         :raise ValueError: when TLS is off, no credentials are configured, a
             file is missing or unreadable, a certificate or key does not
@@ -115,8 +142,76 @@ class TlsConfig:
                 ctx.load_verify_locations(cafile=self.ca)
             except ssl.SSLError as exc:
                 raise ValueError(f"TLS CA {self.ca}: {_ssl_reason(exc)}") from None
-            ctx.verify_mode = ssl.CERT_REQUIRED
+            # A certificate the client sends is verified in the handshake,
+            # but one it does not send (GnuTLS clients send none that the
+            # CA did not sign) is refused only after it (:meth:`denied`), as
+            # qemu-nbd does: the client then finishes its handshake and
+            # says what it thinks of ours, instead of a bare alert.
+            ctx.verify_mode = ssl.CERT_OPTIONAL
+            _name_client_cas(ctx, self.ca)
         return ctx
+
+
+#: Attribute names of ``getpeercert()`` (OpenSSL's long names) as RFC 4514
+#: and GnuTLS (hence qemu-nbd's authz identities) write them.
+_DN_NAMES: Final = {
+    "commonName": "CN", "countryName": "C", "localityName": "L",
+    "stateOrProvinceName": "ST", "organizationName": "O",
+    "organizationalUnitName": "OU", "streetAddress": "STREET",
+    "domainComponent": "DC", "userId": "UID", "emailAddress": "EMAIL",
+    "serialNumber": "serialNumber", "title": "title", "givenName": "givenName",
+    "surname": "SN", "initials": "initials", "pseudonym": "pseudonym",
+}
+
+
+def _dn_value(value: str) -> str:
+    """RFC 4514 section 2.4 escaping of an attribute value."""
+    out = "".join("\\" + ch if ch in ',+"\\<>;' else ch for ch in value)
+    if out.startswith(("#", " ")):
+        out = "\\" + out
+    if out.endswith(" ") and not out.endswith("\\ "):
+        out = out[:-1] + "\\ "
+    return out
+
+
+def peer_dn(cert: dict[str, Any]) -> str | None:
+    """The subject of CERT (``SSLObject.getpeercert()``) as an RFC 4514
+    string: the last RDN first, ``CN=client,O=Example,C=FR``, the way
+    ``openssl x509 -noout -subject -nameopt RFC2253`` prints it and GnuTLS's
+    ``gnutls_x509_crt_get_dn`` gives it to qemu-nbd's authz."""
+    subject = cert.get("subject")
+    if not subject:
+        return None
+    # Every attribute in reverse, a multi-valued RDN's too, as OpenSSL's
+    # RFC2253 printing does, so a name copied from its output matches.
+    rdns = ["+".join(f"{_DN_NAMES.get(k, k)}={_dn_value(v)}" for k, v in reversed(rdn))
+            for rdn in subject]
+    return ",".join(reversed(rdns))
+
+
+def _name_client_cas(ctx: ssl.SSLContext, cafile: str) -> None:
+    """Name the CA's subjects in the handshake's CertificateRequest (what
+    GnuTLS, hence qemu-nbd, sends and :mod:`ssl` cannot), so a GnuTLS client
+    holding only a certificate of another CA sends none: it completes the
+    handshake, judges our certificate, and is dropped after it (as with
+    qemu-nbd) instead of failing mid-handshake.  Only a hint to the client:
+    what it sends is verified all the same, so a failure here is logged and
+    the context used without it."""
+    try:
+        lib = _libssl()
+        load = lib.SSL_load_client_CA_file
+        load.restype = ctypes.c_void_p
+        load.argtypes = [ctypes.c_char_p]
+        put = lib.SSL_CTX_set_client_CA_list
+        put.restype = None
+        put.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        ptr = _ssl_ctx_pointer(ctx, lib)
+        names = load(os.fsencode(cafile))
+        if not names:
+            raise ValueError(f"no CA names read from {cafile}")
+        put(ptr, names)  # the context owns the list from now on
+    except (ValueError, AttributeError) as exc:
+        log.warning("TLS: clients are not told which CA signs their certificates: %s", exc)
 
 
 def _no_password() -> bytes:

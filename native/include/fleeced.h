@@ -49,6 +49,10 @@ typedef struct fl_bitmap fl_bitmap;
 /* Extent flags (same values as NBD base:allocation). */
 #define FL_EXT_HOLE  1u
 #define FL_EXT_ZERO  2u
+/* fl_session_extents: outside the snapshot's scope, or discarded (reads
+ * fail EPERM); always with FL_EXT_HOLE.  Not an NBD flag: base:allocation
+ * drops it, qemu:allocation-depth reports depth 0 for it. */
+#define FL_EXT_UNREADABLE 4u
 /* Extent flag of fl_bitmap_extents (NBD qemu:dirty-bitmap). */
 #define FL_EXT_DIRTY 1u
 
@@ -366,7 +370,7 @@ int fl_session_read(fl_session *s, uint8_t *buf, size_t len, uint64_t off,
 int fl_session_discard(fl_session *s, uint64_t off, uint64_t len);
 /* Block status of the frozen view, like fl_file_extents.  COPIED clusters
  * report data; ZERO ones FL_EXT_HOLE|FL_EXT_ZERO; NEEDED ones the
- * source's allocation; NOT_NEEDED data. */
+ * source's allocation; NOT_NEEDED FL_EXT_HOLE|FL_EXT_UNREADABLE. */
 int fl_session_extents(fl_session *s, uint64_t off, uint64_t len,
                        uint64_t *lens, uint32_t *flags, size_t max,
                        size_t *n);

@@ -1475,11 +1475,12 @@ int fl_session_discard(fl_session *s, uint64_t off, uint64_t len)
 }
 
 /* How fl_session_extents reports a cluster state. */
-enum { EXT_DATA, EXT_SOURCE, EXT_ZERO };
+enum { EXT_DATA, EXT_SOURCE, EXT_ZERO, EXT_OUTSIDE };
 
 static int ext_kind(uint8_t st)
 {
-    return st == FL_NEEDED ? EXT_SOURCE : st == FL_ZERO ? EXT_ZERO : EXT_DATA;
+    return st == FL_NEEDED ? EXT_SOURCE : st == FL_ZERO ? EXT_ZERO
+           : st == FL_NOT_NEEDED ? EXT_OUTSIDE : EXT_DATA;
 }
 
 int fl_session_extents(fl_session *s, uint64_t off, uint64_t len,
@@ -1511,6 +1512,12 @@ int fl_session_extents(fl_session *s, uint64_t off, uint64_t len,
         seg_end = (c1 << s->shift) < end ? (c1 << s->shift) : end;
         if (kind == EXT_ZERO) {
             full = fl__ext_add(&e, seg_end - pos, FL_EXT_HOLE | FL_EXT_ZERO);
+        } else if (kind == EXT_OUTSIDE) {
+            /* Nothing is stored and a read fails EPERM: not allocated
+             * (HOLE) but not reading as zeros either (no ZERO), so a client
+             * that copies onto a backing file (qemu-img convert -B) skips
+             * it instead of writing zeros over the older backup's data. */
+            full = fl__ext_add(&e, seg_end - pos, FL_EXT_HOLE | FL_EXT_UNREADABLE);
         } else if (kind == EXT_SOURCE) {
             /* Optimistic, as a read (invariant 2): a write that got in
              * may have changed the source's allocation; then drop what

@@ -137,14 +137,20 @@ static void run_read(fl_conn *c, const struct req *r)
     }
 }
 
-/* Allocation depth of a raw image (exports/base.py allocation_depth): 0
- * for a hole, 1 for data, neighbours merged, in place. */
-static size_t depth_of(uint64_t *lens, uint32_t *flags, size_t n)
+/* Context KIND's view of the frozen view's or image's extents, in place,
+ * neighbours merged (exports/base.py context_view).  base:allocation:
+ * the NBD flags only.  qemu:allocation-depth: 1 wherever a read returns
+ * the raw image's data, holes included (a raw file is one layer and owns
+ * all of its bytes: what qemu-nbd -A reports), 0 where nothing is there
+ * (outside a snapshot's scope, or discarded). */
+static size_t context_view(int kind, uint64_t *lens, uint32_t *flags, size_t n)
 {
     size_t i, k = 0;
 
     for (i = 0; i < n; i++) {
-        uint32_t d = (flags[i] & FL_EXT_HOLE) ? 0 : 1;
+        uint32_t d = kind == FL_CTX_ALLOCATION_DEPTH
+                     ? ((flags[i] & FL_EXT_UNREADABLE) ? 0 : 1)
+                     : flags[i] & (FL_EXT_HOLE | FL_EXT_ZERO);
 
         if (k > 0 && flags[k - 1] == d) {
             lens[k - 1] += lens[i];
@@ -180,8 +186,8 @@ static void run_block_status(fl_conn *c, const struct req *r)
                                     MAX_EXTENTS, &n);
         if (rc < 0)
             break;
-        if (c->ctx_kind[i] == FL_CTX_ALLOCATION_DEPTH)
-            n = depth_of(lens, flags, n);
+        if (c->ctx_kind[i] != FL_CTX_DIRTY_BITMAP)
+            n = context_view(c->ctx_kind[i], lens, flags, n);
         if (n == 0) {       /* never: every in-range request gets one */
             rc = -EIO;
             break;

@@ -3,6 +3,7 @@
  * "Simple reply message", "Structured reply chunk message"), and how it
  * ends: DISC, EOF, a protocol error, shutdown (answered or left for
  * replay), abort, and a client that stops reading. */
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 
@@ -218,6 +219,27 @@ static void test_structured_replies(void)
     CHECK(get32(buf + 24) == 65536 && get32(buf + 28) == 0);
     CHECK(buf[32 + 5] == 1 && get32(buf + 32 + 20) == 9);
     CHECK(get32(buf + 32 + 24) == 65536 && get32(buf + 32 + 28) == 1);
+    /* BLOCK_STATUS across a hole of the raw file: base:allocation data,
+     * HOLE|ZERO, data; qemu:allocation-depth one extent of depth 1 (a
+     * raw file owns all its bytes, holes included, as qemu-nbd -A says) */
+    {
+        uint8_t bs[80];
+        int fd = open(x.path, O_RDWR | O_CLOEXEC);
+
+        CHECK(fd >= 0);
+        CHECK(fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                        1 << 20, 65536) == 0);
+        close(fd);
+        request(req, 4, 0, 7, (1 << 20) - 65536, 3 * 65536);
+        CHECK(send(x.sv[0], req, 28, 0) == 28);
+        recv_all(x.sv[0], bs, 48 + 32);
+        CHECK(bs[5] == 0 && get32(bs + 16) == 4 + 3 * 8 && get32(bs + 20) == 7);
+        CHECK(get32(bs + 24) == 65536 && get32(bs + 28) == 0);
+        CHECK(get32(bs + 32) == 65536 && get32(bs + 36) == 3);
+        CHECK(get32(bs + 40) == 65536 && get32(bs + 44) == 0);
+        CHECK(bs[48 + 5] == 1 && get32(bs + 48 + 16) == 12 && get32(bs + 48 + 20) == 9);
+        CHECK(get32(bs + 48 + 24) == 3 * 65536 && get32(bs + 48 + 28) == 1);
+    }
     shutdown(x.sv[0], SHUT_WR);     /* EOF: closes once idle */
     CHECK(at_eof(x.sv[0]));
     wait_done(&x);

@@ -326,10 +326,12 @@ def test_session_extents(tmp_path: Path) -> None:
         s.discard(3 * CS, CS)
         hz = datapath.EXT_HOLE | datapath.EXT_ZERO
         # Cluster 1 was a hole when its CBW ran: recorded ZERO, still a hole
-        # in the frozen view; cluster 3 was discarded (data).
+        # in the frozen view; cluster 3 was discarded: nothing there, reads
+        # fail EPERM (a hole, not zeros, unreadable).
+        gone = datapath.EXT_HOLE | datapath.EXT_UNREADABLE
         assert s.cluster_state(CS) == datapath.ZERO
-        assert s.extents(0, SIZE) == [(3 * CS, hz), (CS, 0), (SIZE - 4 * CS, hz)]
-        assert s.extents(0, SIZE, max_extents=2) == [(3 * CS, hz), (CS, 0)]
+        assert s.extents(0, SIZE) == [(3 * CS, hz), (CS, gone), (SIZE - 4 * CS, hz)]
+        assert s.extents(0, SIZE, max_extents=2) == [(3 * CS, hz), (CS, gone)]
         assert s.stats().temp_bytes == 0
         assert s.read(0, 100) == (bytearray(100), True)
         with pytest.raises(OSError) as ei:

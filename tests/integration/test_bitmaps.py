@@ -386,8 +386,9 @@ def test_transient_bitmaps_without_a_state_dir(tmp_path: Path,
 
 
 def test_allocation_depth(tmp_path: Path, start_daemon: Callable[..., Daemon]) -> None:
-    """qemu:allocation-depth on the active and snapshot exports: 0 for a hole,
-    1 for data of the raw file."""
+    """qemu:allocation-depth on the active and snapshot exports: 1 for the
+    holes and data of the raw file alike (what qemu-nbd -A says: the raw
+    file owns all its bytes), 0 where a snapshot keeps nothing (discarded)."""
     image = tmp_path / "sparse.img"
     with open(image, "wb") as f:
         f.truncate(4 * G)
@@ -397,7 +398,11 @@ def test_allocation_depth(tmp_path: Path, start_daemon: Callable[..., Daemon]) -
     for export in ("sparse", "sparse@fleece"):
         depth = [(e["offset"], e["length"], e["type"])
                  for e in nbd_map(d, "qemu:allocation-depth", export)]
-        assert depth == [(0, G, 0), (G, G, 1), (2 * G, 2 * G, 0)], export
+        assert depth == [(0, 4 * G, 1)], export
+    qemu_io(d, f"discard {G + 512} {2 * G}", export="sparse@fleece")  # rounds inward
+    depth = [(e["offset"], e["length"], e["type"])
+             for e in nbd_map(d, "qemu:allocation-depth", "sparse@fleece")]
+    assert depth == [(0, 2 * G, 1), (2 * G, G, 0), (3 * G, G, 1)]
 
 
 def test_block_status_edges_with_libnbd(tmp_path: Path,

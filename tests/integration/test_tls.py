@@ -355,6 +355,25 @@ def test_client_certificate_verification(tls_daemon, creds: Creds, tmp_path: Pat
                "--image-opts", qemu_opts(d))
     assert json.loads(info.stdout)["virtual-size"] == SIZE
     assert "client certificate commonName=client" in d.log.read_text()
+    # A client with no certificate finishes its handshake (it can judge ours
+    # first, as with qemu-nbd) and is dropped before any option.
+    assert "TLS client certificate required: the client sent none, closing" in d.log.read_text()
+    # The CertificateRequest names our CA, so a GnuTLS client that holds only
+    # another CA's certificate (and trusts only that CA) sends none and
+    # reports its own verdict on ours, as against qemu-nbd (QEMU's iotest 233).
+    pki = Path(creds.ca).parent
+    other = _client_dir(tmp_path / "other", pki / "rogue-ca-cert.pem",
+                        (pki / "rogue-cert.pem", pki / "rogue-key.pem"))
+    none = "the client sent none, closing"
+    before = d.log.read_text().count(none)
+    proc = run(qemu_img, "info", "--object", qemu_x509(other), "--image-opts", qemu_opts(d),
+               check=False)
+    assert proc.returncode != 0
+    assert "The certificate hasn't got a known issuer" in proc.stderr, proc.stderr
+    deadline = time.monotonic() + 10  # the daemon logs once its side is done
+    while d.log.read_text().count(none) == before:
+        assert time.monotonic() < deadline, d.log.read_text()
+        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------- --tls=require
@@ -595,3 +614,114 @@ def test_bad_credentials_fail_startup(creds: Creds, tmp_path: Path, case: str) -
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- Unix sockets, --tls-authz
+
+
+def test_tls_on_a_unix_socket(start_daemon, creds: Creds, tmp_path: Path) -> None:
+    """Credentials given with ``-k`` apply to that Unix socket, as qemu-nbd
+    applies them: x509 (with the hostname override qemu needs there) and
+    PSK both work, plaintext is refused."""
+    qemu_img = requires("qemu-img")
+    img = tmp_path / "disk.img"
+    data = make_image(img, SIZE)
+    d = start_daemon(str(img), "-x", "disk", *x509_args(creds, "--tls-ca", creds.ca))
+    proc = run(qemu_img, "info", d.url("disk"), check=False)
+    # qemu-nbd's words, which qemu-img shows (QEMU's iotest 233 compares them)
+    assert proc.returncode != 0, proc.stderr
+    assert "server reported: Option 0x7 not permitted before TLS" in proc.stderr
+    unix_opts = f"driver=nbd,server.type=unix,server.path={d.sock},export=disk,tls-creds=tls0"
+    out = tmp_path / "copy.img"
+    run(qemu_img, "convert", "-O", "raw", "--object", qemu_x509(creds.good), "--image-opts",
+        f"{unix_opts},tls-hostname=127.0.0.1", str(out))
+    assert out.read_bytes() == data
+    proc = run(qemu_img, "info", "--object", qemu_x509(creds.anon), "--image-opts",
+               f"{unix_opts},tls-hostname=127.0.0.1", check=False)
+    assert proc.returncode != 0  # --tls-ca: a client certificate is required
+    assert d.stop() == 0
+
+    psk_dir = tmp_path / "psk"
+    keys = make_psk(psk_dir, "alice")
+    d = start_daemon(str(img), "-x", "disk", "--tls-psk", str(keys))
+    unix_opts = f"driver=nbd,server.type=unix,server.path={d.sock},export=disk,tls-creds=tls0"
+    run(qemu_img, "convert", "-O", "raw", "--object", qemu_psk(psk_dir, "alice"),
+        "--image-opts", unix_opts, str(out))
+    assert out.read_bytes() == data
+    info = json.loads(run(requires("nbdinfo"), "--json",
+                          f"nbds+unix://alice@/disk?socket={d.sock}&tls-psk-file={keys}").stdout)
+    assert info["exports"][0]["export-size"] == SIZE
+    wrong = make_psk(tmp_path / "wrong", "alice")
+    proc = run(qemu_img, "info", "--object", qemu_psk(wrong.parent, "alice"),
+               "--image-opts", unix_opts, check=False)
+    assert proc.returncode != 0
+    assert d.stop() == 0
+
+    # A TLS client of a plain server: refused, in qemu-nbd's words.
+    d = start_daemon(str(img), "-x", "disk")
+    unix_opts = f"driver=nbd,server.type=unix,server.path={d.sock},export=disk,tls-creds=tls0"
+    proc = run(qemu_img, "info", "--object", qemu_psk(psk_dir, "alice"), "--image-opts",
+               unix_opts, check=False)
+    assert proc.returncode != 0
+    assert "server reported: TLS not configured" in proc.stderr, proc.stderr
+
+
+def test_tls_authz_allow_list(tls_daemon, creds: Creds, tmp_path: Path) -> None:
+    """``--tls-authz DN``: only clients whose certificate subject is on the
+    list get past the handshake (written as ``openssl x509 -nameopt
+    RFC2253`` prints it); another client the CA signed is dropped right
+    after the handshake, before any option, with the reason logged."""
+    qemu_img = requires("qemu-img")
+    img = tmp_path / "disk.img"
+    data = make_image(img, SIZE)
+    d0 = tmp_path / "pki"
+    d0.mkdir()
+    ca = (Path(creds.ca), Path(creds.ca).with_name("ca-key.pem"))
+    key, cert, csr = d0 / "backup-key.pem", d0 / "backup-cert.pem", d0 / "backup.csr"
+    (d0 / "ext").write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", str(key), "-out", str(csr),
+             "-subj", "/C=FR/O=Example, Inc./OU=backup+UID=42/CN=backup host")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(d0 / "ext"))
+    dn = run(requires("openssl"), "x509", "-in", str(cert), "-noout", "-subject",
+             "-nameopt", "RFC2253").stdout.strip().removeprefix("subject=")
+    assert dn == "CN=backup host,UID=42+OU=backup,O=Example\\, Inc.,C=FR"
+    backup = _client_dir(d0 / "client", ca[0], (cert, key))
+    d = tls_daemon(img, *x509_args(creds, "--tls-ca", creds.ca, "--tls-authz", "CN=nobody",
+                                   "--tls-authz", dn))
+    out = tmp_path / "copy.img"
+    run(qemu_img, "convert", "-O", "raw", "--object", qemu_x509(backup), "--image-opts",
+        qemu_opts(d), str(out))
+    assert out.read_bytes() == data
+    for _ in range(3):
+        # Cut as qemu-nbd cuts it: TCP's end without a TLS close_notify, and
+        # never a reset under the client's first option (which it had sent).
+        proc = run(qemu_img, "info", "--object", qemu_x509(creds.good), "--image-opts",
+                   qemu_opts(d), check=False)
+        assert proc.returncode != 0
+        assert ("Failed to read option reply: Cannot read from TLS channel: "
+                "Software caused connection abort") in proc.stderr, proc.stderr
+    proc = run(requires("nbdinfo"), "--size", d.nbds(f"tls-certificates={creds.good}"),
+               check=False)
+    assert proc.returncode != 0
+    assert "TLS x509 authz check for CN=client is denied, closing" in d.log.read_text()
+    assert_serving_as(d, backup)
+
+
+def assert_serving_as(d: TlsDaemon, client_dir: str) -> None:
+    assert d.proc.poll() is None
+    assert nbdinfo_size(d.nbds(f"tls-certificates={client_dir}")) == SIZE
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--tls-authz", "CN=x"], "--tls-authz checks client certificates"),
+    (["--tls-psk", "k.psk", "--tls-authz", "CN=x"], "--tls-authz checks client certificates"),
+])
+def test_tls_authz_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
+    img = tmp_path / "disk.img"
+    make_image(img, MiB)
+    proc = subprocess.run([sys.executable, "-m", "fleeced", "serve", str(img), "-k",
+                           str(tmp_path / "s.sock"), "--no-control", *args],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr

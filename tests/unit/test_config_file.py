@@ -147,6 +147,26 @@ def test_tls_mode_defaults_to_require_with_credentials(tmp_path: Path) -> None:
     assert cfg.tls == TlsConfig(mode="require", psk_file=f"{tmp_path}/keys.psk")
 
 
+def test_tls_unix_authz_and_disk_bitmaps(tmp_path: Path) -> None:
+    img = _image(tmp_path)
+    for name in ("cert.pem", "key.pem", "ca.pem"):
+        (tmp_path / name).write_text("x")
+    cfg = load_config(_write(tmp_path, f"""
+        control = "{tmp_path}/ctl.sock"
+        [tls]
+        cert = "cert.pem"
+        key = "key.pem"
+        ca = "ca.pem"
+        unix = true
+        authz = ['CN=a,O=Example\\, Inc.', "CN=b"]
+        [[disk]]
+        path = "{img}"
+        bitmaps = ["daily", "weekly"]
+    """))
+    assert cfg.tls.unix and cfg.tls.authz == ("CN=a,O=Example\\, Inc.", "CN=b")
+    assert cfg.disks[0].bitmaps == ("daily", "weekly")
+
+
 def test_default_state_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert default_state_dir() == "/var/lib/fleeced"
@@ -256,6 +276,9 @@ def test_not_utf8(tmp_path: Path) -> None:
     ("[tls]\ncert = 'F'\nkey = 'F'\npsk-file = 'F'\n", "tls: cert and psk-file are alternatives"),
     ("[tls]\nca = 'F'\n", r"tls\.ca: needs cert and key"),
     ("[tls]\ncert = 'missing.pem'\nkey = 'F'\n", r"tls\.cert: .*/missing\.pem: no such file"),
+    ("[tls]\ncert = 'F'\nkey = 'F'\nauthz = ['CN=x']\n", r"tls\.authz: checks client cert"),
+    ("[tls]\ncert = 'F'\nkey = 'F'\nca = 'F'\nauthz = 'CN=x'\n", r"tls\.authz: a list of"),
+    ("[tls]\nunix = 'yes'\n", r"tls\.unix: must be a boolean"),
     # session defaults: sizes, and everything fleece-start would refuse
     ("[session]\ncluster-size = '64Q'\n", r"session\.cluster-size: invalid size '64Q'"),
     ("[session]\ncache = -5\n", r"session\.cache: must not be negative"),
@@ -285,6 +308,7 @@ def test_not_utf8(tmp_path: Path) -> None:
     ("[[disk]]\npath = 'IMG'\n[[disk]]\npath = 'IMG'\n",
      r"disk\[2\]\.name: 'vm1' is already the name of disk\[1\]"),
     ("[[disk]]\npath = 'IMG'\ndescription = 3\n", r"disk\[1\]\.description: must be a string"),
+    ("[[disk]]\npath = 'IMG'\nbitmaps = 'b1'\n", r"disk\[1\]\.bitmaps: a list of bitmap"),
 ])
 def test_schema_errors_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
     _image(tmp_path)

@@ -88,6 +88,7 @@ class BitmapCommands(DaemonCore):
                 if bm.name in session.bitmaps and session.bitmaps[bm.name] is bm:
                     raise CommandError(f"bitmap '{bm.name}' is in use by session "
                                        f"'{session.name}'")
+            bmap.check_removable(disk.name, bm.name, self.config.disks)
             del disk.bitmaps[bm.name]
 
             async def undo() -> None:

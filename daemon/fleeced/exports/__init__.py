@@ -31,6 +31,7 @@ from fleeced.exports.base import (
     Export,
     ExportStats,
     allocation_depth,
+    base_allocation,
     bitmap_extents,
 )
 from fleeced.exports.disk import Disk
@@ -42,6 +43,7 @@ __all__ = [
     "CbwTargetExport",
     "OUTSIDE_SCOPE", "ActiveExport", "DirtyBitmap", "Disk", "Export", "ExportStats",
     "ReadResult", "ReplySocket", "ReplyTorn", "Session", "SessionOptions", "SnapshotExport",
-    "allocation_depth", "bitmap_extents", "default_temp_dir", "image_export_name",
+    "allocation_depth", "base_allocation", "bitmap_extents", "default_temp_dir",
+    "image_export_name",
     "open_reply_socket",
 ]

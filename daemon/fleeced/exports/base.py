@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -190,16 +191,29 @@ DIRTY_BITMAP = "qemu:dirty-bitmap:"
 
 
 def allocation_depth(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """``qemu:allocation-depth`` of a raw image from its ``base:allocation``
-    extents: 0 for a hole, 1 for data (what ``qemu-nbd -A`` reports for a
-    raw file), adjacent runs merged."""
+    """``qemu:allocation-depth`` from the native extents of an image or a
+    frozen view: 1 wherever a read returns the raw image's data, holes
+    included (a raw file is one layer that owns all of its bytes: what
+    ``qemu-nbd -A`` reports), 0 where nothing is there (outside a
+    snapshot's scope, or discarded: reads fail EPERM); adjacent runs merged
+    (native/src/conn_dispatch.c context_view does the same)."""
+    return _merged((n, 0 if flags & datapath.EXT_UNREADABLE else 1) for n, flags in extents)
+
+
+def base_allocation(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``base:allocation`` from native extents: the NBD flags only (HOLE,
+    ZERO), adjacent runs merged."""
+    nbd_flags = datapath.EXT_HOLE | datapath.EXT_ZERO
+    return _merged((n, flags & nbd_flags) for n, flags in extents)
+
+
+def _merged(extents: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for length, flags in extents:
-        depth = 0 if flags & datapath.EXT_HOLE else 1
-        if out and out[-1][1] == depth:
-            out[-1] = (out[-1][0] + length, depth)
+        if out and out[-1][1] == flags:
+            out[-1] = (out[-1][0] + length, flags)
         else:
-            out.append((length, depth))
+            out.append((length, flags))
     return out
 
 
@@ -283,7 +297,7 @@ class ExportBase:
             negotiated (its bitmap was removed).
         """
         if context == BASE_ALLOCATION:
-            return await self.extents(offset, length)
+            return base_allocation(await self.extents(offset, length))
         if context == ALLOCATION_DEPTH:
             return allocation_depth(await self.extents(offset, length))
         if context.startswith(DIRTY_BITMAP):

@@ -527,7 +527,9 @@ class ServerConnection:
                 # cannot be answered with an error, MUST terminate the session.
                 if opt == NbdOpt.EXPORT_NAME:
                     raise NbdProtocolError("NBD_OPT_EXPORT_NAME before TLS (TLS is required)")
-                self._opt_reply(opt, NbdRep.ERR_TLS_REQD, b"TLS is required: use NBD_OPT_STARTTLS")
+                # The message is qemu-nbd's (nbd/server.c), word for word.
+                self._opt_reply(opt, NbdRep.ERR_TLS_REQD,
+                                b"Option 0x%x not permitted before TLS" % opt)
                 continue
             handler = _OPTION_HANDLERS.get(opt)
             if handler is None:
@@ -578,7 +580,7 @@ class ServerConnection:
             self._opt_reply(opt, NbdRep.ERR_INVALID, b"TLS is already active")
             return None
         if self._tls is TlsMode.OFF:
-            self._opt_reply(opt, NbdRep.ERR_POLICY, b"TLS is not enabled on this connection")
+            self._opt_reply(opt, NbdRep.ERR_POLICY, b"TLS not configured")  # qemu-nbd's words
             return None
         # A client MUST wait for our ACK before its TLS handshake (proto.md "Client-side
         # requirements"), so bytes already here were sent in plaintext after STARTTLS:

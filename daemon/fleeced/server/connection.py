@@ -88,6 +88,10 @@ _CMD_READ: Final = int(NbdCmd.READ)
 
 #: Requests in flight per connection before reading pauses.
 MAX_IN_FLIGHT: Final = 64
+#: Seconds a connection refused after its TLS handshake reads and drops
+#: what its client still sends before it is aborted (as native connections
+#: linger at their close).
+REFUSED_LINGER: Final = 0.5
 
 #: READs at least this large have their reply written by a native worker
 #: (header + data straight to the socket, never waiting on it), taking the
@@ -154,6 +158,9 @@ class NbdConnection(asyncio.Protocol):
         # None then), and TLS data that arrived before start_tls() returned.
         self._upgrading: asyncio.Transport | None = None
         self._early: list[bytes] = []
+        #: Refused after the TLS handshake (``--tls-authz``, no client
+        #: certificate): whatever the client still sends is dropped unread.
+        self._refused = False
         self.export: Export | None = None
         self.peer = "?"
         self._tasks: set[asyncio.Task[None]] = set()
@@ -222,6 +229,8 @@ class NbdConnection(asyncio.Protocol):
             self.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         if self._upgrading is not None:
             # Only the TLS layer calls us now (it owns the plaintext
             # transport): this is decrypted data that came before start_tls()
@@ -237,7 +246,7 @@ class NbdConnection(asyncio.Protocol):
         # report it twice.
         if not self._eof:
             self._eof = True
-            if self._upgrading is None:
+            if self._upgrading is None and not self._refused:
                 self._engine.receive_eof()
                 self._process()
         if self._replies.tls:
@@ -532,9 +541,16 @@ class NbdConnection(asyncio.Protocol):
             if tls is not None:  # else plain was aborted above
                 tls.abort()
             return
+        sslobj = tls.get_extra_info("ssl_object")
+        why = self._server.tls.denied(sslobj.getpeercert() if sslobj is not None else None)
+        if why is not None:
+            # As qemu-nbd: the allow-list is checked once the handshake is
+            # done, and a client not on it is dropped before any option.
+            log.warning("client %s: %s, closing", self.peer, why)
+            self._refuse(plain, tls)
+            return
         self._replies.attach(tls)
         self._engine.tls_started()
-        sslobj = tls.get_extra_info("ssl_object")
         if sslobj is not None:
             cipher = sslobj.cipher()
             peer = sslobj.getpeercert() or {}
@@ -548,6 +564,23 @@ class NbdConnection(asyncio.Protocol):
         if self._eof and not self._closing:
             self._engine.receive_eof()
             self._process()
+
+    def _refuse(self, plain: asyncio.Transport, tls: asyncio.Transport) -> None:
+        """End a connection refused right after its TLS handshake the way
+        qemu-nbd does: the TCP end goes out first (no TLS close_notify:
+        the client sees the session cut, not a clean end), and what the
+        client sent meanwhile (its first option) is read and dropped, so
+        the close never resets the connection under the client before it
+        read the end; 500 ms at most, then the transport is aborted."""
+        self._closing = True
+        self._refused = True
+        self._early.clear()
+        try:
+            plain.write_eof()
+        except (OSError, RuntimeError):  # already gone, or cannot half-close
+            tls.abort()
+            return
+        asyncio.get_running_loop().call_later(REFUSED_LINGER, tls.abort)
 
     def _take_run(self) -> bool:
         """Have the export take the READs or WRITEs at the head of the input,

@@ -19,13 +19,14 @@ connections, ``--data-plane loop``); a native connection bounds its own
 replies in C (4 MiB of requests in flight and replies unread) and never
 takes from, or waits for, the daemon-wide budget.
 
-TLS (``--tls``) applies to TCP listeners, bound or inherited, and never to
-Unix sockets: a Unix-socket client is a local peer whose access the file
-mode already controls, and STARTTLS there gets NBD_REP_ERR_POLICY.  (qemu-nbd
-applies its tls-creds to Unix sockets too; our CLI refuses TLS with
-``--socket``, so the difference shows only in service mode with both kinds
-of listener.)  The server context is built, and its files read, when the
-first TCP listener is set up, so bad credentials fail the start-up.
+TLS (``--tls``) applies to TCP listeners, bound or inherited, and to Unix
+sockets only when asked (``TlsConfig.unix``: credentials given with ``-k``,
+as qemu-nbd applies them, or ``[tls] unix = true``): a Unix-socket client is
+a local peer whose access the file mode already controls, so a service's
+Unix sockets stay plain by default, and STARTTLS there gets
+NBD_REP_ERR_POLICY.  The server context is built, and its files read, when
+the first listener that uses it is set up, so bad credentials fail the
+start-up.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class NbdServer:
         self.handshake_limit = handshake_limit
         self.reply_budget = reply_budget
         self.stall_timeout = stall_timeout
-        #: TLS for TCP connections (``--tls``); Unix-socket clients never use it.
+        #: TLS for TCP connections (``--tls``), and Unix ones when ``tls.unix``.
         self.tls = tls or TlsConfig()
         self._tls_context: ssl.SSLContext | None = None
         self._charged = 0
@@ -293,7 +294,7 @@ class NbdServer:
     # -- listeners -----------------------------------------------------------
 
     def _factory(self) -> NbdConnection:
-        return NbdConnection(self)
+        return NbdConnection(self, self._tls_context if self.tls.unix else None)
 
     def _tcp_factory(self) -> NbdConnection:
         return NbdConnection(self, self._tls_context)
@@ -306,8 +307,11 @@ class NbdServer:
         """
         if self.tls.enabled and self._tls_context is None:
             self._tls_context = self.tls.server_context()
-            log.info("TLS %s on TCP listeners", "required" if self.tls.mode == "require"
-                     else "offered")
+            log.info("TLS %s on TCP%s listeners%s",
+                     "required" if self.tls.mode == "require" else "offered",
+                     " and Unix" if self.tls.unix else "",
+                     f", {len(self.tls.authz)} client names allowed" if self.tls.authz
+                     else "")
 
     async def listen_unix(self, path: str, mode: int = DEFAULT_SOCKET_MODE,
                           group: str | None = None) -> None:
@@ -332,6 +336,8 @@ class NbdServer:
             if unix_socket_in_use(path):
                 raise OSError(errno.EADDRINUSE, f"{path}: address already in use")
             os.unlink(path)
+        if self.tls.unix:
+            self._prepare_tls()
         loop = asyncio.get_running_loop()
         # Start-up only: no other thread creates files meanwhile.
         old = os.umask(0o177)
@@ -373,6 +379,8 @@ class NbdServer:
         """
         loop = asyncio.get_running_loop()
         if sock.family == socket.AF_UNIX:
+            if self.tls.unix:
+                self._prepare_tls()
             server = await loop.create_unix_server(self._factory, sock=sock)
         else:
             self._prepare_tls()

@@ -218,8 +218,8 @@ TLS_REQD_LIST = bytes.fromhex(
     "0003e889045565a9"  # option reply magic
     "00000003"  # option: LIST
     "80000005"  # reply type: ERR_TLS_REQD
-    "00000025"  # length: 37, the message
-) + b"TLS is required: use NBD_OPT_STARTTLS"
+    "00000023"  # length: 35, the message (qemu-nbd's words)
+) + b"Option 0x3 not permitted before TLS"
 
 
 def test_require_list_before_tls_vector() -> None:
