@@ -341,6 +341,11 @@ def test_the_shipped_example_loads(tmp_path: Path) -> None:
             .replace("/var/cache/fleeced", str(tmp_path / "cache"))
             .replace("/run/fleeced/", f"{tmp_path}/")
             .replace("/var/lib/fleeced", str(tmp_path / "state")))
+    # As shipped it serves no disk (the package installs it as the service's
+    # config); its first disk example, uncommented, is a working disk.
+    assert load_config(_write(tmp_path, text)).disks == []
+    text = (text.replace('#[[disk]]\n#name = "vm1-vda"', '[[disk]]\nname = "vm1-vda"', 1)
+            .replace(f'#source = "{img}"', f'source = "{img}"', 1))
     cfg = load_config(_write(tmp_path, text))
     assert [d.name for d in cfg.disks] == ["vm1-vda"]
     assert cfg.session_defaults["cluster-size"] == 64 << 10
