@@ -874,8 +874,8 @@ class NativeSession(_Handle):
         least once (a whole cluster when any byte of it was read; the disk's
         short tail cluster its own bytes); ``total_bytes`` is the scope at the
         snapshot point (the disk, or the ``scope``/``checkpoint_since``
-        clusters).  Block status and discard count nothing.  Lock-free in C:
-        safe on the event loop.
+        clusters).  Discard counts nothing; block status only through
+        :meth:`note_zero`.  Lock-free in C: safe on the event loop.
 
         :raise OSError: ``EBADF`` closed.
         """
@@ -883,6 +883,18 @@ class NativeSession(_Handle):
         total = ffi.new("uint64_t *")
         _check(lib.fl_session_progress(self._handle(), read, total))
         return int(read[0]), int(total[0])
+
+    def note_zero(self, off: int, length: int) -> None:
+        """Count the whole clusters of ``[off, off+length)`` as read: a
+        ``base:allocation`` reply told the client they read as zeros, so a
+        backup that follows the map skips them.  Takes the session's mutex
+        only (never held across I/O): safe on the event loop.
+
+        :raise OSError: ``EINVAL`` outside the disk, ``EBADF`` closed.
+        """
+        h = self._handle()
+        o, n = _range(off, length, self._size)
+        _check(lib.fl_session_note_zero(h, o, n))
 
     def cluster_state(self, off: int) -> int:
         """State (``NOT_NEEDED``/``NEEDED``/``COPYING``/``COPIED``/``ZERO``) of the cluster at OFF.

@@ -380,10 +380,19 @@ int fl_session_stats(fl_session *s, struct fl_session_stats *out);
  * of its bytes was read; the disk's tail cluster counts its own bytes),
  * *TOTAL_BYTES = bytes of the clusters in the scope at the snapshot point
  * (the disk, or the --bitmap / checkpoint_since scope; discards do not
- * shrink it).  Block status and discard count nothing.  Lock-free, never
+ * shrink it).  Discard counts nothing; block status only through
+ * fl_session_note_zero.  Lock-free, never
  * blocks: safe on an event-loop thread. */
 int fl_session_progress(const fl_session *s, uint64_t *read_bytes,
                         uint64_t *total_bytes);
+/* Progress of [OFF, OFF+LEN), which a base:allocation reply told a client
+ * reads as zeros (NBD_STATE_ZERO): its whole clusters in the scope count
+ * as read, since a backup that follows the map (nbdcopy, qemu-img convert)
+ * skips them and has their content all the same (the disk's tail cluster
+ * counts when the range reaches the end).  A partly covered cluster counts
+ * nothing.  Takes the session's mutex (never held across I/O).  -EINVAL
+ * when the range is outside the disk. */
+int fl_session_note_zero(fl_session *s, uint64_t off, uint64_t len);
 /* An eventfd (non-blocking, close-on-exec) that becomes readable once,
  * when the session breaks (CBW failed under FL_BREAK_SNAPSHOT): the
  * daemon's event loop watches it instead of polling the stats.  Owned by

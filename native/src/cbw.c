@@ -159,7 +159,10 @@
  * successful snapshot read touched any byte of the cluster (a client that
  * reads in pieces smaller than a cluster, or whose last request ends in a
  * short tail cluster, still reaches 100%; a failed read marks nothing;
- * block status and discard mark nothing).  Only clusters in the scope at
+ * discard marks nothing), or when a base:allocation reply told the client
+ * that the whole cluster reads as zeros (fl_session_note_zero: a backup
+ * that follows the map never reads those, and a sparse disk's backup
+ * would otherwise end far below 100%; the other contexts mark nothing).  Only clusters in the scope at
  * the snapshot point can be read (NOT_NEEDED is final), so the count never
  * exceeds total_bytes, the scope's bytes fixed at open (the whole disk, or
  * the clusters of the --bitmap scope or of checkpoint_since's dirty runs).
@@ -1588,6 +1591,32 @@ int fl_session_progress(const fl_session *s, uint64_t *read_bytes,
         return -EINVAL;
     *read_bytes = __atomic_load_n(&s->read_bytes, __ATOMIC_RELAXED);
     *total_bytes = s->total_bytes;
+    return 0;
+}
+
+int fl_session_note_zero(fl_session *s, uint64_t off, uint64_t len)
+{
+    uint64_t end, c, c0, c1;
+    int rc = fl__range_ok(off, len, s->size);
+
+    if (rc < 0 || len == 0)
+        return rc;
+    end = off + len;
+    c0 = (off + s->cs - 1) >> s->shift;                 /* first whole one */
+    c1 = end == s->size ? s->n_clusters : end >> s->shift; /* exclusive */
+    pthread_mutex_lock(&s->lock);
+    /* Runs of clusters in the scope: the others are never in total_bytes
+     * (base:allocation reports them HOLE without ZERO anyway). */
+    for (c = c0; c < c1;) {
+        uint64_t run = c;
+
+        while (run < c1 && s->state[run] != FL_NOT_NEEDED)
+            run++;
+        if (run > c)
+            mark_read(s, c, run - 1);
+        c = run + 1;
+    }
+    pthread_mutex_unlock(&s->lock);
     return 0;
 }
 

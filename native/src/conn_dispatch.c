@@ -21,7 +21,8 @@
  * range over HOLE_MIN), WRITE (FUA), WRITE_ZEROES (NO_HOLE, FAST_ZERO,
  * FUA), TRIM (a session's discard on a snapshot), FLUSH, CACHE,
  * BLOCK_STATUS (base:allocation, qemu:allocation-depth,
- * qemu:dirty-bitmap:*; one chunk per negotiated context, REQ_ONE).
+ * qemu:dirty-bitmap:*; one chunk per negotiated context, REQ_ONE; a
+ * snapshot's base:allocation ZERO extents count toward its progress).
  * Success replies of commands without payload are simple.
  *
  * Locks (conn.c has the table): lock only to count a request in and out
@@ -162,6 +163,17 @@ static size_t context_view(int kind, uint64_t *lens, uint32_t *flags, size_t n)
     return k;
 }
 
+/* The snapshot's zero extents this reply tells the client of count as
+ * backed up (fl_session_note_zero); the extents lie inside the request,
+ * which lies inside the disk. */
+static void note_zeros(fl_session *s, uint64_t off, const uint64_t *lens,
+                       const uint32_t *flags, size_t n)
+{
+    for (size_t j = 0; j < n; off += lens[j++])
+        if (flags[j] & FL_EXT_ZERO)
+            (void)fl_session_note_zero(s, off, lens[j]);
+}
+
 static void run_block_status(fl_conn *c, const struct req *r)
 {
     uint64_t lens[MAX_EXTENTS];
@@ -194,6 +206,8 @@ static void run_block_status(fl_conn *c, const struct req *r)
         }
         if (r->flags & F_REQ_ONE)
             n = 1;
+        if (c->ctx_kind[i] == FL_CTX_BASE_ALLOCATION && c->file == NULL)
+            note_zeros(c->session, r->off, lens, flags, n);
         bytes = 20 + 4 + 8 * n;
         grown = realloc(out, used + bytes);
         if (grown == NULL) {

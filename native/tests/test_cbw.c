@@ -1233,7 +1233,7 @@ static void test_put_old(void)
  * of a 6-cluster image whose tail cluster holds 1000 bytes, and the read
  * bytes expected after it.  A cluster counts whole once any byte of it was
  * read by a read that succeeded; the tail counts its own 1000 bytes. */
-enum { P_READ, P_DISCARD, P_EXTENTS };
+enum { P_READ, P_DISCARD, P_EXTENTS, P_ZERO };
 struct pvec {
     int op;
     uint64_t off, len;
@@ -1255,6 +1255,8 @@ static void run_pvecs(fl_session *s, const struct pvec *v, size_t n,
                      ? fl_session_read(s, b, v[i].len, v[i].off, NULL)
                  : v[i].op == P_DISCARD
                      ? fl_session_discard(s, v[i].off, v[i].len)
+                 : v[i].op == P_ZERO
+                     ? fl_session_note_zero(s, v[i].off, v[i].len)
                      : fl_session_extents(s, v[i].off, v[i].len, lens, flags,
                                           16, &ne);
         if (rc != v[i].rc || fl_session_progress(s, &r, &t) != 0 ||
@@ -1291,6 +1293,21 @@ static void test_progress(void)
         { P_READ, 4 * CS + 100, SZ - 4 * CS - 100, 0, 2 * CS + 1000 },
         { P_READ, CS, 1, 0, 2 * CS + 1000 },
     };
+    /* Zeros a base:allocation reply told of: whole clusters only (the
+     * tail when the range reaches the end), once, in the scope only. */
+    static const struct pvec zeros[] = {
+        { P_ZERO, 10, CS, 0, 0 },                    /* no whole cluster */
+        { P_ZERO, 0, CS, 0, CS },
+        { P_ZERO, CS, CS + 5, 0, 2 * CS },           /* 1, not 2 */
+        { P_READ, 2 * CS, 1, 0, 3 * CS },
+        { P_ZERO, 4 * CS, SZ - 4 * CS, 0, 4 * CS + 1000 }, /* 4 + tail */
+        { P_ZERO, 0, SZ, 0, 5 * CS + 1000 },         /* only 3 is new */
+        { P_ZERO, SZ, 1, -EINVAL, 5 * CS + 1000 },
+    };
+    static const struct pvec scoped_zeros[] = {
+        { P_ZERO, 0, CS, 0, 0 },                     /* outside the scope */
+        { P_ZERO, 0, SZ, 0, 2 * CS + 1000 },         /* 1, 4 and the tail */
+    };
     uint64_t so[3] = { CS + 5, 4 * CS, SZ - 3 }, sl[3] = { 10, 1, 1 };
     struct fl_session_params p;
     fl_bitmap *old;
@@ -1309,6 +1326,20 @@ static void test_progress(void)
     p.n_scope = 3;
     fix_open(&x, SZ, &p);
     run_pvecs(x.s, scoped, sizeof(scoped) / sizeof(scoped[0]), 2 * CS + 1000);
+    fix_close(&x);
+
+    params_init(&p, CS);
+    fix_open(&x, SZ, &p);
+    run_pvecs(x.s, zeros, sizeof(zeros) / sizeof(zeros[0]), SZ);
+    fix_close(&x);
+
+    params_init(&p, CS);
+    p.scope_off = so;
+    p.scope_len = sl;
+    p.n_scope = 3;
+    fix_open(&x, SZ, &p);
+    run_pvecs(x.s, scoped_zeros, sizeof(scoped_zeros) / sizeof(scoped_zeros[0]),
+              2 * CS + 1000);
     fix_close(&x);
 
     /* Incremental: the scope is checkpoint_since's dirty runs, here a

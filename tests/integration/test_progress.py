@@ -90,6 +90,38 @@ def test_nbdcopy_full_read_is_100_percent(
 
 
 @pytest.mark.parametrize("plane", PLANES)
+def test_a_sparse_disk_backed_up_by_the_map_reaches_100_percent(
+        tmp_path: Path, start_daemon: Callable[..., Daemon], plane: str) -> None:
+    """nbdcopy skips what base:allocation says reads as zeros: those
+    clusters count as backed up, so a sparse disk's full backup ends at
+    100%; qemu:allocation-depth and partial zero clusters count nothing."""
+    img = tmp_path / "disk.img"
+    with open(img, "wb") as f:
+        f.truncate(SIZE)
+        for c in (0, 5, 6):
+            f.seek(c * CS + 100)
+            f.write(os.urandom(4096))
+    d = start_daemon(str(img), "--data-plane", plane)
+    qmp(d, "fleece-start", {"disk": "disk"})
+    nbdinfo = requires("nbdinfo")
+    run(nbdinfo, "--map=qemu:allocation-depth", d.url("disk@fleece"))
+    assert progress(d) == {"read": 0, "total": SIZE}
+    # Cluster 1 whole and cluster 2 in part: one cluster.
+    script = (
+        "import nbd, sys\n"
+        "h = nbd.NBD()\n"
+        "h.add_meta_context('base:allocation')\n"
+        "h.connect_uri(sys.argv[1])\n"
+        f"h.block_status({CS + 4096}, {CS}, lambda *a: 0)\n"
+        "h.shutdown()\n")
+    run(requires_libnbd_python(), "-c", script, d.url("disk@fleece"))
+    assert progress(d) == {"read": CS, "total": SIZE}
+    run(requires("nbdcopy"), d.url("disk@fleece"), str(tmp_path / "backup.img"))
+    assert (tmp_path / "backup.img").read_bytes() == img.read_bytes()
+    assert progress(d) == {"read": SIZE, "total": SIZE}
+
+
+@pytest.mark.parametrize("plane", PLANES)
 def test_incremental_total_is_the_scope(
         tmp_path: Path, image: Path, start_daemon: Callable[..., Daemon], plane: str) -> None:
     d = start_daemon(str(image), "--data-plane", plane, "--state-dir", str(tmp_path / "st"))

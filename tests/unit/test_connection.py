@@ -214,6 +214,10 @@ class FakeExport:
                               length: int) -> list[tuple[int, int]]:
         return [(length, 0)]
 
+    def extents_told(self, context: str, offset: int,
+                     extents: list[tuple[int, int]]) -> None:
+        return None
+
     def error_message(self, exc: OSError) -> str:
         return exc.strerror or ""
 

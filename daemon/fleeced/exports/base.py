@@ -147,6 +147,9 @@ class Export(Protocol):
     async def context_extents(self, context: str, offset: int,
                               length: int) -> list[tuple[int, int]]: ...
 
+    def extents_told(self, context: str, offset: int,
+                     extents: list[tuple[int, int]]) -> None: ...
+
     def error_message(self, exc: OSError) -> str: ...
 
     def client_gone(self) -> None:
@@ -288,6 +291,11 @@ class ExportBase:
 
     async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         raise NotImplementedError
+
+    def extents_told(self, context: str, offset: int,
+                     extents: list[tuple[int, int]]) -> None:
+        """EXTENTS of CONTEXT from OFFSET went out in a block status reply
+        (a snapshot counts their zeros toward its progress)."""
 
     async def context_extents(self, context: str, offset: int,
                               length: int) -> list[tuple[int, int]]:

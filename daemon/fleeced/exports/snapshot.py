@@ -15,7 +15,14 @@ from fleeced.datapath import (
     SessionParams,
     SessionStats,
 )
-from fleeced.exports.base import OUTSIDE_SCOPE, DirtyBitmap, DiskView, ExportBase, ExportStats
+from fleeced.exports.base import (
+    BASE_ALLOCATION,
+    OUTSIDE_SCOPE,
+    DirtyBitmap,
+    DiskView,
+    ExportBase,
+    ExportStats,
+)
 from fleeced.ioqueue import IoQueue, ReadResult, ReplySocket
 from fleeced.nbd import ExportInfo
 from fleeced.progress import ProgressEvents
@@ -165,6 +172,21 @@ class SnapshotExport(ExportBase):
 
     async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         return await self._io.extents(self.session.native, offset, length)
+
+    def extents_told(self, context: str, offset: int,
+                     extents: list[tuple[int, int]]) -> None:
+        # A backup that follows the map skips what reads as zeros: those
+        # clusters are backed up as much as read ones (the native data
+        # plane does the same in C).
+        if context != BASE_ALLOCATION:
+            return
+        for length, flags in extents:
+            if flags & datapath.EXT_ZERO:
+                try:
+                    self.session.native.note_zero(offset, length)
+                except OSError:
+                    return  # the session closed: nothing left to count
+            offset += length
 
     def error_message(self, exc: OSError) -> str:
         if exc.errno == errno.EPERM:

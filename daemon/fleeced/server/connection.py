@@ -1100,6 +1100,7 @@ class NbdConnection(asyncio.Protocol):
             extents = await export.context_extents(ctx_name, cmd.offset, cmd.length)
             if cmd.flags & NbdCmdFlag.REQ_ONE:
                 extents = extents[:1]
+            export.extents_told(ctx_name, cmd.offset, extents)
             replies.append((ctx_id, extents))
         self._engine.reply_block_status(cmd.cookie, replies)
 
