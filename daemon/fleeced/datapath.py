@@ -70,6 +70,11 @@ ZERO: Final[int] = int(lib.FL_ZERO)
 EXT_HOLE: Final[int] = int(lib.FL_EXT_HOLE)
 EXT_ZERO: Final[int] = int(lib.FL_EXT_ZERO)
 EXT_DIRTY: Final[int] = int(lib.FL_EXT_DIRTY)
+#: The commands ``struct fl_file_stats`` counts, by index (NBD's names).
+FILE_COMMANDS: Final[tuple[str, ...]] = (
+    "read", "write", "write_zeroes", "trim", "flush", "cache", "block_status")
+assert len(FILE_COMMANDS) == int(lib.FL_CMDS)
+assert int(lib.FL_CMD_BLOCK_STATUS) == FILE_COMMANDS.index("block_status")
 
 #: ``recovered`` values of :meth:`NativeBitmap.open` (both load all dirty):
 #: the file was left in use (the daemon died with it open), or its checksum or
@@ -327,6 +332,23 @@ class NativeFile(_Handle):
         """The errno of the upstream's last lost connection or timed-out
         command, 0 while it answers (always 0 for a file)."""
         return int(lib.fl_file_source_error(self._handle()))
+
+    def stats(self) -> FileStats:
+        """What was asked of the image so far, by every caller (both data
+        planes count in C).  Atomic loads only: safe on the event loop.
+
+        :raise OSError: ``EBADF`` when closed.
+        """
+        st = ffi.new("struct fl_file_stats *")
+        lib.fl_file_stats(self._handle(), st)
+        return FileStats(
+            requests={name: int(st.requests[i]) for i, name in enumerate(FILE_COMMANDS)},
+            bytes={name: int(st.bytes[i]) for i, name in enumerate(FILE_COMMANDS)},
+            errors={e: int(st.errors[e]) for e in range(int(lib.FL_ERRNO_SLOTS))
+                    if st.errors[e]},
+            write_latency=_latency(st.write_latency),
+            flush_latency=_latency(st.flush_latency),
+        )
 
     @property
     def identity(self) -> tuple[str, int, int]:
@@ -667,6 +689,51 @@ class SessionStats:
     discarded_bytes: int
     broken: bool
     broken_errno: int
+    #: Guest writes' time in this session's copy-before-write (those that
+    #: copied or waited for a copy).
+    cbw_latency: Latency
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """A latency histogram of the C data path (``struct fl_latency``).
+
+    ``buckets[i]`` counts observations under ``2**i`` microseconds and, for
+    ``i > 0``, from ``2**(i-1)``; the last bucket has no upper bound.
+    """
+
+    count: int
+    sum_seconds: float
+    buckets: tuple[int, ...]
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound in seconds, observations at or under it), the last
+        bound ``inf``: the shape of a Prometheus histogram."""
+        out: list[tuple[float, int]] = []
+        total = 0
+        last = len(self.buckets) - 1
+        for i, n in enumerate(self.buckets):
+            total += n
+            out.append((float("inf") if i == last else 2.0 ** i / 1e6, total))
+        return out
+
+
+def _latency(c: Any) -> Latency:
+    return Latency(count=int(c.count), sum_seconds=int(c.sum_ns) / 1e9,
+                   buckets=tuple(int(c.buckets[i]) for i in range(int(lib.FL_LAT_BUCKETS))))
+
+
+@dataclass(frozen=True, slots=True)
+class FileStats:
+    """What was asked of an image (see ``struct fl_file_stats``): calls and
+    bytes by command (:data:`FILE_COMMANDS`), failures by errno (0: an errno
+    beyond the table), write and flush latency.  Counters only grow."""
+
+    requests: dict[str, int]
+    bytes: dict[str, int]
+    errors: dict[int, int]
+    write_latency: Latency
+    flush_latency: Latency
 
 
 def _params_struct(file: NativeFile, p: SessionParams) -> tuple[Any, list[Any]]:
@@ -862,6 +929,7 @@ class NativeSession(_Handle):
             discarded_bytes=int(st.discarded_bytes),
             broken=bool(st.broken),
             broken_errno=int(st.broken_errno),
+            cbw_latency=_latency(st.cbw_latency),
         )
 
     def cluster_state(self, off: int) -> int:

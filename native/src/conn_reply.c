@@ -17,7 +17,9 @@
  *
  * sendfile(2) for READs of the image: no copy in the server.  Never for a
  * snapshot: the socket would hold page references, and a guest write
- * landing before the client reads them would reach the backup.
+ * landing before the client reads them would reach the backup.  It
+ * counts its READ in the file's stats (fl__file_count, atomics) when the
+ * data went out or was read for the rest, as fl_file_read would.
  *
  * Locks (conn.c has the table):
  *   send_lock  the out-queue, its byte count, `torn`, `fd`; held for each
@@ -307,6 +309,8 @@ int fl__conn_sendfile(fl_conn *c, const struct req *r, const uint8_t *h, size_t 
     }
     if (sent == total || sent == 0) {
         pthread_mutex_unlock(&c->send_lock);
+        if (sent == total)
+            fl__file_count(f, FL_CMD_READ, r->len, 0);
         return sent == total;
     }
     e = calloc(1, sizeof *e);
@@ -324,6 +328,7 @@ int fl__conn_sendfile(fl_conn *c, const struct req *r, const uint8_t *h, size_t 
             rc = -ENOMEM;
         }
     }
+    fl__file_count(f, FL_CMD_READ, r->len, e == NULL ? -ENOMEM : rc);
     if (e == NULL || rc < 0) {
         if (e != NULL)
             fl__conn_free_entry(e);

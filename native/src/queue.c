@@ -46,6 +46,9 @@
  * The wake-ups are counted under the lock and signalled after it is
  * released (see wake_locked()).
  *
+ * Counting: the sendfile reply counts its READ in the file's stats
+ * (fl__file_count, relaxed atomics, no lock), as fl_file_read would.
+ *
  * Locking: q->lock guards the pending lists, the done list, `stopping`,
  * the counters and the test hook; it is never held across I/O.  Workers
  * wait on their pool's `work`.  A worker writes the eventfd when the done list goes
@@ -282,6 +285,7 @@ static void sendfile_reply(struct op *o)
     o->done = 0;
     rc = fl__range_ok(o->off, o->len, f->size);
     if (rc < 0) {
+        fl__file_count(f, FL_CMD_READ, 0, rc);
         o->rc = rc;
         return;
     }
@@ -289,6 +293,7 @@ static void sendfile_reply(struct op *o)
         memset(o->buf, 0, (size_t)o->len);
         o->done = FL_DONE_HOLE;
         o->rc = 0;
+        fl__file_count(f, FL_CMD_READ, o->len, 0);
         return;
     }
     pthread_mutex_lock(&o->sock->lock);
@@ -324,6 +329,7 @@ static void sendfile_reply(struct op *o)
     if (sent == total) {
         o->done = FL_DONE_SENT;
         o->rc = 0;
+        fl__file_count(f, FL_CMD_READ, o->len, 0);
         return;
     }
     /* The caller writes the rest from o->buf: read what was not sent. */
@@ -333,6 +339,7 @@ static void sendfile_reply(struct op *o)
         rc = fl__full_pread(f->fd, o->buf + from, (size_t)o->len - from,
                             o->off + from);
     }
+    fl__file_count(f, FL_CMD_READ, o->len, rc);
     if (sent == 0) {
         o->rc = rc;
     } else {
