@@ -34,6 +34,7 @@ from fleeced.exports import (
     SessionOptions,
 )
 from fleeced.ioqueue import DEFAULT_THREADS, IoQueue
+from fleeced.metrics import MetricsServer
 from fleeced.qmp import attach as vm
 from fleeced.qmp import handoff, libvirt
 from fleeced.qmp.agent import GuestAgent
@@ -105,6 +106,8 @@ class Daemon:
         self._unloaded_bitmaps: list[dict[str, Any]] = []
         #: What our pid file is (no disk may be it), once written.
         self._pid_identity: tuple[str, ...] | None = None
+        #: The Prometheus endpoint (``--metrics``), while serving.
+        self._metrics: MetricsServer | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -140,6 +143,9 @@ class Daemon:
             if self.config.fleece:
                 await self._save_state()
             await self._listen(inherited or [])
+            if self.config.metrics is not None:
+                self._metrics = MetricsServer(self, *self.config.metrics)
+                self._metrics.start()
             if self.config.pid_file:
                 self._write_pid_file(self.config.pid_file)
         except BaseException:
@@ -195,6 +201,9 @@ class Daemon:
                 except asyncio.CancelledError:
                     pass
         self._watchdog_task = self._bitmap_task = self._vm_task = None
+        if self._metrics is not None:
+            await self._metrics.close()
+            self._metrics = None
         if self.control is not None:
             await self.control.close()
             self.control = None
