@@ -736,6 +736,14 @@ class FileStats:
     flush_latency: Latency
 
 
+def _read_kind(target: NativeFile | NativeSession, piece: bool) -> tuple[int, int]:
+    """The op kind and flags of a read of TARGET (PIECE only counts for
+    the image: a session's reads are counted by the session)."""
+    if isinstance(target, NativeFile):
+        return int(lib.FL_OP_READ), int(lib.FL_PIECE) if piece else 0
+    return int(lib.FL_OP_SNAP_READ), 0
+
+
 def _params_struct(file: NativeFile, p: SessionParams) -> tuple[Any, list[Any]]:
     """Police P and build ``struct fl_session_params`` plus the cdata keeping it alive."""
     cs = _uint("cluster_size", p.cluster_size)
@@ -1297,8 +1305,10 @@ class NativeQueue(_Handle):
         return int(lib.fl_queue_fd(self._h))
 
     def submit_read(self, op_id: int, target: NativeFile | NativeSession, off: int,
-                    length: int) -> memoryview:
+                    length: int, *, piece: bool = False) -> memoryview:
         """Queue a read of TARGET (the image, or a session's frozen view).
+        PIECE: a later piece of one READ of the image streamed in pieces (its
+        bytes count in :meth:`NativeFile.stats`, not another request).
 
         :raise OSError: ``EINVAL`` out of range, ``EBADF`` closed target,
             ``ESHUTDOWN`` when the queue is closing.
@@ -1311,13 +1321,14 @@ class NativeQueue(_Handle):
         # so skip bytearray's memset (large reads are memory-bound).
         cbuf = _alloc_uninit("uint8_t[]", n)
         buf = memoryview(ffi.buffer(cbuf))
-        kind = lib.FL_OP_READ if isinstance(target, NativeFile) else lib.FL_OP_SNAP_READ
-        _check(lib.fl_queue_submit(h, op_id, kind, th, cbuf, n, o, 0))
+        kind, flags = _read_kind(target, piece)
+        _check(lib.fl_queue_submit(h, op_id, kind, th, cbuf, n, o, flags))
         self._keep[op_id] = cbuf
         return buf
 
     def submit_read_send(self, op_id: int, target: NativeFile | NativeSession, off: int,
-                         length: int, sock: NativeSock, header: bytes) -> memoryview:
+                         length: int, sock: NativeSock, header: bytes, *,
+                         piece: bool = False) -> memoryview:
         """Queue a read whose reply (HEADER + data) a worker writes to SOCK.
 
         The worker sends only what the socket takes without waiting.  The
@@ -1340,9 +1351,9 @@ class NativeQueue(_Handle):
         o, n = _range(off, length, target.size)
         _check_header(header, empty_ok=True)
         cbuf = _alloc_uninit("uint8_t[]", n)
-        kind = lib.FL_OP_READ if isinstance(target, NativeFile) else lib.FL_OP_SNAP_READ
+        kind, flags = _read_kind(target, piece)
         _check(lib.fl_queue_submit_send(h, op_id, kind, th, cbuf, n, o, sh, header,
-                                        len(header), 0))
+                                        len(header), flags))
         self._keep[op_id] = cbuf
         return memoryview(ffi.buffer(cbuf))
 

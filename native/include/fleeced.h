@@ -45,6 +45,10 @@ typedef struct fl_bitmap fl_bitmap;
 #define FL_FUA       1u  /* fdatasync after the write */
 #define FL_MAY_TRIM  2u  /* fl_file_zero: may punch a hole (no NO_HOLE) */
 #define FL_FAST      4u  /* fl_file_zero: fail -ENOTSUP unless cheap */
+/* fl_queue_submit / fl_queue_submit_send of FL_OP_READ: a later piece of
+ * one READ streamed in pieces; its bytes (and a failure) count in
+ * fl_file_stats, but not as another request. */
+#define FL_PIECE     8u
 
 /* Extent flags (same values as NBD base:allocation). */
 #define FL_EXT_HOLE  1u
@@ -542,7 +546,7 @@ void fl_sock_close(fl_sock *s);
 #define FL_DONE_DEFER 4  /* a read found its socket stalled: nothing was
                             read or sent; submit it again once resumed */
 
-/* Queue a read (FL_OP_READ or FL_OP_SNAP_READ, FLAGS 0) whose reply the
+/* Queue a read (FL_OP_READ, FLAGS 0 or FL_PIECE; FL_OP_SNAP_READ, FLAGS 0) whose reply the
  * worker writes itself, HDR (up to 32 bytes, copied; none for a piece of
  * a reply whose header went out before) then the LEN bytes read, as one
  * reply on SOCK, if the socket takes it without waiting; or

@@ -13,7 +13,8 @@
  * stream entry; the receive thread reads and sends it a piece at a time
  * as the socket drains (engine.py PieceReply's wire form), so no more
  * than a piece of it is ever held and the client that does not read pays
- * with its own connection only.
+ * with its own connection only.  The stream counts as one READ in the
+ * file's stats: its later pieces add bytes only (fl__file_read).
  *
  * sendfile(2) for READs of the image: no copy in the server.  Never for a
  * snapshot: the socket would hold page references, and a guest write
@@ -380,7 +381,8 @@ static int next_piece(fl_conn *c, struct outq *e)
     if (rc == 0) {
         if (c->file != NULL)
             rc = fl__file_closed(c->file) ? -ESHUTDOWN
-                 : fl_file_read(c->file, st->buf, n, r->off + st->done, &hole);
+                 : fl__file_read(c->file, st->buf, n, r->off + st->done, &hole,
+                                 st->done > 0);
         else
             rc = fl__session_closed(c->session) ? -ESHUTDOWN
                  : fl_session_read(c->session, st->buf, n, r->off + st->done, &hole);

@@ -89,7 +89,9 @@
  *   also add their duration to a log2 histogram (two clock reads).  The
  *   page-cache fast paths count where they answer: read_nowait and read
  *   runs on success only (a miss falls back to a counted read), the
- *   sendfile replies (queue.c, conn_reply.c) when they sent the data.
+ *   sendfile replies (queue.c, conn_reply.c) when they sent the data.  A
+ *   READ streamed in pieces (conn_reply.c, or the loop's FL_PIECE ops)
+ *   counts one request: its later pieces add bytes only.
  * - No globals.
  *
  * Locks of an fl_file (internal.h has the fields):
@@ -263,7 +265,13 @@ uint64_t fl_file_size(const fl_file *f)
 
 void fl__file_count(fl_file *f, int cmd, uint64_t bytes, int rc)
 {
-    __atomic_add_fetch(&f->stats.requests[cmd], 1, __ATOMIC_RELAXED);
+    fl__file_count_as(f, cmd, bytes, rc, 1);
+}
+
+void fl__file_count_as(fl_file *f, int cmd, uint64_t bytes, int rc, int request)
+{
+    if (request)
+        __atomic_add_fetch(&f->stats.requests[cmd], 1, __ATOMIC_RELAXED);
     if (rc >= 0) {
         if (bytes > 0)
             __atomic_add_fetch(&f->stats.bytes[cmd], bytes, __ATOMIC_RELAXED);
@@ -283,15 +291,21 @@ void fl_file_stats(const fl_file *f, struct fl_file_stats *out)
         dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
 }
 
-int fl_file_read(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
-                 int *is_hole)
+int fl__file_read(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
+                  int *is_hole, int piece)
 {
     int rc = fl__range_ok(off, len, f->size);
 
     if (rc == 0)
         rc = f->ops->read(f, buf, len, off, is_hole);
-    fl__file_count(f, FL_CMD_READ, len, rc);
+    fl__file_count_as(f, FL_CMD_READ, len, rc, !piece);
     return rc;
+}
+
+int fl_file_read(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
+                 int *is_hole)
+{
+    return fl__file_read(f, buf, len, off, is_hole, 0);
 }
 
 int fl_file_read_nowait(fl_file *f, uint8_t *buf, size_t len, uint64_t off,

@@ -124,6 +124,12 @@ struct fl_file {
 /* Count one call of command CMD on F that returned RC (0 or -errno) and
  * moved BYTES when it succeeded.  Relaxed atomics, no lock. */
 void fl__file_count(fl_file *f, int cmd, uint64_t bytes, int rc);
+/* The same, with REQUEST 0 for a later piece of one request (bytes and
+ * a failure count, not another request). */
+void fl__file_count_as(fl_file *f, int cmd, uint64_t bytes, int rc, int request);
+/* fl_file_read, counted as a later piece of one READ when PIECE. */
+int fl__file_read(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
+                  int *is_hole, int piece);
 
 /* A new fl_file over OPS/PRIV (FD: a file's descriptor, else -1), one
  * reference, the caller's.  On failure nothing of PRIV or FD is taken. */

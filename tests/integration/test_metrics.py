@@ -74,9 +74,10 @@ def test_scrape_counts_what_the_clients_did(tmp_path: Path, start_daemon, plane:
                           "persistent": False})
     active, snap = d.url("disk"), d.url("disk@fleece")
     # Three 64 KiB writes on three clusters (three copies before write),
-    # one 4 KiB write on a cluster already copied (none), one read.
+    # one 4 KiB write on a cluster already copied (none), two reads, the
+    # second streamed in 1 MiB pieces but still one request.
     qemu_io(active, "write -P 0x11 0 64k", "write -P 0x22 1M 64k", "write -P 0x33 2M 64k",
-            "write -P 0x44 0x101000 4k", "read 4M 128k")
+            "write -P 0x44 0x101000 4k", "read 4M 128k", "read 5M 0x280000")
     # The snapshot: 64 KiB copied (memory cache) and 64 KiB from the source.
     qemu_io(snap, "read 1M 64k", "read 5M 64k", read_only=True)
     # A failed sync: qemu-io writes through (FUA), so the write (on a
@@ -89,8 +90,8 @@ def test_scrape_counts_what_the_clients_did(tmp_path: Path, start_daemon, plane:
     disk = {"disk": "disk"}
     assert value(m, "fleeced_disk_requests_total", command="write", **disk) == 5
     assert value(m, "fleeced_disk_bytes_total", command="write", **disk) == 3 * 64 * KiB + 4 * KiB
-    assert value(m, "fleeced_disk_requests_total", command="read", **disk) == 1
-    assert value(m, "fleeced_disk_bytes_total", command="read", **disk) == 128 * KiB
+    assert value(m, "fleeced_disk_requests_total", command="read", **disk) == 2
+    assert value(m, "fleeced_disk_bytes_total", command="read", **disk) == 128 * KiB + 0x280000
     flushes = value(m, "fleeced_disk_requests_total", command="flush", **disk)
     assert flushes >= 2                              # one per qemu-io close, and ours
     assert value(m, "fleeced_disk_errors_total", errno="EIO", **disk) >= 2
