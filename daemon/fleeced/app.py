@@ -145,7 +145,7 @@ class Daemon:
             await self._listen(inherited or [])
             if self.config.metrics is not None:
                 self._metrics = MetricsServer(self, *self.config.metrics)
-                self._metrics.start()
+                await self._metrics.start()
             if self.config.pid_file:
                 self._write_pid_file(self.config.pid_file)
         except BaseException:

@@ -26,7 +26,6 @@ import os
 import re
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
@@ -107,7 +106,8 @@ class _SessionSnap:
     stats: SessionStats | None          # None: lost with a daemon that died
     connections: int
     # Backup progress (how much of the snapshot was read) joins here: one
-    # more field copied from the session, one more family in _sessions().
+    # more field, copied from the session in take_snapshot(), and one more
+    # family in _sessions() (marked there).
 
 
 @dataclass
@@ -289,6 +289,7 @@ def _sessions(sessions: list[_SessionSnap]) -> Iterator[Metric]:
         conns.add_metric(lv, s.connections)
         reason = os.strerror(st.broken_errno or errno.EIO) if st.broken else ""
         broken.add_metric([*lv, reason], int(st.broken))
+        # Backup progress: add its gauge's sample here (see _SessionSnap).
     yield from (clusters, disk_clusters, cluster_size, copied, copied_bytes, temp, temp_alloc,
                 temp_written, cache, reads, retries, discarded, cbw_lat, conns, broken)
 
@@ -397,10 +398,9 @@ class MetricsServer:
         self._collector: DaemonCollector | None = None
         self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None
-        self.started = time.time()
 
-    def start(self) -> None:
-        """Bind and serve in a thread of its own (the bind itself never waits).
+    async def start(self) -> None:
+        """Bind and serve in a thread of its own.
 
         :raise OSError: when the address cannot be bound (in use, not local).
         """
@@ -412,8 +412,11 @@ class MetricsServer:
         registry.register(self._collector)
         cls = _Http6Server if ":" in self.host else _HttpServer
         try:
-            self._httpd = make_server(self.host, self.port, _guarded(make_wsgi_app(registry)),
-                                      server_class=cls, handler_class=_Handler)
+            # In a thread: resolving the host and the server's own name
+            # (HTTPServer.server_bind calls getfqdn) may ask DNS.
+            self._httpd = await asyncio.to_thread(
+                make_server, self.host, self.port, _guarded(make_wsgi_app(registry)),
+                server_class=cls, handler_class=_Handler)
         except OSError as exc:
             raise OSError(exc.errno, f"metrics endpoint {self.host}:{self.port}: "
                           f"{exc.strerror or exc}") from None
@@ -424,12 +427,15 @@ class MetricsServer:
         log.info("metrics on http://%s:%d/metrics", self.host, self.port)
 
     async def close(self) -> None:
-        """Stop serving (scrapes in progress fail; waits at most a second)."""
+        """Stop serving (scrapes in progress fail; bounded wait)."""
         if self._collector is not None:
             self._collector.closed = True
         httpd, self._httpd = self._httpd, None
         if httpd is None:
             return
         # shutdown() waits for serve_forever's poll (0.5 s): off the loop.
-        await asyncio.wait_for(asyncio.to_thread(httpd.shutdown), 5.0)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(httpd.shutdown), 5.0)
+        except TimeoutError:
+            log.warning("the metrics endpoint did not stop within 5 s; leaving it")
         httpd.server_close()

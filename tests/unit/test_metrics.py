@@ -60,7 +60,7 @@ async def test_a_busy_loop_fails_the_scrape_in_bounded_time() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = metrics.MetricsServer(_idle_daemon(), "127.0.0.1", port)
-    server.start()
+    await server.start()
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         got: list[tuple[int, str, float]] = []
