@@ -1329,7 +1329,8 @@ class NativeQueue(_Handle):
     def submit_read_send(self, op_id: int, target: NativeFile | NativeSession, off: int,
                          length: int, sock: NativeSock, header: bytes, *,
                          piece: bool = False) -> memoryview:
-        """Queue a read whose reply (HEADER + data) a worker writes to SOCK.
+        """Queue a read whose reply (HEADER + data) a worker writes to SOCK
+        (PIECE as for :meth:`submit_read`).
 
         The worker sends only what the socket takes without waiting.  The
         completion says what happened: ``rc < 0`` without :data:`DONE_SENT`, a
