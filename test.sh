@@ -3,7 +3,7 @@
 #   apt: the real NBD peers (qemu-img/qemu-io/qemu-nbd, qemu-system-x86 and
 #        qemu-storage-daemon, nbdinfo/nbdcopy/nbdsh, python3-libnbd, nbdkit, fio),
 #        libnbd-dev (the C data path's NBD upstream), Ceph for the RBD tests,
-#        libvirtd for the libvirt tests
+#        libvirtd for the libvirt tests, prometheus for the metrics test
 #   pip: the package itself (builds the C data path) and its test extras
 #   .ci/deb-package installs the Debian packaging tools it needs itself
 set -euo pipefail
@@ -13,9 +13,11 @@ pkgs=(make systemd qemu-utils qemu-system-x86 libnbd-bin libnbd-dev python3-libn
 .ci/ensure-debs "${pkgs[@]}"
 # A one-node Ceph cluster for the RBD tests (tests/ceph/bootstrap.sh) and
 # QEMU's rbd driver; libvirtd for the libvirt tests, and what pip needs to
-# build libvirt-python; all without the recommends (the mgr's modules, ...).
+# build libvirt-python; Prometheus for the metrics test (started by the test
+# itself, never as the system service); all without the recommends (the
+# mgr's modules, ...).
 .ci/ensure-debs --no-install-recommends qemu-block-extra ceph-mon ceph-mgr ceph-osd ceph-common \
-    libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
+    libvirt-daemon-system libvirt-clients libvirt-dev pkg-config prometheus
 
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}

@@ -78,6 +78,15 @@ def _mode(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _metrics_address(text: str) -> tuple[str | None, int]:
+    from fleeced.metrics import parse_address
+
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _session_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster-size", type=_size, metavar="SIZE",
                    help="CBW cluster size, power of two 4K..16M (default 64K)")
@@ -157,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "before they are dropped (default 5)")
     s.add_argument("--handshake-limit", type=float, default=10.0, metavar="SECONDS",
                    help="time a client has to finish the NBD handshake (default 10)")
+    s.add_argument("--metrics", type=_metrics_address, metavar="ADDR:PORT",
+                   help="serve Prometheus metrics at http://ADDR:PORT/metrics "
+                        "([IPV6]:PORT; :PORT for every IPv4 address; default off)")
     s.add_argument("--data-plane", choices=("native", "loop"), default="native",
                    help="run plain connections' requests in C threads (native, the "
                         "default) or on the event loop (loop: for comparison)")
@@ -362,6 +374,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 ("--shutdown-timeout", args.shutdown_timeout != 5.0),
                 ("--handshake-limit", args.handshake_limit != 10.0),
                 ("--data-plane", args.data_plane != "native"),
+                ("--metrics", args.metrics),
             ) if value]
             if given:
                 parser.error(f"--config cannot be combined with {', '.join(given)} "

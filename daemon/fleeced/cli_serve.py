@@ -117,6 +117,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         state_dir=_state_dir(args),
         session_defaults=_session_option_args_of(args),
         tls=_tls_config(args),
+        metrics=args.metrics,
     )
 
 

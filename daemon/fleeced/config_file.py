@@ -51,8 +51,9 @@ log = logging.getLogger(__name__)
 
 _TOP_KEYS: Final = frozenset({
     "control", "state-dir", "threads", "shutdown-timeout", "handshake-limit", "shared",
-    "listen", "tls", "session", "disk", "data-plane",
+    "listen", "tls", "session", "disk", "data-plane", "metrics",
 })
+_METRICS_KEYS: Final = frozenset({"listen"})
 _LISTEN_KEYS: Final = frozenset({"unix", "mode", "group", "tcp"})
 _TLS_KEYS: Final = frozenset({"mode", "cert", "key", "ca", "psk-file", "unix", "authz"})
 _SIZE_KEYS: Final = ("cluster-size", "cache", "max-temp")
@@ -129,6 +130,7 @@ def _build(doc: dict[str, Any], base: str) -> DaemonConfig:
     if control is not None and control in unix_paths:
         raise _Bad("control", f"{control} is also an NBD [[listen]] socket")
     tls = _tls(_table(doc, "tls"), base)
+    metrics = _metrics(_table(doc, "metrics"))
     session = _session(_table(doc, "session"), base)
     disks = [_disk(t, base, f"disk[{i}]") for i, t in enumerate(_tables(doc, "disk"), 1)]
     seen: dict[str, int] = {}
@@ -172,7 +174,21 @@ def _build(doc: dict[str, Any], base: str) -> DaemonConfig:
         state_dir=state_dir,
         session_defaults=session,
         tls=tls,
+        metrics=metrics,
     )
+
+
+def _metrics(t: dict[str, Any]) -> tuple[str | None, int] | None:
+    from fleeced.metrics import parse_address
+
+    _check_keys(t, _METRICS_KEYS, "metrics")
+    listen = _opt(t, "listen", str, "metrics.listen")
+    if listen is None:
+        return None
+    try:
+        return parse_address(listen)
+    except ValueError as exc:
+        raise _Bad("metrics.listen", str(exc)) from None
 
 
 def _listener(t: dict[str, Any], base: str, where: str) -> Listener:

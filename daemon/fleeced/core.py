@@ -35,6 +35,7 @@ from fleeced.exports import (
     SessionOptions,
 )
 from fleeced.ioqueue import DEFAULT_THREADS, IoQueue
+from fleeced.metrics import MetricsServer
 from fleeced.qmp import attach as vm
 from fleeced.qmp.monitor import open_monitor, vm_alive
 from fleeced.state_dir import StateDir, StateError
@@ -98,6 +99,8 @@ class DaemonCore:
         self._unloaded_bitmaps: list[dict[str, Any]] = []
         #: What our pid file is (no disk may be it), once written.
         self._pid_identity: tuple[str, ...] | None = None
+        #: The Prometheus endpoint (``--metrics``), while serving.
+        self._metrics: MetricsServer | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -134,6 +137,9 @@ class DaemonCore:
             if self.config.fleece:
                 await self._save_state()
             await self._listen(inherited or [])
+            if self.config.metrics is not None:
+                self._metrics = MetricsServer(self, *self.config.metrics)
+                await self._metrics.start()
             if self.config.pid_file:
                 self._write_pid_file(self.config.pid_file)
         except BaseException:
@@ -189,6 +195,9 @@ class DaemonCore:
                 except asyncio.CancelledError:
                     pass
         self._watchdog_task = self._bitmap_task = self._vm_task = None
+        if self._metrics is not None:
+            await self._metrics.close()
+            self._metrics = None
         if self.control is not None:
             await self.control.close()
             self.control = None

@@ -115,6 +115,9 @@ class DaemonConfig:
     #: (``cluster-size``, ``temp-dir``, ``cache``, ...).
     session_defaults: dict[str, Any] = field(default_factory=dict)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    #: Where Prometheus metrics are served (``--metrics``, ``[metrics]
+    #: listen``): (host, port), host None for every IPv4 address; None: off.
+    metrics: tuple[str | None, int] | None = None
 
 
 def session_options_from_args(args: dict[str, Any]) -> SessionOptions:

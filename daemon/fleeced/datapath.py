@@ -73,6 +73,11 @@ EXT_ZERO: Final[int] = int(lib.FL_EXT_ZERO)
 #: Outside a snapshot's scope or discarded (with EXT_HOLE); not an NBD flag.
 EXT_UNREADABLE: Final[int] = int(lib.FL_EXT_UNREADABLE)
 EXT_DIRTY: Final[int] = int(lib.FL_EXT_DIRTY)
+#: The commands ``struct fl_file_stats`` counts, by index (NBD's names).
+FILE_COMMANDS: Final[tuple[str, ...]] = (
+    "read", "write", "write_zeroes", "trim", "flush", "cache", "block_status")
+assert len(FILE_COMMANDS) == int(lib.FL_CMDS)
+assert int(lib.FL_CMD_BLOCK_STATUS) == FILE_COMMANDS.index("block_status")
 
 #: ``recovered`` values of :meth:`NativeBitmap.open` (both load all dirty):
 #: the file was left in use (the daemon died with it open), or its checksum or
@@ -330,6 +335,23 @@ class NativeFile(_Handle):
         """The errno of the upstream's last lost connection or timed-out
         command, 0 while it answers (always 0 for a file)."""
         return int(lib.fl_file_source_error(self._handle()))
+
+    def stats(self) -> FileStats:
+        """What was asked of the image so far, by every caller (both data
+        planes count in C).  Atomic loads only: safe on the event loop.
+
+        :raise OSError: ``EBADF`` when closed.
+        """
+        st = ffi.new("struct fl_file_stats *")
+        lib.fl_file_stats(self._handle(), st)
+        return FileStats(
+            requests={name: int(st.requests[i]) for i, name in enumerate(FILE_COMMANDS)},
+            bytes={name: int(st.bytes[i]) for i, name in enumerate(FILE_COMMANDS)},
+            errors={e: int(st.errors[e]) for e in range(int(lib.FL_ERRNO_SLOTS))
+                    if st.errors[e]},
+            write_latency=_latency(st.write_latency),
+            flush_latency=_latency(st.flush_latency),
+        )
 
     @property
     def identity(self) -> tuple[str, int, int]:
@@ -670,6 +692,59 @@ class SessionStats:
     discarded_bytes: int
     broken: bool
     broken_errno: int
+    #: Guest writes' time in this session's copy-before-write (those that
+    #: copied or waited for a copy).
+    cbw_latency: Latency
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """A latency histogram of the C data path (``struct fl_latency``).
+
+    ``buckets[i]`` counts observations under ``2**i`` microseconds and, for
+    ``i > 0``, from ``2**(i-1)``; the last bucket has no upper bound.
+    """
+
+    count: int
+    sum_seconds: float
+    buckets: tuple[int, ...]
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound in seconds, observations at or under it), the last
+        bound ``inf``: the shape of a Prometheus histogram."""
+        out: list[tuple[float, int]] = []
+        total = 0
+        last = len(self.buckets) - 1
+        for i, n in enumerate(self.buckets):
+            total += n
+            out.append((float("inf") if i == last else 2.0 ** i / 1e6, total))
+        return out
+
+
+def _latency(c: Any) -> Latency:
+    return Latency(count=int(c.count), sum_seconds=int(c.sum_ns) / 1e9,
+                   buckets=tuple(int(c.buckets[i]) for i in range(int(lib.FL_LAT_BUCKETS))))
+
+
+@dataclass(frozen=True, slots=True)
+class FileStats:
+    """What was asked of an image (see ``struct fl_file_stats``): calls and
+    bytes by command (:data:`FILE_COMMANDS`), failures by errno (0: an errno
+    beyond the table), write and flush latency.  Counters only grow."""
+
+    requests: dict[str, int]
+    bytes: dict[str, int]
+    errors: dict[int, int]
+    write_latency: Latency
+    flush_latency: Latency
+
+
+def _read_kind(target: NativeFile | NativeSession, piece: bool) -> tuple[int, int]:
+    """The op kind and flags of a read of TARGET (PIECE only counts for
+    the image: a session's reads are counted by the session)."""
+    if isinstance(target, NativeFile):
+        return int(lib.FL_OP_READ), int(lib.FL_PIECE) if piece else 0
+    return int(lib.FL_OP_SNAP_READ), 0
 
 
 def _params_struct(file: NativeFile, p: SessionParams) -> tuple[Any, list[Any]]:
@@ -865,6 +940,7 @@ class NativeSession(_Handle):
             discarded_bytes=int(st.discarded_bytes),
             broken=bool(st.broken),
             broken_errno=int(st.broken_errno),
+            cbw_latency=_latency(st.cbw_latency),
         )
 
     def progress(self) -> tuple[int, int]:
@@ -1261,8 +1337,10 @@ class NativeQueue(_Handle):
         return int(lib.fl_queue_fd(self._h))
 
     def submit_read(self, op_id: int, target: NativeFile | NativeSession, off: int,
-                    length: int) -> memoryview:
+                    length: int, *, piece: bool = False) -> memoryview:
         """Queue a read of TARGET (the image, or a session's frozen view).
+        PIECE: a later piece of one READ of the image streamed in pieces (its
+        bytes count in :meth:`NativeFile.stats`, not another request).
 
         :raise OSError: ``EINVAL`` out of range, ``EBADF`` closed target,
             ``ESHUTDOWN`` when the queue is closing.
@@ -1275,14 +1353,16 @@ class NativeQueue(_Handle):
         # so skip bytearray's memset (large reads are memory-bound).
         cbuf = _alloc_uninit("uint8_t[]", n)
         buf = memoryview(ffi.buffer(cbuf))
-        kind = lib.FL_OP_READ if isinstance(target, NativeFile) else lib.FL_OP_SNAP_READ
-        _check(lib.fl_queue_submit(h, op_id, kind, th, cbuf, n, o, 0))
+        kind, flags = _read_kind(target, piece)
+        _check(lib.fl_queue_submit(h, op_id, kind, th, cbuf, n, o, flags))
         self._keep[op_id] = cbuf
         return buf
 
     def submit_read_send(self, op_id: int, target: NativeFile | NativeSession, off: int,
-                         length: int, sock: NativeSock, header: bytes) -> memoryview:
-        """Queue a read whose reply (HEADER + data) a worker writes to SOCK.
+                         length: int, sock: NativeSock, header: bytes, *,
+                         piece: bool = False) -> memoryview:
+        """Queue a read whose reply (HEADER + data) a worker writes to SOCK
+        (PIECE as for :meth:`submit_read`).
 
         The worker sends only what the socket takes without waiting.  The
         completion says what happened: ``rc < 0`` without :data:`DONE_SENT`, a
@@ -1304,9 +1384,9 @@ class NativeQueue(_Handle):
         o, n = _range(off, length, target.size)
         _check_header(header, empty_ok=True)
         cbuf = _alloc_uninit("uint8_t[]", n)
-        kind = lib.FL_OP_READ if isinstance(target, NativeFile) else lib.FL_OP_SNAP_READ
+        kind, flags = _read_kind(target, piece)
         _check(lib.fl_queue_submit_send(h, op_id, kind, th, cbuf, n, o, sh, header,
-                                        len(header), 0))
+                                        len(header), flags))
         self._keep[op_id] = cbuf
         return memoryview(ffi.buffer(cbuf))
 

@@ -291,7 +291,7 @@ class IoQueue:
 
     def submit_read(
         self, target: NativeFile | NativeSession, off: int, length: int,
-        reply_to: ReplySocket | None = None, header: bytes = b"",
+        reply_to: ReplySocket | None = None, header: bytes = b"", *, piece: bool = False,
     ) -> asyncio.Future[ReadResult]:
         """Submit a read; with REPLY_TO, a worker may write HEADER + data to
         that socket itself (never waiting on it; see :class:`ReadResult` for
@@ -303,11 +303,11 @@ class IoQueue:
         """
         op_id = self._new_id()
         if reply_to is None:
-            buf = self._native.submit_read(op_id, target, off, length)
+            buf = self._native.submit_read(op_id, target, off, length, piece=piece)
             total = 0
         else:
             buf = self._native.submit_read_send(op_id, target, off, length,
-                                                reply_to._native, header)
+                                                reply_to._native, header, piece=piece)
             total = len(header) + length
         fut: asyncio.Future[ReadResult] = self._started_loop().create_future()
         self._ops[op_id] = _Read(fut, buf, total)

@@ -45,6 +45,10 @@ typedef struct fl_bitmap fl_bitmap;
 #define FL_FUA       1u  /* fdatasync after the write */
 #define FL_MAY_TRIM  2u  /* fl_file_zero: may punch a hole (no NO_HOLE) */
 #define FL_FAST      4u  /* fl_file_zero: fail -ENOTSUP unless cheap */
+/* fl_queue_submit / fl_queue_submit_send of FL_OP_READ: a later piece of
+ * one READ streamed in pieces; its bytes (and a failure) count in
+ * fl_file_stats, but not as another request. */
+#define FL_PIECE     8u
 
 /* Extent flags (same values as NBD base:allocation). */
 #define FL_EXT_HOLE  1u
@@ -105,6 +109,46 @@ int fl_file_is_direct(const fl_file *f);
 int fl_file_source_error(const fl_file *f);
 /* Size in bytes (from fstat or BLKGETSIZE64), fixed at open. */
 uint64_t fl_file_size(const fl_file *f);
+
+/* Latency histogram: count, sum and log2 buckets of microseconds.
+ * buckets[0] counts observations under 1 us, buckets[i] (0 < i <
+ * FL_LAT_BUCKETS - 1) those in [2^(i-1), 2^i) us, the last one all from
+ * 2^(FL_LAT_BUCKETS-2) us (about 67 s) up.  Not cumulative. */
+#define FL_LAT_BUCKETS 28
+struct fl_latency {
+    uint64_t count, sum_ns;
+    uint64_t buckets[FL_LAT_BUCKETS];
+};
+
+/* Commands counted per file (fl_file_stats), NBD's names. */
+#define FL_CMD_READ         0
+#define FL_CMD_WRITE        1
+#define FL_CMD_WRITE_ZEROES 2
+#define FL_CMD_TRIM         3
+#define FL_CMD_FLUSH        4
+#define FL_CMD_CACHE        5
+#define FL_CMD_BLOCK_STATUS 6
+#define FL_CMDS             7
+/* errors[e] counts failures with errno e for 0 < e < FL_ERRNO_SLOTS;
+ * errors[0] those with any larger errno. */
+#define FL_ERRNO_SLOTS 136
+
+/* What was asked of an fl_file through its entry points, the page-cache
+ * fast paths (read_nowait, read runs, sendfile replies) included, from
+ * every caller: both data planes count here.  requests counts calls
+ * (failed ones too), bytes what the successful ones moved (0 for FLUSH
+ * and BLOCK_STATUS), errors the failures by errno.  write_latency times
+ * fl_file_write (its copy-before-write, source I/O and FUA),
+ * flush_latency fl_file_flush.  Counters only grow. */
+struct fl_file_stats {
+    uint64_t requests[FL_CMDS];
+    uint64_t bytes[FL_CMDS];
+    uint64_t errors[FL_ERRNO_SLOTS];
+    struct fl_latency write_latency, flush_latency;
+};
+/* Copy F's counters into OUT (relaxed atomic loads: each counter is
+ * exact, the set is not one instant).  Never blocks. */
+void fl_file_stats(const fl_file *f, struct fl_file_stats *out);
 /* What was opened, from fstat at open: a block device's st_rdev (ino 0),
  * or a file's st_dev and st_ino.  Two paths (symlinks, hard links, device
  * nodes) to one source give the same triple. */
@@ -345,6 +389,10 @@ struct fl_session_stats {
     uint64_t discarded_bytes;
     int      broken;              /* 1 once the snapshot is broken */
     int      broken_errno;        /* positive errno that broke it */
+    /* Time guest writes spent in this session's copy-before-write, for
+     * the writes that had to copy or wait for a copy (the others cost a
+     * map lookup). */
+    struct fl_latency cbw_latency;
 };
 
 /* Create a session and attach it to F atomically with respect to guest
@@ -520,7 +568,7 @@ void fl_sock_close(fl_sock *s);
 #define FL_DONE_DEFER 4  /* a read found its socket stalled: nothing was
                             read or sent; submit it again once resumed */
 
-/* Queue a read (FL_OP_READ or FL_OP_SNAP_READ, FLAGS 0) whose reply the
+/* Queue a read (FL_OP_READ, FLAGS 0 or FL_PIECE; FL_OP_SNAP_READ, FLAGS 0) whose reply the
  * worker writes itself, HDR (up to 32 bytes, copied; none for a piece of
  * a reply whose header went out before) then the LEN bytes read, as one
  * reply on SOCK, if the socket takes it without waiting; or

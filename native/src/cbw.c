@@ -88,7 +88,8 @@
  * Locking: lock order is fl_file.sessions_lock (rwlock, held shared by
  * guest writes across CBW and source I/O), then fl_session.lock (mutex).
  * The mutex guards the map, the cache table, the job queue, the job
- * fields, `stopping`, the stats, the broken flag and the fault hooks; it
+ * fields, `stopping`, the stats (the CBW latency histogram included: a
+ * write that copied or waited adds to it before it drops the mutex), the broken flag and the fault hooks; it
  * is never held across I/O (only memcpy/memset into caller buffers, which
  * cannot block).  Condvars, both used with the mutex: `cond`
  * (CLOCK_MONOTONIC, for deadlines) is broadcast on every COPYING exit,
@@ -250,6 +251,7 @@ struct fl_session {
     uint64_t read_temp, read_cache, read_source;
     uint64_t read_retries;     /* optimistic source reads done again */
     uint64_t discarded_clusters, discarded_bytes;
+    struct fl_latency cbw_lat; /* writes that copied or waited (stats) */
     int broken, broken_errno;
     int inject_err, inject_n;  /* test fault hook */
     int inject_delay_ms;       /* test hook: slow copies down */
@@ -799,7 +801,7 @@ int fl__session_before_write(fl_session *s, uint64_t off, uint64_t len,
                              const struct timespec *start)
 {
     int need_punch = 0, rc = 0;
-    uint64_t c, last;
+    uint64_t c, last, t0 = 0;
 
     if (len == 0)
         return 0;
@@ -813,6 +815,8 @@ int fl__session_before_write(fl_session *s, uint64_t off, uint64_t len,
         int one;
 
         if (st == FL_COPYING) { /* another write copies it: wait */
+            if (t0 == 0)
+                t0 = fl__now_ns();
             rc = wait_cond(s, start);
             if (rc < 0) {
                 rc = fail_locked(s, rc, &need_punch);
@@ -824,6 +828,8 @@ int fl__session_before_write(fl_session *s, uint64_t off, uint64_t len,
             c++;
             continue;
         }
+        if (t0 == 0)
+            t0 = fl__now_ns();
         /* Claim a run: one cluster when the cache may take it, else up to
          * RUN_MAX bytes (at least one cluster). */
         bytes = cbytes(s, c);
@@ -848,6 +854,8 @@ int fl__session_before_write(fl_session *s, uint64_t off, uint64_t len,
         c = c1;
     }
 out:
+    if (t0 != 0)
+        fl__lat_add(&s->cbw_lat, fl__now_ns() - t0, 0);
     pthread_mutex_unlock(&s->lock);
     if (need_punch)
         punch_all(s);
@@ -1580,6 +1588,7 @@ int fl_session_stats(fl_session *s, struct fl_session_stats *out)
     out->discarded_bytes = s->discarded_bytes;
     out->broken = s->broken;
     out->broken_errno = s->broken_errno;
+    out->cbw_latency = s->cbw_lat;
     pthread_mutex_unlock(&s->lock);
     return 0;
 }

@@ -13,11 +13,14 @@
  * stream entry; the receive thread reads and sends it a piece at a time
  * as the socket drains (engine.py PieceReply's wire form), so no more
  * than a piece of it is ever held and the client that does not read pays
- * with its own connection only.
+ * with its own connection only.  The stream counts as one READ in the
+ * file's stats: its later pieces add bytes only (fl__file_read).
  *
  * sendfile(2) for READs of the image: no copy in the server.  Never for a
  * snapshot: the socket would hold page references, and a guest write
- * landing before the client reads them would reach the backup.
+ * landing before the client reads them would reach the backup.  It
+ * counts its READ in the file's stats (fl__file_count, atomics) when the
+ * data went out or was read for the rest, as fl_file_read would.
  *
  * Locks (conn.c has the table):
  *   send_lock  the out-queue, its byte count, `torn`, `fd`; held for each
@@ -307,6 +310,8 @@ int fl__conn_sendfile(fl_conn *c, const struct req *r, const uint8_t *h, size_t 
     }
     if (sent == total || sent == 0) {
         pthread_mutex_unlock(&c->send_lock);
+        if (sent == total)
+            fl__file_count(f, FL_CMD_READ, r->len, 0);
         return sent == total;
     }
     e = calloc(1, sizeof *e);
@@ -324,6 +329,7 @@ int fl__conn_sendfile(fl_conn *c, const struct req *r, const uint8_t *h, size_t 
             rc = -ENOMEM;
         }
     }
+    fl__file_count(f, FL_CMD_READ, r->len, e == NULL ? -ENOMEM : rc);
     if (e == NULL || rc < 0) {
         if (e != NULL)
             fl__conn_free_entry(e);
@@ -375,7 +381,8 @@ static int next_piece(fl_conn *c, struct outq *e)
     if (rc == 0) {
         if (c->file != NULL)
             rc = fl__file_closed(c->file) ? -ESHUTDOWN
-                 : fl_file_read(c->file, st->buf, n, r->off + st->done, &hole);
+                 : fl__file_read(c->file, st->buf, n, r->off + st->done, &hole,
+                                 st->done > 0);
         else
             rc = fl__session_closed(c->session) ? -ESHUTDOWN
                  : fl_session_read(c->session, st->buf, n, r->off + st->done, &hole);

@@ -82,6 +82,16 @@
  *   gives up the owner's reference; sessions and queued operations keep
  *   the descriptor open until they are gone.  The last reference drops
  *   the attached bitmaps' references.
+ * - Counters (fl_file_stats): every entry point counts its call, its
+ *   bytes or its errno once it returns, with relaxed atomic adds into
+ *   f->stats (no lock, no ordering needed: each counter only grows and
+ *   readers want totals, not a consistent instant); writes and flushes
+ *   also add their duration to a log2 histogram (two clock reads).  The
+ *   page-cache fast paths count where they answer: read_nowait and read
+ *   runs on success only (a miss falls back to a counted read), the
+ *   sendfile replies (queue.c, conn_reply.c) when they sent the data.  A
+ *   READ streamed in pieces (conn_reply.c, or the loop's FL_PIECE ops)
+ *   counts one request: its later pieces add bytes only.
  * - No globals.
  *
  * Locks of an fl_file (internal.h has the fields):
@@ -91,7 +101,7 @@
  *                  open/close and bitmap attach/detach
  *   hook_lock      mutex: inject_flush_err, inject_flush_n (test hook);
  *                  never held across I/O
- *   flush_err is atomic, not locked.
+ *   flush_err and the counters in `stats` are atomic, not locked.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -253,14 +263,49 @@ uint64_t fl_file_size(const fl_file *f)
     return f->size;
 }
 
-int fl_file_read(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
-                 int *is_hole)
+void fl__file_count(fl_file *f, int cmd, uint64_t bytes, int rc)
+{
+    fl__file_count_as(f, cmd, bytes, rc, 1);
+}
+
+void fl__file_count_as(fl_file *f, int cmd, uint64_t bytes, int rc, int request)
+{
+    if (request)
+        __atomic_add_fetch(&f->stats.requests[cmd], 1, __ATOMIC_RELAXED);
+    if (rc >= 0) {
+        if (bytes > 0)
+            __atomic_add_fetch(&f->stats.bytes[cmd], bytes, __ATOMIC_RELAXED);
+    } else {
+        int e = -rc < FL_ERRNO_SLOTS ? -rc : 0;
+        __atomic_add_fetch(&f->stats.errors[e], 1, __ATOMIC_RELAXED);
+    }
+}
+
+void fl_file_stats(const fl_file *f, struct fl_file_stats *out)
+{
+    /* Every field is a uint64_t: copy them one relaxed load each. */
+    const uint64_t *src = (const uint64_t *)&f->stats;
+    uint64_t *dst = (uint64_t *)out;
+
+    for (size_t i = 0; i < sizeof(*out) / sizeof(uint64_t); i++)
+        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+}
+
+int fl__file_read(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
+                  int *is_hole, int piece)
 {
     int rc = fl__range_ok(off, len, f->size);
 
-    if (rc < 0)
-        return rc;
-    return f->ops->read(f, buf, len, off, is_hole);
+    if (rc == 0)
+        rc = f->ops->read(f, buf, len, off, is_hole);
+    fl__file_count_as(f, FL_CMD_READ, len, rc, !piece);
+    return rc;
+}
+
+int fl_file_read(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
+                 int *is_hole)
+{
+    return fl__file_read(f, buf, len, off, is_hole, 0);
 }
 
 int fl_file_read_nowait(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
@@ -281,6 +326,7 @@ int fl_file_read_nowait(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
         if (!f->is_blk && fl__range_is_hole(f->fd, f->is_blk, off, len)) {
             memset(buf, 0, len);
             *is_hole = 1;
+            fl__file_count(f, FL_CMD_READ, len, 0);
             return 0;
         }
     }
@@ -293,7 +339,10 @@ int fl_file_read_nowait(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
         return errno == EOPNOTSUPP ? -EAGAIN : -errno;
     /* A short count means part of the range is not cached (or EOF, which
      * the range check excludes): let the blocking path do it all. */
-    return (size_t)n == len ? 0 : -EAGAIN;
+    if ((size_t)n != len)
+        return -EAGAIN;
+    fl__file_count(f, FL_CMD_READ, len, 0);
+    return 0;
 }
 
 /* Take sessions_lock shared and run CBW of every session over the range.
@@ -395,8 +444,8 @@ static int fua(fl_file *f, unsigned flags, int rc)
     return rc;
 }
 
-int fl_file_write(fl_file *f, const uint8_t *buf, size_t len, uint64_t off,
-                  unsigned flags)
+static int do_write(fl_file *f, const uint8_t *buf, size_t len, uint64_t off,
+                    unsigned flags)
 {
     int rc = check_mutation(f, off, len);
 
@@ -416,6 +465,17 @@ int fl_file_write(fl_file *f, const uint8_t *buf, size_t len, uint64_t off,
     mark_bitmaps(f, off, len);
     rc = fua(f, flags, rc);
     pthread_rwlock_unlock(&f->sessions_lock);
+    return rc;
+}
+
+int fl_file_write(fl_file *f, const uint8_t *buf, size_t len, uint64_t off,
+                  unsigned flags)
+{
+    uint64_t t0 = fl__now_ns();
+    int rc = do_write(f, buf, len, off, flags);
+
+    fl__lat_add(&f->stats.write_latency, fl__now_ns() - t0, 1);
+    fl__file_count(f, FL_CMD_WRITE, len, rc);
     return rc;
 }
 
@@ -499,7 +559,7 @@ static int do_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags)
     return write_zeros(f, off, len);
 }
 
-int fl_file_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags)
+static int do_zero_call(fl_file *f, uint64_t off, uint64_t len, unsigned flags)
 {
     int rc = check_mutation(f, off, len);
 
@@ -521,7 +581,15 @@ int fl_file_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags)
     return rc;
 }
 
-int fl_file_trim(fl_file *f, uint64_t off, uint64_t len)
+int fl_file_zero(fl_file *f, uint64_t off, uint64_t len, unsigned flags)
+{
+    int rc = do_zero_call(f, off, len, flags);
+
+    fl__file_count(f, FL_CMD_WRITE_ZEROES, len, rc);
+    return rc;
+}
+
+static int do_trim(fl_file *f, uint64_t off, uint64_t len)
 {
     int rc = check_mutation(f, off, len);
 
@@ -539,6 +607,14 @@ int fl_file_trim(fl_file *f, uint64_t off, uint64_t len)
     else
         mark_bitmaps(f, off, len);
     pthread_rwlock_unlock(&f->sessions_lock);
+    return rc;
+}
+
+int fl_file_trim(fl_file *f, uint64_t off, uint64_t len)
+{
+    int rc = do_trim(f, off, len);
+
+    fl__file_count(f, FL_CMD_TRIM, len, rc);
     return rc;
 }
 
@@ -571,9 +647,12 @@ static void sync_bitmaps(fl_file *f)
 
 int fl_file_flush(fl_file *f)
 {
+    uint64_t t0 = fl__now_ns();
     int rc = sync_file(f);
 
     sync_bitmaps(f);
+    fl__lat_add(&f->stats.flush_latency, fl__now_ns() - t0, 1);
+    fl__file_count(f, FL_CMD_FLUSH, 0, rc);
     return rc;
 }
 
@@ -671,11 +750,10 @@ int fl_file_cache(fl_file *f, uint64_t off, uint64_t len)
 {
     int rc = fl__range_ok(off, len, f->size);
 
-    if (rc < 0)
-        return rc;
-    if (len == 0)
-        return 0;
-    return f->ops->cache(f, off, len);
+    if (rc == 0 && len > 0)
+        rc = f->ops->cache(f, off, len);
+    fl__file_count(f, FL_CMD_CACHE, len, rc);
+    return rc;
 }
 
 int fl_file_extents(fl_file *f, uint64_t off, uint64_t len,
@@ -684,13 +762,14 @@ int fl_file_extents(fl_file *f, uint64_t off, uint64_t len,
     struct fl__ext e = { lens, flags, max, 0 };
     int rc = fl__range_ok(off, len, f->size);
 
-    if (rc < 0)
-        return rc;
-    if (n == NULL || (len > 0 && (max == 0 || lens == NULL || flags == NULL)))
-        return -EINVAL;
-    f->ops->extents(f, off, len, &e);
-    *n = e.n;
-    return 0;
+    if (rc == 0 && (n == NULL || (len > 0 && (max == 0 || lens == NULL || flags == NULL))))
+        rc = -EINVAL;
+    if (rc == 0) {
+        f->ops->extents(f, off, len, &e);
+        *n = e.n;
+    }
+    fl__file_count(f, FL_CMD_BLOCK_STATUS, 0, rc);
+    return rc;
 }
 
 int fl_file_source_error(const fl_file *f)

@@ -116,7 +116,20 @@ struct fl_file {
      * held across I/O. */
     pthread_mutex_t hook_lock;
     int inject_flush_err, inject_flush_n;
+    /* Atomic (relaxed adds, no lock): what was asked of the file, for
+     * fl_file_stats.  Written by whichever thread runs the call. */
+    struct fl_file_stats stats;
 };
+
+/* Count one call of command CMD on F that returned RC (0 or -errno) and
+ * moved BYTES when it succeeded.  Relaxed atomics, no lock. */
+void fl__file_count(fl_file *f, int cmd, uint64_t bytes, int rc);
+/* The same, with REQUEST 0 for a later piece of one request (bytes and
+ * a failure count, not another request). */
+void fl__file_count_as(fl_file *f, int cmd, uint64_t bytes, int rc, int request);
+/* fl_file_read, counted as a later piece of one READ when PIECE. */
+int fl__file_read(fl_file *f, uint8_t *buf, size_t len, uint64_t off,
+                  int *is_hole, int piece);
 
 /* A new fl_file over OPS/PRIV (FD: a file's descriptor, else -1), one
  * reference, the caller's.  On failure nothing of PRIV or FD is taken. */
@@ -156,6 +169,13 @@ int fl__queue_submit_fn(fl_queue *q, int snap, void (*fn)(void *), void *arg);
 int fl__queue_delay(fl_queue *q, int kind);
 
 /* ---- io.c ----------------------------------------------------------- */
+
+/* CLOCK_MONOTONIC now, in nanoseconds. */
+uint64_t fl__now_ns(void);
+/* Add one observation of NS nanoseconds to L: with relaxed atomic adds
+ * when ATOMIC (concurrent writers, no lock), else plainly (the caller
+ * holds the lock guarding L). */
+void fl__lat_add(struct fl_latency *l, uint64_t ns, int atomic);
 
 /* 0 if [off, off+len) lies within [0, size) without overflow, else -EINVAL. */
 int fl__range_ok(uint64_t off, uint64_t len, uint64_t size);

@@ -11,15 +11,45 @@
  * - send_nowait never waits for a peer (MSG_DONTWAIT | MSG_NOSIGNAL): a
  *   worker or receive thread writing a reply under a send lock must not
  *   stall the others behind a client that does not read.
- * - No state here: every helper works on the fd it is given.
+ * - Latency histograms (fl__lat_add): log2 buckets of microseconds, so
+ *   an observation costs a clz and three adds (relaxed atomics when the
+ *   histogram has concurrent writers and no lock, as an fl_file's).
+ * - No state here: every helper works on the fd or histogram it is given.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
+
+uint64_t fl__now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+void fl__lat_add(struct fl_latency *l, uint64_t ns, int atomic)
+{
+    uint64_t us = ns / 1000;
+    unsigned i = us == 0 ? 0 : 64u - (unsigned)__builtin_clzll(us);
+
+    if (i > FL_LAT_BUCKETS - 1)
+        i = FL_LAT_BUCKETS - 1;
+    if (atomic) {
+        __atomic_add_fetch(&l->buckets[i], 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&l->sum_ns, ns, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&l->count, 1, __ATOMIC_RELAXED);
+    } else {
+        l->buckets[i]++;
+        l->sum_ns += ns;
+        l->count++;
+    }
+}
 
 int fl__range_ok(uint64_t off, uint64_t len, uint64_t size)
 {

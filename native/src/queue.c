@@ -46,6 +46,11 @@
  * The wake-ups are counted under the lock and signalled after it is
  * released (see wake_locked()).
  *
+ * Counting: the sendfile reply counts its READ in the file's stats
+ * (fl__file_count, relaxed atomics, no lock), as fl_file_read would; an
+ * op with FL_PIECE (a later piece of one streamed READ) adds its bytes
+ * but no request.
+ *
  * Locking: q->lock guards the pending lists, the done list, `stopping`,
  * the counters and the test hook; it is never held across I/O.  Workers
  * wait on their pool's `work`.  A worker writes the eventfd when the done list goes
@@ -276,12 +281,14 @@ static void sendfile_reply(struct op *o)
     fl_file *f = o->obj;
     size_t total = o->hdr_len + (size_t)o->len, sent = 0;
     struct iovec iov = { o->hdr, o->hdr_len };
+    unsigned piece = o->flags & FL_PIECE;
     ssize_t n;
     int rc;
 
     o->done = 0;
     rc = fl__range_ok(o->off, o->len, f->size);
     if (rc < 0) {
+        fl__file_count_as(f, FL_CMD_READ, 0, rc, piece == 0);
         o->rc = rc;
         return;
     }
@@ -289,6 +296,7 @@ static void sendfile_reply(struct op *o)
         memset(o->buf, 0, (size_t)o->len);
         o->done = FL_DONE_HOLE;
         o->rc = 0;
+        fl__file_count_as(f, FL_CMD_READ, o->len, 0, piece == 0);
         return;
     }
     pthread_mutex_lock(&o->sock->lock);
@@ -324,6 +332,7 @@ static void sendfile_reply(struct op *o)
     if (sent == total) {
         o->done = FL_DONE_SENT;
         o->rc = 0;
+        fl__file_count_as(f, FL_CMD_READ, o->len, 0, piece == 0);
         return;
     }
     /* The caller writes the rest from o->buf: read what was not sent. */
@@ -333,6 +342,7 @@ static void sendfile_reply(struct op *o)
         rc = fl__full_pread(f->fd, o->buf + from, (size_t)o->len - from,
                             o->off + from);
     }
+    fl__file_count_as(f, FL_CMD_READ, o->len, rc, piece == 0);
     if (sent == 0) {
         o->rc = rc;
     } else {
@@ -380,7 +390,8 @@ static void run_op(struct op *o, int delay_ms)
             sendfile_reply(o);
             return;
         }
-        o->rc = fl_file_read(o->obj, o->buf, (size_t)o->len, o->off, &hole);
+        o->rc = fl__file_read(o->obj, o->buf, (size_t)o->len, o->off, &hole,
+                              (o->flags & FL_PIECE) != 0);
         break;
     case FL_OP_WRITE:
         o->rc = fl_file_write(o->obj, o->buf, (size_t)o->len, o->off, o->flags);
@@ -678,6 +689,8 @@ int fl_queue_submit(fl_queue *q, uint64_t id, int kind, void *obj,
     if ((kind == FL_OP_READ || kind == FL_OP_WRITE || kind == FL_OP_SNAP_READ)
         && (buf == NULL || len > SIZE_MAX))
         return -EINVAL;
+    if ((flags & FL_PIECE) && kind != FL_OP_READ)
+        return -EINVAL;
     o = new_op(id, kind, obj, off, len);
     if (o == NULL)
         return -ENOMEM;
@@ -697,8 +710,8 @@ int fl_queue_submit_send(fl_queue *q, uint64_t id, int kind, void *obj,
         hdr_len > HDR_MAX || (hdr_len == 0 && kind == FL_OP_WRITE))
         return -EINVAL;
     if (kind == FL_OP_WRITE ? (flags & ~FL_FUA) != 0
-        : (kind != FL_OP_READ && kind != FL_OP_SNAP_READ) || flags != 0 ||
-          len == 0)
+        : (kind != FL_OP_READ && kind != FL_OP_SNAP_READ) ||
+          (flags & ~(kind == FL_OP_READ ? FL_PIECE : 0u)) != 0 || len == 0)
         return -EINVAL;
     o = new_op(id, kind, obj, off, len);
     if (o == NULL)

@@ -34,6 +34,9 @@
  *   fl_file_read_nowait: never blocks on I/O, so the event loop may call
  *   it.  No hole detection (lseek(SEEK_DATA) takes the inode lock, see
  *   fl_file_read_nowait); holes have no cached pages and stop the run.
+ * - Each READ answered counts in the file's stats (fl__file_count,
+ *   relaxed atomics), as fl_file_read_nowait would; the sizing pass
+ *   counts nothing.
  * - Output: the caller sizes OUT with a first call with out == NULL, which
  *   only checks the requests and sums header + data of the ones it would
  *   answer (no I/O).  The second call may stop earlier (page cache).
@@ -194,6 +197,7 @@ int fl_file_read_run(fl_file *f, const uint8_t *req, size_t len,
                 break; /* not cached, short, or failed: the engine's path */
             put_header(out + run->out_len, r, off, n, rule->structured);
             run->out_len += hdr + n;
+            fl__file_count(f, FL_CMD_READ, n, 0);
         }
         run->consumed += REQ_SIZE;
         run->count++;

@@ -278,6 +278,53 @@ out:
     free(back);
 }
 
+/* Every entry point counts its call, its bytes when it succeeded, its
+ * errno when not; writes and flushes land in their histograms. */
+static void test_stats(void)
+{
+    char path[4096];
+    fl_file *f;
+    struct fl_file_stats st;
+    uint8_t buf[4096];
+    uint64_t lens[4], n_ext = 0, sum = 0;
+    uint32_t flags[4];
+    size_t n;
+
+    make_image(path, SZ, pat);
+    CHECK_RC(fl_file_open(path, 0, &f), 0);
+    fl_file_stats(f, &st);
+    for (int i = 0; i < FL_CMDS; i++)
+        CHECK(st.requests[i] == 0 && st.bytes[i] == 0);
+    memset(buf, 1, sizeof(buf));
+    CHECK_RC(fl_file_write(f, buf, sizeof(buf), 0, 0), 0);
+    CHECK_RC(fl_file_write(f, buf, 512, 8192, FL_FUA), 0);
+    CHECK_RC(fl_file_write(f, buf, 1, SZ, 0), -EINVAL);
+    CHECK_RC(fl_file_read(f, buf, sizeof(buf), 0, NULL), 0);
+    CHECK_RC(fl_file_read_nowait(f, buf, 100, 0, NULL), 0);
+    CHECK_RC(fl_file_zero(f, 65536, 65536, 0), 0);
+    CHECK_RC(fl_file_trim(f, 0, 4096), 0);
+    CHECK_RC(fl_file_flush(f), 0);
+    CHECK_RC(fl_file_cache(f, 0, 4096), 0);
+    CHECK_RC(fl_file_extents(f, 0, SZ, lens, flags, 4, &n), 0);
+    fl_file_stats(f, &st);
+    CHECK(st.requests[FL_CMD_WRITE] == 3 && st.bytes[FL_CMD_WRITE] == 4096 + 512);
+    CHECK(st.requests[FL_CMD_READ] == 2 && st.bytes[FL_CMD_READ] == 4096 + 100);
+    CHECK(st.requests[FL_CMD_WRITE_ZEROES] == 1 && st.bytes[FL_CMD_WRITE_ZEROES] == 65536);
+    CHECK(st.requests[FL_CMD_TRIM] == 1 && st.bytes[FL_CMD_TRIM] == 4096);
+    CHECK(st.requests[FL_CMD_FLUSH] == 1 && st.bytes[FL_CMD_FLUSH] == 0);
+    CHECK(st.requests[FL_CMD_CACHE] == 1 && st.requests[FL_CMD_BLOCK_STATUS] == 1);
+    CHECK(st.errors[EINVAL] == 1);
+    for (int i = 0; i < FL_ERRNO_SLOTS; i++)
+        n_ext += st.errors[i];
+    CHECK(n_ext == 1);
+    CHECK(st.write_latency.count == 3 && st.flush_latency.count == 1);
+    for (int i = 0; i < FL_LAT_BUCKETS; i++)
+        sum += st.write_latency.buckets[i];
+    CHECK(sum == 3 && st.write_latency.sum_ns > 0);
+    fl_file_close(f);
+    unlink(path);
+}
+
 int main(void)
 {
     fprintf(stderr, "test_file\n");
@@ -287,6 +334,7 @@ int main(void)
     RUN(test_zero_trim_extents);
     RUN(test_sticky_flush_error);
     RUN(test_direct);
+    RUN(test_stats);
     fprintf(stderr, "test_file: OK\n");
     return 0;
 }

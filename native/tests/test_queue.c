@@ -547,6 +547,43 @@ static void test_snapshot_pool_priority(void)
     CHECK(threads_at_nice(19) == base19);
 }
 
+/* A READ streamed in pieces counts one request: FL_PIECE ops add their
+ * bytes only, whether the worker reads into the buffer or sends. */
+static void test_piece_counts_bytes_only(void)
+{
+    char path[4096];
+    fl_file *f;
+    fl_queue *q;
+    fl_sock *sock;
+    struct fl_file_stats st;
+    static uint8_t buf[BS], wire[2 * BS];
+    int sv[2];
+    int32_t rc, bits;
+
+    make_image(path, 4 * BS, pat);
+    CHECK_RC(fl_file_open(path, 0, &f), 0);
+    CHECK_RC(fl_queue_open(2, &q), 0);
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+    CHECK_RC(fl_sock_open(sv[1], &sock), 0);
+    CHECK_RC(fl_queue_submit(q, 1, FL_OP_READ, f, buf, BS, 0, 0), 0);
+    reap_one(q, 1, &rc, &bits);
+    CHECK_RC(fl_queue_submit(q, 2, FL_OP_READ, f, buf, BS, BS, FL_PIECE), 0);
+    reap_one(q, 2, &rc, &bits);
+    CHECK_RC(fl_queue_submit_send(q, 3, FL_OP_READ, f, buf, BS, 2 * BS, sock,
+                                  (const uint8_t *)"", 0, FL_PIECE), 0);
+    reap_one(q, 3, &rc, &bits);
+    CHECK(rc == 0 && bits == FL_DONE_SENT && drain(sv[0], wire, sizeof wire) == BS);
+    CHECK_RC(fl_queue_submit(q, 4, FL_OP_WRITE, f, buf, BS, 0, FL_PIECE), -EINVAL);
+    fl_file_stats(f, &st);
+    CHECK(st.requests[FL_CMD_READ] == 1 && st.bytes[FL_CMD_READ] == 3 * BS);
+    fl_sock_close(sock);
+    close(sv[0]);
+    close(sv[1]);
+    fl_queue_close(q);
+    fl_file_close(f);
+    unlink(path);
+}
+
 int main(void)
 {
     fprintf(stderr, "test_queue\n");
@@ -559,6 +596,7 @@ int main(void)
     RUN(test_control_ops);
     RUN(test_closed_file_ops);
     RUN(test_snapshot_pool_priority);
+    RUN(test_piece_counts_bytes_only);
     fprintf(stderr, "test_queue: OK\n");
     return 0;
 }

@@ -268,6 +268,12 @@ def test_not_utf8(tmp_path: Path) -> None:
     ("[[listen]]\nunix = 'a'\n[[listen]]\nunix = 'a'\n",
      r"listen: unix socket .*/a is listed twice"),
     ("control = 'a'\n[[listen]]\nunix = 'a'\n", "control: .*/a is also an NBD"),
+    # metrics
+    ("[metrics]\nport = 9\n", r"unknown key 'metrics\.port'"),
+    ("[metrics]\nlisten = 9632\n", r"metrics\.listen: must be a string, not an integer"),
+    ("[metrics]\nlisten = 'localhost'\n", r"metrics\.listen: 'localhost' is not ADDR:PORT"),
+    ("[metrics]\nlisten = ':0'\n", r"metrics\.listen: port 0 is out of range"),
+    ("[[metrics]]\nlisten = ':1'\n", r"metrics: must be a table, not an array"),
     # tls
     ("[tls]\nmode = 'yes'\ncert = 'F'\nkey = 'F'\n",
      r"tls\.mode: 'yes' is not one of off, on, require"),
@@ -318,6 +324,20 @@ def test_schema_errors_name_the_key(tmp_path: Path, text: str, expected: str) ->
         text = f"control = '{tmp_path}/ctl.sock'\n{text}"
     msg = _error(tmp_path, text)
     assert re.search(expected, msg), msg
+
+
+@pytest.mark.parametrize(("listen", "expected"), [
+    (None, None),
+    ("127.0.0.1:9632", ("127.0.0.1", 9632)),
+    ("[::1]:9632", ("::1", 9632)),
+    (":9632", (None, 9632)),
+])
+def test_metrics_listen(tmp_path: Path, listen: str | None,
+                        expected: tuple[str | None, int] | None) -> None:
+    text = f"control = '{tmp_path}/c.sock'\n"
+    if listen is not None:
+        text += f"[metrics]\nlisten = '{listen}'\n"
+    assert load_config(_write(tmp_path, text)).metrics == expected
 
 
 def test_unwritable_disk_unless_read_only(tmp_path: Path) -> None:

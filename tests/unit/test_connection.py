@@ -135,7 +135,7 @@ class FakeExport:
         fut.set_result(rcs)
 
     def submit_read(self, offset: int, length: int, reply_to: object = None,
-                    header: bytes = b"") -> asyncio.Future[ReadResult]:
+                    header: bytes = b"", *, piece: bool = False) -> asyncio.Future[ReadResult]:
         fut: asyncio.Future[ReadResult] = asyncio.get_running_loop().create_future()
         self.reads.append((offset, length, reply_to, header, fut))
         if not self.hold:

@@ -85,8 +85,9 @@ class ActiveExport(ExportBase):
                                  rules, structured, contexts, initial)
 
     def submit_read(self, offset: int, length: int, reply_to: ReplySocket | None = None,
-                    header: bytes = b"") -> asyncio.Future[ReadResult]:
-        return self._io.submit_read(self.disk.file, offset, length, reply_to, header)
+                    header: bytes = b"", *, piece: bool = False) -> asyncio.Future[ReadResult]:
+        return self._io.submit_read(self.disk.file, offset, length, reply_to, header,
+                                    piece=piece)
 
     def submit_write(
         self, offset: int, data: bytes | memoryview, fua: bool,

@@ -107,9 +107,11 @@ class Export(Protocol):
         """
 
     def submit_read(self, offset: int, length: int, reply_to: ReplySocket | None = None,
-                    header: bytes = b"") -> asyncio.Future[ReadResult]:
+                    header: bytes = b"", *, piece: bool = False) -> asyncio.Future[ReadResult]:
         """Submit a read (no task needed).  With REPLY_TO a worker may write
-        HEADER + data to that socket itself (``ReadResult.sent``).
+        HEADER + data to that socket itself (``ReadResult.sent``).  PIECE:
+        a later piece of one READ streamed in pieces (counted in the image's
+        stats as bytes of the same request, not another one).
 
         :raise OSError: when the submission is refused; from the future, the
             read's error (:class:`~fleeced.ioqueue.ReplyTorn` when a worker's

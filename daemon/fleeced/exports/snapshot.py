@@ -141,7 +141,7 @@ class SnapshotExport(ExportBase):
         self.session.native.check_read(offset, length)
 
     def submit_read(self, offset: int, length: int, reply_to: ReplySocket | None = None,
-                    header: bytes = b"") -> asyncio.Future[ReadResult]:
+                    header: bytes = b"", *, piece: bool = False) -> asyncio.Future[ReadResult]:
         return self._io.submit_read(self.session.native, offset, length, reply_to, header)
 
     def submit_write(
@@ -239,7 +239,7 @@ class CbwTargetExport(ExportBase):
         raise OSError(errno.EPERM, "a copy-before-write target is written only")
 
     def submit_read(self, offset: int, length: int, reply_to: ReplySocket | None = None,
-                    header: bytes = b"") -> asyncio.Future[ReadResult]:
+                    header: bytes = b"", *, piece: bool = False) -> asyncio.Future[ReadResult]:
         raise OSError(errno.EPERM, "a copy-before-write target is written only")
 
     def submit_write(

@@ -805,7 +805,8 @@ class NbdConnection(asyncio.Protocol):
                 return
             assert export is not None
             try:
-                fut = export.submit_read(st.cmd.offset + st.pos, n, sock, header)
+                fut = export.submit_read(st.cmd.offset + st.pos, n, sock, header,
+                                         piece=st.pos > 0)
             except OSError as exc:
                 self._piece_failed(st, exc)
                 continue
