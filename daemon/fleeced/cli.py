@@ -30,7 +30,7 @@ from fleeced.paths import (
 )
 from fleeced.sources import FORMATS
 
-__all__ = ["CliError", "build_parser", "check_private_dir", "default_control",
+__all__ = ["CliError", "build_parser", "human_bytes", "check_private_dir", "default_control",
            "default_control_path", "ensure_private_dir", "main", "parse_args"]
 
 log = logging.getLogger("fleeced")
@@ -587,7 +587,8 @@ def _fleece_start_args(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
+    """N bytes in binary units, as fleece list and status show them."""
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":
@@ -612,8 +613,8 @@ def _print_sessions(sessions: list[dict[str, Any]]) -> None:
             c = s["clusters"]
             p = s["progress"]
             print(f"{s['disk']:<12} {s['name']:<10} {s['state']:<7} {s['export']:<24} "
-                  f"{c['copied']:>8} {c['needed']:>8} {_human(s['temp-bytes']):>10} "
-                  f"{_human(s['cache-bytes']):>10}  {progress_text(p['read'], p['total'])}")
+                  f"{c['copied']:>8} {c['needed']:>8} {human_bytes(s['temp-bytes']):>10} "
+                  f"{human_bytes(s['cache-bytes']):>10}  {progress_text(p['read'], p['total'])}")
         if s.get("error"):
             print(f"  error: {s['error']}")
 
@@ -628,7 +629,7 @@ async def _status(client: Any, args: argparse.Namespace) -> int:
     print(f"connections: {stats['connections']}")
     for d in disks:
         ro = " (read-only)" if d["read-only"] else ""
-        print(f"disk {d['name']}: {d['path']} {_human(d['size'])}{ro}")
+        print(f"disk {d['name']}: {d['path']} {human_bytes(d['size'])}{ro}")
     for e in exports:
         print(f"  export {e['name']!r}: {e['type']}, {e['connections']} connection(s)")
     return EXIT_OK

@@ -24,6 +24,7 @@ from rich.progress import (
     TextColumn,
 )
 
+from fleeced.cli import human_bytes as human
 from fleeced.control.client import ConnectionLost, ControlClient
 from fleeced.errors import CliError
 
@@ -34,16 +35,6 @@ EVENTS: Final = ("FLEECE_PROGRESS", "FLEECE_STOPPED", "FLEECE_BROKEN")
 
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
-
-
-def human(n: int) -> str:
-    """N bytes in binary units."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def percent(read: int, total: int) -> float:
