@@ -32,7 +32,7 @@ HOOKS = {"FLEECED_TEST_HOOKS": "1"}
 
 
 def test_flush_errors_are_sticky(tmp_path: Path, start_daemon) -> None:
-    """Item 3: after one failed fdatasync every later FLUSH and FUA fails EIO
+    """After one failed fdatasync every later FLUSH and FUA fails EIO
     (a FUA write could consume the writeback error and a later FLUSH
     succeeded), and query-disks says so."""
     img = tmp_path / "disk.img"
@@ -57,7 +57,7 @@ def test_flush_errors_are_sticky(tmp_path: Path, start_daemon) -> None:
 @pytest.mark.parametrize("policy", ["break-snapshot", "break-guest-write"])
 def test_cbw_timeout_bounds_the_guest_writes_own_copy(tmp_path: Path, start_daemon,
                                                        policy: str) -> None:
-    """Item 9: with --cbw-timeout 0.2 and a 3 s copy, the guest write waited
+    """With --cbw-timeout 0.2 and a 3 s copy, the guest write waited
     3 s and the snapshot stayed whole.  Now the policy applies at 0.2 s, and
     a failed write is EIO on the wire (not EINVAL)."""
     img = tmp_path / "disk.img"
@@ -83,7 +83,7 @@ def test_cbw_timeout_bounds_the_guest_writes_own_copy(tmp_path: Path, start_daem
 
 
 def test_holes_cost_no_temp_space(tmp_path: Path, start_daemon) -> None:
-    """Item 10: 64 MiB of write-zeroes over a sparse disk with --max-temp 16M
+    """64 MiB of write-zeroes over a sparse disk with --max-temp 16M
     broke the snapshot although there was nothing to preserve."""
     img = tmp_path / "disk.img"
     with open(img, "wb") as f:
@@ -104,7 +104,7 @@ def test_holes_cost_no_temp_space(tmp_path: Path, start_daemon) -> None:
 
 
 def test_fast_zero_refuses_before_any_copy(tmp_path: Path, start_daemon) -> None:
-    """Item 12: FAST_ZERO ran the whole CBW (possibly GiBs) and only then
+    """FAST_ZERO ran the whole CBW (possibly GiBs) and only then
     answered ENOTSUP.  Now ENOTSUP comes first and nothing was copied."""
     img = tmp_path / "disk.img"
     data = make_image(img, 8 * MiB)

@@ -63,7 +63,7 @@ def vanish_mid_pipeline(d: Daemon, export: str, big_hole_reads: int = 63) -> Non
 
 
 def test_vanished_snapshot_client_then_fleece_stop(tmp_path: Path, start_daemon) -> None:
-    """Item 2: ops of a vanished client still queued when fleece-stop frees the
+    """Ops of a vanished client still queued when fleece-stop frees the
     session (a segfault in 9 of 9 runs before).  Snapshot reads are slowed so
     they are queued for sure; the session is stopped and restarted many times."""
     img = tmp_path / "disk.img"
@@ -82,7 +82,7 @@ def test_vanished_snapshot_client_then_fleece_stop(tmp_path: Path, start_daemon)
 
 
 def test_sigterm_with_a_client_that_stopped_reading(tmp_path: Path, start_daemon) -> None:
-    """Item 5: a client that never reads its replies blocked SIGTERM for ever
+    """A client that never reads its replies blocked SIGTERM for ever
     (shutdown waited for its write buffer to drain).  Now it is aborted after
     --shutdown-timeout and the daemon exits 0 with STOPPING=1."""
     img = tmp_path / "disk.img"
@@ -105,7 +105,7 @@ def test_sigterm_with_a_client_that_stopped_reading(tmp_path: Path, start_daemon
 
 
 def test_fleece_stop_does_not_block_other_disks(tmp_path: Path, start_daemon) -> None:
-    """Item 5: fleece-stop held a daemon-wide lock while it waited for a client
+    """fleece-stop held a daemon-wide lock while it waited for a client
     that stopped reading, so fleece-start/stop on every other disk hung too."""
     a, b = tmp_path / "a.img", tmp_path / "b.img"
     make_image(a, 32 * MiB)
@@ -143,7 +143,7 @@ def test_fleece_stop_does_not_block_other_disks(tmp_path: Path, start_daemon) ->
 
 
 def test_fleece_start_does_not_block_the_loop(tmp_path: Path, start_daemon) -> None:
-    """Item 6: fleece-start took the file's exclusive lock on the event loop,
+    """fleece-start took the file's exclusive lock on the event loop,
     waiting for guest writes in flight (one stuck in a slow CBW copy): a 4 KiB
     READ of another disk waited for it.  Now the READ comes back first."""
     a, b = tmp_path / "a.img", tmp_path / "b.img"
@@ -183,7 +183,7 @@ def test_fleece_start_does_not_block_the_loop(tmp_path: Path, start_daemon) -> N
 
 def test_handshake_limit_and_only_negotiated_clients_count(tmp_path: Path,
                                                           start_daemon) -> None:
-    """Item 7: silent connections held fds for ever, and with -e N, N silent
+    """Silent connections held fds for ever, and with -e N, N silent
     connections locked every real client out."""
     nbdinfo = requires("nbdinfo")
     img = tmp_path / "disk.img"
@@ -216,7 +216,7 @@ def rss_kib(pid: int) -> int:
 
 
 def test_reply_memory_is_bounded(tmp_path: Path, start_daemon) -> None:
-    """Item 8: 64 pipelined 32 MiB READs whose replies are never read pinned
+    """64 pipelined 32 MiB READs whose replies are never read pinned
     about 2 GiB per connection; then about 28 MiB (a reply's rest).  Large
     READs are now streamed a piece at a time: 16 such clients cost the
     daemon under 64 MiB together (a few MiB each at most)."""
@@ -309,7 +309,7 @@ def test_stalled_readers_do_not_stall_others(tmp_path: Path, start_daemon) -> No
 
 
 def test_sigterm_answers_every_received_request(tmp_path: Path, start_daemon) -> None:
-    """Item 14: SIGTERM dropped parsed-but-unanswered requests (they came back
+    """SIGTERM dropped parsed-but-unanswered requests (they came back
     as ENOTCONN).  Requests already received are completed or get ESHUTDOWN."""
     img = tmp_path / "disk.img"
     make_image(img, 4 * MiB)
