@@ -1661,6 +1661,8 @@ class ConnStats:
     ended: bool
     eof: bool
     reason: str
+    #: READ bytes admitted in flight plus replies queued unsent.
+    reply_bytes: int = 0
 
 
 class NativeConn(_Handle):
@@ -1736,7 +1738,7 @@ class NativeConn(_Handle):
         lib.fl_conn_stats(self._handle(), s)
         return ConnStats(int(s.requests), int(s.errors), int(s.bytes_read),
                          int(s.bytes_written), int(s.in_flight), bool(s.ended), bool(s.eof),
-                         ffi.string(s.reason).decode("utf-8", "replace"))
+                         ffi.string(s.reason).decode("utf-8", "replace"), int(s.reply_bytes))
 
     def close(self) -> None:
         """Give up the connection (aborted first if it has not ended).  Idempotent."""

@@ -117,6 +117,7 @@ class _Snapshot:
     bitmaps: list[Any] = field(default_factory=list)   # fleeced.bitmap_store.Bitmap
     connections: int = 0
     reply_bytes: int = 0
+    native_reply_bytes: int = 0
     reply_budget: int = 0
     data_plane: str = ""
 
@@ -131,6 +132,7 @@ def take_snapshot(daemon: DaemonView) -> _Snapshot:
     event loop: atomic loads and short mutex holds in C, no I/O."""
     server = daemon.server
     snap = _Snapshot(connections=server.connection_count, reply_bytes=server.reply_bytes,
+                     native_reply_bytes=server.native_reply_bytes,
                      reply_budget=server.reply_budget,
                      data_plane=str(getattr(daemon.config, "data_plane", "")))
     for disk in daemon.disks.values():
@@ -336,6 +338,10 @@ def _daemon(snap: _Snapshot) -> Iterator[Metric]:
     yield GaugeMetricFamily("fleeced_reply_memory_budget_bytes",
                             "Daemon-wide bound of fleeced_reply_memory_bytes",
                             value=snap.reply_budget)
+    yield GaugeMetricFamily("fleeced_native_reply_memory_bytes",
+                            "Bytes of READ replies in flight or queued unsent on native "
+                            "connections (each bounded by its flow-control budget)",
+                            value=snap.native_reply_bytes)
 
 
 class DaemonCollector(Collector):

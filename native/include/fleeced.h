@@ -641,6 +641,9 @@ struct fl_conn_params {
 struct fl_conn_stats {
     uint64_t requests, errors, bytes_read, bytes_written;
     uint32_t in_flight;
+    uint64_t reply_bytes;       /* READ bytes admitted in flight plus replies
+                                   queued unsent: its reply memory, at most
+                                   the flow-control budget and one piece */
     int ended;                  /* socket closed, nothing in flight */
     int eof;                    /* the client closed first */
     char reason[128];           /* why it ended, when not the client's DISC

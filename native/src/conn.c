@@ -40,7 +40,9 @@
  *   lock       in_flight, inflight_bytes, ended, mode, aborted, stats
  *              (the byte and request counters are atomics instead),
  *              waiting;
- *   send_lock  the out-queue and its byte count, `torn`, writes to the
+ *   send_lock  the out-queue and its byte count (written under it, read
+ *              without it by admit()'s fast path and fl_conn_stats, an
+ *              atomic load of one aligned word), `torn`, writes to the
  *              socket (each MSG_DONTWAIT, so held only for the copy into
  *              the kernel), `fd` going to -1; a stream entry's piece
  *              fields belong to the receive thread alone;
@@ -244,6 +246,10 @@ void fl_conn_stats(fl_conn *c, struct fl_conn_stats *out)
     out->bytes_read = __atomic_load_n(&c->stats.bytes_read, __ATOMIC_RELAXED);
     out->bytes_written = __atomic_load_n(&c->stats.bytes_written, __ATOMIC_RELAXED);
     out->in_flight = c->in_flight;
+    /* Not under send_lock, which a streamed READ holds across its pread:
+     * the owner's thread (the event loop) must never wait on I/O. */
+    out->reply_bytes = c->inflight_bytes
+                       + __atomic_load_n(&c->oq_bytes, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&c->lock);
 }
 

@@ -212,7 +212,9 @@ static int get_mode(fl_conn *c, int *aborted)
 }
 
 /* Wait until a new request may be taken (see "Flow control"), sending
- * queued replies meanwhile.  0, or -1 when aborted. */
+ * queued replies meanwhile.  0, or -1 when aborted or torn: a send that
+ * failed here (the client went away while over its budget) ends the
+ * connection, since nothing else would wake this wait. */
 static int admit(fl_conn *c)
 {
     /* The common case, nothing in flight and nothing queued, without a
@@ -222,11 +224,12 @@ static int admit(fl_conn *c)
         && !__atomic_load_n(&c->aborted, __ATOMIC_ACQUIRE))
         return 0;
     for (;;) {
-        int ok, aborted, pending;
+        int ok, aborted, pending, torn;
 
         pthread_mutex_lock(&c->lock);
         pthread_mutex_lock(&c->send_lock);
-        pending = c->oq_head != NULL && !c->torn;
+        torn = c->torn;
+        pending = c->oq_head != NULL && !torn;
         /* Replies the client has not read count as much as requests in
          * flight: a client that stops reading stops being read. */
         ok = c->oq_bytes <= BUDGET &&
@@ -238,7 +241,7 @@ static int admit(fl_conn *c)
         if (!ok)
             c->waiting = 1;
         pthread_mutex_unlock(&c->lock);
-        if (aborted)
+        if (aborted || torn)
             return -1;
         if (ok || __atomic_load_n(&c->mode, __ATOMIC_ACQUIRE) != MODE_RUN)
             return 0;   /* shutting down: answered ESHUTDOWN, no budget */

@@ -389,6 +389,37 @@ static void test_client_that_never_reads(void)
     finish(&x);
 }
 
+/* The same client going away without reading: the connection ends by
+ * itself (its receive thread waited for budget the client would never
+ * free, until an abort that only the daemon's shutdown sent). */
+static void test_client_that_vanishes_unread(void)
+{
+    static uint8_t reqs[200 * 28];
+    struct fixture x;
+    struct fl_conn_stats st;
+    int sent;
+
+    start(&x, 0, NULL, 0);
+    for (int i = 0; i < 200; i++)
+        request(reqs + 28 * i, (uint64_t)i, 0, 0, 0, 1u << 20);
+    sent = (int)send(x.sv[0], reqs, sizeof reqs, MSG_DONTWAIT) / 28;
+    CHECK(sent == 200);
+    /* Until the connection holds its budget and waits for the client. */
+    for (int i = 0; i < 1000; i++) {
+        fl_conn_stats(x.c, &st);
+        if (st.reply_bytes >= (4u << 20))
+            break;
+        usleep(10000);
+    }
+    CHECK(st.reply_bytes >= (4u << 20) && st.reply_bytes <= (5u << 20));
+    close(x.sv[0]);
+    x.sv[0] = -1;
+    wait_done(&x);
+    fl_conn_stats(x.c, &st);
+    CHECK(st.ended && st.in_flight == 0 && st.reply_bytes == 0);
+    finish(&x);
+}
+
 /* A READ longer than a piece: simple header once, then the data. */
 static void test_streamed_read(void)
 {
@@ -422,6 +453,7 @@ int main(void)
     RUN(test_shutdown);
     RUN(test_request_racing_the_close);
     RUN(test_client_that_never_reads);
+    RUN(test_client_that_vanishes_unread);
     RUN(test_streamed_read);
     fprintf(stderr, "test_conn: OK\n");
     return 0;

@@ -145,6 +145,42 @@ def test_broken_session_says_why(tmp_path: Path, start_daemon) -> None:
                  reason=os.strerror(28)) == 1
 
 
+def test_native_reply_memory_of_a_client_that_never_reads(tmp_path: Path,
+                                                          start_daemon) -> None:
+    """A client that asked for 64 x 32 MiB and reads nothing holds its
+    connection's flow-control budget of reply memory, no more; it is
+    given back when the client goes."""
+    from tests.integration.test_lifecycle import stalled_reader
+
+    img = tmp_path / "disk.img"
+    make_image(img, 64 * MiB)
+    d, port = start_with_metrics(start_daemon, img, "native")
+    name = "fleeced_native_reply_memory_bytes"
+    assert value(scrape(port), name) == 0
+    client = stalled_reader(d.sock, "disk")
+    try:
+        held = poll_metric(port, name, lambda v: v > 0)
+        # The budget (4 MiB) and the piece being streamed (1 MiB).
+        assert held <= 5 * MiB
+    finally:
+        client.close()
+    poll_metric(port, name, lambda v: v == 0)
+    assert d.stop() == 0
+
+
+def poll_metric(port: int, name: str, ok: Callable[[float], bool],
+                timeout: float = 10.0) -> float:
+    """The daemon-wide metric NAME once OK accepts it (bounded)."""
+    end = time.monotonic() + timeout
+    while True:
+        v = value(scrape(port), name)
+        if ok(v):
+            return v
+        if time.monotonic() > end:
+            raise AssertionError(f"{name} stayed {v} for {timeout} s")
+        time.sleep(0.05)
+
+
 def test_a_stalled_scraper_stalls_nobody(tmp_path: Path, start_daemon) -> None:
     """A scraper that connects and sends half a request holds its own
     thread only: NBD clients and other scrapes go on."""

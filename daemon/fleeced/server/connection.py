@@ -1233,3 +1233,12 @@ class NbdConnection(asyncio.Protocol):
         if native is not None:
             return 0 if native.closed else native.stats().in_flight
         return self._inflight
+
+    @property
+    def native_reply_bytes(self) -> int:
+        """Reply memory of the native connection (READ bytes in flight and
+        replies queued unsent, bounded per connection in C); 0 on the loop's
+        path, whose replies :attr:`reply_bytes` counts against the daemon's
+        budget."""
+        native = self._native
+        return 0 if native is None or native.closed else native.stats().reply_bytes

@@ -287,6 +287,11 @@ class NbdServer:
         for conn in self._connections:
             conn.fold_stats()
 
+    @property
+    def native_reply_bytes(self) -> int:
+        """Reply memory of the native connections (each bounded in C)."""
+        return sum(c.native_reply_bytes for c in self._connections)
+
     def in_flight(self, export_name: str) -> int:
         """Requests received and not yet answered on EXPORT_NAME's connections."""
         return sum(c.in_flight for c in self._by_export.get(export_name, ()))
