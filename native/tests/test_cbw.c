@@ -1271,6 +1271,25 @@ static void run_pvecs(fl_session *s, const struct pvec *v, size_t n,
     free(b);
 }
 
+/* Vectors V on a fresh session of the whole disk, or (SCOPED) of the scope
+ * clusters 1 and 4 (CS+5..CS+15, 4CS) and the tail: 2 * CS + 1000 bytes. */
+static void run_progress(const struct pvec *v, size_t n, int scoped)
+{
+    uint64_t so[3] = { CS + 5, 4 * CS, SZ - 3 }, sl[3] = { 10, 1, 1 };
+    struct fl_session_params p;
+    struct fix x;
+
+    params_init(&p, CS);
+    if (scoped) {
+        p.scope_off = so;
+        p.scope_len = sl;
+        p.n_scope = 3;
+    }
+    fix_open(&x, SZ, &p);
+    run_pvecs(x.s, v, n, scoped ? 2 * CS + 1000 : SZ);
+    fix_close(&x);
+}
+
 static void test_progress(void)
 {
     static const struct pvec whole[] = {
@@ -1308,7 +1327,6 @@ static void test_progress(void)
         { P_ZERO, 0, CS, 0, 0 },                     /* outside the scope */
         { P_ZERO, 0, SZ, 0, 2 * CS + 1000 },         /* 1, 4 and the tail */
     };
-    uint64_t so[3] = { CS + 5, 4 * CS, SZ - 3 }, sl[3] = { 10, 1, 1 };
     struct fl_session_params p;
     fl_bitmap *old;
     struct fix x;
@@ -1317,30 +1335,11 @@ static void test_progress(void)
     params_init(&p, CS);
     fix_open(&x, SZ, &p);
     CHECK_RC(fl_session_progress(x.s, &r, NULL), -EINVAL);
-    run_pvecs(x.s, whole, sizeof(whole) / sizeof(whole[0]), SZ);
     fix_close(&x);
-
-    params_init(&p, CS);
-    p.scope_off = so;
-    p.scope_len = sl;
-    p.n_scope = 3;
-    fix_open(&x, SZ, &p);
-    run_pvecs(x.s, scoped, sizeof(scoped) / sizeof(scoped[0]), 2 * CS + 1000);
-    fix_close(&x);
-
-    params_init(&p, CS);
-    fix_open(&x, SZ, &p);
-    run_pvecs(x.s, zeros, sizeof(zeros) / sizeof(zeros[0]), SZ);
-    fix_close(&x);
-
-    params_init(&p, CS);
-    p.scope_off = so;
-    p.scope_len = sl;
-    p.n_scope = 3;
-    fix_open(&x, SZ, &p);
-    run_pvecs(x.s, scoped_zeros, sizeof(scoped_zeros) / sizeof(scoped_zeros[0]),
-              2 * CS + 1000);
-    fix_close(&x);
+    run_progress(whole, sizeof(whole) / sizeof(whole[0]), 0);
+    run_progress(scoped, sizeof(scoped) / sizeof(scoped[0]), 1);
+    run_progress(zeros, sizeof(zeros) / sizeof(zeros[0]), 0);
+    run_progress(scoped_zeros, sizeof(scoped_zeros) / sizeof(scoped_zeros[0]), 1);
 
     /* Incremental: the scope is checkpoint_since's dirty runs, here a
      * 4 KiB granule in cluster 3 only. */
