@@ -249,6 +249,14 @@ def test_reply_memory_is_bounded(tmp_path: Path, start_daemon) -> None:
     alive(d)
 
 
+#: The slowest a good client's read may be while others stall.  A read that
+#: waited for another connection's reply budget waited for the 30 s stall
+#: rule (reads of 8 s to 31 s were seen); a served one takes milliseconds,
+#: and a little over 100 ms on a loaded machine under ASan.  2 s keeps the
+#: two apart without timing the daemon.
+NOT_STALLED = 2.0
+
+
 def stalled_reader(path: str, export: str) -> Raw:
     """A client that asks for 64 x 32 MiB (about 2 KB of requests) and
     never reads a byte of the replies."""
@@ -282,8 +290,8 @@ def test_stalled_readers_do_not_stall_others(tmp_path: Path, start_daemon) -> No
     """Eight clients that each asked for 64 x 32 MiB and never read used up
     the daemon-wide reply budget: every other client's READs waited for the
     30 s stall rule (one read in 8 s, of 28 s).  A connection's unread
-    replies now cost that connection only: the good client's worst 4 KiB
-    read stays under 100 ms, and reconnecting stalled clients change
+    replies now cost that connection only: no read of the good client
+    waits for the stall rule, and reconnecting stalled clients change
     nothing."""
     python = requires_libnbd_python()
     img = tmp_path / "disk.img"
@@ -303,8 +311,8 @@ def test_stalled_readers_do_not_stall_others(tmp_path: Path, start_daemon) -> No
             c.close()
     print(f"good client: {first} then {second}")
     for got in (first, second):
-        assert got["worst"] < 0.1, got
-        assert got["reads"] > 1000, got
+        assert got["worst"] < NOT_STALLED, got
+        assert got["reads"] > 100, got
     alive(d)
 
 
