@@ -6,12 +6,15 @@ stops or breaks, and every :data:`FALLBACK_POLL` seconds without news (a
 session started meanwhile sends its first event only then).  On a terminal
 each session gets a ``rich`` progress bar; otherwise (a pipe, a log) a plain
 line per change.  The watch ends with exit status 0 once no session is left
-running, 1 with a message when the daemon goes away, and Ctrl-C ends it like
-any client command (130), the display closed first.
+running, 1 with a message when the daemon goes away; Ctrl-C ends it like any
+client command (130) and SIGTERM with 143, the display closed first either way
+(a terminal gets its cursor back).
 """
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any, Final, TextIO
@@ -35,6 +38,8 @@ EVENTS: Final = ("FLEECE_PROGRESS", "FLEECE_STOPPED", "FLEECE_BROKEN")
 
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
+#: Ended by SIGTERM, as a shell reports a process killed by it.
+EXIT_TERMINATED: Final = 128 + signal.SIGTERM
 
 
 def percent(read: int, total: int) -> float:
@@ -118,6 +123,32 @@ async def watch_sessions(client: ControlClient, out: TextIO = sys.stdout) -> int
     :raise CliError: when the daemon goes away (ConnectionLost).
     """
     view: _Plain | _Bars = _Bars(out) if out.isatty() else _Plain(out)
+    # SIGTERM's default action would leave the terminal as the bars left it
+    # (cursor hidden): it cancels the watch instead, so ``finally`` tidies.
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        return await _watch(client, view, out)
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        task.uncancel()
+        return EXIT_TERMINATED
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        view.close()
+
+
+async def _watch(client: ControlClient, view: _Plain | _Bars, out: TextIO) -> int:
     shown: dict[tuple[str, str], _Shown] = {}
     try:
         with client.listen(*EVENTS) as listener:
@@ -137,8 +168,6 @@ async def watch_sessions(client: ControlClient, out: TextIO = sys.stdout) -> int
                     return EXIT_OK
     except ConnectionLost as exc:
         raise CliError(f"the daemon went away: {exc}") from None
-    finally:
-        view.close()
 
 
 def _on_progress(view: _Plain | _Bars, shown: dict[tuple[str, str], _Shown],

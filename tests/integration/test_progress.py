@@ -289,46 +289,87 @@ def test_watch_with_no_session_and_bad_flags(start_daemon: Callable[..., Daemon]
     assert json.loads(fleeced("fleece", "list", "--json", "--control", d.control).stdout) == []
 
 
+class TtyWatch:
+    """``fleece list --watch`` with its stdout on a pty, as on a terminal."""
+
+    def __init__(self, d: Daemon) -> None:
+        import pty
+
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fleeced", "fleece", "list", "--watch",
+             "--control", d.control], stdout=slave, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, env=dict(os.environ, TERM="xterm", COLUMNS="120"))
+        os.close(slave)
+        self.screen = b""
+
+    def read_until(self, needle: bytes | None) -> None:
+        """Read the screen until NEEDLE is on it, or (None) until the end."""
+        deadline = time.monotonic() + 30
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.master, selectors.EVENT_READ)
+            while needle is None or needle not in self.screen:
+                left = deadline - time.monotonic()
+                assert left > 0, self.screen
+                if sel.select(left):
+                    try:
+                        chunk = os.read(self.master, 65536)
+                    except OSError:     # EIO: the pty's other side is closed
+                        chunk = b""
+                    if not chunk:
+                        assert needle is None, self.screen
+                        return
+                    self.screen += chunk
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        os.close(self.master)
+
+
 def test_watch_on_a_tty_draws_bars(tmp_path: Path, image: Path,
                                    start_daemon: Callable[..., Daemon]) -> None:
     """On a terminal (a pty) the watch draws rich bars and still ends with
     the session."""
-    import pty
-
     d = start_daemon(str(image))
     qmp(d, "fleece-start", {"disk": "disk"})
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "fleeced", "fleece", "list", "--watch",
-                             "--control", d.control], stdout=slave, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, env=dict(os.environ, TERM="xterm",
-                                                               COLUMNS="120"))
-    os.close(slave)
-    screen = b""
+    tty = TtyWatch(d)
     try:
-        def read_until(needle: bytes) -> None:
-            nonlocal screen
-            deadline = time.monotonic() + 30
-            with selectors.DefaultSelector() as sel:
-                sel.register(master, selectors.EVENT_READ)
-                while needle not in screen:
-                    left = deadline - time.monotonic()
-                    assert left > 0, screen
-                    if sel.select(left):
-                        screen += os.read(master, 65536)
-
-        read_until(b"disk/fleece")
+        tty.read_until(b"disk/fleece")
         run(requires("nbdcopy"), d.url("disk@fleece"), str(tmp_path / "backup.img"))
-        read_until(b"100.0% (1.0 MiB of 1.0 MiB)")
+        tty.read_until(b"100.0% (1.0 MiB of 1.0 MiB)")
         qmp(d, "fleece-stop", {"disk": "disk"})
-        read_until(b"stopped")
-        assert proc.wait(30) == 0
+        tty.read_until(b"stopped")
+        assert tty.proc.wait(30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        os.close(master)
-    assert "━" in screen.decode(errors="replace")     # a bar was drawn
-    assert proc.stderr is not None and proc.stderr.read() == b""
+        tty.close()
+    assert "━" in tty.screen.decode(errors="replace")     # a bar was drawn
+    assert tty.proc.stderr is not None and tty.proc.stderr.read() == b""
+
+
+#: The terminal sequences that hide and show the cursor (DECTCEM).
+HIDE_CURSOR, SHOW_CURSOR = b"\x1b[?25l", b"\x1b[?25h"
+
+
+def test_watch_on_a_tty_tidies_the_terminal_on_sigterm(
+        image: Path, start_daemon: Callable[..., Daemon]) -> None:
+    """SIGTERM killed the watch where it stood, leaving the terminal's
+    cursor hidden by the bars.  It now ends like Ctrl-C does: the display is
+    closed (the cursor shown again), exit status 143."""
+    d = start_daemon(str(image))
+    qmp(d, "fleece-start", {"disk": "disk"})
+    tty = TtyWatch(d)
+    try:
+        tty.read_until(b"disk/fleece")
+        assert HIDE_CURSOR in tty.screen
+        tty.proc.send_signal(signal.SIGTERM)
+        assert tty.proc.wait(30) == 143
+        tty.read_until(None)
+    finally:
+        tty.close()
+    assert tty.screen.rfind(SHOW_CURSOR) > tty.screen.rfind(HIDE_CURSOR), tty.screen
+    assert tty.proc.stderr is not None and tty.proc.stderr.read() == b""
 
 
 @pytest.mark.parametrize("plane", PLANES)
