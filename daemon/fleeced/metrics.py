@@ -3,7 +3,10 @@
 What a scrape returns is read from the daemon's live objects when it comes:
 the C counters of each image (``fl_file_stats``: both data planes count
 there), of each session (``fl_session_stats``), the bitmaps, the NBD server's
-connections and reply memory.  Nothing is counted twice in the hot path.
+exports, connections and reply memory.  Nothing is counted twice in the hot
+path.  The image counters see only what reaches the image; what the NBD layer
+refuses before it (a range past the end, a write to a read-only export, a
+request during shutdown) is in the exports' counters.
 
 Threads: the endpoint is prometheus-client's WSGI app in a threading HTTP
 server of its own (one thread per scrape), so a slow or stalled scraper only
@@ -111,8 +114,17 @@ class _SessionSnap:
 
 
 @dataclass
+class _ExportSnap:
+    name: str
+    requests: int
+    errors: int
+    connections_total: int
+
+
+@dataclass
 class _Snapshot:
     disks: list[_DiskSnap] = field(default_factory=list)
+    exports: list[_ExportSnap] = field(default_factory=list)
     sessions: list[_SessionSnap] = field(default_factory=list)
     bitmaps: list[Any] = field(default_factory=list)   # fleeced.bitmap_store.Bitmap
     connections: int = 0
@@ -135,6 +147,10 @@ def take_snapshot(daemon: DaemonView) -> _Snapshot:
                      native_reply_bytes=server.native_reply_bytes,
                      reply_budget=server.reply_budget,
                      data_plane=str(getattr(daemon.config, "data_plane", "")))
+    server.sync_stats()                 # what native connections counted, so far
+    for name, export in server.exports.items():
+        st = export.stats
+        snap.exports.append(_ExportSnap(name, st.requests, st.errors, st.connections_total))
     for disk in daemon.disks.values():
         if disk.file.closed:
             continue
@@ -222,6 +238,22 @@ def _disks(disks: list[_DiskSnap]) -> Iterator[Metric]:
                              int(d.flush_errno != 0))
     yield from (requests, nbytes, errors, write_lat, flush_lat, conns, in_flight, attached,
                 source_err, flush_err)
+
+
+def _exports(exports: list[_ExportSnap]) -> Iterator[Metric]:
+    requests = CounterMetricFamily(
+        "fleeced_export_requests", "NBD requests answered on the export, those refused "
+        "before the image included", labels=["export"])
+    errors = CounterMetricFamily(
+        "fleeced_export_errors", "NBD requests answered with an error on the export, "
+        "refusals (bad range, read-only, shutting down) included", labels=["export"])
+    conns = CounterMetricFamily("fleeced_export_connections",
+                                "NBD connections that chose the export", labels=["export"])
+    for e in exports:
+        requests.add_metric([e.name], e.requests)
+        errors.add_metric([e.name], e.errors)
+        conns.add_metric([e.name], e.connections_total)
+    yield from (requests, errors, conns)
 
 
 def _sessions(sessions: list[_SessionSnap]) -> Iterator[Metric]:
@@ -367,6 +399,7 @@ class DaemonCollector(Collector):
                 from None
         yield from _daemon(snap)
         yield from _disks(snap.disks)
+        yield from _exports(snap.exports)
         yield from _sessions(snap.sessions)
         yield from _bitmaps(snap.bitmaps)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Daemon, make_image, requires, run
+from tests.conftest import Daemon, make_image, requires, requires_libnbd_python, run
 from tests.integration.test_fleece import qemu_io, qmp
 
 pytestmark = pytest.mark.integration
@@ -130,6 +130,50 @@ def test_scrape_counts_what_the_clients_did(tmp_path: Path, start_daemon, plane:
     assert value(m, "process_resident_memory_bytes") > 0
     assert value(m, "process_start_time_seconds") > 0
     assert value(m, "fleeced_reply_memory_bytes") == 0
+    assert d.stop() == 0
+
+
+#: A client that ignores what the server advertised (libnbd's strict mode
+#: off): a READ past the end of the active export, a WRITE to the read-only
+#: snapshot.  Prints the errno each got.
+REFUSED_CLIENT = """
+import errno, json, nbd, sys
+got = []
+for uri, op in ((sys.argv[1], "read"), (sys.argv[2], "write")):
+    h = nbd.NBD()
+    h.set_strict_mode(0)
+    h.connect_uri(uri)
+    try:
+        if op == "read":
+            h.pread(4096, h.get_size())
+        else:
+            h.pwrite(bytes(4096), 0)
+    except nbd.Error as exc:
+        got.append(errno.errorcode.get(exc.errno, exc.errno))  # a name or a number
+    h.shutdown()
+print(json.dumps(got))
+"""
+
+
+@pytest.mark.parametrize("plane", ["native", "loop"])
+def test_refused_requests_are_counted_on_their_export(tmp_path: Path, start_daemon,
+                                                      plane: str) -> None:
+    """Requests the NBD layer refuses before the image were counted nowhere
+    a scrape could see: an operator saw a failing backup client and no
+    error.  The export families count them; the image's stay as they were."""
+    python = requires_libnbd_python()
+    img = tmp_path / "disk.img"
+    make_image(img, 1 * MiB)
+    d, port = start_with_metrics(start_daemon, img, plane)
+    out = run(python, "-c", REFUSED_CLIENT, d.url("disk"), d.url("disk@fleece"))
+    assert json.loads(out.stdout) == ["EINVAL", "EPERM"]
+    m = scrape(port)
+    for export in ("disk", "disk@fleece"):
+        assert value(m, "fleeced_export_requests_total", export=export) == 1
+        assert value(m, "fleeced_export_errors_total", export=export) == 1
+        assert value(m, "fleeced_export_connections_total", export=export) == 1
+    assert not [k for k in m if k[0] == "fleeced_disk_errors_total"], m
+    assert value(m, "fleeced_disk_requests_total", disk="disk", command="read") == 0
     assert d.stop() == 0
 
 

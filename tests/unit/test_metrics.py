@@ -41,7 +41,8 @@ def test_parse_address_refuses(text: str, message: str) -> None:
 
 def _idle_daemon() -> types.SimpleNamespace:
     server = types.SimpleNamespace(exports={}, reply_budget=1, reply_bytes=0, native_reply_bytes=0,
-                                   connection_count=0, in_flight=lambda name: 0)
+                                   connection_count=0, in_flight=lambda name: 0,
+                                   sync_stats=lambda: None)
     return types.SimpleNamespace(config=types.SimpleNamespace(data_plane="native"), disks={},
                                  attachments={}, lost_sessions={}, server=server)
 
