@@ -16,7 +16,6 @@ import os
 import resource
 import signal
 import socket
-import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,13 +25,14 @@ from fleeced.control.args import check_keys, get
 from fleeced.control.server import ControlServer
 from fleeced.daemon_config import CACHE_MODES, DaemonConfig, DiskSpec
 from fleeced.datapath import NativeFile
-from fleeced.errors import CommandError
+from fleeced.errors import CommandError, VmUnreachable
 from fleeced.exports import (
     ActiveExport,
     CbwTargetExport,
     Disk,
     Session,
     SessionOptions,
+    stat_identity,
 )
 from fleeced.ioqueue import DEFAULT_THREADS, IoQueue
 from fleeced.metrics import MetricsServer
@@ -485,7 +485,7 @@ class DaemonCore:
         :raise ValueError: when PATH is a served disk's image.
         """
         try:
-            existing = _identity(os.stat(path))
+            existing = stat_identity(os.stat(path))
         except FileNotFoundError:
             existing = None
         for disk in self.disks.values():
@@ -495,7 +495,7 @@ class DaemonCore:
         # A few bytes to a local file at start-up, before any client is served.
         with open(path, "w") as f:
             f.write(f"{os.getpid()}\n")
-            self._pid_identity = _identity(os.fstat(f.fileno()))
+            self._pid_identity = stat_identity(os.fstat(f.fileno()))
 
     def _add_disk(self, disk: Disk) -> None:
         self.disks[disk.name] = disk
@@ -601,7 +601,7 @@ class DaemonCore:
                 async with open_monitor(att.qmp) as mon:
                     await vm.stop_cbw(mon, att)
             except CommandError as exc:
-                if not _vm_unreachable(exc):
+                if not isinstance(exc, VmUnreachable):
                     target.closing = False
                     raise
                 log.warning("disk %s: %s; its copy-before-write filter went with it",
@@ -810,17 +810,10 @@ class DaemonCore:
         return {}
 
 
-def _identity(st: os.stat_result) -> tuple[str, ...]:
-    """What :attr:`Disk.identity` says of the file STAT describes."""
-    if stat.S_ISBLK(st.st_mode):
-        return ("blk", str(st.st_rdev), "0")
-    return ("file", str(st.st_dev), str(st.st_ino))
-
-
 def _remove_pid_file(path: str, identity: tuple[str, ...]) -> None:
     """Remove our pid file, but not whatever may have replaced it."""
     try:
-        if _identity(os.stat(path)) == identity:
+        if stat_identity(os.stat(path)) == identity:
             os.unlink(path)
     except OSError:
         pass
@@ -830,13 +823,6 @@ def _inside(path: str, directory: str) -> bool:
     """Whether PATH (symlinks resolved) lies under DIRECTORY."""
     real, top = os.path.realpath(path), os.path.realpath(directory)
     return os.path.commonpath([real, top]) == top
-
-
-def _vm_unreachable(exc: CommandError) -> bool:
-    """Whether EXC says the VM is gone (its QMP socket dead, its libvirt
-    domain not running), not that it refused something."""
-    return (exc.desc.startswith(("cannot connect to QMP socket", "cannot reach libvirt domain"))
-            or (exc.desc.startswith("libvirt domain") and exc.desc.endswith("is not running")))
 
 
 def _raise_fd_limit() -> None:

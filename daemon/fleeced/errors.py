@@ -4,6 +4,7 @@
   configuration file, start-up).
 - :class:`CommandError`: a control command failed; sent to the client as a
   QMP error object ``{"class": cls, "desc": desc}``.
+  :class:`VmUnreachable` is the one that says the VM is gone.
 
 Both derive from :class:`FleecedError`.  This module imports nothing of
 fleeced, so every layer can raise them without import cycles.
@@ -31,3 +32,10 @@ class CommandError(FleecedError):
         super().__init__(desc)
         self.desc = desc
         self.cls = cls
+
+
+class VmUnreachable(CommandError):
+    """The VM is gone (its QMP socket refuses connections, its libvirt
+    domain is not running or not reachable), as opposed to a VM that
+    refused a command: ``vm-detach force`` and fleece-stop forget such a
+    VM's attachment or filter instead of failing."""

@@ -14,11 +14,10 @@ from fleeced import bitmap_store as bmap
 from fleeced import sources
 from fleeced.commands.fleecing import CBW_CLUSTER, FleeceCommands
 from fleeced.control.args import check_keys, get
-from fleeced.core import _identity, _vm_unreachable
 from fleeced.daemon_config import session_options_from_args
 from fleeced.datapath import NativeFile
-from fleeced.errors import CommandError
-from fleeced.exports import Disk
+from fleeced.errors import CommandError, VmUnreachable
+from fleeced.exports import Disk, stat_identity
 from fleeced.qmp import attach as vm
 from fleeced.qmp import handoff, libvirt
 from fleeced.qmp.agent import GuestAgent
@@ -323,7 +322,7 @@ class VmCommands(FleeceCommands):
                     await self._leave_handoff(mon, disk, att)
                     await vm.switch_back(mon, att)
             except CommandError as exc:
-                if not (force and _vm_unreachable(exc)):
+                if not (force and isinstance(exc, VmUnreachable)):
                     raise
                 # The VM is gone (its QMP socket is dead): nothing to switch back.
                 log.warning("disk %s: %s; forgetting the attachment", disk.name, exc.desc)
@@ -356,7 +355,7 @@ class VmCommands(FleeceCommands):
                 await vm.stop_cbw(mon, att)
                 await vm.unexport_node(mon, att)
         except CommandError as exc:
-            if not (force and _vm_unreachable(exc)):
+            if not (force and isinstance(exc, VmUnreachable)):
                 raise
             log.warning("disk %s: %s; forgetting the attachment", disk.name, exc.desc)
         del self.attachments[disk.name]
@@ -469,8 +468,8 @@ def _export_uri(att: vm.Attachment) -> str:
 
 
 def _file_identity(path: str) -> tuple[str, ...] | None:
-    """:func:`_identity` of PATH; None when it is no local file."""
+    """:func:`stat_identity` of PATH; None when it is no local file."""
     try:
-        return _identity(os.stat(path))
+        return stat_identity(os.stat(path))
     except (OSError, ValueError):
         return None

@@ -34,7 +34,7 @@ from fleeced.exports.base import (
     base_allocation,
     bitmap_extents,
 )
-from fleeced.exports.disk import Disk
+from fleeced.exports.disk import Disk, stat_identity
 from fleeced.exports.snapshot import CbwTargetExport, Session, SnapshotExport, default_temp_dir
 from fleeced.ioqueue import ReadResult, ReplySocket, ReplyTorn, open_reply_socket
 
@@ -45,5 +45,5 @@ __all__ = [
     "ReadResult", "ReplySocket", "ReplyTorn", "Session", "SessionOptions", "SnapshotExport",
     "allocation_depth", "base_allocation", "bitmap_extents", "default_temp_dir",
     "image_export_name",
-    "open_reply_socket",
+    "open_reply_socket", "stat_identity",
 ]

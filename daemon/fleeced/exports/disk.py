@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import stat
 from dataclasses import dataclass, field
 
 from fleeced.datapath import NativeFile
@@ -13,6 +14,14 @@ from fleeced.exports.base import DirtyBitmap
 from fleeced.exports.snapshot import Session
 from fleeced.qsd import QsdChild
 from fleeced.sources import Source, SourceError, probe
+
+
+def stat_identity(st: os.stat_result) -> tuple[str, ...]:
+    """What :attr:`Disk.identity` says of the file ST describes: a block
+    device by its device number, a file by its filesystem and inode."""
+    if stat.S_ISBLK(st.st_mode):
+        return ("blk", str(st.st_rdev), "0")
+    return ("file", str(st.st_dev), str(st.st_ino))
 
 
 @dataclass(eq=False)

@@ -28,7 +28,7 @@ import xml.etree.ElementTree as ET
 from types import TracebackType
 from typing import Any, Final
 
-from fleeced.errors import CommandError
+from fleeced.errors import CommandError, VmUnreachable
 from fleeced.qmp.monitor import COMMAND_TIMEOUT, CONNECT_TIMEOUT, QmpFailed
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class LibvirtMonitor:
             try:
                 dom = conn.lookupByName(self.domain)
                 if not dom.isActive():
-                    raise CommandError(f"libvirt domain {self.domain!r} is not running")
+                    raise VmUnreachable(f"libvirt domain {self.domain!r} is not running")
                 return conn, dom
             except BaseException:
                 conn.close()
@@ -128,7 +128,7 @@ class LibvirtMonitor:
             raise CommandError(f"libvirt {self.uri}: no answer within "
                                f"{CONNECT_TIMEOUT:g}s") from None
         except libvirt.libvirtError as exc:
-            raise CommandError(f"cannot reach libvirt domain {self.domain!r} on {self.uri}: "
+            raise VmUnreachable(f"cannot reach libvirt domain {self.domain!r} on {self.uri}: "
                                f"{exc.get_error_message()}") from None
         return self
 

@@ -20,7 +20,7 @@ from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 from qemu.qmp.qmp_client import NegotiationError
 
-from fleeced.errors import CommandError
+from fleeced.errors import CommandError, VmUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class Monitor:
                                f"{CONNECT_TIMEOUT:g}s (is another client connected?)") from None
         except (QMPError, OSError) as exc:
             await self._disconnect()
-            raise CommandError(f"cannot connect to QMP socket {self.path}: "
+            raise VmUnreachable(f"cannot connect to QMP socket {self.path}: "
                                f"{_reason(exc)}") from None
         return self
 
