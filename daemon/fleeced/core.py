@@ -17,7 +17,7 @@ import resource
 import signal
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleeced import bitmap_store as bmap
 from fleeced import progress, sources, systemd
@@ -35,10 +35,12 @@ from fleeced.exports import (
     stat_identity,
 )
 from fleeced.ioqueue import DEFAULT_THREADS, IoQueue
-from fleeced.metrics import MetricsServer
 from fleeced.qmp import attach as vm
 from fleeced.qmp.monitor import open_monitor, vm_alive
 from fleeced.state_dir import StateDir, StateError
+
+if TYPE_CHECKING:
+    from fleeced.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +140,10 @@ class DaemonCore:
                 await self._save_state()
             await self._listen(inherited or [])
             if self.config.metrics is not None:
+                # prometheus-client and its HTTP server cost a quarter of the
+                # daemon's start-up: loaded only when asked for.
+                from fleeced.metrics import MetricsServer
+
                 self._metrics = MetricsServer(self, *self.config.metrics)
                 await self._metrics.start()
             if self.config.pid_file:
